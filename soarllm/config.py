@@ -1,0 +1,131 @@
+"""Engine arguments (vLLM's names) and the derived configs each layer reads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from soarllm.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # float32 keeps CPU results equal to the reference; GPUs run bfloat16.
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16"
+        ) from None
+
+
+@dataclass
+class EngineArgs:
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    load_format: str = "auto"  # auto | safetensors | gguf | pt | dummy
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    # KV cache size: bytes (int or "4GiB") or a fraction (0 < x <= 1) of free memory.
+    kv_cache_memory: float | int | str | None = None
+    num_gpu_blocks_override: int | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown engine argument(s) {unknown}; known ones are {sorted(names)}"
+            )
+        return cls(**kwargs)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            if self.device.startswith("cuda") and not torch.cuda.is_available():
+                raise ConfigError("device='cuda' was asked for but no CUDA device is visible")
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_memory(value: float | int | str) -> tuple[str, float]:
+    """Return ("fraction", x) or ("bytes", n) for a kv_cache_memory setting."""
+    if isinstance(value, str):
+        s = value.strip().lower().replace(" ", "")
+        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(num):]
+        if unit not in _UNITS or not num:
+            raise ConfigError(
+                f"cannot read kv_cache_memory={value!r}; give bytes like '4GiB' or a fraction like 0.5"
+            )
+        value = float(num) * _UNITS[unit]
+        if unit:
+            return "bytes", value
+    value = float(value)
+    if value <= 0:
+        raise ConfigError(f"kv_cache_memory must be positive, got {value}")
+    if value <= 1:
+        return "fraction", value
+    return "bytes", value
+
+
+def available_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -1,0 +1,290 @@
+"""LLMEngine: add requests, call step() until done. Synchronous; the async server wraps it.
+
+Each step: Scheduler.schedule() -> ModelRunner.execute() -> append sampled tokens, detokenize,
+check stop conditions, free the blocks of finished requests, and return one RequestOutput per
+request that progressed (cumulative text and tokens, plus the delta since its previous output).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from soarllm.config import CacheConfig, EngineArgs, SchedulerConfig
+from soarllm.engine.detokenizer import IncrementalDetokenizer
+from soarllm.engine.kv_cache_manager import KVCacheManager
+from soarllm.engine.request import Request, RequestStatus
+from soarllm.engine.scheduler import Scheduler
+from soarllm.errors import ContextLengthError, InvalidRequestError
+from soarllm.model.runner import ModelRunner
+from soarllm.model.tokenizer import load_tokenizer
+from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from soarllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class _Group:
+    """The n sequences of one user request and what was already handed out for each."""
+
+    def __init__(self, request_id: str, prompt: str | None, children: list[Request], detoks):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.children = children
+        self.detoks: list[IncrementalDetokenizer] = detoks
+        self.sent_tokens = [0] * len(children)
+        self.prompt_logprobs_sent = False
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.runner = ModelRunner(args)
+        self.model_name = args.model
+        self.max_model_len = self.runner.max_model_len
+        self.tokenizer = load_tokenizer(self.runner.checkpoint, args.tokenizer)
+        self.vocab_size = self.runner.model.vocab_size
+        self.eos_token_ids = _eos_ids(self.runner.hf_config, self.tokenizer)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        budget = args.max_num_batched_tokens or (
+            max(2048, args.block_size) if args.enable_chunked_prefill else self.max_model_len
+        )
+        if not args.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+        )
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.groups: dict[str, _Group] = {}
+        self._by_id: dict[str, tuple[_Group, int]] = {}
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty; send at least one character", param="prompt")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt has no tokens; send at least one", param="prompt")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
+            )
+        return None, ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        params.validate()
+        text, ids = self.tokenize_prompt(prompt)
+        room = self.max_model_len - len(ids)
+        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(ids)} tokens and max_tokens asks for {params.max_tokens}; shorten the prompt "
+                f"or lower max_tokens to at most {max(room, 0)}",
+                param="max_tokens",
+            )
+        arrival = arrival_time or time.time()
+        children: list[Request] = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(
+                Request(
+                    child_id, ids, params, self.eos_token_ids, arrival,
+                    fork_of=children[0] if i else None, parent_id=request_id, index=i,
+                )
+            )
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params) for _ in children]
+        group = _Group(request_id, text, children, detoks)
+        self.groups[request_id] = group
+        for i, c in enumerate(children):
+            self._by_id[c.request_id] = (group, i)
+            self.scheduler.add(c)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            group = self.groups.pop(rid, None)
+            if group is None:
+                continue
+            for c in group.children:
+                if not c.is_finished:
+                    self.scheduler.finish(c, RequestStatus.FINISHED_ABORTED)
+                self._by_id.pop(c.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.cache_config.num_blocks,
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        now = time.time()
+        for s in so.scheduled:
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        result = self.runner.execute(so)
+        self.scheduler.update_after_step(so)
+        now = time.time()
+        touched: dict[str, _Group] = {}
+        for s in so.scheduled:
+            req = s.request
+            entry = self._by_id.get(req.request_id)
+            if entry is None:
+                continue
+            group, idx = entry
+            plp = result.prompt_logprobs.get(req.request_id)
+            if plp is not None and not req.prompt_logprobs:
+                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
+            if plp is not None:
+                req.prompt_logprobs.extend(plp)
+            if req.request_id not in result.sampled:
+                continue
+            self._append(req, group.detoks[idx], result.sampled[req.request_id],
+                         result.logprobs.get(req.request_id), now)
+            touched[group.request_id] = group
+        outputs = [self._make_output(g) for g in touched.values()]
+        for g in touched.values():
+            if g.finished:
+                self.groups.pop(g.request_id, None)
+                for c in g.children:
+                    self._by_id.pop(c.request_id, None)
+        return outputs
+
+    def _append(self, req: Request, detok: IncrementalDetokenizer, tok: int,
+                lp: TokenLogprobs | None, now: float) -> None:
+        req.append_token(tok)
+        if lp is not None:
+            for tid, entry in lp.items():
+                entry.decoded_token = self.tokenizer.decode([tid])
+            req.output_logprobs.append(lp)
+        m = req.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        p = req.params
+        past_min = req.num_output_tokens >= p.min_tokens
+        stop_str = detok.add_token(tok, check_stop=past_min)
+        status = None
+        if stop_str is not None:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        elif past_min and tok in p.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok
+        elif past_min and not p.ignore_eos and tok in req.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens) or (
+            req.num_tokens >= self.max_model_len
+        ):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            if stop_str is None:
+                detok.flush_pending()
+            m.finished_time = now
+            self.scheduler.finish(req, status)
+
+    def _make_output(self, g: _Group) -> RequestOutput:
+        completions = []
+        for i, (c, d) in enumerate(zip(g.children, g.detoks)):
+            sent = g.sent_tokens[i]
+            new_ids = c.output_token_ids[sent:]
+            g.sent_tokens[i] = c.num_output_tokens
+            want_lp = c.params.logprobs is not None
+            delta = d.take_delta(c.is_finished)
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=d.text[: d.emitted],
+                    token_ids=list(c.output_token_ids),
+                    logprobs=list(c.output_logprobs) if want_lp else None,
+                    finish_reason=c.status.value if c.is_finished else None,
+                    stop_reason=c.stop_reason,
+                    delta_text=delta,
+                    delta_token_ids=new_ids,
+                    delta_logprobs=c.output_logprobs[sent:] if want_lp else None,
+                )
+            )
+        leader = g.children[0]
+        plp = None
+        if leader.wants_prompt_logprobs and leader.num_computed_tokens >= leader.num_prompt_tokens:
+            plp = leader.prompt_logprobs
+        return RequestOutput(
+            request_id=g.request_id,
+            prompt=g.prompt,
+            prompt_token_ids=leader.prompt_token_ids,
+            outputs=completions,
+            finished=g.finished,
+            prompt_logprobs=plp,
+            metrics=leader.metrics,
+        )
+
+
+def _eos_ids(config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    cfg = getattr(config, "eos_token_id", None)
+    if isinstance(cfg, int):
+        ids.add(cfg)
+    elif cfg:
+        ids.update(cfg)
+    gen = getattr(tokenizer, "eos_token_id", None)
+    if gen is not None:
+        ids.add(gen)
+    return ids

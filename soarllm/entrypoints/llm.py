@@ -1,0 +1,84 @@
+"""The offline API: LLM(model=...).generate(prompts, SamplingParams) and .chat(messages)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from soarllm.chat_utils import render_chat
+from soarllm.config import DEFAULT_MODEL, EngineArgs
+from soarllm.engine.llm_engine import LLMEngine
+from soarllm.outputs import RequestOutput
+from soarllm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args):
+        self.llm_engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError("give one SamplingParams, or one per prompt")
+        engine = self.llm_engine
+        order: dict[str, int] = {}
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                rid = str(next(self._ids))
+                engine.add_request(rid, p, sp)
+                order[rid] = i
+        except Exception:
+            engine.abort_request(list(order))
+            raise
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request(list(order))
+            raise
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.get_tokenizer()
+        prompts = [
+            tok.encode(render_chat(tok, conv, add_generation_prompt), add_special_tokens=False)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,154 @@
+"""Paged attention: attention metadata and the reference PyTorch backend.
+
+The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]. A token at
+position p of a request lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+
+The reference backend runs on every device and is the oracle for fast backends. It handles any mix of
+requests in one flat batch: single-token decodes go through one padded, batched SDPA call; requests with
+several query tokens (prefill chunks, speculative verification) go one by one, with a causal mask offset
+by their cached context, an optional per-request custom mask, and an optional sliding window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about the flat batch; built by the model runner per step.
+
+    Requests with one query token (decodes) come first in the batch, ``num_decodes`` of them.
+    """
+
+    positions: torch.Tensor  # [T] position of every new token
+    query_start_loc: torch.Tensor  # [B+1] offsets of each request's tokens in the flat batch
+    seq_lens: torch.Tensor  # [B] context length including the new tokens
+    slot_mapping: torch.Tensor  # [T] KV slot each new token is written to
+    block_tables: torch.Tensor  # [B, max_blocks]
+    logits_indices: torch.Tensor  # [L] positions in the flat batch whose logits are needed
+    num_decodes: int
+    query_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    # Optional per-request masks [q_len, seq_len] (True = may attend), for tree/lookahead verification.
+    custom_masks: list[torch.Tensor | None] | None = None
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """Store new keys/values [T, H_kv, D] into their slots of the paged cache."""
+    num_blocks, block_size, h, d = kv_cache.shape[1:]
+    flat = kv_cache.view(2, num_blocks * block_size, h, d)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
+    """Keys and values of the first ``length`` positions, [.., length, H_kv, D]."""
+    block_size = kv_cache.shape[2]
+    n = (length + block_size - 1) // block_size
+    kb = kv_cache[0][block_table[..., :n]]  # [..., n, bs, H, D]
+    vb = kv_cache[1][block_table[..., :n]]
+    shape = kb.shape[:-4] + (n * block_size,) + kb.shape[-2:]
+    return kb.reshape(shape)[..., :length, :, :], vb.reshape(shape)[..., :length, :, :]
+
+
+def _sdpa(q, k, v, mask, scale, softcap, enable_gqa):
+    """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B or 1, 1, Lq, Lk] or None."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa
+        )
+    if enable_gqa:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+class ReferenceAttentionBackend:
+    """Plain PyTorch paged attention; correct on every device."""
+
+    name = "reference"
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        hq, hkv = q.shape[1], k.shape[1]
+        gqa = hq != hkv
+        nd = meta.num_decodes
+        if nd:
+            self._decode(q[:nd], kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
+        starts = meta.query_start_loc_cpu
+        for i in range(nd, meta.num_reqs):
+            s, e = starts[i], starts[i + 1]
+            qlen, ctx = e - s, meta.seq_lens_cpu[i]
+            custom = meta.custom_masks[i] if meta.custom_masks is not None else None
+            if ctx == qlen and custom is None:
+                kk, vv = k[s:e], v[s:e]  # nothing cached before: use the new keys directly
+            else:
+                kk, vv = _gather(kv_cache, meta.block_tables[i], ctx)
+            mask = custom
+            if mask is None:
+                qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+                kpos = torch.arange(ctx, device=q.device)[None, :]
+                mask = kpos <= qpos
+                if sliding_window is not None:
+                    mask = mask & (kpos > qpos - sliding_window)
+            o = _sdpa(
+                q[s:e].transpose(0, 1)[None],
+                kk.to(q.dtype).transpose(0, 1)[None],
+                vv.to(q.dtype).transpose(0, 1)[None],
+                mask[None, None],
+                scale,
+                softcap,
+                gqa,
+            )
+            out[s:e] = o[0].transpose(0, 1)
+        return out
+
+    @staticmethod
+    def _decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
+        lens = meta.seq_lens[:nd]
+        max_len = max(meta.seq_lens_cpu[:nd])
+        kk, vv = _gather(kv_cache, meta.block_tables[:nd], max_len)  # [B, L, H, D]
+        kpos = torch.arange(max_len, device=q.device)[None, :]
+        mask = kpos < lens[:, None]
+        if sliding_window is not None:
+            mask = mask & (kpos >= lens[:, None] - sliding_window)
+        o = _sdpa(
+            q[:, :, None, :],  # [B, Hq, 1, D]
+            kk.to(q.dtype).transpose(1, 2),
+            vv.to(q.dtype).transpose(1, 2),
+            mask[:, None, None, :],
+            scale,
+            softcap,
+            gqa,
+        )
+        out[:nd] = o[:, :, 0, :]
+
+
+def get_attention_backend(device: str) -> ReferenceAttentionBackend:
+    # Fast GPU backends (Triton) register here; the reference backend is the fallback and oracle.
+    return ReferenceAttentionBackend()

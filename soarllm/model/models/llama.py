@@ -1,0 +1,145 @@
+"""Llama family: Llama 2/3, Mistral, Qwen2/2.5, SmolLM2 (one decoder, switches read from the config).
+
+Differences handled here: Qwen2 adds biases to q/k/v; Mistral may use a sliding window; SmolLM2 and
+small Qwen2 models tie the LM head to the embedding; Llama 3 scales rope ("llama3" rope type).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from soarllm.kernels.attention import AttentionMetadata
+from soarllm.model.layers.activation import ACT_AND_MUL
+from soarllm.model.layers.linear import Linear, MergedLinear
+from soarllm.model.layers.norm import RMSNorm
+from soarllm.model.layers.rotary import RotaryEmbedding, rope_parameters
+from soarllm.model.models.base import DecoderForCausalLM
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            {
+                "q": self.num_heads * self.head_dim,
+                "k": self.num_kv_heads * self.head_dim,
+                "v": self.num_kv_heads * self.head_dim,
+            },
+            bias=qkv_bias,
+            dtype=dtype,
+        )
+        self.o_proj = Linear(
+            self.num_heads * self.head_dim,
+            config.hidden_size,
+            bias=bool(getattr(config, "attention_bias", False)),
+            dtype=dtype,
+        )
+        self.rotary_emb = [rotary_emb]  # shared by all layers; a list keeps it out of submodules
+        self.sliding_window = _sliding_window(config, layer_idx)
+        self.backend = backend
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary_emb[0](positions, q, k)
+        o = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+def _sliding_window(config, layer_idx: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if config.model_type == "qwen2":
+        if not getattr(config, "use_sliding_window", False):
+            return None
+        if layer_idx < getattr(config, "max_window_layers", 0):
+            return None
+    return int(window)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, dtype):
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, {"gate": inter, "up": inter}, bias=bias, dtype=dtype
+        )
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
+        self.act_and_mul = ACT_AND_MUL[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, backend, rotary_emb)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions, x, kv_cache, meta):
+        h = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, dtype, backend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(
+            head_dim,
+            config.max_position_embeddings,
+            rope_parameters(config),
+            rotary_dim=int(head_dim * getattr(config, "partial_rotary_factor", 1.0)),
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, dtype, backend, self.rotary_emb)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        h = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            h = layer(positions, h, cache, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    # checkpoint name fragment -> (merged parameter fragment, shard)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, config, dtype=torch.float32, backend=None):
+        super().__init__(config, dtype)
+        self.model = LlamaModel(config, dtype, backend)
+        self.build_lm_head(self.model.embed_tokens)
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return self.load_packed_weights(weights)

@@ -1,0 +1,92 @@
+"""Per-request generation settings (names follow vLLM / OpenAI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from soarllm.errors import InvalidRequestError
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: sampled token + top-k
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(param: str, msg: str) -> InvalidRequestError:
+            return InvalidRequestError(msg, param=param)
+
+        if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
+            raise bad("n", f"n must be an integer between 1 and 128, got {self.n!r}")
+        if self.temperature < 0 or self.temperature > 100:
+            raise bad("temperature", f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.top_k, int):
+            raise bad("top_k", f"top_k must be an integer, got {self.top_k!r}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise bad(
+                "repetition_penalty",
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2 <= v <= 2:
+                raise bad(name, f"{name} must be in [-2, 2], got {v}")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or not 0 <= v <= 20):
+                raise bad(name, f"{name} must be an integer in [0, 20], got {v!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", f"seed must be an integer, got {self.seed!r}")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise bad("stop", "stop must be a list of non-empty strings")
+        if len(self.stop) > 16:
+            raise bad("stop", f"at most 16 stop strings are allowed, got {len(self.stop)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
