@@ -1,0 +1,162 @@
+"""Gemma 3 (text): sliding-window and global attention layers interleaved, each kind with its own
+rope base; q/k RMS norms; four norms per layer; (1 + w) RMSNorm; embeddings scaled by sqrt(hidden).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from soarllm.model.layers.activation import ACT_AND_MUL
+from soarllm.model.layers.linear import Linear, MergedLinear
+from soarllm.model.layers.norm import RMSNorm
+from soarllm.model.layers.rotary import RotaryEmbedding
+from soarllm.model.models.base import DecoderForCausalLM
+
+
+def _layer_types(config) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    pattern = getattr(config, "sliding_window_pattern", None) or getattr(config, "_sliding_window_pattern", 6)
+    return [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+        for i in range(config.num_hidden_layers)
+    ]
+
+
+def _rope_params(config, layer_type: str) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type in params:
+        return dict(params[layer_type])
+    # older configs: one rope_theta for global layers, rope_local_base_freq for sliding ones
+    if layer_type == "sliding_attention":
+        return {"rope_type": "default", "rope_theta": getattr(config, "rope_local_base_freq", 10000.0)}
+    p = dict(getattr(config, "rope_scaling", None) or {"rope_type": "default"})
+    p.setdefault("rope_type", p.get("type", "default"))
+    p["rope_theta"] = getattr(config, "rope_theta", 1_000_000.0)
+    return p
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.query_pre_attn_scalar**-0.5
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            {
+                "q": self.num_heads * self.head_dim,
+                "k": self.num_kv_heads * self.head_dim,
+                "v": self.num_kv_heads * self.head_dim,
+            },
+            bias=bias,
+            dtype=dtype,
+        )
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias, dtype=dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
+        self.rotary_emb = [rotary_emb]
+        self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
+        self.backend = backend
+
+    def forward(self, positions, x, kv_cache, meta):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary_emb[0](positions, q, k)
+        o = self.backend.forward(
+            q, k, v, kv_cache, meta, self.scale, self.sliding_window, self.softcap
+        )
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config, dtype):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, dtype=dtype)
+        self.down_proj = Linear(inter, config.hidden_size, dtype=dtype)
+        self.act_and_mul = ACT_AND_MUL[config.hidden_activation]
+
+    def forward(self, x):
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb):
+        super().__init__()
+        eps, h = config.rms_norm_eps, config.hidden_size
+        self.self_attn = Gemma3Attention(config, layer_type, dtype, backend, rotary_emb)
+        self.mlp = Gemma3MLP(config, dtype)
+        self.input_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
+        self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
+
+    def forward(self, positions, x, kv_cache, meta):
+        attn = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        h = x + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config, dtype, backend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_scale = config.hidden_size**0.5
+        types = _layer_types(config)
+        ropes = {
+            t: RotaryEmbedding(config.head_dim, config.max_position_embeddings, _rope_params(config, t))
+            for t in sorted(set(types))
+        }
+        self.rotary = nn.ModuleDict(ropes)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, t, dtype, backend, ropes[t]) for t in types
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, offset=1.0)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        h = self.embed_tokens(input_ids)
+        h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        for layer, cache in zip(self.layers, kv_caches):
+            h = layer(positions, h, cache, meta)
+        return self.norm(h)
+
+
+class Gemma3ForCausalLM(DecoderForCausalLM):
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, config, dtype=torch.float32, backend=None):
+        config.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
+        super().__init__(config, dtype)
+        self.model = Gemma3Model(config, dtype, backend)
+        self.build_lm_head(self.model.embed_tokens)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return self.load_packed_weights(weights)

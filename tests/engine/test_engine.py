@@ -1,0 +1,164 @@
+"""Engine behaviour on a tiny random model: scheduling must never change greedy output, and every
+KV block must come back to the pool."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from soarllm import LLM, SamplingParams
+from soarllm.errors import ConfigError, ContextLengthError, InvalidRequestError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def _prompts(llm, n, lo=3, hi=60, seed=0):
+    rng = random.Random(seed)
+    vocab = llm.llm_engine.vocab_size
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _ids(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _assert_pool_free(llm):
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_running == stats.num_waiting == 0
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), max_num_seqs=32, block_size=4)
+
+
+def test_alone_equals_in_a_batch_of_17(llm):
+    prompts = _prompts(llm, 17)
+    alone = _ids(llm.generate(prompts[:1], GREEDY))
+    batched = _ids(llm.generate(prompts, GREEDY))
+    assert batched[0] == alone[0]
+    for p, out in zip(prompts[1:4], batched[1:4]):
+        assert _ids(llm.generate([p], GREEDY))[0] == out
+    _assert_pool_free(llm)
+
+
+def test_chunked_prefill_and_small_budget_do_not_change_output(tiny_llama_dir, llm):
+    prompts = _prompts(llm, 6, lo=40, hi=120, seed=1)
+    want = _ids(llm.generate(prompts, GREEDY))
+    chunked = LLM(str(tiny_llama_dir), block_size=4, max_num_batched_tokens=16,
+                  enable_prefix_caching=False)
+    assert _ids(chunked.generate(prompts, GREEDY)) == want
+    _assert_pool_free(chunked)
+
+
+def test_preemption_recomputes_without_changing_output(tiny_llama_dir, llm):
+    prompts = _prompts(llm, 8, lo=20, hi=40, seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = _ids(llm.generate(prompts, params))
+    # 30 blocks of 4 tokens: one request fits (max_model_len 100), eight at once do not.
+    small = LLM(str(tiny_llama_dir), block_size=4, num_gpu_blocks_override=30, max_model_len=100,
+                enable_prefix_caching=False)
+    assert _ids(small.generate(prompts, params)) == want
+    assert small.llm_engine.get_stats().num_preemptions > 0
+    _assert_pool_free(small)
+
+
+def test_prefix_cache_hit_is_counted_and_output_unchanged(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), block_size=4)
+    shared = _prompts(llm, 1, lo=40, hi=40, seed=3)[0]
+    a, b = shared + [5, 6, 7], shared + [8, 9]
+    cold = _ids(llm.generate([b], GREEDY))
+    llm.llm_engine.reset_prefix_cache()
+    llm.generate([a], GREEDY)
+    before = llm.llm_engine.get_stats().prefix_cache_hits
+    out = llm.generate([b], GREEDY)
+    assert _ids(out) == cold
+    assert out[0].num_cached_tokens == 40
+    assert llm.llm_engine.get_stats().prefix_cache_hits - before == 40
+    _assert_pool_free(llm)
+
+
+def test_n_samples_share_prompt_blocks(llm):
+    prompt = _prompts(llm, 1, lo=50, hi=50, seed=4)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    out = llm.generate([prompt], params)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    _assert_pool_free(llm)
+
+
+def test_abort_frees_blocks(llm):
+    engine = llm.llm_engine
+    for i, p in enumerate(_prompts(llm, 5, seed=5)):
+        engine.add_request(f"a{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.get_stats().num_free_blocks < engine.get_stats().num_total_blocks
+    engine.abort_request([f"a{i}" for i in range(5)])
+    assert not engine.has_unfinished_requests()
+    _assert_pool_free(llm)
+
+
+def test_stream_joins_to_full_decode_and_stop_string_cuts_exactly(llm):
+    tok = llm.get_tokenizer()
+    engine = llm.llm_engine
+    prompt = "def parse_args(self, args=None, namespace=None):"
+    engine.add_request("s", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            deltas.append(o.outputs[0].delta_text)
+            final = o.outputs[0]
+    full = final.text
+    assert "".join(deltas) == full == tok.decode(final.token_ids, skip_special_tokens=True)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    if not stop.strip():
+        pytest.skip("generated text has no usable middle substring")
+    cut = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]))[0]
+    c = cut.outputs[0]
+    assert c.text == full[: full.index(stop)]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    kept = llm.generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=40, stop=[stop], include_stop_str_in_output=True)
+    )[0].outputs[0]
+    assert kept.text == full[: full.index(stop) + len(stop)]
+
+
+def test_bad_requests_are_refused_with_a_reason(llm):
+    with pytest.raises(ContextLengthError, match="max_tokens"):
+        llm.generate("hello", SamplingParams(max_tokens=10_000))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        llm.generate([[1, 2, 10**9]])
+    with pytest.raises(InvalidRequestError):
+        llm.generate("")
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    _assert_pool_free(llm)
+
+
+def test_kv_cache_too_small_for_one_request(tiny_llama_dir):
+    with pytest.raises(ConfigError, match="max_model_len"):
+        LLM(str(tiny_llama_dir), kv_cache_memory="64KiB")
+
+
+def test_chat_uses_the_chat_template(llm):
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4, ignore_eos=True))
+    tok = llm.get_tokenizer()
+    assert tok.decode(out[0].prompt_token_ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_logprobs_and_prompt_logprobs_are_consistent(llm):
+    out = llm.generate("import os", SamplingParams(temperature=0.0, max_tokens=5, logprobs=3,
+                                                   prompt_logprobs=2))[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == 5
+    for tok_id, lp in zip(c.token_ids, c.logprobs):
+        assert lp[tok_id].rank == 1  # greedy picks the most likely token
+        assert len(lp) == 3
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    for tid, lp in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+        assert tid in lp
