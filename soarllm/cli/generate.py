@@ -27,7 +27,8 @@ def add_sampling_args(p) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+    g.add_argument("--sample-seed", dest="sampling_seed", type=int, default=None,
+                   help="seed of this request's sampling (reproducible output)")
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--ignore-eos", action="store_true")
 

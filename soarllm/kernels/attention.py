@@ -51,13 +51,20 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
-    """Keys and values of the first ``length`` positions, [.., length, H_kv, D]."""
-    block_size = kv_cache.shape[2]
+    """Keys and values of the first ``length`` positions: [length, H_kv, D] for one block table
+    [max_blocks], or [B, length, H_kv, D] for a batch of them [B, max_blocks].
+
+    index_select on the flattened block dimension copies only the blocks asked for (advanced
+    indexing of the cache would touch the whole tensor).
+    """
+    _, num_blocks, block_size, h, d = kv_cache.shape
     n = (length + block_size - 1) // block_size
-    kb = kv_cache[0][block_table[..., :n]]  # [..., n, bs, H, D]
-    vb = kv_cache[1][block_table[..., :n]]
-    shape = kb.shape[:-4] + (n * block_size,) + kb.shape[-2:]
-    return kb.reshape(shape)[..., :length, :, :], vb.reshape(shape)[..., :length, :, :]
+    ids = block_table[..., :n]
+    flat = kv_cache.view(2, num_blocks, block_size * h * d)
+    shape = ids.shape[:-1] + (n * block_size, h, d)
+    k = flat[0].index_select(0, ids.reshape(-1)).view(shape)
+    v = flat[1].index_select(0, ids.reshape(-1)).view(shape)
+    return k[..., :length, :, :], v[..., :length, :, :]
 
 
 def _sdpa(q, k, v, mask, scale, softcap, enable_gqa):
