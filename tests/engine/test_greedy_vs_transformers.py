@@ -54,11 +54,13 @@ def _hf_greedy(tok, model, ids: list[int]) -> list[int]:
 
 def test_greedy_continuations_match_transformers(hf_reference, ours):
     tok, model = hf_reference
-    prompts = [tok.encode(p) for p in RAW] + [
-        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+    chats = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False
+        )
         for c in CHAT
     ]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    prompts = [tok.encode(p) for p in RAW] + [tok.encode(c, add_special_tokens=False) for c in chats]
     # Our tokenizer and chat template agree with transformers' on the same GGUF.
     ours_tok = ours.get_tokenizer()
     assert [ours_tok.encode(p) for p in RAW] == prompts[: len(RAW)]
