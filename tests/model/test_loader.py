@@ -205,15 +205,17 @@ def permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
-    """A GGUF of the tiny llama written the way llama.cpp's converter does: gguf's own name table,
-    permuted q/k, a gpt2 BPE tokenizer, and one Q8_0-quantized tensor."""
+    """A GGUF of a tiny llama or qwen2 written the way llama.cpp's converter does: gguf's own name
+    table, q/k permuted (llama only), a gpt2 BPE tokenizer, and one Q8_0-quantized tensor."""
     import gguf
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(hf_dir))
     state = hf_state_dict(hf_dir)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(out), "llama")
+    arch = cfg.model_type
+    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name("tiny")
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -243,7 +245,9 @@ def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
     )
     for hf_name, tensor in state.items():
         data = tensor.numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif hf_name.endswith("q_proj.weight"):
             data = permute_like_llama_cpp(data, cfg.num_attention_heads)
         elif hf_name.endswith("k_proj.weight"):
             data = permute_like_llama_cpp(data, cfg.num_key_value_heads)
@@ -265,22 +269,41 @@ def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
     return write_tiny_gguf(tiny_llama, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
 
 
-def test_tiny_gguf_matches_transformers(tiny_gguf, tiny_llama, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_qwen2_gguf(tmp_path_factory) -> tuple[Path, Path]:
+    """An untied qwen2 (q/k/v biases, output.weight present)."""
+    hf_dir = make_tiny_model(tmp_path_factory.mktemp("qwen2-untied"), "qwen2")
+    return hf_dir, write_tiny_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / "tiny-qwen2.gguf")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tiny_gguf_matches_transformers(family, request):
     from transformers import AutoModelForCausalLM
 
+    if family == "llama":
+        hf_dir, gguf_path = (
+            request.getfixturevalue("tiny_llama"),
+            request.getfixturevalue("tiny_gguf"),
+        )
+    else:
+        hf_dir, gguf_path = request.getfixturevalue("tiny_qwen2_gguf")
     ref_model = AutoModelForCausalLM.from_pretrained(
-        str(tiny_gguf.parent), gguf_file=tiny_gguf.name
+        str(gguf_path.parent), gguf_file=gguf_path.name
     )
     ref = ref_model.state_dict()
-    original = hf_state_dict(tiny_llama)
+    if ref_model.config.tie_word_embeddings:
+        ref.pop("lm_head.weight")
+    original = hf_state_dict(hf_dir)
     # the writer is right: transformers undoes its permutation back to the original weights
-    assert torch.equal(ref["model.layers.0.self_attn.k_proj.weight"],
-                       original["model.layers.0.self_attn.k_proj.weight"])  # fmt: skip
+    for proj in ("q_proj", "k_proj"):
+        name = f"model.layers.0.self_attn.{proj}.weight"
+        assert torch.equal(ref[name], original[name])
 
-    ckpt = load_checkpoint(str(tiny_gguf))
-    assert ckpt.format == "gguf" and ckpt.path == tiny_gguf.resolve()
+    ckpt = load_checkpoint(str(gguf_path))
+    assert ckpt.format == "gguf" and ckpt.path == gguf_path.resolve()
     assert_same_tensors(dict(ckpt.weights(torch.float32)), ref)
-    assert ckpt.config.architectures == ["LlamaForCausalLM"]
+    assert ckpt.config.architectures == [type(ref_model).__name__]
+    assert ckpt.config.tie_word_embeddings is ref_model.config.tie_word_embeddings is False
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "max_position_embeddings", "bos_token_id",
                 "eos_token_id", "tie_word_embeddings"):  # fmt: skip
@@ -349,6 +372,21 @@ def test_dummy_from_gguf_reads_no_tensor(tiny_gguf, tiny_llama, monkeypatch):
     assert gguf_cache.cached_conversion(tiny_gguf) is None
     ours = {name: t.shape for name, t in ckpt.weights(torch.float32)}
     assert ours == {name: t.shape for name, t in hf_state_dict(tiny_llama).items()}
+
+
+def test_tokenizer_sources(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(tiny_llama))
+    text = "for i in range(10):\n    print(i)"
+    assert load_tokenizer(load_checkpoint(str(tiny_llama))).encode(text) == ref.encode(text)
+    assert load_tokenizer(str(tiny_llama)).encode(text) == ref.encode(text)
+    (tmp_path / "config.json").write_text((tiny_llama / "config.json").read_text())
+    bare = load_checkpoint(str(tmp_path), load_format="dummy")
+    assert bare.tokenizer_dir is None
+    with pytest.raises(ConfigError, match="tokenizer="):
+        load_tokenizer(bare)
+    assert load_tokenizer(bare, tokenizer=str(tiny_llama)).encode(text) == ref.encode(text)
 
 
 # --- fill-in-the-middle tokens ----------------------------------------------------------------
@@ -441,3 +479,44 @@ def test_default_model_second_load_uses_cache(default_model_path, monkeypatch):
     assert ckpt.path == default_model_path and ckpt.tokenizer_dir == cache
     name, tensor = next(iter(ckpt.weights(torch.bfloat16)))
     assert tensor.dtype == torch.bfloat16
+
+
+# --- Gemma 3 270M (GGUF Q4_K_M, gemma3 architecture) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> Path:
+    from soarllm import hub
+
+    return hub.pull("gemma3-270m", progress=False)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_gemma3_matches_transformers(gemma_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, name = str(gemma_path.parent), gemma_path.name
+    ckpt = load_checkpoint(str(gemma_path))
+    assert ckpt.config.architectures == ["Gemma3ForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "vocab_size", "sliding_window", "layer_types",
+                "query_pre_attn_scalar", "rope_parameters", "tie_word_embeddings"):  # fmt: skip
+        assert getattr(ckpt.config, key) == getattr(model.config, key), key
+    ref = model.state_dict()
+    ref.pop("lm_head.weight")
+    assert_same_tensors(dict(ckpt.weights(torch.float32)), ref)  # norms shifted back by -1 too
+    del model, ref
+
+    tok_ref = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    ours = load_tokenizer(ckpt)
+    for text in ["Hello, world!", "def f(x):\n    return x  # 日本語", "<start_of_turn>user\nhi"]:
+        assert ours.encode(text) == tok_ref.encode(text)
+    end_of_turn = ours.convert_tokens_to_ids("<end_of_turn>")
+    assert ckpt.config.eos_token_id == [tok_ref.eos_token_id, end_of_turn]
+    # the GGUF carries no chat template: Gemma's turn format is supplied
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
