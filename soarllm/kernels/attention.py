@@ -137,23 +137,37 @@ class ReferenceAttentionBackend:
 
     @staticmethod
     def _decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
-        lens = meta.seq_lens[:nd]
-        max_len = max(meta.seq_lens_cpu[:nd])
-        kk, vv = _gather(kv_cache, meta.block_tables[:nd], max_len)  # [B, L, H, D]
-        kpos = torch.arange(max_len, device=q.device)[None, :]
-        mask = kpos < lens[:, None]
-        if sliding_window is not None:
-            mask = mask & (kpos >= lens[:, None] - sliding_window)
-        o = _sdpa(
-            q[:, :, None, :],  # [B, Hq, 1, D]
-            kk.to(q.dtype).transpose(1, 2),
-            vv.to(q.dtype).transpose(1, 2),
-            mask[:, None, None, :],
-            scale,
-            softcap,
-            gqa,
-        )
-        out[:nd] = o[:, :, 0, :]
+        # The runner sorts decodes by context length; gathering them in a few buckets, each padded
+        # to its own longest context, keeps the copied KV close to what is actually attended.
+        lens_cpu = meta.seq_lens_cpu[:nd]
+        for lo, hi in _buckets(lens_cpu):
+            max_len = max(lens_cpu[lo:hi])
+            kk, vv = _gather(kv_cache, meta.block_tables[lo:hi], max_len)  # [b, L, H, D]
+            lens = meta.seq_lens[lo:hi]
+            kpos = torch.arange(max_len, device=q.device)[None, :]
+            mask = kpos < lens[:, None]
+            if sliding_window is not None:
+                mask = mask & (kpos >= lens[:, None] - sliding_window)
+            o = _sdpa(
+                q[lo:hi, :, None, :],  # [b, Hq, 1, D]
+                kk.to(q.dtype).transpose(1, 2),
+                vv.to(q.dtype).transpose(1, 2),
+                mask[:, None, None, :],
+                scale,
+                softcap,
+                gqa,
+            )
+            out[lo:hi] = o[:, :, 0, :]
+
+
+def _buckets(lens: list[int], max_buckets: int = 4, min_size: int = 8) -> list[tuple[int, int]]:
+    """Split sorted lengths into up to ``max_buckets`` contiguous groups of similar length."""
+    n = len(lens)
+    k = max(1, min(max_buckets, n // min_size))
+    if k == 1 or lens[0] * 1.25 >= lens[-1]:
+        return [(0, n)]
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
 def get_attention_backend(device: str) -> ReferenceAttentionBackend:

@@ -111,7 +111,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
-        sched = sorted(so.scheduled, key=lambda s: s.num_new_tokens > 1)  # decodes first
+        # Decodes first, shortest context first, so attention can gather them in length buckets.
+        sched = sorted(so.scheduled, key=lambda s: (s.num_new_tokens > 1, s.start))
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[np.ndarray] = []

@@ -62,17 +62,18 @@ class Gemma3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.rotary_emb = [rotary_emb]
+        self.layer_type = layer_type
         self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
         self.softcap = getattr(config, "attn_logit_softcapping", None)
         self.backend = backend
 
-    def forward(self, positions, x, kv_cache, meta):
+    def forward(self, ropes, x, kv_cache, meta):
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb[0](positions, q, k)
+        q, k = self.rotary_emb[0].apply(ropes[self.layer_type], q, k)
         o = self.backend.forward(
             q, k, v, kv_cache, meta, self.scale, self.sliding_window, self.softcap
         )
@@ -102,8 +103,8 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
 
-    def forward(self, positions, x, kv_cache, meta):
-        attn = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, ropes, x, kv_cache, meta):
+        attn = self.self_attn(ropes, self.input_layernorm(x), kv_cache, meta)
         h = x + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -128,8 +129,9 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta):
         h = self.embed_tokens(input_ids)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        ropes = {t: rope.lookup(positions, h.dtype) for t, rope in self.rotary.items()}
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, cache, meta)
+            h = layer(ropes, h, cache, meta)
         return self.norm(h)
 
 

@@ -21,6 +21,7 @@ from soarllm.model.models.base import DecoderForCausalLM
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb: RotaryEmbedding):
+        # rotary_emb is shared by every layer; the model looks cos/sin up once per step.
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -43,17 +44,17 @@ class LlamaAttention(nn.Module):
             bias=bool(getattr(config, "attention_bias", False)),
             dtype=dtype,
         )
-        self.rotary_emb = [rotary_emb]  # shared by all layers; a list keeps it out of submodules
+        self.rotary_emb = [rotary_emb]  # a list keeps the shared module out of submodules
         self.sliding_window = _sliding_window(config, layer_idx)
         self.backend = backend
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+    def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb[0](positions, q, k)
+        q, k = self.rotary_emb[0].apply(rope, q, k)
         o = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -93,8 +94,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions, x, kv_cache, meta):
-        h = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, rope, x, kv_cache, meta):
+        h = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -118,8 +119,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta):
         h = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.lookup(positions, h.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, cache, meta)
+            h = layer(rope, h, cache, meta)
         return self.norm(h)
 
 
