@@ -9,6 +9,8 @@ lengths, slot mapping, block tables and the rows whose logits are needed.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +32,14 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_FRACTION = 0.3
 _CPU_DEFAULT_CAP = 4 * 2**30
 _GPU_DEFAULT_FRACTION = 0.85
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    if device != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, nbytes)  # anonymous: zero-filled lazily by the kernel
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
 @dataclass
@@ -100,12 +110,15 @@ class ModelRunner:
         return num_blocks
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One zeroed [2, num_blocks, block_size, H_kv, D] tensor per layer.
+
+        Zeroed, not empty: padded attention reads unused slots with weight 0, and 0 * NaN = NaN.
+        On CPU the memory comes from an anonymous mapping, which the OS hands out zeroed page by
+        page as blocks are first used, instead of writing gigabytes of zeros at start-up.
+        """
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        # Zeros, not empty: padded attention reads unused slots with weight 0, and 0 * NaN = NaN.
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)
-        ]
+        self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(m.num_layers)]
 
     # -- one step ------------------------------------------------------------------------------
 
