@@ -162,3 +162,30 @@ def test_logprobs_and_prompt_logprobs_are_consistent(llm):
     assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
     for tid, lp in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
         assert tid in lp
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    prompt = "class ArgumentParser(_AttributeHolder, _ActionsContainer):"
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(prompt, params)[0].outputs[0].token_ids
+    others = _prompts(llm, 8, seed=9)
+    mixed = llm.generate([*others[:4], prompt, *others[4:]],
+                         [SamplingParams(temperature=1.0, max_tokens=16)] * 4 + [params]
+                         + [SamplingParams(temperature=1.0, max_tokens=16)] * 4)
+    assert mixed[4].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=4321, max_tokens=16, ignore_eos=True)
+    assert llm.generate(prompt, other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_soar_chat_streams_answers(tiny_llama_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "soarllm.cli.main", "chat", str(tiny_llama_dir), "--max-tokens", "5",
+         "--ignore-eos"],
+        input="hello\nand again\n\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # two turns answered: the prompt marker appears for each input line plus the final empty one
+    assert proc.stdout.count("> ") == 3
