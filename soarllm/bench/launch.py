@@ -99,11 +99,15 @@ class LaunchedServer:
         self,
         command: str,
         endpoint: Endpoint,
-        log_path: Path | None = None,
+        log_path: Path | None = None,  # the server's stdout and stderr (a temp file if None)
         ready_timeout_s: float = 900.0,
         interval_s: float = 0.1,
     ):
         self.command, self.endpoint = command, endpoint
+        if log_path is None:  # keep the output anyway: it explains a server that fails to start
+            import tempfile
+
+            log_path = Path(tempfile.mkstemp(prefix="soar-launch-", suffix=".log")[1])
         self.log_path, self.ready_timeout_s, self.interval_s = log_path, ready_timeout_s, interval_s
         self.ease = EaseMetrics(command=command)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -117,14 +121,13 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> EaseMetrics:
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_path, "wb")  # noqa: SIM115
         t0 = time.perf_counter()
         self._proc = subprocess.Popen(
             shlex.split(self.command), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        if log is not subprocess.DEVNULL:
-            log.close()  # the child holds its own descriptor
+        log.close()  # the child holds its own descriptor
         self._sampler = _RssSampler(self._proc.pid, self.interval_s)
         self._sampler.start()
         try:
@@ -139,9 +142,7 @@ class LaunchedServer:
     def _check_alive(self) -> None:
         assert self._proc is not None
         if self._proc.poll() is not None:
-            tail = ""
-            if self.log_path and Path(self.log_path).exists():
-                tail = Path(self.log_path).read_text(errors="replace")[-2000:]
+            tail = Path(self.log_path).read_text(errors="replace")[-2000:]
             raise SoarError(
                 f"the launched server exited with code {self._proc.returncode} before it was "
                 f"ready: {self.command!r}\n{tail}"
