@@ -1,0 +1,137 @@
+"""``soar bench offline``: the engine's throughput and latency through ``LLM``, without HTTP.
+
+* throughput: every prompt submitted at once; requests/s, output tokens/s and total tokens/s over
+  the wall time of ``LLM.generate``.
+* latency: for each batch size B, B prompts submitted together; per request TTFT (generate start ->
+  first token), TPOT ((last token - first token) / (output tokens - 1)) and E2EL (start -> finish),
+  from the engine's own request timestamps. These runs are what ``soar plan --calibrate`` fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from soarllm.bench.metrics import DEFAULT_PERCENTILES, Distribution
+from soarllm.bench.workloads import WorkloadConfig, build_workload
+
+SCHEMA = "soarllm.bench.offline/1"
+
+
+def _prompt_ids(llm: Any, workload: WorkloadConfig) -> list[tuple[list[int], int]]:
+    tokenizer = llm.get_tokenizer()
+    requests = build_workload(workload, tokenizer)
+    out = []
+    for r in requests:
+        text = r.prompt if isinstance(r.prompt, str) else r.prompt[-1]["content"]
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if workload.name == "random":
+            ids = ids[: workload.input_len]
+        out.append((ids, r.output_len))
+    return out
+
+
+def _generate(llm: Any, prompts: list[tuple[list[int], int]]) -> tuple[float, list[Any], float]:
+    from soarllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for _, n in prompts]
+    start = time.time()
+    outputs = llm.generate([ids for ids, _ in prompts], params)
+    return start, outputs, time.time() - start
+
+
+def throughput_run(llm: Any, prompts: list[tuple[list[int], int]]) -> dict[str, Any]:
+    _, outputs, duration = _generate(llm, prompts)
+    n_in = sum(len(o.prompt_token_ids) for o in outputs)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "num_requests": len(outputs), "duration_s": duration,
+        "total_input_tokens": n_in, "total_output_tokens": n_out,
+        "request_throughput": len(outputs) / duration,
+        "output_throughput": n_out / duration,
+        "total_token_throughput": (n_in + n_out) / duration,
+    }
+
+
+def latency_run(llm: Any, prompts: list[tuple[list[int], int]],
+                percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> dict[str, Any]:
+    start, outputs, duration = _generate(llm, prompts)
+    ttfts, tpots, e2els = [], [], []
+    n_in = n_out = 0
+    for o in outputs:
+        m, n = o.metrics, len(o.outputs[0].token_ids)
+        n_in += len(o.prompt_token_ids)
+        n_out += n
+        if m is None or m.first_token_time is None:
+            continue
+        ttfts.append(m.first_token_time - start)
+        e2els.append((m.finished_time or m.last_token_time) - start)
+        if n > 1:
+            tpots.append((m.last_token_time - m.first_token_time) / (n - 1))
+    return {
+        "batch_size": len(prompts), "duration_s": duration,
+        "mean_input_len": n_in / len(outputs), "mean_output_len": n_out / len(outputs),
+        "output_throughput": n_out / duration,
+        "ttft_ms": asdict(Distribution.of(ttfts, percentiles)),
+        "tpot_ms": asdict(Distribution.of(tpots, percentiles)),
+        "e2el_ms": asdict(Distribution.of(e2els, percentiles)),
+    }
+
+
+def run_offline(llm: Any, workload: WorkloadConfig, batch_sizes: list[int],
+                model: str = "") -> dict[str, Any]:
+    biggest = max([workload.num_prompts, *batch_sizes])
+    prompts = _prompt_ids(llm, WorkloadConfig(**{**asdict(workload), "num_prompts": biggest}))
+    _generate(llm, prompts[:1])  # warm-up
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "model": model, "workload": asdict(workload),
+        "throughput": throughput_run(llm, prompts[: workload.num_prompts]),
+        "latency_runs": [latency_run(llm, prompts[:b]) for b in batch_sizes],
+    }
+    return doc
+
+
+def render_offline(doc: dict[str, Any]) -> str:
+    t = doc["throughput"]
+    w = doc["workload"]
+    lines = [
+        f"# soar bench offline: {doc['model']}", "",
+        f"Workload `{w['name']}`, input {w['input_len']} / output {w['output_len']} tokens.", "",
+        f"Throughput ({t['num_requests']} requests at once): {t['request_throughput']:.2f} req/s, "
+        f"{t['output_throughput']:.1f} output tok/s, {t['total_token_throughput']:.1f} total tok/s.",
+        "", "| batch | TTFT med ms | TTFT p99 ms | TPOT med ms | TPOT p99 ms | E2EL med ms | "
+        "out tok/s |", "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["latency_runs"]:
+        lines.append(
+            f"| {r['batch_size']} | {r['ttft_ms']['median']:.1f} | "
+            f"{r['ttft_ms']['percentiles'].get('p99', 0):.1f} | {r['tpot_ms']['median']:.2f} | "
+            f"{r['tpot_ms']['percentiles'].get('p99', 0):.2f} | {r['e2el_ms']['median']:.1f} | "
+            f"{r['output_throughput']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_offline_cli(args: argparse.Namespace) -> int:
+    from soarllm import LLM
+    from soarllm.cli.engine_args import engine_args_from
+
+    engine = asdict(engine_args_from(args))
+    model = engine.pop("model")
+    llm = LLM(model=model, **engine)
+    workload = WorkloadConfig(
+        name=args.workload, num_prompts=args.num_prompts, input_len=args.input_len,
+        output_len=args.output_len, range_ratio=args.range_ratio, path=args.dataset_path,
+        turns=args.turns, seed=args.seed,
+    )
+    doc = run_offline(llm, workload, args.batch_sizes, model=model)
+    print(render_offline(doc))
+    if args.output_json:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    return 0
