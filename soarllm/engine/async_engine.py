@@ -1,0 +1,458 @@
+"""AsyncLLMEngine: the synchronous LLMEngine driven by a background thread, streamed to asyncio.
+
+The engine is not thread-safe, so every call into it happens on one dedicated thread, the *engine
+thread*. The event loop talks to that thread through a command queue (add / abort / stop); the
+thread applies the pending commands between two steps, runs ``step()`` while there is work, and
+blocks on the queue when there is none (no busy spinning). Each step's outputs are handed back to
+the event loop in one ``call_soon_threadsafe`` call and dispatched to the per-request streams.
+
+A request's stream is an async iterator of ``RequestOutput``; closing it before the request
+finishes (the client went away, the handler was cancelled) aborts the request in the engine, which
+frees its KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from soarllm.errors import OverloadedError, SoarError
+from soarllm.outputs import CompletionOutput, RequestOutput
+from soarllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# After this many consecutive failing steps the engine is reported unhealthy.
+_MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class SyncEngine(Protocol):
+    """What AsyncLLMEngine needs from the synchronous engine (LLMEngine or a test double)."""
+
+    tokenizer: Any
+    max_model_len: int
+    model_name: str
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None: ...
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def get_stats(self) -> Any: ...
+
+
+class EngineDeadError(SoarError):
+    """The engine thread stopped or keeps failing; the server cannot take requests (HTTP 503)."""
+
+    status_code = 503
+    error_type = "engine_error"
+
+
+class RequestFailedError(SoarError):
+    """The engine failed while running this request (HTTP 500, not the client's fault)."""
+
+    status_code = 500
+    error_type = "internal_error"
+
+
+# -- commands sent to the engine thread -----------------------------------------------------------
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+    done: Callable[[BaseException | None], None]  # called on the engine thread
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+class _Stop:
+    pass
+
+
+# -- per-request stream ---------------------------------------------------------------------------
+
+
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One output equivalent to ``older`` followed by ``newer``: newer's cumulative fields and the
+    concatenation of both deltas (per completion index)."""
+    by_index = {c.index: c for c in older.outputs}
+    merged: list[CompletionOutput] = []
+    for c in newer.outputs:
+        o = by_index.pop(c.index, None)
+        if o is None:
+            merged.append(c)
+            continue
+        lps = None
+        if o.delta_logprobs is not None or c.delta_logprobs is not None:
+            lps = list(o.delta_logprobs or []) + list(c.delta_logprobs or [])
+        merged.append(
+            replace(
+                c,
+                delta_text=o.delta_text + c.delta_text,
+                delta_token_ids=list(o.delta_token_ids) + list(c.delta_token_ids),
+                delta_logprobs=lps,
+            )
+        )
+    merged.extend(by_index.values())
+    merged.sort(key=lambda c: c.index)
+    return replace(
+        newer,
+        outputs=merged,
+        prompt_logprobs=newer.prompt_logprobs if newer.prompt_logprobs is not None
+        else older.prompt_logprobs,
+    )
+
+
+class RequestStream:
+    """The outputs of one request, in order. Lives on the event loop thread.
+
+    With ``coalesce=True`` a consumer that fell behind gets the pending outputs merged into one
+    (fewer, larger stream chunks under load); otherwise it gets every step's output.
+    """
+
+    def __init__(self, request_id: str, on_close: Callable[[str], None], coalesce: bool = True):
+        self.request_id = request_id
+        self._on_close = on_close
+        self._coalesce = coalesce
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._ready = asyncio.Event()
+        self.finished = False  # the engine produced the last output (or failed the request)
+        self._closed = False
+
+    # called by AsyncLLMEngine on the loop thread
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        if self._closed:
+            return
+        self._items.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            self.finished = True
+        self._ready.set()
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while not self._items:
+            if self.finished or self._closed:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        while self._coalesce and self._items and not isinstance(self._items[0], BaseException):
+            item = merge_outputs(item, self._items.popleft())  # type: ignore[arg-type]
+        return item
+
+    def close(self) -> None:
+        """Stop listening; abort the request if the engine has not finished it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._items.clear()
+        self._ready.set()
+        self._on_close(self.request_id)
+
+
+# -- the engine wrapper ---------------------------------------------------------------------------
+
+
+class AsyncLLMEngine:
+    """Runs a SyncEngine on a background thread and streams its outputs to asyncio callers."""
+
+    def __init__(self, engine: SyncEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._pending_adds = 0  # submitted on the loop thread, not yet applied by the engine
+        self._stats = None  # latest engine stats, replaced (never mutated) by the engine thread
+        self._consecutive_failures = 0
+        self._fatal: BaseException | None = None
+
+    # -- engine facts the server needs ----------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def stats(self) -> Any:
+        """The engine's stats after its latest step (None before the thread started)."""
+        return self._stats
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet running: the engine's queue plus adds still in flight."""
+        waiting = getattr(self._stats, "num_waiting", 0) if self._stats is not None else 0
+        return waiting + self._pending_adds
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def is_healthy(self) -> bool:
+        return (
+            self.is_running
+            and self._fatal is None
+            and self._consecutive_failures < _MAX_CONSECUTIVE_STEP_FAILURES
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the streams."""
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._stats = self.engine.get_stats()
+        self._thread = threading.Thread(target=self._run, name="soar-engine", daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop taking requests, let the running ones finish for up to ``timeout`` seconds, then
+        abort what is left and stop the engine thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for stream in list(self._streams.values()):
+            stream._put(RequestFailedError("the server is shutting down; the request was aborted"))
+        self.abort(list(self._streams))
+        self._streams.clear()
+        if self._thread is not None:
+            self._commands.put(_Stop())
+            await asyncio.to_thread(self._thread.join, 30.0)
+            self._thread = None
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        coalesce: bool = True,
+    ) -> RequestStream:
+        """Queue a request and return its stream once the engine accepted it.
+
+        Raises the engine's validation errors (InvalidRequestError, ContextLengthError, ...)
+        before any output exists, so the caller can answer with a plain 4xx.
+        """
+        self._check_can_accept()
+        if request_id in self._streams:
+            raise RequestFailedError(f"request id {request_id!r} is already in use")
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:  # engine thread
+            self._call_in_loop(_resolve, accepted, error)
+
+        stream = RequestStream(request_id, self._on_stream_closed, coalesce=coalesce)
+        self._streams[request_id] = stream
+        self._pending_adds += 1
+        self._commands.put(
+            _Add(request_id, prompt, params, arrival_time or time.time(), done)
+        )
+        try:
+            await asyncio.shield(accepted)
+        except asyncio.CancelledError:
+            stream.close()  # aborts it once the engine has it
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finally:
+            self._pending_adds -= 1
+        return stream
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Convenience: add a request and yield its outputs; aborts it if the caller stops early."""
+        stream = await self.add_request(request_id, prompt, params, arrival_time)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    def abort(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests (safe to call from the event loop at any time, idempotent)."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        if ids:
+            self._commands.put(_Abort(ids))
+
+    def _check_can_accept(self) -> None:
+        if not self._accepting:
+            raise OverloadedError("the server is shutting down; retry on another replica")
+        if not self.is_healthy:
+            raise EngineDeadError(
+                "the engine is not running"
+                + (f": {self._fatal}" if self._fatal else " (its recent steps failed)")
+            )
+
+    def _on_stream_closed(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.finished:
+            self.abort(request_id)
+
+    # -- event-loop side of the hand-off ----------------------------------------------------------
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream._put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for rid in request_ids:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream._put(error)
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        in_engine: set[str] = set()  # ids added to the engine and not finished (thread-local)
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                commands = self._next_commands(block=idle)
+                if any(isinstance(c, _Stop) for c in commands):
+                    self._apply([c for c in commands if not isinstance(c, _Stop)], in_engine)
+                    self._abort_in_engine(list(in_engine), in_engine)
+                    return
+                self._apply(commands, in_engine)
+                if self.engine.has_unfinished_requests():
+                    self._step(in_engine)
+                self._stats = self.engine.get_stats()
+        except BaseException as e:  # a bug in the engine's bookkeeping: report, stop
+            logger.exception("engine thread crashed")
+            self._fatal = e
+            error = RequestFailedError(f"the engine crashed: {e}")
+            self._call_in_loop(self._fail, list(in_engine), error)
+            for c in self._next_commands(block=False):  # nobody will apply these any more
+                if isinstance(c, _Add):
+                    c.done(EngineDeadError(f"the engine is not running: {e}"))
+
+    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
+        commands: list[_Add | _Abort | _Stop] = []
+        if block:
+            commands.append(self._commands.get())
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, commands: list[_Add | _Abort | _Stop], in_engine: set[str]) -> None:
+        aborted = {rid for c in commands if isinstance(c, _Abort) for rid in c.request_ids}
+        results: list[tuple[_Add, BaseException | None]] = []
+        for add in (c for c in commands if isinstance(c, _Add)):
+            try:
+                self.engine.add_request(add.request_id, add.prompt, add.params, add.arrival_time)
+                in_engine.add(add.request_id)
+                results.append((add, None))
+            except BaseException as e:  # validation errors go back to the caller as they are
+                results.append((add, e))
+        if results:
+            self._stats = self.engine.get_stats()  # count them before their callers are told
+        for add, error in results:
+            add.done(error)
+        if aborted:
+            self._abort_in_engine(sorted(aborted & in_engine), in_engine)
+
+    def _abort_in_engine(self, request_ids: list[str], in_engine: set[str]) -> None:
+        if not request_ids:
+            return
+        try:
+            self.engine.abort_request(request_ids)
+        except Exception:
+            logger.exception("aborting %d request(s) failed", len(request_ids))
+        in_engine.difference_update(request_ids)
+
+    def _step(self, in_engine: set[str]) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # We cannot tell which request broke the step: fail the ones in flight, keep serving.
+            self._consecutive_failures += 1
+            failed = sorted(in_engine)
+            logger.exception("engine step failed; failing %d in-flight request(s)", len(failed))
+            self._abort_in_engine(failed, in_engine)
+            self._call_in_loop(
+                self._fail, failed, RequestFailedError(f"the engine failed while generating: {e}")
+            )
+            return
+        self._consecutive_failures = 0
+        for output in outputs:
+            if output.finished:
+                in_engine.discard(output.request_id)
+        if outputs:
+            self._call_in_loop(self._deliver, outputs)
+
+
+def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

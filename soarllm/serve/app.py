@@ -1,0 +1,67 @@
+"""build_app(engine, config): the FastAPI application of `soar serve`.
+
+Everything the routes share lives on ``app.state.soar`` (a ServerState); the app starts the engine
+thread when it starts and stops it when it stops (uvicorn has by then let in-flight requests end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from soarllm import __version__
+from soarllm.engine.async_engine import AsyncLLMEngine
+from soarllm.serve.access_log import AccessLogMiddleware
+from soarllm.serve.auth import BearerAuthMiddleware
+from soarllm.serve.body_limit import BodySizeLimitMiddleware
+from soarllm.serve.config import ServerConfig
+from soarllm.serve.errors import install_error_handlers
+from soarllm.serve.metrics import ServerMetrics
+from soarllm.serve.routes import openai_router, ops_router, tgi_router
+from soarllm.serve.state import ServerState
+from soarllm.serve.streaming import ClientDisconnected
+
+# 499: the client closed the connection before the response (nobody reads it; logs do)
+CLIENT_CLOSED_REQUEST = 499
+
+
+def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    names = list(config.served_model_names) or [engine.model_name]
+    metrics = ServerMetrics(names[0], lambda: engine.stats)
+    state = ServerState(engine=engine, config=config, metrics=metrics, model_names=names)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(timeout=0.0)
+
+    app = FastAPI(
+        title="soarllm",
+        version=__version__,
+        description="OpenAI- and TGI-compatible LLM server",
+        lifespan=lifespan,
+    )
+    app.state.soar = state
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    app.include_router(openai_router)
+    app.include_router(tgi_router)
+    app.include_router(ops_router)
+    # outermost last: access log -> auth -> body size limit -> routes
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    api_key = config.resolved_api_key()
+    if api_key:
+        app.add_middleware(BearerAuthMiddleware, api_key=api_key)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=config.access_log)
+    return app

@@ -1,0 +1,172 @@
+"""From an API request to engine requests and back: admission (--max-waiting), one tracked engine
+request per prompt, per-request metrics, and reading several engine requests as one stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from soarllm.engine.async_engine import RequestStream
+from soarllm.errors import OverloadedError
+from soarllm.outputs import RequestOutput
+from soarllm.sampling_params import SamplingParams
+from soarllm.serve.state import ServerState
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class PromptInput:
+    """One prompt as the engine gets it, plus the text to echo back."""
+
+    token_ids: list[int]
+    text: str
+
+
+class TrackedRequest:
+    """One engine request: its output stream plus the metrics it records as outputs arrive."""
+
+    def __init__(self, state: ServerState, stream: RequestStream, arrival: float,
+                 num_prompt_tokens: int):
+        self._state = state
+        self._stream = stream
+        self.request_id = stream.request_id
+        self.arrival = arrival
+        self.num_prompt_tokens = num_prompt_tokens
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_generated = 0
+        self.final: RequestOutput | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        output = await self._stream.__anext__()
+        self._observe(output)
+        return output
+
+    def _observe(self, output: RequestOutput) -> None:
+        metrics = self._state.metrics
+        now = time.time()
+        new_tokens = sum(len(c.delta_token_ids) for c in output.outputs)
+        if new_tokens:
+            if self.first_token_time is None:
+                self.first_token_time = now
+                metrics.observe_first_token(now - self.arrival)
+                metrics.observe_prompt(self.num_prompt_tokens)
+                metrics.observe_tokens(new_tokens, None)
+            else:
+                metrics.observe_tokens(new_tokens, now - (self.last_token_time or now))
+            self.last_token_time = now
+            self.num_generated += new_tokens
+        if output.finished:
+            self.final = output
+            reason = output.outputs[0].finish_reason if output.outputs else None
+            self._record_end(reason or "stop", now)
+
+    def _record_end(self, reason: str, now: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tpot = None
+        per_seq = self.num_generated / max(1, len(self.final.outputs) if self.final else 1)
+        if self.first_token_time is not None and self.last_token_time and per_seq > 1:
+            tpot = (self.last_token_time - self.first_token_time) / (per_seq - 1)
+        self._state.metrics.observe_finished(
+            reason, now - self.arrival, self.num_prompt_tokens, self.num_generated, tpot
+        )
+
+    async def collect(self) -> RequestOutput:
+        """Run to the end; return the last (cumulative) output."""
+        last = None
+        async for output in self:
+            last = output
+        if last is None or not last.finished:
+            raise RuntimeError(f"request {self.request_id} ended without a final output")
+        return last
+
+    def close(self) -> None:
+        """Abort in the engine if unfinished (client gone, error elsewhere). Idempotent."""
+        if self.final is None:
+            self._record_end("abort", time.time())
+        self._stream.close()
+
+
+def check_admission(state: ServerState) -> None:
+    limit = state.config.max_waiting
+    if limit is not None and state.engine.num_waiting >= limit:
+        state.metrics.observe_rejected("overloaded")
+        raise OverloadedError(
+            f"the server is overloaded: {state.engine.num_waiting} requests are waiting "
+            f"(limit {limit}); retry in {state.config.retry_after_s} s",
+            retry_after=state.config.retry_after_s,
+        )
+
+
+async def submit(
+    state: ServerState, request_id: str, prompts: list[PromptInput], params: SamplingParams,
+    coalesce: bool = True,
+) -> list[TrackedRequest]:
+    """Queue one engine request per prompt (ids ``request_id-i``); all or none are accepted."""
+    check_admission(state)
+    arrival = time.time()
+    tracked: list[TrackedRequest] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            stream = await state.engine.add_request(
+                rid, prompt.token_ids, params, arrival_time=arrival, coalesce=coalesce
+            )
+            tracked.append(TrackedRequest(state, stream, arrival, len(prompt.token_ids)))
+    except BaseException:
+        for t in tracked:
+            t.close()
+        raise
+    return tracked
+
+
+async def interleave(
+    requests: list[TrackedRequest],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) pairs from several engine requests, in arrival order."""
+    if len(requests) == 1:
+        async for output in requests[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, req: TrackedRequest) -> None:
+        try:
+            async for output in req:
+                await queue.put((i, output))
+            await queue.put((i, None))
+        except BaseException as e:  # re-raised in the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        remaining = len(requests)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def close_all(requests: list[TrackedRequest]) -> None:
+    for r in requests:
+        r.close()

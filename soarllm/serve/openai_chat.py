@@ -1,0 +1,168 @@
+"""POST /v1/chat/completions: messages through the model's chat template; a JSON response or a
+stream of ``chat.completion.chunk`` events."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from soarllm import __version__
+from soarllm.errors import SoarError
+from soarllm.outputs import RequestOutput
+from soarllm.serve.generation import (
+    PromptInput,
+    TrackedRequest,
+    close_all,
+    interleave,
+    new_request_id,
+    submit,
+)
+from soarllm.serve.logprobs import chat_logprobs
+from soarllm.serve.openai_completions import check_stream_options
+from soarllm.serve.prompts import chat_prompt
+from soarllm.serve.protocol_openai import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    PromptTokensDetails,
+    Usage,
+)
+from soarllm.serve.sampling import chat_params, refuse_unsupported
+from soarllm.serve.state import ServerState
+from soarllm.serve.streaming import (
+    DONE,
+    SSEResponse,
+    sse_event,
+    stream_error_payload,
+    until_disconnect,
+)
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_FINGERPRINT = f"soarllm-{__version__}"
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
+                                 raw: Request) -> Response | ChatCompletionResponse:
+    refuse_unsupported(req.unsupported())
+    model = state.check_model(req.model)
+    check_stream_options(req.stream, req.stream_options)
+    prompt = chat_prompt(state.tokenizer, req.messages)
+    params = chat_params(req)
+    request_id = new_request_id("chatcmpl")
+    tracked = await submit(state, request_id, [prompt], params)
+    view = _ChatView(state, req, model, request_id, prompt)
+    if req.stream:
+        return SSEResponse(view.stream(tracked), on_close=lambda: close_all(tracked))
+    try:
+        final = await until_disconnect(raw, tracked[0].collect())
+    finally:
+        close_all(tracked)
+    return view.response(final)
+
+
+def _reason(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+class _ChatView:
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, model: str,
+                 request_id: str, prompt: PromptInput):
+        self.tok = state.tokenizer
+        self.req = req
+        self.model = model
+        self.id = request_id
+        self.created = int(time.time())
+        self.prompt = prompt
+        self.k = req.top_logprobs or 0
+
+    def _usage(self, completion_tokens: int, cached: int = 0) -> Usage:
+        n = len(self.prompt.token_ids)
+        return Usage(prompt_tokens=n, completion_tokens=completion_tokens,
+                     total_tokens=n + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def response(self, final: RequestOutput) -> ChatCompletionResponse:
+        choices = []
+        for c in final.outputs:
+            logprobs = None
+            if self.req.logprobs:
+                logprobs = ChatChoiceLogprobs(
+                    content=chat_logprobs(self.tok, c.token_ids, c.logprobs or [], self.k))
+            choices.append(ChatChoice(
+                index=c.index, message=ChatResponseMessage(content=c.text),
+                logprobs=logprobs, finish_reason=_reason(c.finish_reason),
+            ))
+        used = sum(len(c.token_ids) for c in final.outputs)
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model,
+            system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
+            usage=self._usage(used, final.num_cached_tokens),
+        )
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+        }
+        if include_usage:
+            chunk["usage"] = None
+        return sse_event(chunk)
+
+    async def stream(self, tracked: list[TrackedRequest]) -> AsyncIterator[bytes]:
+        req = self.req
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        finished: set[int] = set()
+        completion_tokens = 0
+        try:
+            # the role comes first, once per choice, before any token is computed
+            yield self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(req.n)], include_usage)
+            async for _, out in interleave(tracked):
+                choices = []
+                for c in out.outputs:
+                    if c.index in finished:
+                        continue
+                    completion_tokens += len(c.delta_token_ids)
+                    reason = _reason(c.finish_reason)
+                    if reason:
+                        finished.add(c.index)
+                    if not c.delta_text and not c.delta_token_ids and reason is None:
+                        continue
+                    logprobs = None
+                    if req.logprobs:
+                        logprobs = {"content": chat_logprobs(
+                            self.tok, c.delta_token_ids, c.delta_logprobs or [], self.k)}
+                    delta = {"content": c.delta_text} if c.delta_text else {}
+                    choices.append({"index": c.index, "delta": delta, "logprobs": logprobs,
+                                    "finish_reason": reason})
+                if choices:
+                    yield self._chunk(choices, include_usage)
+            if include_usage:
+                yield sse_event({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
+                    "usage": self._usage(completion_tokens).model_dump(),
+                })
+            yield DONE
+        except SoarError as e:
+            yield sse_event(stream_error_payload(e))
+            yield DONE
+        except Exception as e:  # a bug: end this stream only
+            logger.exception("chat stream %s failed", self.id)
+            yield sse_event({"error": {"message": f"internal server error ({type(e).__name__})",
+                                       "type": "internal_error", "param": None, "code": 500}})
+            yield DONE
+        finally:
+            close_all(tracked)
+

@@ -1,0 +1,203 @@
+"""POST /v1/completions: prompts (text, batches, token ids, fill-in-the-middle), echo, logprobs,
+n, stop, seed; a JSON response or a stream of ``text_completion`` chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from soarllm.errors import InvalidRequestError, SoarError
+from soarllm.outputs import RequestOutput
+from soarllm.serve.generation import (
+    PromptInput,
+    TrackedRequest,
+    close_all,
+    interleave,
+    new_request_id,
+    submit,
+)
+from soarllm.serve.logprobs import CompletionLogprobsBuilder
+from soarllm.serve.prompts import completion_prompts
+from soarllm.serve.protocol_openai import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    Usage,
+)
+from soarllm.serve.sampling import completion_params, refuse_unsupported
+from soarllm.serve.state import ServerState
+from soarllm.serve.streaming import (
+    DONE,
+    SSEResponse,
+    sse_event,
+    stream_error_payload,
+    until_disconnect,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_stream_options(stream: bool, stream_options: Any) -> None:
+    if stream_options is not None and not stream:
+        raise InvalidRequestError("stream_options is only allowed with stream=true",
+                                  param="stream_options")
+
+
+async def create_completion(state: ServerState, req: CompletionRequest,
+                            raw: Request) -> Response | CompletionResponse:
+    refuse_unsupported(req.unsupported())
+    model = state.check_model(req.model)
+    check_stream_options(req.stream, req.stream_options)
+    echo_only = req.max_tokens == 0
+    if echo_only and not req.echo:
+        raise InvalidRequestError(
+            "max_tokens must be at least 1 (0 is allowed only with echo=true, to score a prompt)",
+            param="max_tokens",
+        )
+    prompts = completion_prompts(state.tokenizer, req.prompt, req.suffix, model)
+    params = completion_params(req, 1 if echo_only else req.max_tokens)
+    request_id = new_request_id("cmpl")
+    tracked = await submit(state, request_id, prompts, params)
+    view = _CompletionView(state, req, model, request_id, prompts, echo_only)
+    if req.stream:
+        return SSEResponse(view.stream(tracked), on_close=lambda: close_all(tracked))
+    try:
+        finals = await until_disconnect(raw, asyncio.gather(*(t.collect() for t in tracked)))
+    finally:
+        close_all(tracked)
+    return view.response(finals)
+
+
+class _CompletionView:
+    """Formats engine outputs of one completions request, whole or as chunks."""
+
+    def __init__(self, state: ServerState, req: CompletionRequest, model: str, request_id: str,
+                 prompts: list[PromptInput], echo_only: bool):
+        self.tok = state.tokenizer
+        self.req = req
+        self.model = model
+        self.id = request_id
+        self.created = int(time.time())
+        self.prompts = prompts
+        self.echo_only = echo_only
+
+    # -- non-streaming ---------------------------------------------------------------------------
+
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        req, choices = self.req, []
+        completion_tokens = cached = 0
+        for i, (prompt, final) in enumerate(zip(self.prompts, finals)):
+            cached += final.num_cached_tokens
+            for c in final.outputs:
+                text, lp = "", None
+                builder = CompletionLogprobsBuilder(self.tok, req.logprobs or 0)
+                if req.echo:
+                    text = prompt.text
+                    if req.logprobs is not None:
+                        lp = builder.build(prompt.token_ids, _prompt_lps(final, prompt))
+                if not self.echo_only:
+                    text += c.text
+                    completion_tokens += len(c.token_ids)
+                    if req.logprobs is not None:
+                        gen = builder.build(c.token_ids, c.logprobs or [])
+                        lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
+                choices.append(CompletionChoice(
+                    index=i * req.n + c.index, text=text,
+                    logprobs=CompletionLogprobs(**lp) if lp is not None else None,
+                    finish_reason=self._reason(c.finish_reason),
+                ))
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices,
+            usage=self._usage(completion_tokens, cached),
+        )
+
+    def _reason(self, reason: str | None) -> str | None:
+        if self.echo_only:
+            return "length"
+        return "length" if reason == "length" else ("stop" if reason else None)
+
+    def _usage(self, completion_tokens: int, cached: int = 0) -> Usage:
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    async def stream(self, tracked: list[TrackedRequest]) -> AsyncIterator[bytes]:
+        req = self.req
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        builders: dict[int, CompletionLogprobsBuilder] = {}
+        started: set[int] = set()
+        finished: set[int] = set()
+        completion_tokens = 0
+        try:
+            async for i, out in interleave(tracked):
+                for c in out.outputs:
+                    idx = i * req.n + c.index
+                    if idx in finished:
+                        continue
+                    builder = builders.setdefault(
+                        idx, CompletionLogprobsBuilder(self.tok, req.logprobs or 0))
+                    text, lp = "", None
+                    if idx not in started and req.echo:
+                        text = self.prompts[i].text
+                        if req.logprobs is not None:
+                            lp = builder.build(self.prompts[i].token_ids,
+                                               _prompt_lps(out, self.prompts[i]))
+                    started.add(idx)
+                    if not self.echo_only:
+                        text += c.delta_text
+                        completion_tokens += len(c.delta_token_ids)
+                        if req.logprobs is not None and c.delta_token_ids:
+                            gen = builder.build(c.delta_token_ids, c.delta_logprobs or [])
+                            lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
+                    reason = self._reason(c.finish_reason) if c.finish_reason else None
+                    if reason:
+                        finished.add(idx)
+                    if not text and lp is None and reason is None:
+                        continue
+                    if req.logprobs is not None and lp is None:
+                        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                              "text_offset": []}
+                    chunk: dict[str, Any] = {
+                        "id": self.id, "object": "text_completion", "created": self.created,
+                        "model": self.model,
+                        "choices": [{"index": idx, "text": text, "logprobs": lp,
+                                     "finish_reason": reason}],
+                    }
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield sse_event(chunk)
+            if include_usage:
+                yield sse_event({
+                    "id": self.id, "object": "text_completion", "created": self.created,
+                    "model": self.model, "choices": [],
+                    "usage": self._usage(completion_tokens).model_dump(),
+                })
+            yield DONE
+        except SoarError as e:
+            yield sse_event(stream_error_payload(e))
+            yield DONE
+        except Exception as e:  # a bug: end this stream only
+            logger.exception("completion stream %s failed", self.id)
+            yield sse_event({"error": {"message": f"internal server error ({type(e).__name__})",
+                                       "type": "internal_error", "param": None, "code": 500}})
+            yield DONE
+        finally:
+            close_all(tracked)
+
+
+def _prompt_lps(output: RequestOutput, prompt: PromptInput) -> list[Any]:
+    lps = output.prompt_logprobs
+    if lps is None:
+        return [None] * len(prompt.token_ids)
+    return list(lps)

@@ -1,0 +1,114 @@
+"""Turning the prompt fields of API requests into token ids: completion prompts (text, batches,
+token ids), fill-in-the-middle with ``suffix``, chat messages through the model's template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soarllm.chat_utils import render_chat
+from soarllm.errors import InvalidRequestError
+from soarllm.model.tokenizer import fim_tokens
+from soarllm.serve.generation import PromptInput
+from soarllm.serve.protocol_openai import ChatMessage, OtherContentPart
+
+MAX_PROMPTS = 256
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def completion_prompts(
+    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], suffix: str | None,
+    model_name: str,
+) -> list[PromptInput]:
+    """One PromptInput per prompt of a /v1/completions request."""
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif not prompt:
+        raise InvalidRequestError("prompt is an empty list; send a string, a list of strings "
+                                  "or a list of token ids", param="prompt")
+    elif all(isinstance(p, int) for p in prompt):
+        items = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    if len(items) > MAX_PROMPTS:
+        raise InvalidRequestError(
+            f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt"
+        )
+    if suffix is not None:
+        return [fim_prompt(tokenizer, p, suffix, model_name) for p in items]
+    out = []
+    for i, p in enumerate(items):
+        where = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            if not p:
+                raise InvalidRequestError(f"{where} is empty; send some text", param="prompt")
+            out.append(PromptInput(encode(tokenizer, p), p))
+        else:
+            if not p:
+                raise InvalidRequestError(f"{where} has no token ids", param="prompt")
+            out.append(PromptInput(p, _decode(tokenizer, p)))
+    return out
+
+
+def fim_prompt(tokenizer: Any, prefix: str | list[int], suffix: str,
+               model_name: str) -> PromptInput:
+    """Prefix-suffix-middle prompt with the tokenizer's own FIM tokens."""
+    tokens = fim_tokens(tokenizer)
+    if tokens is None:
+        raise InvalidRequestError(
+            f"the model {model_name!r} has no fill-in-the-middle tokens, so 'suffix' cannot be "
+            "used; remove 'suffix' or serve a code model with FIM tokens (e.g. <fim_prefix>)",
+            param="suffix",
+        )
+    if not isinstance(prefix, str):
+        raise InvalidRequestError("'suffix' needs a text prompt, not token ids", param="prompt")
+    pre_id, suf_id, mid_id = tokenizer.convert_tokens_to_ids(list(tokens))
+    ids = (
+        [pre_id] + encode(tokenizer, prefix, add_special_tokens=False)
+        + [suf_id] + encode(tokenizer, suffix, add_special_tokens=False) + [mid_id]
+    )
+    return PromptInput(ids, prefix)
+
+
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> PromptInput:
+    if not messages:
+        raise InvalidRequestError(
+            "messages is empty; send at least one message, e.g. "
+            '[{"role": "user", "content": "Hello"}]', param="messages",
+        )
+    plain: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if m.role in ("tool", "function") or m.tool_calls or m.function_call:
+            raise InvalidRequestError(
+                f"messages[{i}]: tool and function calling are not supported by this server",
+                param=f"messages[{i}]",
+            )
+        content = m.content
+        if isinstance(content, list):
+            others = [p.type for p in content if isinstance(p, OtherContentPart)]
+            if "text" in others:
+                raise InvalidRequestError(
+                    f"messages[{i}].content: a 'text' part needs a 'text' string and nothing "
+                    "else", param=f"messages[{i}].content",
+                )
+            if others:
+                raise InvalidRequestError(
+                    f"messages[{i}].content: only 'text' parts are supported, got "
+                    f"{', '.join(repr(t) for t in others)}", param=f"messages[{i}].content",
+                )
+            content = "".join(p.text for p in content)  # type: ignore[union-attr]
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.name:
+            message["name"] = m.name
+        plain.append(message)
+    text = render_chat(tokenizer, plain, add_generation_prompt=True)
+    return PromptInput(encode(tokenizer, text, add_special_tokens=False), text)
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    try:
+        return tokenizer.decode(ids)
+    except (OverflowError, TypeError, ValueError, IndexError):
+        return ""  # the engine refuses these ids with a clear message

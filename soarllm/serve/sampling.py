@@ -1,0 +1,108 @@
+"""API request fields -> SamplingParams, for the OpenAI and TGI routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soarllm.errors import InvalidRequestError
+from soarllm.sampling_params import SamplingParams
+from soarllm.serve.protocol_openai import ChatCompletionRequest, CompletionRequest
+from soarllm.serve.protocol_tgi import DEFAULT_MAX_NEW_TOKENS, TGIParameters
+
+_SEED_MOD = 2**63  # engines seed torch generators with non-negative 63-bit ints
+
+
+def refuse_unsupported(names: list[str]) -> None:
+    if names:
+        raise InvalidRequestError(
+            f"unsupported field(s) for this server: {', '.join(names)}; remove them or set them "
+            "to their default", param=names[0],
+        )
+
+
+def _extensions(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for name in ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+                 "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens"):
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = value
+    return kw
+
+
+def _common(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    kw = _extensions(req)
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0.0:  # only the most likely token is left: greedy
+        temperature, top_p = 0.0, 1.0
+    kw.update(
+        n=req.n,
+        temperature=temperature,
+        top_p=top_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=None if req.seed is None else req.seed % _SEED_MOD,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+    )
+    return kw
+
+
+def build(kw: dict[str, Any], rename: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams(**kw); its validation errors name the API's field, not the engine's."""
+    try:
+        return SamplingParams(**kw)
+    except InvalidRequestError as e:
+        param = (rename or {}).get(e.param or "", e.param)
+        message = e.message
+        if param and e.param and param != e.param:
+            message = message.replace(e.param, param)
+        raise InvalidRequestError(message, param=param) from None
+
+
+def completion_params(req: CompletionRequest, max_tokens: int | None) -> SamplingParams:
+    kw = _common(req)
+    kw["max_tokens"] = max_tokens
+    if req.logprobs is not None:
+        kw["logprobs"] = req.logprobs
+        if req.echo:
+            kw["prompt_logprobs"] = req.logprobs
+    return build(kw)
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+    kw = _common(req)
+    if req.max_completion_tokens is not None and req.max_tokens is not None \
+            and req.max_completion_tokens != req.max_tokens:
+        raise InvalidRequestError(
+            "max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
+            param="max_tokens",
+        )
+    kw["max_tokens"] = req.max_completion_tokens or req.max_tokens
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+    if req.logprobs:
+        kw["logprobs"] = req.top_logprobs or 0
+    return build(kw, rename={"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs"})
+
+
+def tgi_params(p: TGIParameters) -> SamplingParams:
+    """TGI's rule: sample when do_sample or any sampling knob is set, else greedy."""
+    sampling = p.do_sample or any(
+        v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p)
+    )
+    kw: dict[str, Any] = dict(
+        temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        seed=None if p.seed is None else p.seed % _SEED_MOD,
+        max_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        stop=list(p.stop),
+    )
+    if p.top_n_tokens is not None or p.details:
+        kw["logprobs"] = p.top_n_tokens or 0
+    if p.decoder_input_details:
+        kw["prompt_logprobs"] = p.top_n_tokens or 0
+    return build(kw, rename={"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens"})

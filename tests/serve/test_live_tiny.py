@@ -1,0 +1,188 @@
+"""A real `soar serve` process (real engine, tiny random Llama): the openai client, a bounded load
+test with client cancellations, and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import start_soar_serve
+
+PROMPTS = [f"def function_{i}(x):\n    return" for i in range(8)]
+LENGTHS = [3, 9, 20]
+NUM_REQUESTS = 200
+CANCEL_EVERY = 5  # a fifth of the requests are cancelled mid-stream
+
+
+def _metrics(base_url: str) -> dict[str, float]:
+    text = httpx.get(base_url + "/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[re.sub(r"\{.*\}", "", name)] = float(value)
+    return out
+
+
+def _wait_pool_free(base_url: str, timeout: float = 30) -> dict[str, float]:
+    deadline = time.time() + timeout
+    while True:
+        m = _metrics(base_url)
+        idle = m["soar:num_requests_running"] == 0 and m["soar:num_requests_waiting"] == 0
+        if idle and m["soar:num_kv_blocks_free"] == m["soar:num_kv_blocks_total"]:
+            return m
+        if time.time() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_greedy_stream_equals_non_stream(client, tiny_server):
+    kw = dict(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+              extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert streamed == whole.choices[0].text
+    count = httpx.post(tiny_server.base_url + "/tokenize", json={"prompt": PROMPTS[0]}).json()
+    assert whole.usage.prompt_tokens == count["count"] and whole.usage.completion_tokens == 16
+
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                max_completion_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**chat).choices[0].message.content
+    parts = [c.choices[0].delta.content or "" for c in
+             client.chat.completions.create(**chat, stream=True) if c.choices]
+    assert "".join(parts) == whole
+
+
+def test_seeded_sampling_and_n2(client):
+    kw = dict(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=1.0, n=2,
+              extra_body={"ignore_eos": True})
+    a = client.completions.create(**kw, seed=1)
+    b = client.completions.create(**kw, seed=1)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text
+    assert a.usage.completion_tokens == 24
+
+
+def test_logprobs_real_engine(client):
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_completion_tokens=5,
+        temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+
+
+async def _stream_chat(http: httpx.AsyncClient, prompt: str, max_tokens: int,
+                       cancel_after: int | None) -> str | None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+            "max_completion_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    text, chunks = "", 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return text
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            chunks += 1
+            text += event["choices"][0]["delta"].get("content") or ""
+            if cancel_after is not None and chunks >= cancel_after:
+                return None  # leaving the block closes the connection mid-stream
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def test_load_200_concurrent_streams_with_cancellations(tiny_server):
+    base = tiny_server.base_url
+    # reference outputs, one request at a time
+    reference = {}
+    for p in PROMPTS:
+        for n in LENGTHS:
+            r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": [{"role": "user", "content": p}],
+                "max_completion_tokens": n, "temperature": 0, "ignore_eos": True})
+            reference[p, n] = r.json()["choices"][0]["message"]["content"]
+    jobs = [(PROMPTS[i % len(PROMPTS)], LENGTHS[i % len(LENGTHS)],
+             2 if i % CANCEL_EVERY == 0 else None) for i in range(NUM_REQUESTS)]
+
+    async def main():
+        limits = httpx.Limits(max_connections=NUM_REQUESTS + 10,
+                              max_keepalive_connections=NUM_REQUESTS + 10)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+            return await asyncio.gather(*(_stream_chat(http, *job) for job in jobs))
+
+    results = asyncio.run(main())
+    completed = 0
+    for (prompt, n, cancel), text in zip(jobs, results):
+        if cancel is None:
+            assert text == reference[prompt, n], (prompt, n)
+            completed += 1
+    assert completed == NUM_REQUESTS - NUM_REQUESTS // CANCEL_EVERY
+    m = _wait_pool_free(base)
+    assert m["soar:num_kv_blocks_free"] == m["soar:num_kv_blocks_total"], m
+    assert m["soar:num_requests_running"] == 0 and m["soar:num_requests_waiting"] == 0
+    assert m["soar:request_success_total"] >= 1
+    health = httpx.get(base + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
+    timeout_s = 1.5
+    srv = start_soar_serve(str(tiny_model_dir), "--shutdown-timeout", str(timeout_s),
+                           "--served-model-name", "tiny", log_path=tmp_path / "server.log")
+    base = srv.base_url
+
+    async def stream(max_tokens: int) -> tuple[int, bool]:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        chunks, done = 0, False
+        try:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as http, \
+                    http.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunks += 1
+        except httpx.HTTPError:
+            pass
+        return chunks, done
+
+    async def main():
+        short = asyncio.create_task(stream(20))  # finishes well within the timeout
+        endless = asyncio.create_task(stream(4000))  # still running when the timeout hits
+        await asyncio.sleep(0.5)
+        t0 = time.time()
+        srv.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):  # no new connections once shutting down
+            httpx.get(base + "/health", timeout=2)
+        return await short, await endless, t0
+
+    try:
+        (short_chunks, short_done), (_, endless_done), t0 = asyncio.run(main())
+        rc = srv.proc.wait(timeout=timeout_s + 20)
+        elapsed = time.time() - t0
+    finally:
+        srv.stop()
+    assert short_done and short_chunks >= 1, srv.log()[-3000:]
+    assert not endless_done
+    assert rc == 0, srv.log()[-3000:]
+    assert elapsed < timeout_s + 15
