@@ -27,6 +27,7 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="best-of runs per batch size")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/plan_error"))
     p.add_argument("--skip-bench", action="store_true", help="reuse --out/offline.json")
     args = p.parse_args()
@@ -36,7 +37,8 @@ def main() -> int:
     if not args.skip_bench:
         code = soar(["bench", "offline", args.model, "--num-prompts", "8",
                      "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                     "--batch-sizes", args.batch_sizes, "--output-json", str(offline)])
+                     "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats),
+                     "--output-json", str(offline)])
         if code:
             return code
     code = soar(["plan", "--calibrate", str(offline), "--model", args.model,

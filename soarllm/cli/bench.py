@@ -84,6 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_workload_args(offline, seed=False)
     offline.add_argument("--batch-sizes", type=_csv_ints, default=[1, 8, 32],
                          help="latency runs: batches of this many prompts at once")
+    offline.add_argument("--repeats", type=int, default=1,
+                         help="latency runs per batch size; the fastest is kept")
     offline.add_argument("--output-json", type=Path, default=None)
     offline.set_defaults(func=_run_offline)
 

@@ -20,7 +20,7 @@ def test_offline_bench_and_calibration(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "offline.json"
     assert main(["bench", "offline", str(tiny_model_dir), "--max-model-len", "256",
                  "--num-prompts", "4", "--input-len", "16", "--output-len", "6",
-                 "--batch-sizes", "1,2,4", "--output-json", str(out)]) == 0
+                 "--batch-sizes", "1,2,4", "--repeats", "2", "--output-json", str(out)]) == 0
     doc = json.loads(out.read_text())
     t = doc["throughput"]
     assert t["num_requests"] == 4 and t["total_output_tokens"] == 24  # ignore_eos: exact lengths
@@ -29,6 +29,7 @@ def test_offline_bench_and_calibration(tiny_model_dir, tmp_path, capsys):
     for r in doc["latency_runs"]:
         assert r["mean_input_len"] == 16 and r["mean_output_len"] == 6
         assert r["tpot_ms"]["count"] == r["batch_size"]
+        assert r["repeats"] == 2 and r["duration_s"] == min(r["durations_s"])
         assert 0 < r["ttft_ms"]["median"] <= r["e2el_ms"]["median"]
     assert "| 4 |" in capsys.readouterr().out
     cfg = tiny_model_dir / "config.json"
