@@ -69,6 +69,9 @@ def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
 
 def _sdpa(q, k, v, mask, scale, softcap, enable_gqa):
     """q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], mask bool [B or 1, 1, Lq, Lk] or None."""
+    # PyTorch's CPU flash kernel falls off its fast path on strided views (5.6 ms instead of
+    # 14 us for one decode token): hand it contiguous tensors.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if softcap is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa
