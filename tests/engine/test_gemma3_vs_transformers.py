@@ -1,0 +1,36 @@
+"""The second real model: Gemma 3 270M (GGUF Q4_K_M), greedy output equal to transformers'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from soarllm import LLM, SamplingParams
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+PROMPTS = ["The capital of France is", "def is_prime(n):", "Water boils at"]
+N_TOKENS = 32
+
+
+def test_gemma3_greedy_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from soarllm import hub
+
+    path = Path(hub.pull("gemma3-270m", progress=False))
+    ours = LLM(str(path), dtype="float32", max_model_len=512)
+    tok = ours.get_tokenizer()
+    prompts = [tok.encode(p) for p in PROMPTS]
+    got = ours.generate(prompts, SamplingParams(temperature=0.0, max_tokens=N_TOKENS,
+                                                min_tokens=N_TOKENS))
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    for ids, out in zip(prompts, got):
+        with torch.inference_mode():
+            want = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=N_TOKENS,
+                               min_new_tokens=N_TOKENS)[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == want, tok.decode(ids)
