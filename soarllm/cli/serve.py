@@ -31,6 +31,9 @@ def register(sub) -> None:
                    help="largest request body accepted (413 above)")
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"])
+    g.add_argument("--engine-threads", type=int, default=None,
+                   help="torch threads of the engine (default on CPU: all cores but one, which "
+                   "is left to the HTTP event loop; OMP_NUM_THREADS overrides)")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not write a JSON access-log line per request to stdout")
     p.set_defaults(func=run)
@@ -44,6 +47,7 @@ def server_config_from(args: argparse.Namespace):
         served_model_names=list(args.served_model_name or []), max_waiting=args.max_waiting,
         shutdown_timeout_s=args.shutdown_timeout, max_body_bytes=args.max_request_bytes,
         log_level=args.log_level, access_log=args.access_log,
+        engine_threads=args.engine_threads,
     )
 
 

@@ -180,8 +180,9 @@ class RequestStream:
 class AsyncLLMEngine:
     """Runs a SyncEngine on a background thread and streams its outputs to asyncio callers."""
 
-    def __init__(self, engine: SyncEngine):
+    def __init__(self, engine: SyncEngine, torch_threads: int | None = None):
         self.engine = engine
+        self._torch_threads = torch_threads  # intra-op threads of the engine thread
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -371,6 +372,10 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         in_engine: set[str] = set()  # ids added to the engine and not finished (thread-local)
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
         try:
             while True:
                 idle = not self.engine.has_unfinished_requests()

@@ -10,6 +10,18 @@ from typing import Any
 from soarllm.outputs import Logprob, TokenLogprobs
 
 
+def visible(tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[Any],
+            skip_special_tokens: bool) -> tuple[list[int], list[Any]]:
+    """The generated tokens whose text is in the output: special tokens (the end-of-turn token
+    that stopped the request) are left out when the text skips them, so the logprob tokens join
+    to the text."""
+    if not skip_special_tokens:
+        return list(token_ids), list(logprobs)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    kept = [(t, lp) for t, lp in zip(token_ids, logprobs) if t not in special]
+    return [t for t, _ in kept], [lp for _, lp in kept]
+
+
 def token_text(tokenizer: Any, token_id: int, entry: TokenLogprobs | None = None) -> str:
     lp = entry.get(token_id) if entry else None
     if lp is not None and lp.decoded_token is not None:

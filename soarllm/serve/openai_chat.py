@@ -22,7 +22,7 @@ from soarllm.serve.generation import (
     new_request_id,
     submit,
 )
-from soarllm.serve.logprobs import chat_logprobs
+from soarllm.serve.logprobs import chat_logprobs, visible
 from soarllm.serve.openai_completions import check_stream_options
 from soarllm.serve.prompts import chat_prompt
 from soarllm.serve.protocol_openai import (
@@ -84,6 +84,7 @@ class _ChatView:
         self.created = int(time.time())
         self.prompt = prompt
         self.k = req.top_logprobs or 0
+        self.skip_special = req.skip_special_tokens is not False
 
     def _usage(self, completion_tokens: int, cached: int = 0) -> Usage:
         n = len(self.prompt.token_ids)
@@ -96,8 +97,9 @@ class _ChatView:
         for c in final.outputs:
             logprobs = None
             if self.req.logprobs:
-                logprobs = ChatChoiceLogprobs(
-                    content=chat_logprobs(self.tok, c.token_ids, c.logprobs or [], self.k))
+                logprobs = ChatChoiceLogprobs(content=chat_logprobs(
+                    self.tok, *visible(self.tok, c.token_ids, c.logprobs or [],
+                                       self.skip_special), self.k))
             choices.append(ChatChoice(
                 index=c.index, message=ChatResponseMessage(content=c.text),
                 logprobs=logprobs, finish_reason=_reason(c.finish_reason),
@@ -122,13 +124,14 @@ class _ChatView:
         req = self.req
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         finished: set[int] = set()
-        completion_tokens = 0
+        completion_tokens = cached = 0
         try:
             # the role comes first, once per choice, before any token is computed
             yield self._chunk(
                 [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(req.n)], include_usage)
             async for _, out in interleave(tracked):
+                cached = out.num_cached_tokens
                 choices = []
                 for c in out.outputs:
                     if c.index in finished:
@@ -141,8 +144,9 @@ class _ChatView:
                         continue
                     logprobs = None
                     if req.logprobs:
-                        logprobs = {"content": chat_logprobs(
-                            self.tok, c.delta_token_ids, c.delta_logprobs or [], self.k)}
+                        logprobs = {"content": chat_logprobs(self.tok, *visible(
+                            self.tok, c.delta_token_ids, c.delta_logprobs or [],
+                            self.skip_special), self.k)}
                     delta = {"content": c.delta_text} if c.delta_text else {}
                     choices.append({"index": c.index, "delta": delta, "logprobs": logprobs,
                                     "finish_reason": reason})
@@ -152,7 +156,7 @@ class _ChatView:
                 yield sse_event({
                     "id": self.id, "object": "chat.completion.chunk", "created": self.created,
                     "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-                    "usage": self._usage(completion_tokens).model_dump(),
+                    "usage": self._usage(completion_tokens, cached).model_dump(),
                 })
             yield DONE
         except SoarError as e:

@@ -22,7 +22,7 @@ from soarllm.serve.generation import (
     new_request_id,
     submit,
 )
-from soarllm.serve.logprobs import CompletionLogprobsBuilder
+from soarllm.serve.logprobs import CompletionLogprobsBuilder, visible
 from soarllm.serve.prompts import completion_prompts
 from soarllm.serve.protocol_openai import (
     CompletionChoice,
@@ -44,6 +44,8 @@ from soarllm.serve.streaming import (
 
 logger = logging.getLogger(__name__)
 
+MAX_CHOICES = 512  # prompts x n in one request
+
 
 def check_stream_options(stream: bool, stream_options: Any) -> None:
     if stream_options is not None and not stream:
@@ -63,6 +65,11 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             param="max_tokens",
         )
     prompts = completion_prompts(state.tokenizer, req.prompt, req.suffix, model)
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise InvalidRequestError(
+            f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} completions; "
+            f"at most {MAX_CHOICES} per request", param="n",
+        )
     params = completion_params(req, 1 if echo_only else req.max_tokens)
     request_id = new_request_id("cmpl")
     tracked = await submit(state, request_id, prompts, params)
@@ -88,6 +95,7 @@ class _CompletionView:
         self.created = int(time.time())
         self.prompts = prompts
         self.echo_only = echo_only
+        self.skip_special = req.skip_special_tokens is not False
 
     # -- non-streaming ---------------------------------------------------------------------------
 
@@ -107,7 +115,8 @@ class _CompletionView:
                     text += c.text
                     completion_tokens += len(c.token_ids)
                     if req.logprobs is not None:
-                        gen = builder.build(c.token_ids, c.logprobs or [])
+                        gen = builder.build(*visible(self.tok, c.token_ids, c.logprobs or [],
+                                                     self.skip_special))
                         lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
                 choices.append(CompletionChoice(
                     index=i * req.n + c.index, text=text,
@@ -139,8 +148,10 @@ class _CompletionView:
         started: set[int] = set()
         finished: set[int] = set()
         completion_tokens = 0
+        cached: dict[int, int] = {}
         try:
             async for i, out in interleave(tracked):
+                cached[i] = out.num_cached_tokens
                 for c in out.outputs:
                     idx = i * req.n + c.index
                     if idx in finished:
@@ -158,7 +169,9 @@ class _CompletionView:
                         text += c.delta_text
                         completion_tokens += len(c.delta_token_ids)
                         if req.logprobs is not None and c.delta_token_ids:
-                            gen = builder.build(c.delta_token_ids, c.delta_logprobs or [])
+                            gen = builder.build(*visible(
+                                self.tok, c.delta_token_ids, c.delta_logprobs or [],
+                                self.skip_special))
                             lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
                     reason = self._reason(c.finish_reason) if c.finish_reason else None
                     if reason:
@@ -181,7 +194,7 @@ class _CompletionView:
                 yield sse_event({
                     "id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.model, "choices": [],
-                    "usage": self._usage(completion_tokens).model_dump(),
+                    "usage": self._usage(completion_tokens, sum(cached.values())).model_dump(),
                 })
             yield DONE
         except SoarError as e:

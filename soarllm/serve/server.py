@@ -13,7 +13,7 @@ import sys
 
 from soarllm.config import EngineArgs
 from soarllm.serve.access_log import ACCESS_LOGGER
-from soarllm.serve.config import ServerConfig
+from soarllm.serve.config import ServerConfig, engine_threads_for
 
 logger = logging.getLogger("soarllm.serve")
 
@@ -42,8 +42,14 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
     from soarllm.serve.app import build_app
 
     configure_logging(config.log_level)
+    threads = engine_threads_for(config.engine_threads, engine_args.resolved_device())
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        logger.info("engine uses %d torch thread(s) (--engine-threads)", threads)
     logger.info("loading %s", engine_args.model)
-    engine = AsyncLLMEngine(LLMEngine.from_engine_args(engine_args))
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(engine_args), torch_threads=threads)
     app = build_app(engine, config)
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key / SOARLLM_API_KEY)",

@@ -101,3 +101,16 @@ def test_max_waiting_answers_503_with_retry_after():
     assert rejected.headers["retry-after"] == "3"
     assert rejected.json()["error"]["type"] == "overloaded_error"
     assert srv.fake.free_blocks == srv.fake.num_blocks
+
+
+def test_an_engine_failure_ends_the_requests_in_it_and_the_server_goes_on(client):
+    r = client.post("/v1/completions", json={"prompt": "FAIL_STEP", "max_tokens": 5})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "FAIL_STEP"}], "max_tokens": 5,
+            "stream": True}) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    ok = client.post("/v1/completions", json={"prompt": "fine", "max_tokens": 5})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+    assert client.get("/health").status_code == 200

@@ -67,6 +67,7 @@ def test_sampling_seed_is_reproducible(fake_server):
     assert a["generated_text"] == b["generated_text"] and a["details"]["seed"] == 4
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client calls pydantic's .dict()
 def test_text_generation_client(fake_server):
     tg = pytest.importorskip("text_generation")
     client = tg.Client(fake_server.base_url, headers=AUTH, timeout=30)
