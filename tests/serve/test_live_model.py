@@ -74,9 +74,7 @@ def test_n2_seed_reproducible(client):
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
 
 
-def test_fim_suffix(client, model_server):
-    from transformers import AutoTokenizer  # noqa: F401  (the server's tokenizer decides)
-
+def test_fim_suffix(client):
     kw = dict(model=MODEL, prompt="def add(a, b):\n    return ", suffix="\n\nprint(add(1, 2))",
               max_tokens=4, temperature=0)
     try:

@@ -15,7 +15,9 @@ import pytest
 
 from tests.serve.conftest import start_soar_serve
 
-PROMPTS = [f"def function_{i}(x):\n    return" for i in range(8)]
+# prompts of 10 to ~300 tokens, outputs of 3 to 20 tokens
+PROMPTS = [f"def function_{i}(x):\n" + "    x = x * 2 + 1\n" * (i * i * 3) + "    return"
+           for i in range(8)]
 LENGTHS = [3, 9, 20]
 NUM_REQUESTS = 200
 CANCEL_EVERY = 5  # a fifth of the requests are cancelled mid-stream
