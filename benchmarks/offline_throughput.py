@@ -241,7 +241,8 @@ def main() -> int:
     for r in report["runs"]:
         if "output_tok_s" not in r:
             continue
-        cfg = f"batch {r['batch_size']}" if "batch_size" in r else "continuous batching"
+        cfg = (f"batch {r['batch_size']}" if "batch_size" in r
+               else "one sequence at a time" if r["engine"] == "llama.cpp" else "continuous batching")
         print(f"| {r['engine']} | {r['dtype']} | {cfg} | {r['output_tok_s']:.1f} | "
               f"{r.get('batch1_decode_tok_s', float('nan')):.1f} | {r.get('correct', '-')} | "
               f"{r.get('equals_transformers_unbatched', '-')} |")

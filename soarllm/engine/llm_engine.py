@@ -192,11 +192,8 @@ class LLMEngine:
             if entry is None:
                 continue
             group, idx = entry
-            plp = result.prompt_logprobs.get(req.request_id)
-            if plp is not None and not req.prompt_logprobs:
-                req.prompt_logprobs.append(None)  # the first prompt token has no logprob
-            if plp is not None:
-                req.prompt_logprobs.extend(plp)
+            if req.request_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(req, *result.prompt_logprobs[req.request_id])
             if req.request_id not in result.sampled:
                 continue
             self._append(req, group.detoks[idx], result.sampled[req.request_id],
@@ -209,6 +206,14 @@ class LLMEngine:
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
         return outputs
+
+    @staticmethod
+    def _add_prompt_logprobs(req: Request, start: int, plp: list[TokenLogprobs]) -> None:
+        if not req.prompt_logprobs:
+            req.prompt_logprobs.append(None)  # the first prompt token has no logprob
+        # A preempted request recomputes its prompt: keep only positions not recorded yet.
+        have = len(req.prompt_logprobs) - 1
+        req.prompt_logprobs.extend(plp[max(0, have - start) :])
 
     def _append(self, req: Request, detok: IncrementalDetokenizer, tok: int,
                 lp: TokenLogprobs | None, now: float) -> None:

@@ -46,8 +46,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
 class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs | None] = field(default_factory=dict)
-    # request id -> logprobs of the prompt tokens covered this step (position j predicts token j+1)
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # request id -> (first position, logprobs of the prompt tokens this step covers); the logits
+    # at position j give the logprob of prompt token j + 1
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -181,9 +182,10 @@ class ModelRunner:
             lp = torch.log_softmax(logits[row0 : row0 + count].float(), dim=-1)
             start = req.num_computed_tokens
             nxt = req.all_token_ids[start + 1 : start + 1 + count]
-            out.prompt_logprobs[req.request_id] = [
-                token_logprobs(lp[j], nxt[j], req.params.prompt_logprobs) for j in range(count)
-            ]
+            out.prompt_logprobs[req.request_id] = (
+                start,
+                [token_logprobs(lp[j], nxt[j], req.params.prompt_logprobs) for j in range(count)],
+            )
         if sample_reqs:
             sampled = self.sampler(logits[len(prompt_rows) :], sample_reqs)
             for req, tok, lp in zip(sample_reqs, sampled.token_ids, sampled.logprobs):

@@ -189,3 +189,17 @@ def test_soar_chat_streams_answers(tiny_llama_dir):
     assert proc.returncode == 0, proc.stderr
     # two turns answered: the prompt marker appears for each input line plus the final empty one
     assert proc.stdout.count("> ") == 3
+
+
+def test_prompt_logprobs_survive_chunking_and_preemption(tiny_llama_dir, llm):
+    prompts = _prompts(llm, 6, lo=30, hi=50, seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, prompt_logprobs=1)
+    want = llm.generate(prompts, params)
+    small = LLM(str(tiny_llama_dir), block_size=4, num_gpu_blocks_override=30, max_model_len=100,
+                max_num_batched_tokens=16)
+    got = small.generate(prompts, params)
+    assert small.llm_engine.get_stats().num_preemptions > 0
+    for a, b in zip(got, want):
+        assert len(a.prompt_logprobs) == len(a.prompt_token_ids)
+        for x, y, tid in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], a.prompt_token_ids[1:]):
+            assert x[tid].logprob == pytest.approx(y[tid].logprob, abs=1e-4)
