@@ -47,7 +47,7 @@ def main() -> int:
         "bench", "serve",
         "--endpoint", f"soar=http://127.0.0.1:{args.soar_port}", "--launch", soar_cmd,
         "--endpoint", f"llama.cpp=http://127.0.0.1:{args.llama_port}", "--launch", llama_cmd,
-        "--tokenizer", gguf, "--eos-logit-bias",
+        "--tokenizer", gguf, "--eos-logit-bias", "llama.cpp",
         "--workload", "random", "--num-prompts", str(args.num_prompts),
         "--input-len", str(args.input_len), "--output-len", str(args.output_len),
         "--concurrency", args.concurrency, "--warmup", "2", "--output-dir", args.out,

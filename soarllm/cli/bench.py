@@ -53,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--temperature", type=float, default=0.0)
     serve.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                        help="let requests stop at EOS (default: ignore_eos where supported)")
-    serve.add_argument("--eos-logit-bias", action="store_true",
-                       help="also bias the EOS token away, for servers without ignore_eos")
+    serve.add_argument("--eos-logit-bias", nargs="?", const="*", default=None, metavar="LABELS",
+                       help="also bias the EOS token away, for servers without ignore_eos: "
+                            "all endpoints, or only the comma-separated endpoint labels given")
     _add_workload_args(serve)
     g = serve.add_argument_group("load")
     g.add_argument("--concurrency", type=_csv_ints, default=None,
@@ -126,8 +127,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tokenizer_name)
     endpoints = _endpoints(args)
     if args.eos_logit_bias:
+        only = None if args.eos_logit_bias == "*" else set(args.eos_logit_bias.split(","))
         for ep in endpoints:
-            ep.eos_token_id = tokenizer.eos_token_id
+            if only is None or ep.label in only:
+                ep.eos_token_id = tokenizer.eos_token_id
     concurrencies: list[int | None] = list(args.concurrency) if args.concurrency else [None]
     cfg = ServeBenchConfig(
         endpoints=endpoints,
