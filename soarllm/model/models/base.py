@@ -14,7 +14,14 @@ _SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cach
 
 
 class DecoderForCausalLM(nn.Module):
-    packed_modules: dict[str, tuple[str, str]] = {}
+    # checkpoint name fragment -> (merged parameter fragment, shard): the weight-name table
+    packed_modules: dict[str, tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
 
     def __init__(self, config, dtype):
         super().__init__()
@@ -39,6 +46,9 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self._embedding[0].weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, w)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return self.load_packed_weights(weights)
 
     def load_packed_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into parameters; returns the names of loaded params."""

@@ -4,8 +4,6 @@ rope base; q/k RMS norms; four norms per layer; (1 + w) RMSNorm; embeddings scal
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -136,14 +134,6 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(DecoderForCausalLM):
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
-    }
-
     def __init__(self, config, dtype=torch.float32, backend=None):
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
         super().__init__(config, dtype)
@@ -159,6 +149,3 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return self.load_packed_weights(weights)

@@ -6,8 +6,6 @@ small Qwen2 models tie the LM head to the embedding; Llama 3 scales rope ("llama
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -126,15 +124,6 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
-    # checkpoint name fragment -> (merged parameter fragment, shard)
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
-    }
-
     def __init__(self, config, dtype=torch.float32, backend=None):
         super().__init__(config, dtype)
         self.model = LlamaModel(config, dtype, backend)
@@ -142,6 +131,3 @@ class LlamaForCausalLM(DecoderForCausalLM):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return self.load_packed_weights(weights)
