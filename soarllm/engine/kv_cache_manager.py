@@ -26,6 +26,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}
+        self.req_num_cached: dict[str, int] = {}  # leading blocks already registered in the cache
         # Counted in tokens, over requests that asked the cache.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -101,14 +102,18 @@ class KVCacheManager:
             # Blocks that are full once this step's tokens are written become findable now: the
             # runner writes every token's KV before any attention reads it in the same step.
             full = min(total, req.num_tokens) // self.block_size
-            for b, h in zip(blocks[:full], self._hashes(req, full * self.block_size)):
-                self.pool.cache(b, h)
+            done = self.req_num_cached.get(req.request_id, 0)
+            hashes = self._hashes(req, full * self.block_size)
+            for i in range(done, full):
+                self.pool.cache(blocks[i], hashes[i])
+            self.req_num_cached[req.request_id] = max(done, full)
         return True
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.req_hashes.pop(req.request_id, None)
+        self.req_num_cached.pop(req.request_id, None)
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()

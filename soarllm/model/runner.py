@@ -141,7 +141,8 @@ class ModelRunner:
         block_tables = np.zeros((len(sched), max_blocks), dtype=np.int64)
         for i, s in enumerate(sched):
             req, start, n = s.request, s.start, s.num_new_tokens
-            toks = (req.all_token_ids + s.spec_token_ids)[start : start + n]
+            toks = req.all_token_ids[start : start + n]
+            toks += s.spec_token_ids[: n - len(toks)]
             input_ids.extend(toks)
             pos = np.arange(start, start + n)
             bt = np.asarray(s.block_ids, dtype=np.int64)
