@@ -9,6 +9,34 @@ import pytest
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# Skip reasons that are outside the project's control on a machine without an accelerator.
+_HARDWARE_SKIPS = ("gpu", "cuda", "accelerator")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--strict-skips", action="store_true",
+        help="fail the run if a test is skipped for any reason other than missing GPU hardware",
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not session.config.getoption("--strict-skips"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    bad = []
+    for rep in skipped:
+        reason = str(rep.longrepr[2] if isinstance(rep.longrepr, tuple) else rep.longrepr)
+        if not any(h in reason.lower() for h in _HARDWARE_SKIPS):
+            bad.append((rep.nodeid, reason))
+    if bad:
+        print(f"\n--strict-skips: {len(bad)} test(s) skipped for a reason other than missing GPU:")
+        for nodeid, reason in bad:
+            print(f"  {nodeid}: {reason}")
+        if session.exitstatus == 0:
+            session.exitstatus = 1
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
