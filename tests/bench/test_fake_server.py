@@ -1,13 +1,15 @@
 """The request timing and metrics against a fake server on 127.0.0.1 with known delays.
 
-Lower bounds are exact (a token cannot arrive before the server sends it); upper bounds are
-generous, since the machine may be busy.
+Only lower bounds are certain (a token cannot arrive before the server sends it, however busy the
+machine); everything else is checked as an ordering of events or against numpy's statistics of the
+per-request records. No upper bound on a duration is asserted.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from soarllm.bench.arrivals import LoadPoint
@@ -39,16 +41,25 @@ def test_known_delays_completions():
     for r in run.requests:
         assert r.output_tokens == N and r.output_tokens_source == "usage"
         assert r.prompt_len == 7  # the server's usage overrides our count
-        assert len(r.itl) == N - 1
-        assert TTFT <= r.ttft < TTFT + 0.4
-        assert TPOT * 0.9 <= r.tpot < TPOT + 0.1
-        assert r.latency >= TTFT + (N - 1) * TPOT
-    assert TTFT * 1000 <= m.ttft_ms.mean < (TTFT + 0.4) * 1000
-    assert TPOT * 900 <= m.tpot_ms.median < (TPOT + 0.1) * 1000
-    assert TPOT * 900 <= m.itl_ms.median < (TPOT + 0.1) * 1000
+        assert len(r.itl) == N - 1 and all(gap >= 0 for gap in r.itl)
+        assert r.ttft >= TTFT  # the server sleeps TTFT before the first token
+        # the last token comes after every injected delay, and before the stream ends
+        last_token = r.ttft + sum(r.itl)
+        assert TTFT + (N - 1) * TPOT <= last_token <= r.latency
+        assert r.tpot == pytest.approx((r.latency - r.ttft) / (N - 1))
+    ttfts = [r.ttft for r in run.requests]
+    assert m.ttft_ms.mean == pytest.approx(1000 * np.mean(ttfts))
+    assert m.ttft_ms.percentiles["p99"] == pytest.approx(1000 * np.percentile(ttfts, 99))
+    assert m.tpot_ms.median == pytest.approx(1000 * np.median([r.tpot for r in run.requests]))
+    assert m.itl_ms.median == pytest.approx(
+        1000 * np.median([g for r in run.requests for g in r.itl]))
     assert m.e2el_ms.mean >= (TTFT + (N - 1) * TPOT) * 1000
     # Two waves of two requests: at least two whole requests' time.
     assert m.duration_s >= 2 * (TTFT + (N - 1) * TPOT)
+    # At most two in flight: each request after the second is sent after an earlier one ended.
+    spans = sorted((r.start_time, r.start_time + r.latency) for r in run.requests)
+    for i, (start, _) in enumerate(spans[2:], start=2):
+        assert sum(end <= start for _, end in spans[:i]) >= i - 1
     assert m.output_throughput == pytest.approx(4 * N / m.duration_s)
     assert m.slo_attainment == 1.0
     assert run.token_check.requests_compared == 4
