@@ -27,15 +27,35 @@ def test_largest_batch_binary_search():
 
 
 def test_plan_row_by_hand():
-    # The step costs are checked in test_roofline; here: batch search, throughput and cost.
+    # Toy model and hardware of test_roofline: 1000 FLOP/s, 1000 B/s, efficiency 1, overlapped,
+    # no overheads, $3.6 an hour. Memory allows (10000 - 1392) // 160 = 53 sequences of 3 + 2
+    # tokens, and the SLOs are unlimited, so the batch is 53.
     req = PlanRequest(MODEL, input_len=3, output_len=2, slo_ttft_ms=1e9, slo_tpot_ms=1e9)
     row = plan_one(req, HW, tp=1)
     assert row.max_batch_by_memory == 53 and row.batch == 53  # memory is the only limit
-    rf = Roofline(MODEL, HW, FP32)
-    ttft, tpot = rf.ttft(53, 3).time_s, rf.tpot(53, 3, 2).time_s
-    assert row.output_tokens_per_s == pytest.approx(53 * 2 / (ttft + tpot))
-    assert row.cost_per_m_tokens == pytest.approx(3.6 / 3600 / row.output_tokens_per_s * 1e6)
-    assert group_throughput(rf, 53, 3, 2) == pytest.approx(row.output_tokens_per_s)
+    b, linear, q_dim, layers, hidden, vocab, kv_per_token = 53, 144, 4, 2, 4, 10, 32
+    weights = layers * linear * 4 + vocab * hidden * 4  # projections + LM head, fp32: 1312 B
+    # Prefill: 3 new tokens a prompt, 3 * 4 / 2 = 6 causal query-key pairs, one logit row each.
+    ttft_flops = (2 * b * 3 * linear * layers + 4 * q_dim * b * 6 * layers
+                  + 2 * b * hidden * vocab)  # 106000
+    ttft_bytes = weights + kv_per_token * b * 3  # 6400
+    ttft = max(ttft_flops / 1000, ttft_bytes / 1000)  # compute-bound: 106 s
+    # Decode at mid-output context 3 + 2 // 2 = 4: 1 new token, 4 pairs, 4 KV reads + 1 write.
+    tpot_flops = (2 * b * linear * layers + 4 * q_dim * b * 4 * layers
+                  + 2 * b * hidden * vocab)  # 41552
+    tpot_bytes = weights + kv_per_token * b * (4 + 1)  # 9792
+    tpot = max(tpot_flops / 1000, tpot_bytes / 1000)  # compute-bound: 41.552 s
+    assert (ttft, tpot) == pytest.approx((106.0, 41.552))
+    # Each request: TTFT, then output_len - 1 = 1 decode step; 53 * 2 tokens in 147.552 s.
+    throughput = b * 2 / (ttft + 1 * tpot)
+    assert row.output_tokens_per_s == pytest.approx(throughput)
+    assert row.tokens_per_s_per_device == pytest.approx(throughput)
+    assert row.ttft_ms == pytest.approx(ttft * 1e3) and row.tpot_ms == pytest.approx(tpot * 1e3)
+    assert row.decode_bound == "compute"
+    # $3.6 / h = $0.001 / s for one device: cost per million tokens = 0.001 / throughput * 1e6.
+    assert row.cost_per_m_tokens == pytest.approx(0.001 / throughput * 1e6)
+    assert row.cost_per_m_tokens == pytest.approx(147.552 / 106 * 1000)
+    assert group_throughput(Roofline(MODEL, HW, FP32), 53, 3, 2) == pytest.approx(throughput)
 
 
 def test_slo_limits_the_batch():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 
@@ -31,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--price-this", type=float, default=None, help="USD/hour for this machine")
     p.add_argument("--efficiency", default=None,
                    help="calibration JSON (from --calibrate) whose factors apply to its hardware")
-    p.add_argument("--calibrate", default=None, metavar="RESULTS.json",
-                   help="fit efficiency factors to soar bench results and report the error")
+    p.add_argument("--calibrate", default=None, nargs="+", metavar="RESULTS.json",
+                   help="fit efficiency factors to soar bench results (one or more files, e.g. "
+                   "runs at several input lengths) and report the error, in-sample and on "
+                   "batch sizes held out of the fit")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write plan.md, plan.json and plan.png (or calibration.*) here")
     p.set_defaults(func=_run)
@@ -87,30 +91,54 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_results(path: str) -> dict:
+    from soarllm.errors import InvalidRequestError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read --calibrate file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"--calibrate file {path} is not JSON ({e}): pass the "
+                                  "--output-json of soar bench offline or soar bench serve") from None
+
+
+def _finite(x):
+    """JSON-safe: NaN and infinities become null, recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _run_calibrate(args: argparse.Namespace, model) -> int:
+    from soarllm.errors import InvalidRequestError
     from soarllm.plan.calibrate import calibrate, observations_from_results, render_calibration
     from soarllm.plan.roofline import Precision
 
-    doc = json.loads(Path(args.calibrate).read_text())
-    obs = observations_from_results(doc)
+    obs = [o for path in args.calibrate for o in observations_from_results(_read_results(path))]
     if not args.hardware:
         args.hardware = "this"
     hardware = _hardware(args)
     if len(hardware) != 1:
-        from soarllm.errors import InvalidRequestError
-
         raise InvalidRequestError("--calibrate fits one hardware: pass --hardware ID (or 'this')")
     hw = hardware[0]
     precision = Precision.make(args.dtype or hw.default_dtype, args.quant, args.kv_dtype)
     rep = calibrate(model, hw, precision, obs)
     text = render_calibration(rep, model, hw)
     print(text)
+    for w in rep.warnings:
+        print(f"soar plan: warning: {w}", file=sys.stderr)
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "calibration.md").write_text(text)
-        (args.output_dir / "calibration.json").write_text(json.dumps({
+        (args.output_dir / "calibration.json").write_text(json.dumps(_finite({
             "hardware": hw.id, "model": model.name, "efficiency": rep.after.to_dict(),
             "efficiency_before": rep.before.to_dict(), "mape_percent": rep.mape,
-            "rows": rep.rows,
-        }, indent=1))
+            "held_out": rep.held_out.to_dict() if rep.held_out else None,
+            "warnings": rep.warnings, "rows": rep.rows,
+        }), indent=1))
     return 0
