@@ -146,45 +146,71 @@ def test_load_200_concurrent_streams_with_cancellations(tiny_server):
 
 
 def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
-    timeout_s = 1.5
-    srv = start_soar_serve(str(tiny_model_dir), "--shutdown-timeout", str(timeout_s),
+    """SIGTERM while two streams run: new connections are refused, the short stream ends with
+    all its tokens, the long one ends either complete or cut off (no [DONE]) when the grace
+    period runs out, and the process exits with status 0. Only events are asserted: which way
+    the long stream ends depends on the machine's speed, and both ways are checked."""
+    grace_s = 5.0
+    srv = start_soar_serve(str(tiny_model_dir), "--shutdown-timeout", str(grace_s),
                            "--served-model-name", "tiny", log_path=tmp_path / "server.log")
     base = srv.base_url
 
-    async def stream(max_tokens: int) -> tuple[int, bool]:
+    async def stream(max_tokens: int, started: asyncio.Event) -> dict:
         body = {"model": "tiny", "prompt": "x", "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True}
-        chunks, done = 0, False
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        seen = {"chunks": 0, "done": False, "usage": None}
         try:
-            async with httpx.AsyncClient(base_url=base, timeout=60) as http, \
+            async with httpx.AsyncClient(base_url=base, timeout=120) as http, \
                     http.stream("POST", "/v1/completions", json=body) as r:
                 async for line in r.aiter_lines():
                     if line == "data: [DONE]":
-                        done = True
+                        seen["done"] = True
                     elif line.startswith("data: "):
-                        chunks += 1
+                        event = json.loads(line[6:])
+                        if event.get("usage"):
+                            seen["usage"] = event["usage"]["completion_tokens"]
+                        if event["choices"] and event["choices"][0]["text"]:
+                            seen["chunks"] += 1
+                            started.set()
         except httpx.HTTPError:
             pass
-        return chunks, done
+        started.set()
+        return seen
+
+    def health_refused() -> bool:
+        try:
+            httpx.get(base + "/health", timeout=2)
+        except httpx.HTTPError:
+            return True
+        return False
 
     async def main():
-        short = asyncio.create_task(stream(20))  # finishes well within the timeout
-        endless = asyncio.create_task(stream(4000))  # still running when the timeout hits
-        await asyncio.sleep(0.5)
-        t0 = time.time()
+        short_started, long_started = asyncio.Event(), asyncio.Event()
+        short = asyncio.create_task(stream(20, short_started))
+        endless = asyncio.create_task(stream(4000, long_started))
+        await asyncio.wait_for(asyncio.gather(short_started.wait(), long_started.wait()), 120)
+        assert not endless.done()  # both streams are in flight when the signal comes
         srv.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
-        with pytest.raises(httpx.HTTPError):  # no new connections once shutting down
-            httpx.get(base + "/health", timeout=2)
-        return await short, await endless, t0
+        # New connections are refused while the server still runs (it has streams to finish).
+        refused_while_running = False
+        for _ in range(600):  # a hang guard, not a time limit under test
+            if await asyncio.to_thread(health_refused):
+                refused_while_running = srv.proc.poll() is None
+                break
+            await asyncio.sleep(0.05)
+        return refused_while_running, await short, await endless
 
     try:
-        (short_chunks, short_done), (_, endless_done), t0 = asyncio.run(main())
-        rc = srv.proc.wait(timeout=timeout_s + 20)
-        elapsed = time.time() - t0
+        refused_while_running, short, endless = asyncio.run(main())
+        rc = srv.proc.wait(timeout=grace_s + 120)
     finally:
         srv.stop()
-    assert short_done and short_chunks >= 1, srv.log()[-3000:]
-    assert not endless_done
-    assert rc == 0, srv.log()[-3000:]
-    assert elapsed < timeout_s + 15
+    log = srv.log()[-3000:]
+    # (had the long stream completed at once, the process may be gone before the first probe)
+    assert refused_while_running or endless["done"], log
+    assert short["done"] and short["usage"] == 20 and short["chunks"] >= 1, (short, log)
+    if endless["done"]:
+        assert endless["usage"] == 4000, (endless, log)
+    else:  # cut off at the end of the grace period: no [DONE], no usage, fewer tokens
+        assert endless["usage"] is None and 1 <= endless["chunks"] < 4000, (endless, log)
+    assert rc == 0, log
