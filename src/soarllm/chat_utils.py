@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from soarllm.errors import InvalidRequestError
+from pathlib import Path
+
+from soarllm.errors import ConfigError, InvalidRequestError
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -36,9 +38,35 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         clean.append({"role": role, "content": content})
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError(
-            "this model has no chat template; use the completions API with a plain prompt",
+            "this model has no chat template; use the completions API with a plain prompt "
+            "(`soar generate`), or give the server one with --chat-template",
             param="messages",
         )
     return tokenizer.apply_chat_template(
         clean, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
+
+
+def load_chat_template(value: str) -> str:
+    """A --chat-template argument as template text: a file's contents, or the argument itself
+    when it is an inline Jinja template (as vLLM reads it). Syntax errors are reported here."""
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text() if path.is_file() else None
+    except OSError as e:
+        raise ConfigError(f"cannot read the chat template file {path}: {e}") from None
+    if text is None:
+        if "{{" not in value and "{%" not in value:
+            raise ConfigError(
+                f"--chat-template {value!r} is neither a file nor a Jinja template; give the path "
+                "of a .jinja file or the template text itself"
+            )
+        text = value
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"the chat template has a Jinja syntax error (line {e.lineno}): "
+                          f"{e.message}") from None
+    return text

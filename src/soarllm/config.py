@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from soarllm.errors import ConfigError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from soarllm.hub import DEFAULT_MODEL  # the registry names the default model
 
 _DTYPES = {
     "float32": torch.float32,

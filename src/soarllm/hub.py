@@ -26,6 +26,8 @@ from typing import BinaryIO
 from soarllm.errors import ModelNotFoundError
 
 DEFAULT_HOME = "~/.cache/soarllm"
+# The model used when none is named (a registry model; soarllm.config re-exports it).
+DEFAULT_MODEL = "smollm2-135m-instruct"
 _CHUNK = 4 * 2**20
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "tokenizer*")
@@ -53,6 +55,15 @@ class RegistryModel:
     parts: tuple[WheelFile, ...]  # concatenated in this order
     size: int
     sha256: str
+    # Instruction-tuned (follows chat turns) or base (continues text: use plain completion).
+    instruct: bool = True
+    # Where its chat template comes from: "gguf" (the file carries one), "fallback" (the file
+    # carries none; the converter supplies the architecture's turn format) or "none".
+    chat_template: str = "gguf"
+
+    @property
+    def kind(self) -> str:
+        return "instruct" if self.instruct else "base"
 
 
 REGISTRY: tuple[RegistryModel, ...] = (
@@ -78,6 +89,8 @@ REGISTRY: tuple[RegistryModel, ...] = (
         ),
         size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        instruct=False,
+        chat_template="fallback",
     ),
 )
 
@@ -97,6 +110,41 @@ def registry_entry(name: str) -> RegistryModel | None:
 
 def model_path(entry: RegistryModel) -> Path:
     return home() / "models" / entry.name / entry.filename
+
+
+def registry_entry_for(model: str) -> RegistryModel | None:
+    """The registry model that `model` names: its registry name or its pulled file's path."""
+    entry = registry_entry(model)
+    if entry is not None:
+        return entry
+    try:
+        path = Path(model).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return next((e for e in REGISTRY if model_path(e).resolve() == path), None)
+
+
+_TEMPLATE_NOTE = {
+    "gguf": "yes (in the file)",
+    "fallback": "fallback (architecture's turn format; the file has none)",
+    "none": "no",
+}
+
+
+def registry_table() -> str:
+    """`soar pull --list`: each registry model, base or instruct, its chat template, pulled."""
+    rows = [("NAME", "TYPE", "CHAT TEMPLATE", "PULLED", "DESCRIPTION")]
+    for entry in REGISTRY:
+        rows.append((entry.name, entry.kind, _TEMPLATE_NOTE.get(entry.chat_template, "?"),
+                     "yes" if _is_pulled(entry) else "no", entry.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    notes = [
+        "",
+        "base models continue text (`soar generate MODEL \"text\"`); `soar chat` refuses them "
+        "unless you pass --chat-template.",
+    ]
+    return "\n".join(lines + notes)
 
 
 def list_models() -> list[tuple[str, str]]:

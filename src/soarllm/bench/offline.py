@@ -5,6 +5,9 @@
 * latency: for each batch size B, B prompts submitted together (best of ``--repeats`` runs); per request TTFT (generate start ->
   first token), TPOT ((last token - first token) / (output tokens - 1)) and E2EL (start -> finish),
   from the engine's own request timestamps. These runs are what ``soar plan --calibrate`` fits.
+
+A progress bar on stderr counts the output tokens of the runs done, with an estimate of the time
+left (each run is timed whole, so the bar moves once per run).
 """
 
 from __future__ import annotations
@@ -88,20 +91,44 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**best, "repeats": len(runs), "durations_s": [r["duration_s"] for r in runs]}
 
 
+def _output_tokens(prompts: list[tuple[list[int], int]]) -> int:
+    return sum(n for _, n in prompts)
+
+
 def run_offline(llm: Any, workload: WorkloadConfig, batch_sizes: list[int],
-                model: str = "", repeats: int = 1) -> dict[str, Any]:
+                model: str = "", repeats: int = 1, progress: bool = False) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     biggest = max([workload.num_prompts, *batch_sizes])
     prompts = _prompt_ids(llm, WorkloadConfig(**{**asdict(workload), "num_prompts": biggest}))
-    _generate(llm, prompts[:1])  # warm-up
-    doc: dict[str, Any] = {
+    repeats = max(1, repeats)
+    runs: list[tuple[str, int]] = [("warm-up", 1), ("throughput", workload.num_prompts)]
+    runs += [(f"latency batch {b}", b) for b in batch_sizes for _ in range(repeats)]
+    total = sum(_output_tokens(prompts[:n]) for _, n in runs)
+    bar = tqdm(total=total, unit="tok", desc="bench offline", disable=not progress,
+               file=sys.stderr)
+    done = iter(runs)
+
+    def step(result: Any) -> Any:
+        _, n = next(done)
+        bar.update(_output_tokens(prompts[:n]))
+        return result
+
+    try:
+        bar.set_postfix_str("warm-up")
+        step(_generate(llm, prompts[:1]))
+        bar.set_postfix_str(f"throughput, {workload.num_prompts} prompts at once")
+        throughput = step(throughput_run(llm, prompts[: workload.num_prompts]))
+        latency = []
+        for b in batch_sizes:
+            bar.set_postfix_str(f"latency, batch {b}")
+            latency.append(best_of([step(latency_run(llm, prompts[:b])) for _ in range(repeats)]))
+    finally:
+        bar.close()
+    return {
         "schema": SCHEMA, "model": model, "workload": asdict(workload),
-        "throughput": throughput_run(llm, prompts[: workload.num_prompts]),
-        "latency_runs": [
-            best_of([latency_run(llm, prompts[:b]) for _ in range(max(1, repeats))])
-            for b in batch_sizes
-        ],
+        "throughput": throughput, "latency_runs": latency,
     }
-    return doc
 
 
 def render_offline(doc: dict[str, Any]) -> str:
@@ -125,11 +152,11 @@ def render_offline(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_offline_cli(args: argparse.Namespace) -> int:
+def run_offline_cli(args: argparse.Namespace, engine_args: Any) -> int:
+    """`soar bench offline` once its arguments are complete (`engine_args`: EngineArgs)."""
     from soarllm import LLM
-    from soarllm.cli.engine_args import engine_args_from
 
-    engine = asdict(engine_args_from(args))
+    engine = asdict(engine_args)
     model = engine.pop("model")
     llm = LLM(model=model, **engine)
     workload = WorkloadConfig(
@@ -137,7 +164,8 @@ def run_offline_cli(args: argparse.Namespace) -> int:
         output_len=args.output_len, range_ratio=args.range_ratio, path=args.dataset_path,
         turns=args.turns, seed=args.seed,
     )
-    doc = run_offline(llm, workload, args.batch_sizes, model=model, repeats=args.repeats)
+    doc = run_offline(llm, workload, args.batch_sizes, model=model, repeats=args.repeats,
+                      progress=getattr(args, "progress", True))
     print(render_offline(doc))
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)

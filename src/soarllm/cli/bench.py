@@ -15,18 +15,41 @@ def _csv_floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-def _add_workload_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+# `soar bench offline` without sizes: a GPU runs vLLM's usual workload; a CPU a far smaller one
+# (on 2 cores the GPU sizes take minutes per latency run).
+OFFLINE_SIZES = {
+    "cuda": {"num_prompts": 64, "input_len": 256, "output_len": 128, "batch_sizes": [1, 8, 32]},
+    "cpu": {"num_prompts": 8, "input_len": 64, "output_len": 32, "batch_sizes": [1, 4, 8]},
+}
+
+
+def _add_workload_args(p: argparse.ArgumentParser, seed: bool = True,
+                       sized_by_device: bool = False) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", default="random", choices=["random", "code", "chat", "jsonl"])
+    g.add_argument("--workload", default="random", choices=["random", "code", "chat", "jsonl"],
+                   help="prompt source: random tokens, code files, multi-turn chat, or a jsonl "
+                   "file")
     g.add_argument("--dataset-path", default=None, help="the jsonl workload's file")
-    g.add_argument("--num-prompts", type=int, default=64)
-    g.add_argument("--input-len", type=int, default=256, help="prompt tokens (random, code)")
-    g.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
+    if sized_by_device:
+        gpu, cpu = OFFLINE_SIZES["cuda"], OFFLINE_SIZES["cpu"]
+        g.add_argument("--num-prompts", type=int, default=None,
+                       help=f"prompts of the throughput run (default: {gpu['num_prompts']} on a "
+                       f"GPU, {cpu['num_prompts']} on CPU)")
+        g.add_argument("--input-len", type=int, default=None,
+                       help=f"prompt tokens (random, code) (default: {gpu['input_len']} on a GPU, "
+                       f"{cpu['input_len']} on CPU)")
+        g.add_argument("--output-len", type=int, default=None,
+                       help=f"max_tokens of each request (default: {gpu['output_len']} on a GPU, "
+                       f"{cpu['output_len']} on CPU)")
+    else:
+        g.add_argument("--num-prompts", type=int, default=64, help="requests sent per load point")
+        g.add_argument("--input-len", type=int, default=256, help="prompt tokens (random, code)")
+        g.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     g.add_argument("--range-ratio", type=float, default=0.0,
                    help="draw lengths uniformly from [L*(1-r), L*(1+r)]")
     g.add_argument("--turns", type=int, default=3, help="user turns per conversation (chat)")
     if seed:  # engine commands already have --seed
-        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,13 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--launch", action="append", default=[], metavar="CMD",
                        help="command that starts the i-th endpoint's server (measures ease); "
                        "'-' leaves an endpoint to an already running server")
-    serve.add_argument("--api", default="completions", choices=["completions", "chat"])
+    serve.add_argument("--api", default="completions", choices=["completions", "chat"],
+                       help="OpenAI API to load: /v1/completions or /v1/chat/completions")
     serve.add_argument("--model", default=None, help="model id to send (default: /v1/models)")
     serve.add_argument("--tokenizer", default=None,
                        help="tokenizer for prompt lengths and token checks "
                        "(registry name, HF dir, .gguf; default: the default model)")
-    serve.add_argument("--api-key", default=None)
-    serve.add_argument("--temperature", type=float, default=0.0)
+    serve.add_argument("--api-key", default=None, help="bearer token sent to every endpoint")
+    serve.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     serve.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                        help="let requests stop at EOS (default: ignore_eos where supported)")
     serve.add_argument("--eos-logit-bias", nargs="?", const="*", default=None, metavar="LABELS",
@@ -62,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="max requests in flight; a comma list sweeps (e.g. 1,8,32)")
     g.add_argument("--request-rate", action="append", default=None,
                    help="requests/s ('inf' = all at once); a comma list sweeps")
-    g.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
+    g.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"],
+                   help="inter-arrival distribution at a finite --request-rate")
     g.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape (only with --arrival gamma): <1 bursty, >1 regular")
     g.add_argument("--warmup", type=int, default=1, help="untimed requests before the first run")
@@ -70,24 +95,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--capacity-search", type=int, default=0, metavar="STEPS",
                    help="bisection steps refining capacity between swept rates")
     o = serve.add_argument_group("output")
-    o.add_argument("--percentiles", type=_csv_floats, default=(50, 90, 99))
-    o.add_argument("--output-dir", type=Path, default=Path("bench_results"))
+    o.add_argument("--percentiles", type=_csv_floats, default=(50, 90, 99),
+                   help="comma list of latency percentiles to report")
+    o.add_argument("--output-dir", type=Path, default=Path("bench_results"),
+                   help="where results.json, report.md and the plots go")
     o.add_argument("--save-text", action="store_true", help="keep generated text in the JSON")
-    o.add_argument("--no-progress", dest="progress", action="store_false")
+    o.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on stderr")
     serve.set_defaults(func=_run_serve)
 
     offline = sub.add_parser(
         "offline", help="engine throughput and latency through LLM, without HTTP",
+        description="A throughput run (every prompt at once) and latency runs (batches of "
+        "--batch-sizes prompts) through the offline API. Without sizes it picks a workload for "
+        "the device: vLLM's usual one on a GPU, a much smaller one on CPU.",
     )
     from soarllm.cli.engine_args import add_engine_args
 
     add_engine_args(offline)
-    _add_workload_args(offline, seed=False)
-    offline.add_argument("--batch-sizes", type=_csv_ints, default=[1, 8, 32],
-                         help="latency runs: batches of this many prompts at once")
+    _add_workload_args(offline, seed=False, sized_by_device=True)
+    gpu, cpu = OFFLINE_SIZES["cuda"]["batch_sizes"], OFFLINE_SIZES["cpu"]["batch_sizes"]
+    offline.add_argument("--batch-sizes", type=_csv_ints, default=None,
+                         help="latency runs: batches of this many prompts at once (default: "
+                         f"{','.join(map(str, gpu))} on a GPU, {','.join(map(str, cpu))} on CPU)")
     offline.add_argument("--repeats", type=int, default=1,
                          help="latency runs per batch size; the fastest is kept")
-    offline.add_argument("--output-json", type=Path, default=None)
+    offline.add_argument("--output-json", type=Path, default=None,
+                         help="also write the results here (input of soar plan --calibrate)")
+    offline.add_argument("--no-progress", dest="progress", action="store_false",
+                         help="no progress bar on stderr")
     offline.set_defaults(func=_run_offline)
 
 
@@ -156,7 +192,26 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def fill_offline_sizes(args: argparse.Namespace, device: str) -> list[str]:
+    """Give the sizes the user left out the device's defaults; returns the names filled in."""
+    sizes = OFFLINE_SIZES["cuda" if device.startswith("cuda") else "cpu"]
+    filled = []
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, list(value) if isinstance(value, list) else value)
+            filled.append(name)
+    return filled
+
+
 def _run_offline(args: argparse.Namespace) -> int:
     from soarllm.bench.offline import run_offline_cli
+    from soarllm.cli.engine_args import engine_args_from
 
-    return run_offline_cli(args)
+    engine_args = engine_args_from(args)
+    device = engine_args.resolved_device()
+    if fill_offline_sizes(args, device):
+        print(f"[soar] {device} workload: {args.num_prompts} prompts x {args.input_len} in / "
+              f"{args.output_len} out, batch sizes {','.join(map(str, args.batch_sizes))} "
+              "(--num-prompts, --input-len, --output-len, --batch-sizes change it)",
+              file=sys.stderr)
+    return run_offline_cli(args, engine_args)

@@ -1,37 +1,105 @@
-"""Command-line flags for EngineArgs, shared by every subcommand that builds an engine."""
+"""Command-line flags for EngineArgs, shared by every subcommand that builds an engine.
+
+The flags keep vLLM's names; vLLM's --gpu-memory-utilization is mapped onto --kv-cache-memory,
+--trust-remote-code and --enforce-eager are accepted. No import here loads torch: `soar serve`
+checks its port before anything heavy is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 
-from soarllm.config import DEFAULT_MODEL, EngineArgs
+from soarllm.cli.parser import SoarParser, add_model_argument
+from soarllm.errors import ConfigError
 
 
-def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
-    if model_positional:
-        parser.add_argument(
-            "model", nargs="?", default=DEFAULT_MODEL,
-            help=f"registry name, HF directory, .gguf file or hub id (default: {DEFAULT_MODEL})",
-        )
+def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
+    """The model argument (unless `model` is False) and the engine group."""
+    if model:
+        add_model_argument(parser)
     g = parser.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | pt | dummy")
-    g.add_argument("--tokenizer", default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    g.add_argument(
-        "--kv-cache-memory", default=None,
-        help="KV cache size: bytes ('4GiB') or a fraction of free memory (0.5)",
-    )
+    g.add_argument("--dtype", default="auto",
+                   help="weights and activations: auto (float32 on CPU, bfloat16 on GPU) | "
+                   "float32 | bfloat16 | float16")
+    g.add_argument("--device", default="auto", help="auto (cuda when visible) | cpu | cuda")
+    g.add_argument("--load-format", default="auto",
+                   help="auto | safetensors | gguf | pt | dummy (random weights, for benchmarks)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer to use instead of the model's own (same forms as the model)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="engine seed: random (dummy) weights and requests without their own seed")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's context length)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--max-num-seqs", type=int, default=128,
+                   help="most requests running at once (the batch size)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step; longer prompts are prefilled in chunks "
+                   "(default: chosen from the model length)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of a prompt prefix seen before")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=True, help="split long prompts over several steps, beside decodes")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache size: bytes ('4GiB') or a fraction of the available memory "
+                   "(0.5); refused when larger than the memory available (default: a share of "
+                   "the available memory)")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="exact number of KV cache blocks (testing; overrides --kv-cache-memory)")
+    v = parser.add_argument_group("vLLM flag names")
+    v.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="mapped to --kv-cache-memory FRACTION: the share of the *available* "
+                   "memory given to the KV cache (vLLM: of the whole GPU, weights included)")
+    v.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM compatibility; soarllm never runs code from a "
+                   "checkpoint, so it changes nothing")
+    v.add_argument("--enforce-eager", action="store_true",
+                   help="accepted for vLLM compatibility: run the model without compilation")
+    parser.post_parse.append(_map_vllm_names)
 
 
-def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+def _map_vllm_names(p: SoarParser, ns: argparse.Namespace, extras: list[str]) -> list[str]:
+    util = ns.__dict__.pop("gpu_memory_utilization", None)
+    if util is not None:
+        if ns.kv_cache_memory is not None:
+            p.error("--gpu-memory-utilization and --kv-cache-memory both size the KV cache; "
+                    "give one")
+        if not 0 < util <= 1:
+            p.error(f"--gpu-memory-utilization must be in (0, 1], got {util}")
+        ns.kv_cache_memory = util
+    return extras
+
+
+def engine_args_from(args: argparse.Namespace):
+    """EngineArgs from the parsed flags, checked against this machine before any model loads."""
+    from soarllm.config import EngineArgs
+
     names = {f.name for f in fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    if getattr(args, "enforce_eager", False) and "enforce_eager" not in names:
+        print("[soar] --enforce-eager: soarllm runs the model eagerly already; nothing to turn "
+              "off", file=sys.stderr)
+    ea = EngineArgs(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    check_kv_cache_memory(ea)
+    return ea
+
+
+def check_kv_cache_memory(ea) -> None:
+    """Refuse a KV cache size in bytes larger than the memory available now (before loading the
+    model, not minutes later; on CPU the cache is mapped lazily and would be accepted)."""
+    if ea.kv_cache_memory is None:
+        return
+    from soarllm.config import available_memory_bytes, parse_memory
+
+    kind, value = parse_memory(ea.kv_cache_memory)
+    if kind != "bytes":
+        return
+    device = ea.resolved_device()
+    available = available_memory_bytes(device)
+    if value > available:
+        raise ConfigError(
+            f"--kv-cache-memory {ea.kv_cache_memory} ({value / 2**30:.1f} GiB) is more than the "
+            f"{available / 2**30:.1f} GiB of memory available on {device}; give at most about "
+            f"{available * 0.8 / 2**30:.1f}GiB, or a fraction of the available memory (e.g. 0.5)"
+        )

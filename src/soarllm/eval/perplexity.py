@@ -9,6 +9,7 @@ never scored. PPL = exp(total negative log-likelihood / scored tokens).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 from soarllm.errors import InvalidRequestError
@@ -53,20 +54,27 @@ class PerplexityResult:
 
 def perplexity(
     backend: Backend, ids: list[int], *, window: int = 512, stride: int = 256,
-    batch: int = 8, corpus: str = "", num_bytes: int = 0,
+    batch: int = 8, corpus: str = "", num_bytes: int = 0, progress: bool = False,
 ) -> PerplexityResult:
+    """`progress` shows a bar of the windows scored (stderr), with the time left."""
+    from tqdm.auto import tqdm
+
     windows = sliding_windows(len(ids), window, stride)
     nll, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        group = windows[i : i + batch]
-        scores = backend.score([ids[w.begin : w.end] for w in group])
-        for w, row in zip(group, scores):
-            for pos in range(w.first_scored, w.end):
-                lp = row[pos - w.begin]
-                if lp is None:
-                    raise InvalidRequestError(f"the backend gave no logprob for token {pos}")
-                nll -= lp
-                count += 1
+    bar = tqdm(total=len(windows), unit="window", desc=f"perplexity {corpus}".strip(),
+               disable=not progress, file=sys.stderr)
+    with bar:
+        for i in range(0, len(windows), batch):
+            group = windows[i : i + batch]
+            scores = backend.score([ids[w.begin : w.end] for w in group])
+            for w, row in zip(group, scores):
+                for pos in range(w.first_scored, w.end):
+                    lp = row[pos - w.begin]
+                    if lp is None:
+                        raise InvalidRequestError(f"the backend gave no logprob for token {pos}")
+                    nll -= lp
+                    count += 1
+            bar.update(len(group))
     if count == 0:
         raise InvalidRequestError("the corpus is too short to score (needs 2 tokens at least)")
     per_token = nll / count
@@ -85,7 +93,7 @@ def perplexity(
 
 def corpus_perplexity(
     backend: Backend, corpus: str, *, max_tokens: int = 4096, window: int = 512,
-    stride: int = 256, batch: int = 8,
+    stride: int = 256, batch: int = 8, progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity over the first ``max_tokens`` tokens of a corpus ('stdlib', 'prose' or a file)."""
     from soarllm.eval.corpus import corpus_text
@@ -95,4 +103,4 @@ def corpus_perplexity(
     ids = tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
     used_text = tokenizer.decode(ids)
     return perplexity(backend, ids, window=window, stride=stride, batch=batch, corpus=corpus,
-                      num_bytes=len(used_text.encode("utf-8")))
+                      num_bytes=len(used_text.encode("utf-8")), progress=progress)

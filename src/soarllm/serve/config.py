@@ -21,6 +21,7 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = True
     engine_threads: int | None = None  # torch intra-op threads of the engine; None: automatic
+    chat_template: str | None = None  # replaces the model's chat template (--chat-template)
 
     def resolved_api_key(self) -> str | None:
         key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)

@@ -49,7 +49,10 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
         torch.set_num_threads(threads)
         logger.info("engine uses %d torch thread(s) (--engine-threads)", threads)
     logger.info("loading %s", engine_args.model)
-    engine = AsyncLLMEngine(LLMEngine.from_engine_args(engine_args), torch_threads=threads)
+    llm_engine = LLMEngine.from_engine_args(engine_args)
+    if config.chat_template is not None:
+        llm_engine.tokenizer.chat_template = config.chat_template
+    engine = AsyncLLMEngine(llm_engine, torch_threads=threads)
     app = build_app(engine, config)
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key / SOARLLM_API_KEY)",
