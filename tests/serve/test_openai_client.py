@@ -169,9 +169,9 @@ def test_auth(fake_server):
     bad = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    # operations stay open
+    # only the health probe stays open (tests/serve/test_hardening.py covers --public-metrics)
     assert httpx.get(url + "/health").status_code == 200
-    assert httpx.get(url + "/metrics").status_code == 200
+    assert httpx.get(url + "/metrics").status_code == 401
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_kv(fake_server):

@@ -1,5 +1,6 @@
-"""Property-based fuzzing of every route from the app's own OpenAPI schema: never a 5xx, and
-every answer (errors included) has a documented status, content type and shape."""
+"""Property-based fuzzing of every route from the app's own OpenAPI schema, with data that fits
+the schema and data that breaks it: never a 5xx, every answer (errors included) has a documented
+status, content type and shape, and whatever the schema forbids is refused with a 4xx."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
+    negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -21,7 +24,7 @@ from soarllm.serve.config import ServerConfig  # noqa: E402
 from tests.serve.conftest import API_KEY, start_thread_server  # noqa: E402
 from tests.serve.fake_engine import FakeEngine  # noqa: E402
 
-MAX_EXAMPLES = 12
+MAX_EXAMPLES = 12  # per operation and generation mode
 
 
 def _config() -> ServerConfig:
@@ -35,6 +38,8 @@ def _fake() -> FakeEngine:
 
 
 schema = schemathesis.openapi.from_dict(build_app(AsyncLLMEngine(_fake()), _config()).openapi())
+schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+                                allow_x00=True)
 
 
 @pytest.fixture(scope="module")
@@ -52,5 +57,5 @@ def test_no_server_errors(case, fuzz_server):
                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     case.validate_response(response, checks=[
         not_a_server_error, status_code_conformance, content_type_conformance,
-        response_schema_conformance,
+        response_schema_conformance, negative_data_rejection,
     ])

@@ -23,13 +23,23 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from soarllm.engine.failures import (
+    EngineDeadError,
+    RequestFailedError,
+    ServerShuttingDownError,
+    describe,
+)
 from soarllm.errors import OverloadedError, SoarError
 from soarllm.outputs import CompletionOutput, RequestOutput
 from soarllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# After this many consecutive failing steps the engine is reported unhealthy.
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestFailedError", "RequestStream",
+           "ServerShuttingDownError", "merge_outputs"]
+
+# After this many steps in a row in which every request failed, the engine is reported unhealthy
+# and takes no more requests (a broken forward, not one bad request: those are contained).
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
@@ -52,20 +62,6 @@ class SyncEngine(Protocol):
     def has_unfinished_requests(self) -> bool: ...
 
     def get_stats(self) -> Any: ...
-
-
-class EngineDeadError(SoarError):
-    """The engine thread stopped or keeps failing; the server cannot take requests (HTTP 503)."""
-
-    status_code = 503
-    error_type = "engine_error"
-
-
-class RequestFailedError(SoarError):
-    """The engine failed while running this request (HTTP 500, not the client's fault)."""
-
-    status_code = 500
-    error_type = "internal_error"
 
 
 # -- commands sent to the engine thread -----------------------------------------------------------
@@ -213,10 +209,28 @@ class AsyncLLMEngine:
         return self._stats
 
     @property
-    def num_waiting(self) -> int:
+    def max_num_seqs(self) -> int | None:
+        """How many sequences the engine runs at once (None when the engine does not say)."""
+        config = getattr(self.engine, "scheduler_config", None)
+        value = getattr(config, "max_num_seqs", None) or getattr(self.engine, "max_num_seqs", None)
+        return value if isinstance(value, int) else None
+
+    @property
+    def num_queued(self) -> int:
         """Requests accepted but not yet running: the engine's queue plus adds still in flight."""
         waiting = getattr(self._stats, "num_waiting", 0) if self._stats is not None else 0
         return waiting + self._pending_adds
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests that will not find a free running slot: the queue beyond
+        ``max_num_seqs - running``. (When the KV cache rather than ``max_num_seqs`` is the limit,
+        this undercounts by at most the free slots.)"""
+        limit = self.max_num_seqs
+        if limit is None:
+            return self.num_queued
+        running = getattr(self._stats, "num_running", 0) if self._stats is not None else 0
+        return max(0, self.num_queued - max(0, limit - running))
 
     @property
     def num_active(self) -> int:
@@ -249,6 +263,17 @@ class AsyncLLMEngine:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    def fail_all(self, error: SoarError) -> int:
+        """End every open stream with ``error`` and abort its request (on the event loop). The
+        streams' readers see the error as the last item, so they can end their responses
+        cleanly. Returns how many streams were ended."""
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            stream._put(error)
+        self.abort([st.request_id for st in streams])
+        return len(streams)
+
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Stop taking requests, let the running ones finish for up to ``timeout`` seconds, then
         abort what is left and stop the engine thread."""
@@ -256,10 +281,9 @@ class AsyncLLMEngine:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for stream in list(self._streams.values()):
-            stream._put(RequestFailedError("the server is shutting down; the request was aborted"))
-        self.abort(list(self._streams))
-        self._streams.clear()
+        self.fail_all(ServerShuttingDownError(
+            "the server is shutting down; the request was aborted before it finished; "
+            "retry it (on another replica)"))
         if self._thread is not None:
             self._commands.put(_Stop())
             await asyncio.to_thread(self._thread.join, 30.0)
@@ -368,6 +392,10 @@ class AsyncLLMEngine:
             if stream is not None:
                 stream._put(error)
 
+    def _fail_each(self, errors: dict[str, BaseException]) -> None:
+        for rid, error in errors.items():
+            self._fail([rid], error)
+
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -391,11 +419,11 @@ class AsyncLLMEngine:
         except BaseException as e:  # a bug in the engine's bookkeeping: report, stop
             logger.exception("engine thread crashed")
             self._fatal = e
-            error = RequestFailedError(f"the engine crashed: {e}")
+            error = RequestFailedError(f"the engine crashed: {describe(e)}")
             self._call_in_loop(self._fail, list(in_engine), error)
             for c in self._next_commands(block=False):  # nobody will apply these any more
                 if isinstance(c, _Add):
-                    c.done(EngineDeadError(f"the engine is not running: {e}"))
+                    c.done(EngineDeadError(f"the engine is not running: {describe(e)}"))
 
     def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
         commands: list[_Add | _Abort | _Stop] = []
@@ -437,21 +465,32 @@ class AsyncLLMEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # We cannot tell which request broke the step: fail the ones in flight, keep serving.
+            # The engine's own containment did not catch it (its bookkeeping broke): we cannot
+            # tell which request is to blame, so fail the ones in flight and keep serving.
             self._consecutive_failures += 1
             failed = sorted(in_engine)
             logger.exception("engine step failed; failing %d in-flight request(s)", len(failed))
             self._abort_in_engine(failed, in_engine)
             self._call_in_loop(
-                self._fail, failed, RequestFailedError(f"the engine failed while generating: {e}")
+                self._fail, failed,
+                RequestFailedError(f"the engine failed while generating: {describe(e)}"),
             )
             return
-        self._consecutive_failures = 0
+        # requests the engine failed alone (the others in the step went on)
+        take = getattr(self.engine, "take_failures", None)
+        failures = take() if take is not None else {}
+        self._consecutive_failures = getattr(self.engine, "num_consecutive_failed_steps", 0)
+        if self._consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
+            logger.error("the last %d steps failed for every request; reporting unhealthy",
+                         self._consecutive_failures)
         for output in outputs:
             if output.finished:
                 in_engine.discard(output.request_id)
         if outputs:
             self._call_in_loop(self._deliver, outputs)
+        if failures:
+            in_engine.difference_update(failures)
+            self._call_in_loop(self._fail_each, failures)
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:

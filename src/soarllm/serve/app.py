@@ -2,6 +2,8 @@
 
 Everything the routes share lives on ``app.state.soar`` (a ServerState); the app starts the engine
 thread when it starts and stops it when it stops (uvicorn has by then let in-flight requests end).
+With an API key every route but /health needs it (and /metrics too unless ``public_metrics``);
+``allowed_origins`` turns on CORS for browser clients.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from soarllm import __version__
 from soarllm.engine.async_engine import AsyncLLMEngine
 from soarllm.serve.access_log import AccessLogMiddleware
-from soarllm.serve.auth import BearerAuthMiddleware
+from soarllm.serve.auth import BearerAuthMiddleware, protected_paths
 from soarllm.serve.body_limit import BodySizeLimitMiddleware
 from soarllm.serve.config import ServerConfig
 from soarllm.serve.errors import install_error_handlers
@@ -23,6 +26,7 @@ from soarllm.serve.metrics import ServerMetrics
 from soarllm.serve.routes import openai_router, ops_router, tgi_router
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import ClientDisconnected
+from soarllm.serve.tokenization import TokenizerWorkers
 
 # 499: the client closed the connection before the response (nobody reads it; logs do)
 CLIENT_CLOSED_REQUEST = 499
@@ -32,7 +36,10 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
     config = config or ServerConfig()
     names = list(config.served_model_names) or [engine.model_name]
     metrics = ServerMetrics(names[0], lambda: engine.stats)
-    state = ServerState(engine=engine, config=config, metrics=metrics, model_names=names)
+    tokenizers = TokenizerWorkers(engine.tokenizer, engine.max_model_len,
+                                  config.tokenizer_workers)
+    state = ServerState(engine=engine, config=config, metrics=metrics, model_names=names,
+                        tokenizers=tokenizers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +48,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
             yield
         finally:
             await engine.shutdown(timeout=0.0)
+            tokenizers.shutdown()
 
     app = FastAPI(
         title="soarllm",
@@ -58,10 +66,17 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
     app.include_router(openai_router)
     app.include_router(tgi_router)
     app.include_router(ops_router)
-    # outermost last: access log -> auth -> body size limit -> routes
+    # outermost last: access log -> CORS -> auth -> body size limit -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
     api_key = config.resolved_api_key()
     if api_key:
-        app.add_middleware(BearerAuthMiddleware, api_key=api_key)
+        app.add_middleware(BearerAuthMiddleware, api_key=api_key,
+                           protected=protected_paths(public_metrics=config.public_metrics))
+    if config.allowed_origins:
+        # CORS answers preflights before auth, and its headers reach 401s too
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+            allow_headers=["*"], expose_headers=["x-request-id", "retry-after"],
+        )
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=config.access_log)
     return app

@@ -1,4 +1,8 @@
-"""Bearer-token authentication for the API routes (ASGI middleware, constant-time compare)."""
+"""Bearer-token authentication (ASGI middleware, constant-time compare).
+
+With a key every route needs it except /health (probes carry no secrets), and /metrics when the
+operator opens it to scrapers; /docs and /openapi.json included, since they name the model.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,22 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from soarllm.serve.errors import TGI_PATHS, error_body_for
+from soarllm.serve.errors import error_body_for
 
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+OPEN_PATHS = frozenset({"/health"})
 
 
-def is_protected(path: str) -> bool:
-    """Every OpenAI route, every TGI route, and the tokenizer routes."""
-    return path in TGI_PATHS or path == "/info" or path.startswith(PROTECTED_PREFIXES) \
-        or path == "/v1"
+def protected_paths(public_metrics: bool = False) -> Callable[[str], bool]:
+    """Which paths need the key: all but /health (and /metrics if ``public_metrics``)."""
+    open_paths = OPEN_PATHS | ({"/metrics"} if public_metrics else set())
+
+    def protected(path: str) -> bool:
+        return path not in open_paths
+
+    return protected
+
+
+is_protected = protected_paths()
 
 
 def _digest(value: str) -> bytes:

@@ -21,6 +21,10 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = True
     engine_threads: int | None = None  # torch intra-op threads of the engine; None: automatic
+    public_metrics: bool = False  # /metrics without the API key (for scrapers)
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+    default_max_tokens: int | None = None  # chat requests without max_tokens; None: to the context
+    tokenizer_workers: int = 2  # threads that tokenize prompts off the event loop
     chat_template: str | None = None  # replaces the model's chat template (--chat-template)
 
     def resolved_api_key(self) -> str | None:

@@ -85,6 +85,15 @@ def soar_error_response(path: str, exc: SoarError) -> JSONResponse:
     return error_response(path, exc.status_code, exc.message, exc.error_type, exc.param, headers)
 
 
+def internal_error_response(path: str, exc: BaseException) -> JSONResponse:
+    """A bug in the server: 500, naming the exception's type (not its text, which may hold
+    internals)."""
+    return error_response(
+        path, 500, f"internal server error ({type(exc).__name__}); this is a bug in the server, "
+        "not in your request", "internal_error",
+    )
+
+
 # -- translating pydantic validation errors into one readable sentence ---------------------------
 
 
@@ -205,7 +214,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
-            request.url.path, 500, f"internal server error ({type(exc).__name__}); this is a bug "
-            "in the server, not in your request", "internal_error",
-        )
+        return internal_error_response(request.url.path, exc)

@@ -115,22 +115,31 @@ async def submit(
     state: ServerState, request_id: str, prompts: list[PromptInput], params: SamplingParams,
     coalesce: bool = True,
 ) -> list[TrackedRequest]:
-    """Queue one engine request per prompt (ids ``request_id-i``); all or none are accepted."""
+    """Queue one engine request per prompt (ids ``request_id-i``); all or none are accepted.
+
+    The prompts are handed to the engine together (one engine step sees them all)."""
     check_admission(state)
     arrival = time.time()
-    tracked: list[TrackedRequest] = []
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    adds = [
+        asyncio.ensure_future(state.engine.add_request(
+            rid, prompt.token_ids, params, arrival_time=arrival, coalesce=coalesce))
+        for rid, prompt in zip(ids, prompts)
+    ]
     try:
-        for i, prompt in enumerate(prompts):
-            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            stream = await state.engine.add_request(
-                rid, prompt.token_ids, params, arrival_time=arrival, coalesce=coalesce
-            )
-            tracked.append(TrackedRequest(state, stream, arrival, len(prompt.token_ids)))
-    except BaseException:
-        for t in tracked:
-            t.close()
+        await asyncio.wait(adds)
+    except BaseException:  # cancelled: the adds' own cancellation aborts what was accepted
+        for a in adds:
+            a.cancel()
         raise
-    return tracked
+    errors = [a.exception() for a in adds if a.exception() is not None]
+    if errors:
+        for a in adds:
+            if a.exception() is None:
+                a.result().close()
+        raise errors[0]
+    return [TrackedRequest(state, a.result(), arrival, len(p.token_ids))
+            for a, p in zip(adds, prompts)]
 
 
 async def interleave(

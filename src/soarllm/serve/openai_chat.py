@@ -24,7 +24,7 @@ from soarllm.serve.generation import (
 )
 from soarllm.serve.logprobs import chat_logprobs, visible
 from soarllm.serve.openai_completions import check_stream_options
-from soarllm.serve.prompts import chat_prompt
+from soarllm.serve.prompts import chat_input
 from soarllm.serve.protocol_openai import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -54,8 +54,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     refuse_unsupported(req.unsupported())
     model = state.check_model(req.model)
     check_stream_options(req.stream, req.stream_options)
-    prompt = chat_prompt(state.tokenizer, req.messages)
-    params = chat_params(req)
+    prompt = await chat_input(state, req.messages)
+    params = chat_params(req, default_max_tokens=state.config.default_max_tokens,
+                         room=state.max_model_len - len(prompt.token_ids))
     request_id = new_request_id("chatcmpl")
     tracked = await submit(state, request_id, [prompt], params)
     view = _ChatView(state, req, model, request_id, prompt)

@@ -23,7 +23,7 @@ from soarllm.serve.generation import (
     submit,
 )
 from soarllm.serve.logprobs import CompletionLogprobsBuilder, visible
-from soarllm.serve.prompts import completion_prompts
+from soarllm.serve.prompts import completion_inputs
 from soarllm.serve.protocol_openai import (
     CompletionChoice,
     CompletionLogprobs,
@@ -64,7 +64,7 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             "max_tokens must be at least 1 (0 is allowed only with echo=true, to score a prompt)",
             param="max_tokens",
         )
-    prompts = completion_prompts(state.tokenizer, req.prompt, req.suffix, model)
+    prompts = await completion_inputs(state, req.prompt, req.suffix, model)
     if len(prompts) * req.n > MAX_CHOICES:
         raise InvalidRequestError(
             f"{len(prompts)} prompts x n={req.n} asks for {len(prompts) * req.n} completions; "

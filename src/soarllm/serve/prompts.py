@@ -1,5 +1,9 @@
 """Turning the prompt fields of API requests into token ids: completion prompts (text, batches,
-token ids), fill-in-the-middle with ``suffix``, chat messages through the model's template."""
+token ids), fill-in-the-middle with ``suffix``, chat messages through the model's template.
+
+The ``*_input(s)`` coroutines are what the routes call: they refuse prompts that cannot fit
+before any tokenizing, then run the tokenizer on the worker threads (serve/tokenization.py).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,65 @@ from soarllm.chat_utils import render_chat
 from soarllm.errors import InvalidRequestError
 from soarllm.model.tokenizer import fim_tokens
 from soarllm.serve.generation import PromptInput
-from soarllm.serve.protocol_openai import ChatMessage, OtherContentPart
+from soarllm.serve.protocol_openai import ChatMessage, OtherContentPart, TextContentPart
+from soarllm.serve.state import ServerState
 
 MAX_PROMPTS = 256
+
+
+async def completion_inputs(
+    state: ServerState, prompt: str | list[str] | list[int] | list[list[int]],
+    suffix: str | None, model_name: str,
+) -> list[PromptInput]:
+    """completion_prompts on a worker thread, after refusing prompts too long to fit."""
+    workers = state.tokenizers
+    items = _items(prompt)
+    for i, p in enumerate(items):
+        what = "the prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            workers.check_chars(len(p) + len(suffix or ""), "prompt", what)
+        elif isinstance(p, list):
+            workers.check_num_tokens(len(p), "prompt")
+    return await workers.run(completion_prompts, state.tokenizer, prompt, suffix, model_name)
+
+
+async def chat_input(state: ServerState, messages: list[ChatMessage]) -> PromptInput:
+    """chat_prompt on a worker thread, after refusing conversations too long to fit."""
+    state.tokenizers.check_chars(sum(_message_chars(m) for m in messages), "messages",
+                                 "the conversation")
+    return await state.tokenizers.run(chat_prompt, state.tokenizer, messages)
+
+
+async def text_input(state: ServerState, text: str, param: str,
+                     add_special_tokens: bool = True) -> list[int]:
+    """encode on a worker thread, after refusing text too long to fit."""
+    state.tokenizers.check_chars(len(text), param)
+    return await state.tokenizers.run(encode, state.tokenizer, text, add_special_tokens)
+
+
+def _message_chars(m: ChatMessage) -> int:
+    if isinstance(m.content, str):
+        return len(m.content)
+    if isinstance(m.content, list):
+        return sum(len(p.text) for p in m.content if isinstance(p, TextContentPart))
+    return 0
+
+
+def _items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt is an empty list; send a string, a list of strings "
+                                  "or a list of token ids", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        items: list[str | list[int]] = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    if len(items) > MAX_PROMPTS:
+        raise InvalidRequestError(
+            f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt"
+        )
+    return items
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -22,20 +82,9 @@ def completion_prompts(
     tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], suffix: str | None,
     model_name: str,
 ) -> list[PromptInput]:
-    """One PromptInput per prompt of a /v1/completions request."""
-    if isinstance(prompt, str):
-        items: list[str | list[int]] = [prompt]
-    elif not prompt:
-        raise InvalidRequestError("prompt is an empty list; send a string, a list of strings "
-                                  "or a list of token ids", param="prompt")
-    elif all(isinstance(p, int) for p in prompt):
-        items = [list(prompt)]  # type: ignore[arg-type]
-    else:
-        items = list(prompt)  # type: ignore[arg-type]
-    if len(items) > MAX_PROMPTS:
-        raise InvalidRequestError(
-            f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt"
-        )
+    """One PromptInput per prompt of a /v1/completions request (blocking: call it through
+    completion_inputs on the event loop)."""
+    items = _items(prompt)
     if suffix is not None:
         return [fim_prompt(tokenizer, p, suffix, model_name) for p in items]
     out = []

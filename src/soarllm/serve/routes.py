@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from soarllm import __version__
 from soarllm.errors import InvalidRequestError
 from soarllm.serve import openai_chat, openai_completions, tgi
 from soarllm.serve.metrics import CONTENT_TYPE
-from soarllm.serve.prompts import chat_prompt, encode
+from soarllm.serve.prompts import chat_input, text_input
 from soarllm.serve.protocol_openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -25,6 +25,7 @@ from soarllm.serve.protocol_openai import (
     StrictModel,
 )
 from soarllm.serve.protocol_tgi import TGIInfo, TGIRequest, TGIResponse, TGIStreamResponse
+from soarllm.serve.routing import SoarRoute
 from soarllm.serve.state import ServerState, get_state
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -42,7 +43,8 @@ def _json(result: Response | BaseModel) -> Response:
 
 # -- OpenAI ---------------------------------------------------------------------------------
 
-openai_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS)
+openai_router = APIRouter(prefix="/v1", tags=["openai"], responses=_ERRORS,
+                          route_class=SoarRoute)
 
 
 @openai_router.post(
@@ -83,7 +85,7 @@ async def retrieve_model(model: str, state: ServerState = Depends(get_state)) ->
 _TGI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": "TGI error: {error, error_type}"} for code in (401, 413, 422, 503)
 }
-tgi_router = APIRouter(tags=["tgi"], responses=_TGI_ERRORS)
+tgi_router = APIRouter(tags=["tgi"], responses=_TGI_ERRORS, route_class=SoarRoute)
 
 
 @tgi_router.post("/generate", response_model=TGIResponse)
@@ -124,7 +126,13 @@ async def tgi_info(state: ServerState = Depends(get_state)) -> TGIInfo:
 
 # -- operations -----------------------------------------------------------------------------
 
-ops_router = APIRouter(tags=["operations"])
+ops_router = APIRouter(tags=["operations"], route_class=SoarRoute)
+
+
+@ops_router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    """Browsers landing on the server get the API reference (until a playground exists)."""
+    return RedirectResponse("/docs", status_code=307)
 
 
 @ops_router.get("/health", responses={503: {"description": "the engine is not running"}})
@@ -176,9 +184,9 @@ async def tokenize(body: TokenizeRequest,
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send exactly one of 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
-        ids = encode(state.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = await text_input(state, body.prompt, "prompt", body.add_special_tokens)
     else:
-        ids = chat_prompt(state.tokenizer, body.messages or []).token_ids
+        ids = (await chat_input(state, body.messages or [])).token_ids
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
 
 
@@ -186,10 +194,15 @@ async def tokenize(body: TokenizeRequest,
 async def detokenize(body: DetokenizeRequest,
                      state: ServerState = Depends(get_state)) -> DetokenizeResponse:
     state.check_model(body.model)
-    vocab = len(state.tokenizer)
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    text = await state.tokenizers.run(_detokenize, state.tokenizer, body.tokens)
+    return DetokenizeResponse(prompt=text)
+
+
+def _detokenize(tokenizer: Any, tokens: list[int]) -> str:
+    vocab = len(tokenizer)
+    bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
         raise InvalidRequestError(
             f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens"
         )
-    return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+    return tokenizer.decode(tokens)

@@ -70,7 +70,10 @@ def completion_params(req: CompletionRequest, max_tokens: int | None) -> Samplin
     return build(kw)
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, default_max_tokens: int | None = None,
+                room: int | None = None) -> SamplingParams:
+    """``default_max_tokens`` (the server's --default-max-tokens) applies when the request sets
+    neither max_tokens nor max_completion_tokens, capped to the ``room`` the prompt leaves."""
     kw = _common(req)
     if req.max_completion_tokens is not None and req.max_tokens is not None \
             and req.max_completion_tokens != req.max_tokens:
@@ -79,6 +82,9 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
             param="max_tokens",
         )
     kw["max_tokens"] = req.max_completion_tokens or req.max_tokens
+    if kw["max_tokens"] is None and default_max_tokens is not None:
+        kw["max_tokens"] = default_max_tokens if room is None or room < 1 \
+            else min(default_max_tokens, room)
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     if req.logprobs:

@@ -1,15 +1,23 @@
 """run_server: load the engine, build the app, serve it with uvicorn until SIGTERM/SIGINT.
 
-On a signal uvicorn stops accepting connections, lets in-flight requests finish for up to
-``shutdown_timeout_s`` seconds, cancels the rest (their engine requests are aborted), and the app's
-shutdown stops the engine thread. The process then exits with status 0.
+On a signal uvicorn stops accepting connections and lets in-flight requests finish for up to
+``shutdown_timeout_s`` seconds. Shortly before that deadline the requests still running are ended
+by the server itself (DrainingServer): each stream gets an error event and ``[DONE]``, each
+non-streaming request a 503, so no client sees a connection cut mid-response. The app's shutdown
+then stops the engine thread and the process exits with status 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
 
 from soarllm.config import EngineArgs
 from soarllm.serve.access_log import ACCESS_LOGGER
@@ -34,9 +42,50 @@ def configure_logging(level: str) -> None:
     access.setLevel(numeric)
 
 
-def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
-    import uvicorn
+def drain_margin(timeout_s: float) -> float:
+    """How long before the graceful-shutdown deadline the server ends what is still running:
+    enough for the error events to reach their clients."""
+    return min(1.0, timeout_s / 4)
 
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that, on shutdown, calls ``end_requests`` a little before the graceful
+    timeout runs out, so requests end with an answer instead of being cancelled mid-response."""
+
+    def __init__(self, config: uvicorn.Config, end_requests: Callable[[], Any]):
+        super().__init__(config)
+        self._end_requests = end_requests
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timeout = self.config.timeout_graceful_shutdown
+
+        async def end_before_deadline() -> None:
+            if timeout is not None:
+                await asyncio.sleep(max(0.0, timeout - drain_margin(timeout)))
+            count = self._end_requests()
+            if count:
+                logger.warning("shutdown timeout: ended %d unfinished request(s)", count)
+
+        ender = asyncio.create_task(end_before_deadline())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ender.cancel()
+
+
+def end_requests_for_shutdown(engine: Any) -> Callable[[], int]:
+    from soarllm.engine.failures import ServerShuttingDownError
+
+    def end() -> int:
+        engine.stop_accepting()
+        return engine.fail_all(ServerShuttingDownError(
+            "the server is shutting down and its shutdown timeout ran out before this request "
+            "finished; retry it (on another replica)"))
+
+    return end
+
+
+def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
     from soarllm.engine.async_engine import AsyncLLMEngine
     from soarllm.engine.llm_engine import LLMEngine
     from soarllm.serve.app import build_app
@@ -57,11 +106,11 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key / SOARLLM_API_KEY)",
                        config.host)
-    server = uvicorn.Server(uvicorn.Config(
+    server = DrainingServer(uvicorn.Config(
         app, host=config.host, port=config.port, log_config=None,
         log_level=config.log_level.lower(), access_log=False, lifespan="on",
         timeout_graceful_shutdown=config.shutdown_timeout_s, timeout_keep_alive=5,
-    ))
+    ), end_requests=end_requests_for_shutdown(engine))
     # uvicorn re-raises the signal that stopped it once it is done: make that a no-op so a
     # SIGTERM'd server exits with status 0 after its graceful shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):

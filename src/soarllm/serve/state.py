@@ -12,6 +12,7 @@ from soarllm.engine.async_engine import AsyncLLMEngine
 from soarllm.errors import ModelNotFoundError
 from soarllm.serve.config import ServerConfig
 from soarllm.serve.metrics import ServerMetrics
+from soarllm.serve.tokenization import TokenizerWorkers
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     model_names: list[str]
+    tokenizers: TokenizerWorkers
     started: float = field(default_factory=time.time)
 
     @property

@@ -14,7 +14,7 @@ from soarllm.errors import InvalidRequestError, SoarError
 from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from soarllm.serve.generation import PromptInput, TrackedRequest, close_all, new_request_id, submit
 from soarllm.serve.logprobs import token_text
-from soarllm.serve.prompts import encode
+from soarllm.serve.prompts import text_input
 from soarllm.serve.protocol_tgi import (
     TGIDetails,
     TGIInputToken,
@@ -43,7 +43,7 @@ async def _start(state: ServerState, req: TGIRequest, stream: bool) -> tuple[
     refuse_unsupported(p.unsupported())
     if not req.inputs:
         raise InvalidRequestError("`inputs` cannot be empty", param="inputs")
-    ids = encode(state.tokenizer, req.inputs, add_special_tokens=req.add_special_tokens)
+    ids = await text_input(state, req.inputs, "inputs", req.add_special_tokens)
     if p.truncate is not None:
         ids = ids[-p.truncate:]
     prompt = PromptInput(ids, req.inputs)
