@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from soarllm.cli.main import main
+from soarllm.plan.calibrate import EFF_MAX_MEASURED, EFF_MIN
 
 
 @pytest.fixture(scope="module")
@@ -35,5 +37,22 @@ def test_offline_bench_and_calibration(tiny_model_dir, tmp_path, capsys):
     cfg = tiny_model_dir / "config.json"
     assert main(["plan", "--calibrate", str(out), "--model", str(cfg), "--hardware", "this",
                  "--output-dir", str(tmp_path)]) == 0
-    cal = json.loads((tmp_path / "calibration.json").read_text())
-    assert len(cal["rows"]) == 3 and cal["mape_percent"]["decode_after"] >= 0
+    # Timings on a busy machine are noisy: assert the calibration's structure and that every
+    # number is finite and inside its bounds, never a timing-dependent value.
+    def strict(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    cal = json.loads((tmp_path / "calibration.json").read_text(), parse_constant=strict)
+    assert [r["batch"] for r in cal["rows"]] == [1, 2, 4]
+    assert set(cal["mape_percent"]) == {"ttft_before", "ttft_after", "decode_before",
+                                        "decode_after"}
+    assert all(v >= 0 for v in cal["mape_percent"].values())
+    eff = cal["efficiency"]
+    assert EFF_MIN <= eff["compute_eff"] <= EFF_MAX_MEASURED
+    assert EFF_MIN <= eff["memory_eff"] <= EFF_MAX_MEASURED
+    assert eff["step_overhead_s"] >= 0 and eff["seq_overhead_s"] >= 0
+    assert all(math.isfinite(r[k]) for r in cal["rows"] for k in r)
+    held = cal["held_out"]
+    assert (held["fit_batches"], held["held_out_batches"]) == ([1, 4], [2])
+    assert all(v >= 0 for v in held["mape_percent"].values())
+    assert isinstance(cal["warnings"], list)

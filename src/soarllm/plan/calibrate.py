@@ -41,9 +41,10 @@ from soarllm.plan.roofline import Precision, Roofline
 
 EFF_MIN = 1e-5
 EFF_MAX = 1.5  # catalog peaks are datasheet figures: a little slack for boost clocks, rounding
-# An on-the-spot measurement (one 1024^2 matmul, one copy) can under-read this machine's peak,
-# e.g. when it is busy, so the engine may beat it by a few times.
-EFF_MAX_MEASURED = 4.0
+# An on-the-spot measurement (a 1024^2 matmul, a copy) under-reads this machine's peak when the
+# machine is busy (seen: 6x on a shared 2-core machine), so the engine may beat it by several
+# times; factors above EFF_MAX on measured hardware are fitted but come with a warning.
+EFF_MAX_MEASURED = 16.0
 POOR_FIT_RMS_LOG = 0.2  # a typical error above ~20 % is reported as a poor fit
 PARAMS = ("compute_eff", "memory_eff", "step_overhead_s", "seq_overhead_s")
 
@@ -301,6 +302,10 @@ def fit_efficiency(model: ModelShape, hw: Hardware, precision: Precision,
             f"(RMS log error {rms:.3g}): the timings look noisy or this engine is not roofline-shaped; rerun the "
             "benchmark on an idle machine with more --repeats")
     for i, name in enumerate(PARAMS[:2]):
+        if hw.vendor == "measured" and EFF_MAX < math.exp(x[i]) < eff_max * (1 - 1e-6):
+            warnings.append(f"{name}={math.exp(x[i]):.3g}: the engine beat this machine's "
+                            "on-the-spot measurement, which under-reads the peak when the machine "
+                            "is busy; measure and benchmark under the same load")
         if x[i] >= hi[i] - 1e-6:
             warnings.append(f"{name} stopped at its upper bound {eff_max:g}: the measured steps "
                             "are faster than this hardware's figures allow (wrong --hardware or "
