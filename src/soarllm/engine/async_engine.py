@@ -184,8 +184,11 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._accepting = True
-        self._pending_adds = 0  # submitted on the loop thread, not yet applied by the engine
-        self._stats = None  # latest engine stats, replaced (never mutated) by the engine thread
+        self._adds_submitted = 0  # written by the loop thread only
+        self._adds_applied = 0  # written by the engine thread only
+        # (engine stats, adds applied when they were taken): replaced whole, never mutated, by
+        # the engine thread, so a reader never counts an add both as pending and as waiting
+        self._snapshot: tuple[Any, int] = (None, 0)
         self._consecutive_failures = 0
         self._fatal: BaseException | None = None
 
@@ -206,7 +209,7 @@ class AsyncLLMEngine:
     @property
     def stats(self) -> Any:
         """The engine's stats after its latest step (None before the thread started)."""
-        return self._stats
+        return self._snapshot[0]
 
     @property
     def max_num_seqs(self) -> int | None:
@@ -218,8 +221,9 @@ class AsyncLLMEngine:
     @property
     def num_queued(self) -> int:
         """Requests accepted but not yet running: the engine's queue plus adds still in flight."""
-        waiting = getattr(self._stats, "num_waiting", 0) if self._stats is not None else 0
-        return waiting + self._pending_adds
+        stats, applied = self._snapshot
+        waiting = getattr(stats, "num_waiting", 0) if stats is not None else 0
+        return waiting + self._adds_submitted - applied
 
     @property
     def num_waiting(self) -> int:
@@ -229,7 +233,8 @@ class AsyncLLMEngine:
         limit = self.max_num_seqs
         if limit is None:
             return self.num_queued
-        running = getattr(self._stats, "num_running", 0) if self._stats is not None else 0
+        stats = self._snapshot[0]
+        running = getattr(stats, "num_running", 0) if stats is not None else 0
         return max(0, self.num_queued - max(0, limit - running))
 
     @property
@@ -256,7 +261,7 @@ class AsyncLLMEngine:
             return
         self._loop = asyncio.get_running_loop()
         self._accepting = True
-        self._stats = self.engine.get_stats()
+        self._publish_stats()
         self._thread = threading.Thread(target=self._run, name="soar-engine", daemon=True)
         self._thread.start()
 
@@ -315,7 +320,7 @@ class AsyncLLMEngine:
 
         stream = RequestStream(request_id, self._on_stream_closed, coalesce=coalesce)
         self._streams[request_id] = stream
-        self._pending_adds += 1
+        self._adds_submitted += 1
         self._commands.put(
             _Add(request_id, prompt, params, arrival_time or time.time(), done)
         )
@@ -327,8 +332,6 @@ class AsyncLLMEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        finally:
-            self._pending_adds -= 1
         return stream
 
     async def generate(
@@ -415,7 +418,7 @@ class AsyncLLMEngine:
                 self._apply(commands, in_engine)
                 if self.engine.has_unfinished_requests():
                     self._step(in_engine)
-                self._stats = self.engine.get_stats()
+                self._publish_stats()
         except BaseException as e:  # a bug in the engine's bookkeeping: report, stop
             logger.exception("engine thread crashed")
             self._fatal = e
@@ -424,6 +427,9 @@ class AsyncLLMEngine:
             for c in self._next_commands(block=False):  # nobody will apply these any more
                 if isinstance(c, _Add):
                     c.done(EngineDeadError(f"the engine is not running: {describe(e)}"))
+
+    def _publish_stats(self) -> None:
+        self._snapshot = (self.engine.get_stats(), self._adds_applied)
 
     def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
         commands: list[_Add | _Abort | _Stop] = []
@@ -446,7 +452,8 @@ class AsyncLLMEngine:
             except BaseException as e:  # validation errors go back to the caller as they are
                 results.append((add, e))
         if results:
-            self._stats = self.engine.get_stats()  # count them before their callers are told
+            self._adds_applied += len(results)
+            self._publish_stats()  # count them before their callers are told
         for add, error in results:
             add.done(error)
         if aborted:
