@@ -6,14 +6,20 @@ tokenizer files (with the chat template) and float32 safetensors under HF names;
 only that directory. The key changes with the file (absolute path, size, mtime) and with
 CONVERTER_VERSION, so an edited GGUF or a fixed converter never reuses a stale cache. The directory
 is written under a temporary name and renamed into place: it exists whole or not at all.
+
+The conversion takes seconds to minutes, so it shows one progress bar on stderr over all of its
+steps (tokenizer, each tensor, writing), not only over the tensors, and logs where it wrote.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +33,8 @@ CONVERTER_VERSION = 1
 SHARD_BYTES = 2 * 2**30
 SOURCE_FILE = "source.json"
 _TMP_PREFIX = ".tmp-"
+
+logger = logging.getLogger(__name__)
 
 
 def converted_root() -> Path:
@@ -60,6 +68,7 @@ def ensure_converted(gguf_path: Path, progress: bool = True) -> Path:
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    start = time.perf_counter()
     try:
         convert(gguf_path, tmp, progress=progress)
         try:
@@ -69,12 +78,15 @@ def ensure_converted(gguf_path: Path, progress: bool = True) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s in %.1fs (once; later loads read %s)", gguf_path.name,
+                time.perf_counter() - start, target)
     return target
 
 
 def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write config.json, tokenizer files and float32 safetensors of `gguf_path` into out_dir."""
     from gguf import GGUFReader
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from soarllm.model.loader.chat_templates import fallback_chat_template
@@ -90,13 +102,21 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     except (ValueError, OSError) as e:
         raise ConfigError(f"cannot read {gguf_path} as GGUF ({e}); is the file complete?") from None
     config = config_from_gguf(reader)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = fallback_chat_template(gguf_architecture(reader))
-    tokenizer.save_pretrained(out_dir)
-    add_end_of_turn_ids(config, tokenizer.get_vocab())
-    config.save_pretrained(out_dir)
-    _save_sharded(hf_tensors(reader, config, progress=progress), out_dir)
+    # One step for the tokenizer, one per tensor, one for the writing that follows the last.
+    bar = tqdm(total=len(reader.tensors) + 2, unit="step", disable=not progress, file=sys.stderr,
+               desc=f"converting {gguf_path.name} (first load only)")
+    with bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = fallback_chat_template(gguf_architecture(reader))
+        tokenizer.save_pretrained(out_dir)
+        add_end_of_turn_ids(config, tokenizer.get_vocab())
+        config.save_pretrained(out_dir)
+        bar.update(1)
+        bar.set_postfix_str("dequantizing tensors")
+        _save_sharded(_counted(hf_tensors(reader, config, progress=False), bar), out_dir)
+        bar.update(1)
     stat = gguf_path.stat()
     source = {
         "gguf": str(gguf_path.resolve()),
@@ -105,6 +125,13 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
         "converter_version": CONVERTER_VERSION,
     }
     (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _counted(tensors: Iterable[tuple[str, torch.Tensor]], bar) -> Iterator[tuple[str, torch.Tensor]]:
+    for item in tensors:
+        yield item
+        bar.update(1)
+    bar.set_postfix_str("writing safetensors")
 
 
 def _save_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path) -> None:
