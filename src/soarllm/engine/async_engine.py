@@ -251,6 +251,8 @@ class AsyncLLMEngine:
             self.is_running
             and self._fatal is None
             and self._consecutive_failures < _MAX_CONSECUTIVE_STEP_FAILURES
+            and getattr(self.engine, "num_consecutive_failed_steps", 0)
+            < _MAX_CONSECUTIVE_STEP_FAILURES
         )
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -61,6 +61,10 @@ class LLM:
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
                         bar.update(1)
+                take = getattr(engine, "take_failures", None)  # failures the step contained
+                failed = [e for rid, e in (take() if take else {}).items() if rid in order]
+                if failed:  # the engine contained it; offline, the caller gets the error
+                    raise failed[0]
         except BaseException:
             engine.abort_request(list(order))
             raise
