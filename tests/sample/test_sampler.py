@@ -29,9 +29,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from soarllm.engine.request import Request
+from soarllm.model.input_batch import sampling_metadata_for
 from soarllm.sample.sampler import Sampler
 from soarllm.sampling_params import SamplingParams
+from soarllm.scheduler_output import NewRequestData
 
 EOS = 0
 P_MIN = 1e-3  # chi-square: reject below this p-value
@@ -56,12 +57,16 @@ def sample(
     reqs = []
     for i, params in enumerate(params_list):
         prompt = list(prompt_token_ids_list[i]) if prompt_token_ids_list else []
-        r = Request(f"r{i}", prompt, params, eos_token_ids={EOS})
-        for t in output_token_ids_list[i] if output_token_ids_list else []:
-            r.append_token(t)
-        reqs.append(r)
-    out = Sampler()(logits.clone(), reqs)
-    return (out.token_ids, out.logprobs) if with_logprobs else out.token_ids
+        output = list(output_token_ids_list[i]) if output_token_ids_list else []
+        reqs.append(NewRequestData(f"r{i}", prompt + output, len(prompt), params, [], 0,
+                                   eos_token_ids=(EOS,)))
+    md = sampling_metadata_for(reqs, logits.shape[-1])
+    out = Sampler()(logits.clone(), md)
+    assert all(len(toks) == 1 for toks in out.token_ids)  # one token per row for a plain decode
+    token_ids = [toks[0] for toks in out.token_ids]
+    if not with_logprobs:
+        return token_ids
+    return token_ids, [lp[0] if lp is not None else None for lp in out.logprobs]
 
 
 # --------------------------------------------------------------------------------------------

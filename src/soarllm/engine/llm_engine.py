@@ -3,6 +3,11 @@
 Each step: Scheduler.schedule() -> ModelRunner.execute() -> append sampled tokens, detokenize,
 check stop conditions, free the blocks of finished requests, and return one RequestOutput per
 request that progressed (cumulative text and tokens, plus the delta since its previous output).
+
+Failure containment: when the runner raises, the step's requests are run again one by one, so the
+request that breaks (while its inputs are prepared, in the forward, or while sampling) fails alone
+and the others go on unchanged. A request that fails is aborted and its error is kept for the
+caller (``take_failures``); the step returns the others' outputs as usual.
 """
 
 from __future__ import annotations
@@ -11,17 +16,21 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 from soarllm.config import CacheConfig, EngineArgs, SchedulerConfig
 from soarllm.engine.detokenizer import IncrementalDetokenizer
+from soarllm.engine.failures import RequestFailedError, describe
 from soarllm.engine.kv_cache_manager import KVCacheManager
 from soarllm.engine.request import Request, RequestStatus
-from soarllm.engine.scheduler import Scheduler
+from soarllm.engine.scheduler import Scheduler, new_request_data
 from soarllm.errors import ContextLengthError, InvalidRequestError
 from soarllm.model.runner import ModelRunner
 from soarllm.model.tokenizer import load_tokenizer
 from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from soarllm.sampling_params import SamplingParams
+from soarllm.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.groups: dict[str, _Group] = {}
         self._by_id: dict[str, tuple[_Group, int]] = {}
+        self._failures: dict[str, RequestFailedError] = {}  # request id -> why it failed
+        # steps in a row in which every scheduled request failed (a broken forward, not a request)
+        self.num_consecutive_failed_steps = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -177,35 +189,154 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
         if so.is_empty:
+            if so.finished_req_ids or so.preempted_req_ids:
+                self.runner.update_states(so)  # let the runner drop them
             return []
         now = time.time()
-        for s in so.scheduled:
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
-        result = self.runner.execute(so)
+        scheduled = [self.scheduler.scheduled_request(rid) for rid in so.num_scheduled_tokens]
+        for req in scheduled:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        result = self._execute_contained(so, scheduled)
         self.scheduler.update_after_step(so)
         now = time.time()
         touched: dict[str, _Group] = {}
-        for s in so.scheduled:
-            req = s.request
+        for req in scheduled:
             entry = self._by_id.get(req.request_id)
             if entry is None:
                 continue
             group, idx = entry
-            if req.request_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(req, *result.prompt_logprobs[req.request_id])
-            if req.request_id not in result.sampled:
+            try:
+                if req.request_id in result.prompt_logprobs:
+                    self._add_prompt_logprobs(req, *result.prompt_logprobs[req.request_id])
+                if req.request_id not in result.sampled:
+                    continue
+                lps = result.logprobs.get(req.request_id)
+                for j, tok in enumerate(result.sampled[req.request_id]):
+                    if req.is_finished:
+                        break
+                    self._append(req, group.detoks[idx], tok, lps[j] if lps else None, now)
+            except Exception as e:  # detokenizing or stop checks broke on this request only
+                self._fail_group(group, e, "while processing its new token")
+                touched.pop(group.request_id, None)
                 continue
-            self._append(req, group.detoks[idx], result.sampled[req.request_id],
-                         result.logprobs.get(req.request_id), now)
             touched[group.request_id] = group
-        outputs = [self._make_output(g) for g in touched.values()]
+        outputs = []
         for g in touched.values():
+            try:
+                outputs.append(self._make_output(g))
+            except Exception as e:
+                self._fail_group(g, e, "while building its output")
+                continue
             if g.finished:
                 self.groups.pop(g.request_id, None)
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
         return outputs
+
+    # -- failure containment -------------------------------------------------------------------
+
+    def take_failures(self) -> dict[str, RequestFailedError]:
+        """Requests that failed since the last call (request id -> error); they are aborted."""
+        failures, self._failures = self._failures, {}
+        return failures
+
+    def _execute_contained(self, so: SchedulerOutput, scheduled: list[Request]) -> Any:
+        try:
+            result = self.runner.execute(so)
+        except Exception as error:
+            return self._isolate_failure(so, scheduled, error)
+        self.num_consecutive_failed_steps = 0
+        return result
+
+    def _isolate_failure(self, so: SchedulerOutput, scheduled: list[Request],
+                         error: Exception) -> Any:
+        """Re-run the step's requests one at a time: only those that fail alone are failed."""
+        logger.error("step of %d request(s) failed (%s)%s", len(scheduled), describe(error),
+                     "; re-running them one by one" if len(scheduled) > 1 else "",
+                     exc_info=error)
+        merged = SimpleNamespace(sampled={}, logprobs={}, prompt_logprobs={})
+        failed: dict[str, Exception] = {}
+        if len(scheduled) == 1:
+            failed[scheduled[0].request_id] = error
+        else:
+            for i, req in enumerate(scheduled):
+                try:
+                    out = self.runner.execute(self._sub_step(so, req, first=i == 0))
+                except Exception as e:
+                    failed[req.request_id] = e
+                    continue
+                for name, value in vars(out).items():
+                    if not isinstance(value, dict):
+                        continue
+                    if hasattr(merged, name):
+                        getattr(merged, name).update(value)
+                    else:
+                        setattr(merged, name, dict(value))
+        whole = len(failed) == len(scheduled)
+        self.num_consecutive_failed_steps = self.num_consecutive_failed_steps + 1 if whole else 0
+        self._preempt_readers_of(so, scheduled, failed, merged)
+        # Blocks of a failed request were made findable before its KV was written: forget them.
+        self.kv.reset_prefix_cache()
+        for req in scheduled:
+            rid = req.request_id
+            entry = self._by_id.get(rid)
+            if rid not in failed or entry is None:
+                continue
+            if whole and len(scheduled) > 1:
+                where = (f"in the model's forward pass, which failed for all {len(scheduled)} "
+                         "requests of the step")
+            elif len(scheduled) > 1:
+                where = "(it failed again when run alone; the other requests were not affected)"
+            else:
+                where = "in the model's forward pass"
+            self._fail_group(entry[0], failed[rid], where)
+        return merged
+
+    def _sub_step(self, so: SchedulerOutput, req: Request, first: bool) -> SchedulerOutput:
+        """The step ``so`` reduced to one request, sent whole (the failed attempt may have left
+        the runner's copy half-updated); the first one also carries the step's finished and
+        preempted ids."""
+        rid = req.request_id
+        return SchedulerOutput(
+            new_reqs=[new_request_data(req, self.kv.block_ids(rid))],
+            num_scheduled_tokens={rid: so.num_scheduled_tokens[rid]},
+            spec_token_ids={rid: so.spec_token_ids[rid]} if rid in so.spec_token_ids else {},
+            finished_req_ids=so.finished_req_ids if first else [],
+            preempted_req_ids=so.preempted_req_ids if first else [],
+        )
+
+    def _preempt_readers_of(self, so: SchedulerOutput, scheduled: list[Request],
+                            failed: dict[str, Exception], merged: Any) -> None:
+        """A request that found a failed request's new blocks in the prefix cache this step may
+        have read KV that was never written: drop its result and recompute it later."""
+        bs = self.cache_config.block_size
+        fresh: set[int] = set()
+        for req in scheduled:
+            n = so.num_scheduled_tokens[req.request_id]
+            if req.request_id in failed and n > 0:
+                start = req.num_computed_tokens
+                first, last = start // bs, (start + n - 1) // bs
+                fresh.update(self.kv.block_ids(req.request_id)[first : last + 1])
+        if not fresh:
+            return
+        for req in scheduled:
+            if req.request_id in failed or not fresh.intersection(self.kv.block_ids(req.request_id)):
+                continue
+            for table in vars(merged).values():
+                if isinstance(table, dict):
+                    table.pop(req.request_id, None)
+            if req in self.scheduler.running:
+                self.scheduler.running.remove(req)
+                self.scheduler._preempt(req)
+
+    def _fail_group(self, group: _Group, error: BaseException, where: str) -> None:
+        """Abort every sequence of ``group`` and keep the error for the caller."""
+        message = f"the engine failed on this request {where}: {describe(error)}"
+        if not isinstance(error, RequestFailedError):
+            logger.error("request %s failed %s", group.request_id, where, exc_info=error)
+        self._failures[group.request_id] = RequestFailedError(message)
+        self.abort_request(group.request_id)
 
     @staticmethod
     def _add_prompt_logprobs(req: Request, start: int, plp: list[TokenLogprobs]) -> None:

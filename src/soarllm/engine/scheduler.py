@@ -9,43 +9,11 @@ recomputed later from its prompt and the tokens it already generated, so nothing
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from soarllm.config import SchedulerConfig
 from soarllm.engine.kv_cache_manager import KVCacheManager
 from soarllm.engine.request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # tokens computed this step, from request.num_computed_tokens on
-    spec_token_ids: list[int]  # proposed tokens to verify (part of num_new_tokens)
-    block_ids: list[int]  # the request's whole block table
-
-    @property
-    def start(self) -> int:
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so a next token is sampled."""
-        return self.start + self.num_new_tokens >= self.request.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+from soarllm.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
 
 class Scheduler:
@@ -56,6 +24,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # What the runner holds of each request it has seen: (tokens, blocks) sent so far.
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._scheduled: dict[str, Request] = {}  # the last step's requests, by id
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -64,8 +35,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_ids=self._finished_ids)
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = []
+        self._scheduled = {}
         budget = self.config.max_num_batched_tokens
         preempted = False
 
@@ -79,15 +51,13 @@ class Scheduler:
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted_ids.append(victim.request_id)
+                out.preempted_req_ids.append(victim.request_id)
                 preempted = True
                 if victim is req:
                     break
             else:
                 spec = req.spec_token_ids[: max(0, n - (req.num_tokens - req.num_computed_tokens))]
-                out.scheduled.append(
-                    ScheduledRequest(req, n, spec, self.kv.block_ids(req.request_id))
-                )
+                self._add_to_step(out, req, n, spec)
                 budget -= n
                 i += 1
                 continue
@@ -120,11 +90,35 @@ class Scheduler:
             req.num_computed_tokens += num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, [], self.kv.block_ids(req.request_id)))
+            self._add_to_step(out, req, n, [])
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
+    def _add_to_step(self, out: SchedulerOutput, req: Request, n: int, spec: list[int]) -> None:
+        """Schedule n tokens of req: sent whole the first time, as deltas afterwards."""
+        rid = req.request_id
+        out.num_scheduled_tokens[rid] = n
+        if spec:
+            out.spec_token_ids[rid] = spec
+        blocks = self.kv.block_ids(rid)
+        sent = self._sent.get(rid)
+        if sent is None:
+            out.new_reqs.append(new_request_data(req, blocks))
+        else:
+            ntok, nblk = sent
+            out.cached_reqs.append(CachedRequestData(
+                rid, req.all_token_ids[ntok:], blocks[nblk:], req.num_computed_tokens
+            ))
+        self._sent[rid] = (req.num_tokens, len(blocks))
+        self._scheduled[rid] = req
+
+    def forget_runner_state(self, request_ids) -> None:
+        """The runner lost these requests' state (e.g. a failed step): send them whole next time."""
+        for rid in request_ids:
+            self._sent.pop(rid, None)
+
     def _preempt(self, req: Request) -> None:
+        self._sent.pop(req.request_id, None)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -144,14 +138,27 @@ class Scheduler:
             except ValueError:
                 pass
         self.kv.free(req)
+        self._sent.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
+
+    def scheduled_request(self, request_id: str) -> Request:
+        return self._scheduled[request_id]
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request past the tokens it just computed."""
-        for s in out.scheduled:
-            if s.request.status == RequestStatus.RUNNING:
-                s.request.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
-                s.request.spec_token_ids = []
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self._scheduled[rid]
+            if req.status == RequestStatus.RUNNING:
+                req.num_computed_tokens += n - len(out.spec_token_ids.get(rid, ()))
+                req.spec_token_ids = []
+
+
+def new_request_data(req: Request, block_ids: list[int]) -> NewRequestData:
+    """Everything the runner needs to know about a request it has not seen (or has lost)."""
+    return NewRequestData(
+        req.request_id, list(req.all_token_ids), req.num_prompt_tokens, req.params,
+        list(block_ids), req.num_computed_tokens, req.index, tuple(sorted(req.eos_token_ids)),
+    )
 
 
 def _leader_ready(req: Request) -> bool:

@@ -1,5 +1,6 @@
-"""ModelRunner: owns the model and its KV cache; turns a SchedulerOutput into one flat batch, runs the
-model once and samples.
+"""ModelRunner: owns the model, its KV cache and the persistent input batch; applies each step
+message's deltas to the batch, builds one flat batch from it with vectorized numpy, runs the model
+once and samples.
 
 The flat batch puts single-token requests (decodes) first, then multi-token ones (prefill chunks,
 verification), and carries explicit attention metadata: positions, query start offsets, sequence
@@ -18,13 +19,15 @@ import numpy as np
 import torch
 
 from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, parse_memory
-from soarllm.engine.scheduler import SchedulerOutput
 from soarllm.errors import ConfigError
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
+from soarllm.model.input_batch import InputBatch
 from soarllm.model.loader import Checkpoint, load_checkpoint
 from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
+from soarllm.sample.metadata import build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
+from soarllm.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +47,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs | None] = field(default_factory=dict)
+    # request id -> tokens to append (one for a decode; accepted prefix + bonus when verifying)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs] | None] = field(default_factory=dict)
     # request id -> (first position, logprobs of the prompt tokens this step covers); the logits
     # at position j give the logprob of prompt token j + 1
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
@@ -77,6 +81,7 @@ class ModelRunner:
             )
         self.block_size = args.block_size
         self.sampler = Sampler()
+        self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len, self.block_size)
         self.kv_caches: list[torch.Tensor] = []
 
     # -- KV cache ------------------------------------------------------------------------------
@@ -123,73 +128,93 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def update_states(self, so: SchedulerOutput) -> None:
+        """Apply the step message's deltas to the persistent batch."""
+        batch = self.input_batch
+        for rid in so.finished_req_ids:
+            batch.remove(rid)
+        for rid in so.preempted_req_ids:
+            batch.remove(rid)
+        for new in so.new_reqs:
+            batch.add(new)
+        for cached in so.cached_reqs:
+            batch.update(cached)
+
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
-        # Decodes first, shortest context first, so attention can gather them in length buckets.
-        sched = sorted(so.scheduled, key=lambda s: (s.num_new_tokens > 1, s.start))
+        self.update_states(so)
+        if so.is_empty:
+            return RunnerOutput()
+        b = self.input_batch
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        prompt_rows: list[int] = []  # flat-batch indices whose logits give prompt logprobs
-        sample_rows: list[int] = []  # flat-batch indices whose logits are sampled
-        sample_reqs = []
-        prompt_lp: list[tuple] = []  # (request, first flat index, count)
-        max_blocks = max(len(s.block_ids) for s in sched)
-        block_tables = np.zeros((len(sched), max_blocks), dtype=np.int64)
-        for i, s in enumerate(sched):
-            req, start, n = s.request, s.start, s.num_new_tokens
-            toks = req.all_token_ids[start : start + n]
-            toks += s.spec_token_ids[: n - len(toks)]
-            input_ids.extend(toks)
-            pos = np.arange(start, start + n)
-            bt = np.asarray(s.block_ids, dtype=np.int64)
-            block_tables[i, : len(bt)] = bt
-            positions.append(pos)
-            slots.append(bt[pos // bs] * bs + pos % bs)
-            base = qsl[-1]
-            qsl.append(base + n)
-            seq_lens.append(start + n)
-            if req.wants_prompt_logprobs and start < req.num_prompt_tokens - 1:
-                count = min(start + n, req.num_prompt_tokens - 1) - start
-                prompt_lp.append((req, len(prompt_rows), count))
-                prompt_rows.extend(range(base, base + count))
-            if s.samples:
-                sample_rows.append(base + n - 1 - len(s.spec_token_ids))
-                sample_reqs.append(req)
-        logits_rows = prompt_rows + sample_rows
+        ids = list(so.num_scheduled_tokens)
+        rows = np.fromiter((b.row_of[r] for r in ids), dtype=np.int64, count=len(ids))
+        n = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(ids))
+        num_spec = np.zeros(len(ids), dtype=np.int64)
+        for rid, spec in so.spec_token_ids.items():
+            i = ids.index(rid)
+            b.write_spec_tokens(int(rows[i]), spec)
+            num_spec[i] = len(spec)
+        start = b.num_computed_tokens[rows]
+        seq_lens = start + n
+        # Decodes first, shortest context first, so attention can gather them in length buckets.
+        order = np.lexsort((seq_lens, n > 1))
+        rows, n, start, seq_lens, num_spec = rows[order], n[order], start[order], seq_lens[order], num_spec[order]
+        ids = [ids[i] for i in order]
+        qsl = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(n, out=qsl[1:])
+        req_idx = np.repeat(np.arange(len(ids)), n)
+        positions = start[req_idx] + np.arange(int(qsl[-1])) - qsl[req_idx]
+        token_rows = rows[req_idx]
+        input_ids = b.token_ids[token_rows, positions]
+        slots = b.block_table[token_rows, positions // bs] * bs + positions % bs
+        block_tables = b.block_table[rows, : int(b.num_blocks[rows].max())]
+        # A request samples when this step reaches the end of its known tokens.
+        samples = seq_lens - num_spec >= b.num_tokens[rows]
+        sample_idx = np.nonzero(samples)[0]
+        sample_flat = qsl[1:][sample_idx] - 1 - num_spec[sample_idx]
+        # Prompt logprobs: the logits at prompt position j give the logprob of prompt token j + 1.
+        prompt_lp: list[tuple[int, int, int, int]] = []  # (batch index, first flat row, count, start)
+        prompt_flat: list[np.ndarray] = []
+        wants = (b.num_prompt_logprobs[rows] >= 0) & (start < b.num_prompt_tokens[rows] - 1)
+        for i in np.nonzero(wants)[0].tolist():
+            count = int(min(seq_lens[i], b.num_prompt_tokens[rows[i]] - 1) - start[i])
+            prompt_lp.append((i, sum(len(x) for x in prompt_flat), count, int(start[i])))
+            prompt_flat.append(np.arange(qsl[i], qsl[i] + count))
+        logits_rows = np.concatenate(prompt_flat + [sample_flat]).astype(np.int64)
         dev = self.device
+        qsl_list = qsl.tolist()
+        seq_list = seq_lens.tolist()
         meta = AttentionMetadata(
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
-            query_start_loc=torch.tensor(qsl, device=dev),
-            seq_lens=torch.tensor(seq_lens, device=dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            num_decodes=sum(1 for s in sched if s.num_new_tokens == 1),
-            query_lens_cpu=[qsl[i + 1] - qsl[i] for i in range(len(sched))],
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
+            positions=torch.from_numpy(positions).to(dev),
+            query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.from_numpy(seq_lens).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(np.ascontiguousarray(block_tables)).to(dev),
+            logits_indices=torch.from_numpy(logits_rows).to(dev),
+            num_decodes=int((n == 1).sum()),
+            query_lens_cpu=n.tolist(),
+            query_start_loc_cpu=qsl_list,
+            seq_lens_cpu=seq_list,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        hidden = self.model(ids, meta.positions, self.kv_caches, meta)
+        input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
+        hidden = self.model(input_t, meta.positions, self.kv_caches, meta)
         out = RunnerOutput()
-        if not logits_rows:
+        if not len(logits_rows):
             return out
         logits = self.model.compute_logits(hidden[meta.logits_indices])
-        for req, row0, count in prompt_lp:
+        for i, row0, count, first in prompt_lp:
+            r = int(rows[i])
             lp = torch.log_softmax(logits[row0 : row0 + count].float(), dim=-1)
-            start = req.num_computed_tokens
-            nxt = req.all_token_ids[start + 1 : start + 1 + count]
-            out.prompt_logprobs[req.request_id] = (
-                start,
-                [token_logprobs(lp[j], nxt[j], req.params.prompt_logprobs) for j in range(count)],
+            nxt = b.token_ids[r, first + 1 : first + 1 + count].tolist()
+            k = int(b.num_prompt_logprobs[r])
+            out.prompt_logprobs[ids[i]] = (
+                first, [token_logprobs(lp[j], nxt[j], k) for j in range(count)]
             )
-        if sample_reqs:
-            sampled = self.sampler(logits[len(prompt_rows) :], sample_reqs)
-            for req, tok, lp in zip(sample_reqs, sampled.token_ids, sampled.logprobs):
-                out.sampled[req.request_id] = tok
-                out.logprobs[req.request_id] = lp
+        if len(sample_idx):
+            md = build_sampling_metadata(b, rows[sample_idx], logits.shape[-1], dev)
+            sampled = self.sampler(logits[len(logits_rows) - len(sample_idx) :], md)
+            for j, i in enumerate(sample_idx.tolist()):
+                out.sampled[ids[i]] = sampled.token_ids[j]
+                out.logprobs[ids[i]] = sampled.logprobs[j]
         return out

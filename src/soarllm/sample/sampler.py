@@ -1,13 +1,18 @@
-"""Logits -> next tokens for a batch of requests, each with its own SamplingParams.
+"""Logits -> next tokens for a batch of rows, with the parameters of a SamplingMetadata.
 
-Order: penalties and min_tokens act on the raw logits; logprobs are reported from the raw model
-distribution (before penalties and temperature); then greedy rows take the argmax, and sampled rows
-divide by their temperature, keep only tokens allowed by every one of top-k, top-p and min-p
-(each computed on the temperature-scaled distribution) and draw.
+Order: penalties and min_tokens bans act on the raw logits; logprobs are reported from the raw model
+distribution (before penalties and temperature), and only for rows that ask; then greedy rows take
+the argmax (an all-greedy batch stops there), and sampled rows divide by their temperature, keep
+only tokens allowed by every one of top-k, top-p and min-p (each computed on the temperature-scaled
+distribution) and draw.
 
 Drawing uses the exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p.
-A seeded request draws E from a generator keyed by (seed, choice index, output position), so its
-tokens do not depend on what else is in the batch, nor on preemption.
+Unseeded rows draw E from the global generator in one call; a seeded row draws from its own
+generator keyed by (seed, choice index, output position) (see ``request_seed``), so its tokens do
+not depend on the rest of the batch nor on preemption.
+
+The output holds a list of tokens per row (one today; the verifier of speculative decoding returns
+the accepted prefix plus a bonus token through the same shape).
 """
 
 from __future__ import annotations
@@ -16,17 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from soarllm.engine.request import Request
 from soarllm.outputs import Logprob, TokenLogprobs
-
-_MIX = 0x9E3779B97F4A7C15
-_MASK = (1 << 63) - 1
+from soarllm.sample.metadata import SamplingMetadata
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprobs] | None]
 
 
 def token_logprobs(lp_row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprobs:
@@ -43,89 +45,73 @@ def token_logprobs(lp_row: torch.Tensor, token_id: int, top_n: int) -> TokenLogp
     return out
 
 
-def _seed_for(req: Request) -> int:
-    s = req.params.seed
-    return ((s * _MIX) ^ ((req.index + 1) * 0xBF58476D1CE4E5B9) ^ (req.num_output_tokens * 0x94D049BB133111EB)) & _MASK
-
-
 class Sampler:
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
-        want_lp = [r.params.logprobs is not None for r in reqs]
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        logits = self._apply_penalties(logits, reqs)
-
+        lp_rows = [i for i, k in enumerate(md.num_logprobs) if k >= 0]
+        raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
+        logits = apply_penalties(logits, md)
         token_ids = logits.argmax(dim=-1)
-        sampled_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if sampled_rows:
-            rows = torch.tensor(sampled_rows)
-            token_ids[rows] = self._sample(logits[rows], [reqs[i] for i in sampled_rows])
+        if not md.all_greedy:
+            rows = torch.nonzero(~md.greedy).squeeze(1)
+            token_ids[rows] = self._sample(logits[rows], md, rows)
         ids = token_ids.tolist()
-        lps: list[TokenLogprobs | None] = [
-            token_logprobs(raw_lp[i], ids[i], r.params.logprobs) if want_lp[i] else None
-            for i, r in enumerate(reqs)
-        ]
-        return SamplerOutput(ids, lps)
+        lps: list[list[TokenLogprobs] | None] = [None] * len(ids)
+        for j, i in enumerate(lp_rows):
+            lps[i] = [token_logprobs(raw_lp[j], ids[i], md.num_logprobs[i])]
+        return SamplerOutput([[t] for t in ids], lps)
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.needs_penalties:
-                row = logits[i]
-                if p.repetition_penalty != 1.0:
-                    seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
-                    vals = row[seen]
-                    row[seen] = torch.where(
-                        vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-                    )
-                if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-                    out = torch.tensor(r.output_token_ids, dtype=torch.long)
-                    counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].float()
-                    row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-            if r.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else r.eos_token_ids)
-                if banned:
-                    logits[i, torch.tensor(sorted(banned))] = float("-inf")
-        return logits
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in reqs], dtype=logits.dtype)
-        logits = logits / temps[:, None]
-        probs = torch.softmax(logits, dim=-1)
-        keep = _allowed(probs, reqs)
+    def _sample(logits: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / md.temperature[rows, None], dim=-1)
+        keep = allowed_tokens(probs, md, rows)
         if keep is not None:
             probs = probs.masked_fill(~keep, 0.0)
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(reqs):
-            if r.params.seed is None:
-                noise[i].exponential_()
-            else:
-                g = torch.Generator(device=probs.device).manual_seed(_seed_for(r))
-                noise[i].exponential_(generator=g)
+        noise = torch.empty_like(probs).exponential_()
+        if md.seeds:
+            pos = {int(r): j for j, r in enumerate(rows.tolist())}
+            for row, seed in md.seeds.items():
+                g = torch.Generator(device=probs.device).manual_seed(seed)
+                noise[pos[row]].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
 
 
-def _allowed(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor | None:
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Repetition (prompt + output), presence and frequency (output) penalties and min_tokens
+    bans, in place on the rows that have them."""
+    if md.penalty_rows is not None:
+        rows = md.penalty_rows
+        sub = logits[rows]
+        rep = md.repetition_penalty[:, None]
+        penalised = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(md.seen_mask, penalised, sub)
+        counts = md.output_counts
+        sub = sub - md.frequency_penalty[:, None] * counts
+        sub = sub - md.presence_penalty[:, None] * (counts > 0).to(sub.dtype)
+        logits[rows] = sub
+    for row, ids in md.banned:
+        logits[row, ids] = float("-inf")
+    return logits
+
+
+def allowed_tokens(probs: torch.Tensor, md: SamplingMetadata,
+                   rows: torch.Tensor) -> torch.Tensor | None:
     """Boolean mask of tokens allowed by top-k, top-p and min-p, or None if no row filters."""
-    top_k = [r.params.top_k for r in reqs]
-    top_p = [r.params.top_p for r in reqs]
-    min_p = [r.params.min_p for r in reqs]
-    if not any(top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
+    if md.top_k is None and md.min_p is None:
         return None
+    keep = None
     vocab = probs.shape[-1]
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if any(top_k) or any(p < 1.0 for p in top_p):
+    if md.top_k is not None:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        rank_keep = torch.ones_like(sorted_p, dtype=torch.bool)
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k])
-        rank_keep &= torch.arange(vocab)[None, :] < k[:, None]
+        k = md.top_k[rows]
+        k = torch.where(k > 0, k, vocab)
+        rank_keep = torch.arange(vocab, device=probs.device)[None, :] < k[:, None]
         # Nucleus: keep the smallest prefix whose mass reaches top_p (the top token always stays).
         before = sorted_p.cumsum(dim=-1) - sorted_p
-        rank_keep &= before < torch.tensor(top_p, dtype=probs.dtype)[:, None]
-        keep = torch.zeros_like(keep).scatter(-1, order, rank_keep)
-    if any(min_p):
-        threshold = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
-        keep &= probs >= threshold
+        rank_keep &= before < md.top_p[rows, None]
+        keep = torch.zeros_like(rank_keep).scatter(-1, order, rank_keep)
+    if md.min_p is not None:
+        threshold = md.min_p[rows, None] * probs.max(dim=-1, keepdim=True).values
+        by_min_p = probs >= threshold
+        keep = by_min_p if keep is None else keep & by_min_p
     return keep

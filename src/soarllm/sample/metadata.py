@@ -1,0 +1,108 @@
+"""SamplingMetadata: the sampling parameters of one step's sampled rows, as tensors.
+
+Built by gathering rows of the persistent input batch, so a step never walks request objects: the
+per-row Python work is limited to the few rows that need it (seeded generators, min_tokens bans,
+logprobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+_MIX = 0x9E3779B97F4A7C15
+_MASK = (1 << 63) - 1
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [B] float32; rows that are greedy hold 1.0 (unused)
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None = None  # [B] int64, 0 = off; None when no row filters
+    top_p: torch.Tensor | None = None  # [B] float32
+    min_p: torch.Tensor | None = None  # [B] float32
+    # Penalties, only for the rows listed in penalty_rows (None when no row has any).
+    penalty_rows: torch.Tensor | None = None  # [P] int64 rows of the batch
+    repetition_penalty: torch.Tensor | None = None  # [P]
+    presence_penalty: torch.Tensor | None = None  # [P]
+    frequency_penalty: torch.Tensor | None = None  # [P]
+    seen_mask: torch.Tensor | None = None  # [P, V] bool: token in prompt or output
+    output_counts: torch.Tensor | None = None  # [P, V] float: occurrences in the output
+    banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) -> -inf
+    seeds: dict[int, int] = field(default_factory=dict)  # row -> generator seed
+    num_logprobs: list[int] = field(default_factory=list)  # per row; -1: none
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return any(k >= 0 for k in self.num_logprobs)
+
+
+def request_seed(seed: int, index: int, num_output_tokens: int) -> int:
+    """The generator seed of a seeded request's next token: keyed by (seed, choice index, output
+    position), so its draws depend neither on the batch around it nor on preemption."""
+    return ((seed * _MIX) ^ ((index + 1) * 0xBF58476D1CE4E5B9)
+            ^ (num_output_tokens * 0x94D049BB133111EB)) & _MASK
+
+
+def build_sampling_metadata(batch, rows: np.ndarray, vocab_size: int,
+                            device: str | torch.device = "cpu") -> SamplingMetadata:
+    """Gather the sampling parameters of ``rows`` of an InputBatch (in that order)."""
+    greedy = batch.greedy[rows]
+    temp = np.where(greedy, 1.0, batch.temperature[rows]).astype(np.float32)
+    md = SamplingMetadata(
+        temperature=torch.from_numpy(temp).to(device),
+        greedy=torch.from_numpy(greedy).to(device),
+        all_greedy=bool(greedy.all()),
+        num_logprobs=batch.num_logprobs[rows].tolist(),
+    )
+    if not md.all_greedy:
+        top_k, top_p, min_p = batch.top_k[rows], batch.top_p[rows], batch.min_p[rows]
+        sampled = ~greedy
+        if (top_k[sampled] > 0).any() or (top_p[sampled] < 1.0).any():
+            md.top_k = torch.from_numpy(np.where(top_k >= vocab_size, 0, top_k)).to(device)
+            md.top_p = torch.from_numpy(top_p.copy()).to(device)
+        if (min_p[sampled] > 0).any():
+            md.min_p = torch.from_numpy(min_p.copy()).to(device)
+    _add_penalties(md, batch, rows, vocab_size, device)
+    out_len = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+    for i in np.nonzero(out_len < batch.min_tokens[rows])[0].tolist():
+        r = int(rows[i])
+        p = batch.params[r]
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(batch.eos_token_ids[r]))
+        if banned:
+            md.banned.append((i, sorted(banned)))
+    for i in np.nonzero(batch.has_seed[rows] & ~greedy)[0].tolist():
+        r = int(rows[i])
+        md.seeds[i] = request_seed(int(batch.seed[r]), int(batch.index[r]), int(out_len[i]))
+    return md
+
+
+def _add_penalties(md: SamplingMetadata, batch, rows: np.ndarray, vocab_size: int, device) -> None:
+    rep = batch.repetition_penalty[rows]
+    pres = batch.presence_penalty[rows]
+    freq = batch.frequency_penalty[rows]
+    idx = np.nonzero((rep != 1.0) | (pres != 0.0) | (freq != 0.0))[0]
+    if not len(idx):
+        return
+    r = rows[idx]
+    lens = batch.num_tokens[r]
+    width = int(lens.max())
+    toks = batch.token_ids[r, :width].astype(np.int64)
+    col = np.arange(width)[None, :]
+    # Pad with an extra bucket (vocab_size) that is dropped after counting.
+    all_toks = np.where(col < lens[:, None], toks, vocab_size)
+    out_toks = np.where((col >= batch.num_prompt_tokens[r][:, None]) & (col < lens[:, None]),
+                        toks, vocab_size)
+    ones = torch.ones(toks.shape, dtype=torch.float32)
+    seen = torch.zeros(len(idx), vocab_size + 1).scatter_add_(1, torch.from_numpy(all_toks), ones)
+    counts = torch.zeros(len(idx), vocab_size + 1).scatter_add_(1, torch.from_numpy(out_toks), ones)
+    md.penalty_rows = torch.from_numpy(idx).to(device)
+    md.repetition_penalty = torch.from_numpy(rep[idx].copy()).to(device)
+    md.presence_penalty = torch.from_numpy(pres[idx].copy()).to(device)
+    md.frequency_penalty = torch.from_numpy(freq[idx].copy()).to(device)
+    md.seen_mask = (seen[:, :vocab_size] > 0).to(device)
+    md.output_counts = counts[:, :vocab_size].to(device)
+

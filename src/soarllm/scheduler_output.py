@@ -1,0 +1,55 @@
+"""The step message: what the scheduler tells the model runner (through an executor) each step.
+
+Plain data only, so it can cross a process boundary. A request is sent whole once (``NewRequestData``:
+its tokens so far, sampling parameters and block table); after that each step carries only deltas
+(``CachedRequestData``: tokens and blocks it gained since, and how many of its tokens are computed). The runner keeps its own
+persistent copy of every request it has seen and drops it when the request's id appears in
+``finished_req_ids`` or ``preempted_req_ids`` (a preempted request comes back later as new).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from soarllm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    token_ids: list[int]  # prompt + any output already generated (a resumed request)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is already in the cache (prefix-cache hit)
+    index: int = 0  # choice index among the n siblings of one user request (seeds depend on it)
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class CachedRequestData:
+    req_id: str
+    new_token_ids: list[int]  # tokens appended since the runner last saw this request
+    new_block_ids: list[int]  # blocks appended to its block table since then
+    num_computed_tokens: int  # tokens whose KV is in the cache before this step
+
+
+@dataclass
+class SchedulerOutput:
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    # request id -> tokens computed this step (prompt chunk, 1, or 1 + number of spec tokens),
+    # in scheduling order
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # request id -> proposed tokens to verify this step (part of its num_scheduled_tokens)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    finished_req_ids: list[str] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
