@@ -18,6 +18,7 @@ MODEL_COMMANDS = {
     ("bench", "offline"): [],
     ("eval", "ppl"): [],
     ("eval", "humaneval"): [],
+    ("plan",): [],
 }
 
 
@@ -70,7 +71,7 @@ def test_generate_takes_the_prompt_alone_or_after_the_model():
     assert (args.model, args.prompt, args.temperature) == ("m", "p", 0.5)
 
 
-@pytest.mark.parametrize("command", [*MODEL_COMMANDS, ("pull",), ("bench", "serve"), ("plan",)],
+@pytest.mark.parametrize("command", [*MODEL_COMMANDS, ("pull",), ("bench", "serve")],
                          ids=" ".join)
 def test_a_wrong_flag_prints_the_subcommand_usage(command, capsys):
     rest = MODEL_COMMANDS.get(command, [])

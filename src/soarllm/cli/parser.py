@@ -55,7 +55,8 @@ class SoarParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def add_model_argument(parser: SoarParser, *, required_after: str | None = None) -> None:
+def add_model_argument(parser: SoarParser, *, required_after: str | None = None,
+                       help: str | None = None) -> None:
     """The model, positional (``soar serve MODEL``) or as ``--model``/``-m``; giving both with
     different values is an error. After parsing, ``args.model`` holds it (the default model when
     neither is given).
@@ -64,11 +65,9 @@ def add_model_argument(parser: SoarParser, *, required_after: str | None = None)
     PROMPT``): argparse fills that one first, so ``soar generate MODEL --max-tokens 8 PROMPT``
     would leave PROMPT over; the hook then shifts the values into place.
     """
-    parser.add_argument(
-        "model", nargs="?", default=None,
-        help=f"registry name, Hugging Face directory, .gguf file or hub id (default: "
-        f"{DEFAULT_MODEL}; see `soar pull --list`)",
-    )
+    what = help or "registry name, Hugging Face directory, .gguf file or hub id"
+    parser.add_argument("model", nargs="?", default=None,
+                        help=f"{what} (default: {DEFAULT_MODEL}; see `soar pull --list`)")
     parser.add_argument("--model", "-m", dest="model_flag", default=None, metavar="MODEL",
                         help="the model, as a flag (vLLM's spelling); same as the positional")
 

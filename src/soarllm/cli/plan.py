@@ -10,14 +10,16 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from soarllm.cli.parser import add_model_argument
+
     p = subparsers.add_parser(
         "plan", help="size a deployment: hardware x tensor parallel, batch, tokens/s, cost",
         description="Roofline planner over a hardware catalog (each figure with its source) and "
         "this machine, measured on the spot. --calibrate fits its efficiency factors to soar "
         "bench results and reports prediction error.",
     )
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="known name, config.json, model directory or .gguf file")
+    add_model_argument(p, help="known name (e.g. Llama-3-8B), config.json, model directory or "
+                       ".gguf file")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--slo-ttft", type=float, default=1000.0, metavar="MS")
