@@ -23,12 +23,25 @@ _DTYPES = {
 }
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX BF16 instructions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # float32 keeps CPU results equal to the reference; GPUs run bfloat16.
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        # GPUs and CPUs with native bfloat16 arithmetic (AVX-512 BF16, AMX) run bfloat16: half the
+        # weight and KV traffic. Other CPUs would emulate it slowly and run float32.
+        if device != "cpu" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:

@@ -31,7 +31,7 @@ def _assert_pool_free(llm):
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), max_num_seqs=32, block_size=4)
+    return LLM(str(tiny_llama_dir), dtype="float32", max_num_seqs=32, block_size=4)
 
 
 def test_alone_equals_in_a_batch_of_17(llm):
@@ -47,7 +47,7 @@ def test_alone_equals_in_a_batch_of_17(llm):
 def test_chunked_prefill_and_small_budget_do_not_change_output(tiny_llama_dir, llm):
     prompts = _prompts(llm, 6, lo=40, hi=120, seed=1)
     want = _ids(llm.generate(prompts, GREEDY))
-    chunked = LLM(str(tiny_llama_dir), block_size=4, max_num_batched_tokens=16,
+    chunked = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_batched_tokens=16,
                   enable_prefix_caching=False)
     assert _ids(chunked.generate(prompts, GREEDY)) == want
     _assert_pool_free(chunked)
@@ -58,7 +58,7 @@ def test_preemption_recomputes_without_changing_output(tiny_llama_dir, llm):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     want = _ids(llm.generate(prompts, params))
     # 30 blocks of 4 tokens: one request fits (max_model_len 100), eight at once do not.
-    small = LLM(str(tiny_llama_dir), block_size=4, num_gpu_blocks_override=30, max_model_len=100,
+    small = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_gpu_blocks_override=30, max_model_len=100,
                 enable_prefix_caching=False)
     assert _ids(small.generate(prompts, params)) == want
     assert small.llm_engine.get_stats().num_preemptions > 0
@@ -66,7 +66,7 @@ def test_preemption_recomputes_without_changing_output(tiny_llama_dir, llm):
 
 
 def test_prefix_cache_hit_is_counted_and_output_unchanged(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), block_size=4)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
     shared = _prompts(llm, 1, lo=40, hi=40, seed=3)[0]
     a, b = shared + [5, 6, 7], shared + [8, 9]
     cold = _ids(llm.generate([b], GREEDY))
@@ -141,7 +141,7 @@ def test_bad_requests_are_refused_with_a_reason(llm):
 
 def test_kv_cache_too_small_for_one_request(tiny_llama_dir):
     with pytest.raises(ConfigError, match="max_model_len"):
-        LLM(str(tiny_llama_dir), kv_cache_memory="64KiB")
+        LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="64KiB")
 
 
 def test_chat_uses_the_chat_template(llm):
@@ -195,7 +195,7 @@ def test_prompt_logprobs_survive_chunking_and_preemption(tiny_llama_dir, llm):
     prompts = _prompts(llm, 6, lo=30, hi=50, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, prompt_logprobs=1)
     want = llm.generate(prompts, params)
-    small = LLM(str(tiny_llama_dir), block_size=4, num_gpu_blocks_override=30, max_model_len=100,
+    small = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_gpu_blocks_override=30, max_model_len=100,
                 max_num_batched_tokens=16)
     got = small.generate(prompts, params)
     assert small.llm_engine.get_stats().num_preemptions > 0

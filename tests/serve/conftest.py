@@ -108,8 +108,9 @@ class ProcessServer:
 def start_soar_serve(model: str, *args: str, log_path: Path, env: dict | None = None,
                      startup_timeout: float = 300) -> ProcessServer:
     port = free_port()
+    # float32: the tests compare outputs token for token with references computed elsewhere
     cmd = [sys.executable, "-m", "soarllm.cli.main", "serve", model, "--host", "127.0.0.1",
-           "--port", str(port), *args]
+           "--port", str(port), "--dtype", "float32", *args]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})

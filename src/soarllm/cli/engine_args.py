@@ -21,8 +21,8 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
         add_model_argument(parser)
     g = parser.add_argument_group("engine")
     g.add_argument("--dtype", default="auto",
-                   help="weights and activations: auto (float32 on CPU, bfloat16 on GPU) | "
-                   "float32 | bfloat16 | float16")
+                   help="weights and activations: auto (bfloat16 on GPU and on CPUs with "
+                   "AVX-512 BF16/AMX, else float32) | float32 | bfloat16 | float16")
     g.add_argument("--device", default="auto", help="auto (cuda when visible) | cpu | cuda")
     g.add_argument("--load-format", default="auto",
                    help="auto | safetensors | gguf | pt | dummy (random weights, for benchmarks)")
