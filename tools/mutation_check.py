@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "src/soarllm/sample/sampler.py"
+METADATA = "src/soarllm/sample/metadata.py"
 SAMPLER_TESTS = "tests/sample/test_sampler.py"
 
 
@@ -52,32 +53,32 @@ MUTANTS: list[Mutant] = [
     # --- the deliberate bugs named by issue #16 ---
     Mutant(
         "top-k-off-by-one", SAMPLER,
-        "rank_keep &= torch.arange(vocab)[None, :] < k[:, None]",
-        "rank_keep &= torch.arange(vocab)[None, :] <= k[:, None]",
+        "rank_keep = torch.arange(vocab, device=probs.device)[None, :] < k[:, None]",
+        "rank_keep = torch.arange(vocab, device=probs.device)[None, :] <= k[:, None]",
         _t("test_distribution_matches_oracle"),
     ),
     Mutant(
         "top-k-forced-to-1", SAMPLER,
-        "k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k])",
-        "k = torch.tensor([1 if 0 < k < vocab else vocab for k in top_k])",
+        "k = torch.where(k > 0, k, vocab)",
+        "k = torch.where(k > 0, 1, vocab)",
         _t("test_distribution_matches_oracle"),
     ),
     Mutant(
         "top-p-threshold-scaled", SAMPLER,
-        "rank_keep &= before < torch.tensor(top_p, dtype=probs.dtype)[:, None]",
-        "rank_keep &= before < 0.9 * torch.tensor(top_p, dtype=probs.dtype)[:, None]",
+        "rank_keep &= before < md.top_p[rows, None]",
+        "rank_keep &= before < 0.9 * md.top_p[rows, None]",
         _t("test_distribution_matches_oracle"),
     ),
     Mutant(
         "temperature-ignored", SAMPLER,
-        "logits = logits / temps[:, None]",
-        "logits = logits * 1.0",
+        "probs = torch.softmax(logits / md.temperature[rows, None], dim=-1)",
+        "probs = torch.softmax(logits, dim=-1)",
         _t("test_distribution_matches_oracle"),
     ),
-    Mutant(
+    Mutant(  # seeded rows fall back to the global generator
         "seed-ignored", SAMPLER,
-        "if r.params.seed is None:",
-        "if True:",
+        "if md.seeds:",
+        "if False:",
         _t("test_seeded_draws_reproduce_and_different_seeds_differ",
            "test_seeded_rows_do_not_depend_on_the_batch"),
     ),
@@ -88,25 +89,25 @@ MUTANTS: list[Mutant] = [
         ("tests/engine/test_engine.py::test_stream_joins_to_full_decode_and_stop_string_cuts_exactly",),
     ),
     # --- further sampler bugs ---
-    Mutant(
-        "seed-not-in-key", SAMPLER,
-        "s = req.params.seed\n",
-        "s = 0\n",
+    Mutant(  # every seed gets the same generator key
+        "seed-not-in-key", METADATA,
+        "return ((seed * _MIX) ^",
+        "return ((0 * _MIX) ^",
         _t("test_seeded_draws_reproduce_and_different_seeds_differ"),
     ),
-    Mutant(
-        "seed-key-ignores-position", SAMPLER,
-        " ^ (req.num_output_tokens * 0x94D049BB133111EB)",
-        "",
+    Mutant(  # a seeded request draws the same noise at every output position
+        "seed-key-ignores-position", METADATA,
+        "^ (num_output_tokens * 0x94D049BB133111EB)) & _MASK",
+        ") & _MASK",
         _t("test_seeded_draws_follow_the_distribution"),
     ),
     Mutant(
         "min-p-threshold-halved", SAMPLER,
-        "threshold = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max",
-        "threshold = 0.5 * torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max",
+        "threshold = md.min_p[rows, None] * probs.max",
+        "threshold = 0.5 * md.min_p[rows, None] * probs.max",
         _t("test_distribution_matches_oracle"),
     ),
-    Mutant(
+    Mutant(  # min-p as an absolute probability instead of relative to the top token
         "min-p-absolute-not-relative", SAMPLER,
         "probs.max(dim=-1, keepdim=True).values",
         "probs.sum(dim=-1, keepdim=True)",
@@ -114,32 +115,32 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "repetition-penalty-direction", SAMPLER,
-        "vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty",
-        "vals > 0, vals * p.repetition_penalty, vals / p.repetition_penalty",
+        "torch.where(sub > 0, sub / rep, sub * rep)",
+        "torch.where(sub > 0, sub * rep, sub / rep)",
         _t("test_distribution_matches_oracle", "test_greedy_is_argmax"),
     ),
     Mutant(
-        "repetition-penalty-skips-prompt", SAMPLER,
-        "seen = torch.tensor(sorted(set(r.all_token_ids))",
-        "seen = torch.tensor(sorted(set(r.output_token_ids))",
+        "repetition-penalty-skips-prompt", METADATA,
+        "scatter_add_(1, torch.from_numpy(all_toks), ones)",
+        "scatter_add_(1, torch.from_numpy(out_toks), ones)",
         _t("test_distribution_matches_oracle", "test_greedy_is_argmax"),
     ),
     Mutant(
         "presence-penalty-ignored", SAMPLER,
-        " + p.presence_penalty * (counts > 0).float()",
-        "",
+        "sub = sub - md.presence_penalty[:, None] * (counts > 0).to(sub.dtype)",
+        "sub = sub",
         _t("test_distribution_matches_oracle", "test_greedy_is_argmax"),
     ),
     Mutant(
         "frequency-penalty-as-presence", SAMPLER,
-        "p.frequency_penalty * counts",
-        "p.frequency_penalty * (counts > 0).float()",
+        "md.frequency_penalty[:, None] * counts",
+        "md.frequency_penalty[:, None] * (counts > 0).to(sub.dtype)",
         _t("test_distribution_matches_oracle", "test_greedy_is_argmax"),
     ),
     Mutant(
-        "min-tokens-off-by-one", SAMPLER,
-        "if r.num_output_tokens < p.min_tokens:",
-        "if r.num_output_tokens <= p.min_tokens:",
+        "min-tokens-off-by-one", METADATA,
+        "np.nonzero(out_len < batch.min_tokens[rows])",
+        "np.nonzero(out_len <= batch.min_tokens[rows])",
         _t("test_min_tokens_bans_eos"),
     ),
 ]
