@@ -251,15 +251,10 @@ def test_persistent_step_failures_turn_health_unhealthy():
     try:
         assert httpx.get(srv.base_url + "/health").status_code == 200
         fake.num_consecutive_failed_steps = 3  # what LLMEngine reports after 3 all-failed steps
-        r = httpx.post(srv.base_url + "/v1/completions", json=COMP)  # runs one more step
-        for _ in range(200):  # a hang guard: the engine thread reads the count after its step
-            health = httpx.get(srv.base_url + "/health")
-            if health.status_code == 503:
-                break
+        health = httpx.get(srv.base_url + "/health")
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         refused = httpx.post(srv.base_url + "/v1/completions", json=COMP)
         _openai_error(refused, 503, "not running")
-        assert r.status_code in (200, 500)
     finally:
         srv.stop()
 

@@ -87,7 +87,8 @@ def test_max_waiting_answers_503_with_retry_after():
 
     async def main():
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as http:
-            body = {"prompt": "x", "max_tokens": 30, "temperature": 0}
+            # long enough (2 s each) that the burst arrives while the first one runs
+            body = {"prompt": "x", "max_tokens": 200, "temperature": 0}
             return await asyncio.gather(*(http.post("/v1/completions", json=body)
                                           for _ in range(12)))
 
