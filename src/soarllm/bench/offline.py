@@ -152,6 +152,21 @@ def render_offline(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_torch_trace(llm: Any, path: Any, num_prompts: int = 4, output_len: int = 16) -> Any:
+    """Run a short batch under torch.profiler and write its Chrome trace to ``path``."""
+    import torch
+
+    from soarllm import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    prompts = [[1 + (i * 7 + j) % 100 for j in range(32)] for i in range(num_prompts)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=False) as prof:
+        llm.generate(prompts, params)
+    prof.export_chrome_trace(str(path))
+    return path
+
+
 def run_offline_cli(args: argparse.Namespace, engine_args: Any) -> int:
     """`soar bench offline` once its arguments are complete (`engine_args`: EngineArgs)."""
     from soarllm import LLM
@@ -164,9 +179,21 @@ def run_offline_cli(args: argparse.Namespace, engine_args: Any) -> int:
         output_len=args.output_len, range_ratio=args.range_ratio, path=args.dataset_path,
         turns=args.turns, seed=args.seed,
     )
+    phases = None
+    if getattr(args, "profile", False):
+        from soarllm.profiling import StepPhases
+
+        phases = llm.llm_engine.phases = StepPhases()
     doc = run_offline(llm, workload, args.batch_sizes, model=model, repeats=args.repeats,
                       progress=getattr(args, "progress", True))
     print(render_offline(doc))
+    if phases is not None:
+        llm.llm_engine.phases = None
+        doc["step_phases"] = phases.report()
+        print(phases.render())
+        trace = write_torch_trace(llm, args.profile_trace)
+        print(f"wrote a torch profiler trace of a short batch to {trace} "
+              "(open it in chrome://tracing or Perfetto)", file=sys.stderr)
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(doc, indent=1))

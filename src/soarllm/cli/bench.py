@@ -124,6 +124,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="also write the results here (input of soar plan --calibrate)")
     offline.add_argument("--no-progress", dest="progress", action="store_false",
                          help="no progress bar on stderr")
+    offline.add_argument("--profile", action="store_true",
+                         help="print where each step's time goes (schedule, prepare inputs, "
+                         "forward, sample, outputs) and write a torch profiler trace")
+    offline.add_argument("--profile-trace", type=Path, default=Path("soar-profile-trace.json"),
+                         help="where --profile writes the torch profiler trace (Chrome format)")
     offline.set_defaults(func=_run_offline)
 
 

@@ -29,6 +29,7 @@ from soarllm.errors import ContextLengthError, InvalidRequestError
 from soarllm.model.runner import ModelRunner
 from soarllm.model.tokenizer import load_tokenizer
 from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from soarllm.profiling import StepPhases
 from soarllm.sampling_params import SamplingParams
 from soarllm.scheduler_output import SchedulerOutput
 
@@ -186,7 +187,17 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
 
+    @property
+    def phases(self) -> StepPhases | None:
+        return self.runner.phases
+
+    @phases.setter
+    def phases(self, value: StepPhases | None) -> None:
+        """Attach a StepPhases to time each step's phases (None detaches)."""
+        self.runner.phases = value
+
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         so = self.scheduler.schedule()
         if so.is_empty:
             if so.finished_req_ids or so.preempted_req_ids:
@@ -197,7 +208,9 @@ class LLMEngine:
         for req in scheduled:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        t1 = time.perf_counter()
         result = self._execute_contained(so, scheduled)
+        t2 = time.perf_counter()
         self.scheduler.update_after_step(so)
         now = time.time()
         touched: dict[str, _Group] = {}
@@ -232,6 +245,10 @@ class LLMEngine:
                 self.groups.pop(g.request_id, None)
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
+        if self.runner.phases is not None:
+            self.runner.phases.add("schedule", t1 - t0)
+            self.runner.phases.add("outputs", time.perf_counter() - t2)
+            self.runner.phases.steps += 1
         return outputs
 
     # -- failure containment -------------------------------------------------------------------

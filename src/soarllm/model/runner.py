@@ -25,6 +25,7 @@ from soarllm.model.input_batch import InputBatch
 from soarllm.model.loader import Checkpoint, load_checkpoint
 from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
+from soarllm.profiling import StepPhases
 from soarllm.sample.metadata import build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
 from soarllm.scheduler_output import SchedulerOutput
@@ -82,6 +83,7 @@ class ModelRunner:
         self.block_size = args.block_size
         self.sampler = Sampler()
         self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len, self.block_size)
+        self.phases: StepPhases | None = None  # attach one to time the step's phases
         self.kv_caches: list[torch.Tensor] = []
 
     # -- KV cache ------------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        t_start = time.perf_counter()
         self.update_states(so)
         if so.is_empty:
             return RunnerOutput()
@@ -198,11 +201,18 @@ class ModelRunner:
             seq_lens_cpu=seq_list,
         )
         input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
+        t_forward = time.perf_counter()
         hidden = self.model(input_t, meta.positions, self.kv_caches, meta)
         out = RunnerOutput()
+        if len(logits_rows):
+            logits = self.model.compute_logits(hidden[meta.logits_indices])
+        t_sample = time.perf_counter()
+        if self.phases is not None:
+            self.phases.add("prepare", t_forward - t_start)
+            self.phases.add("forward", t_sample - t_forward)
+            self.phases.tokens += len(input_ids)
         if not len(logits_rows):
             return out
-        logits = self.model.compute_logits(hidden[meta.logits_indices])
         for i, row0, count, first in prompt_lp:
             r = int(rows[i])
             lp = torch.log_softmax(logits[row0 : row0 + count].float(), dim=-1)
@@ -217,4 +227,6 @@ class ModelRunner:
             for j, i in enumerate(sample_idx.tolist()):
                 out.sampled[ids[i]] = sampled.token_ids[j]
                 out.logprobs[ids[i]] = sampled.logprobs[j]
+        if self.phases is not None:
+            self.phases.add("sample", time.perf_counter() - t_sample)
         return out
