@@ -11,7 +11,7 @@ by their cached context, an optional per-request custom mask, and an optional sl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     # Optional per-request masks [q_len, seq_len] (True = may attend), for tree/lookahead verification.
     custom_masks: list[torch.Tensor | None] | None = None
+    # Per-step values a backend derives once and reuses in every layer (e.g. the decode plan).
+    cache: dict = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -140,27 +142,57 @@ class ReferenceAttentionBackend:
 
     @staticmethod
     def _decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
-        # The runner sorts decodes by context length; gathering them in a few buckets, each padded
-        # to its own longest context, keeps the copied KV close to what is actually attended.
+        for lo, hi, ids, length, valid in _decode_plan(meta, nd, kv_cache.shape[2], sliding_window):
+            _, num_blocks, block_size, h, d = kv_cache.shape
+            flat = kv_cache.view(2, num_blocks, block_size * h * d)
+            shape = (hi - lo, ids.shape[1] * block_size, h, d)
+            kk = flat[0].index_select(0, ids.reshape(-1)).view(shape)[:, :length]
+            vv = flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length]
+            if q.dtype == torch.float32 or softcap is not None:
+                o = _sdpa(q[lo:hi, :, None, :], kk.transpose(1, 2), vv.transpose(1, 2),
+                          valid[:, None, None, :], scale, softcap, gqa)[:, :, 0, :]
+            else:
+                o = _decode_attention(q[lo:hi], kk, vv, valid, scale)
+            out[lo:hi] = o
+
+
+def _decode_plan(meta: AttentionMetadata, nd: int, block_size: int, sliding_window: int | None):
+    """Per step, not per layer: the decode buckets, their block ids, padded length and key mask.
+
+    The runner sorts decodes by context length; gathering them in a few buckets, each padded to its
+    own longest context, keeps the copied KV close to what is actually attended.
+    """
+    key = ("decode_plan", sliding_window)
+    plan = meta.cache.get(key)
+    if plan is None:
         lens_cpu = meta.seq_lens_cpu[:nd]
+        plan = []
         for lo, hi in _buckets(lens_cpu):
-            max_len = max(lens_cpu[lo:hi])
-            kk, vv = _gather(kv_cache, meta.block_tables[lo:hi], max_len)  # [b, L, H, D]
+            length = max(lens_cpu[lo:hi])
+            n = (length + block_size - 1) // block_size
             lens = meta.seq_lens[lo:hi]
-            kpos = torch.arange(max_len, device=q.device)[None, :]
-            mask = kpos < lens[:, None]
+            kpos = torch.arange(length, device=lens.device)[None, :]
+            valid = kpos < lens[:, None]
             if sliding_window is not None:
-                mask = mask & (kpos >= lens[:, None] - sliding_window)
-            o = _sdpa(
-                q[lo:hi, :, None, :],  # [b, Hq, 1, D]
-                kk.to(q.dtype).transpose(1, 2),
-                vv.to(q.dtype).transpose(1, 2),
-                mask[:, None, None, :],
-                scale,
-                softcap,
-                gqa,
-            )
-            out[lo:hi] = o[:, :, 0, :]
+                valid = valid & (kpos >= lens[:, None] - sliding_window)
+            plan.append((lo, hi, meta.block_tables[lo:hi, :n].contiguous(), length, valid))
+        meta.cache[key] = plan
+    return plan
+
+
+def _decode_attention(q, k, v, valid, scale):
+    """One query token per request, grouped-query aware, as three small batched matmuls.
+
+    q [b, Hq, D], k/v [b, L, Hkv, D], valid [b, L] -> [b, Hq, D]. PyTorch's CPU flash kernel is
+    several times slower than this for a single bfloat16 query token.
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.view(b, hkv, hq // hkv, d)  # query heads grouped by the KV head they share
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [b, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).view(b, hq, d)
 
 
 def _buckets(lens: list[int], max_buckets: int = 4, min_size: int = 8) -> list[tuple[int, int]]:

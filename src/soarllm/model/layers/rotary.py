@@ -68,8 +68,12 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
         """q [T, Hq, D], k [T, Hkv, D] -> rotated q, k."""
+        return self.rotate(cos_sin, q), self.rotate(cos_sin, k)
+
+    def rotate(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] (any heads sharing the positions) -> rotated x."""
         cos, sin = cos_sin
-        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+        return _rotate(x, cos, sin, self.rotary_dim)
 
 
 def _rotate(x, cos, sin, rd):

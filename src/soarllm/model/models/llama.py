@@ -48,11 +48,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb[0].apply(rope, q, k)
+        qkv = self.qkv_proj(x)
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k heads side by side: one rotation for both
+        qk = self.rotary_emb[0].rotate(rope, qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d))
+        q, k = qk[:, :nq], qk[:, nq:]
+        v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
         o = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
