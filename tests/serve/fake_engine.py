@@ -124,6 +124,9 @@ class FakeEngine:
         self.last_prompt_ids: list[int] = []
         self.thread_ids: set[int] = set()  # threads that called into the engine
         self._fail_next_step = False
+        # Steps wait for this event: a test clears it to hold the engine mid-step, then sets it.
+        self.gate = threading.Event()
+        self.gate.set()
 
     # -- interface ----------------------------------------------------------------------------
 
@@ -148,6 +151,9 @@ class FakeEngine:
                 raise InvalidRequestError(
                     f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt"
                 )
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids out of the vocabulary",
+                                      param="stop_token_ids")
         room = self.max_model_len - len(ids)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             raise ContextLengthError(
@@ -195,6 +201,7 @@ class FakeEngine:
         if self._fail_next_step:
             self._fail_next_step = False
             raise RuntimeError("injected step failure")
+        self.gate.wait()
         if self.step_time:
             time.sleep(self.step_time)
         now = time.time()

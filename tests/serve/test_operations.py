@@ -80,24 +80,30 @@ def test_access_log_is_json_with_request_id(client, caplog):
 
 
 def test_max_waiting_answers_503_with_retry_after():
-    srv = start_thread_server(
-        FakeEngine(step_time=0.01, max_num_seqs=1),
-        ServerConfig(max_waiting=2, retry_after_s=3, access_log=False),
-    )
+    fake = FakeEngine(step_time=0.001, max_num_seqs=1)
+    srv = start_thread_server(fake, ServerConfig(max_waiting=2, retry_after_s=3, access_log=False))
+    fake.gate.clear()  # the engine holds its first step until every refusal has come back
 
     async def main():
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as http:
-            # long enough (2 s each) that the burst arrives while the first one runs
-            body = {"prompt": "x", "max_tokens": 200, "temperature": 0}
-            return await asyncio.gather(*(http.post("/v1/completions", json=body)
-                                          for _ in range(12)))
+            body = {"prompt": "x", "max_tokens": 20, "temperature": 0}
+            tasks = [asyncio.create_task(http.post("/v1/completions", json=body))
+                     for _ in range(12)]
+            # 1 running + 2 waiting fit; the other 9 are refused while the engine is held
+            for _ in range(6000):  # a broken admission would accept them all: fail, don't hang
+                if sum(t.done() for t in tasks) >= 9:
+                    break
+                await asyncio.sleep(0.01)
+            fake.gate.set()
+            return await asyncio.gather(*tasks)
 
     try:
         responses = asyncio.run(main())
     finally:
+        fake.gate.set()
         srv.stop()
     statuses = [r.status_code for r in responses]
-    assert set(statuses) == {200, 503}, statuses
+    assert sorted(statuses) == [200] * 3 + [503] * 9, statuses
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "3"
     assert rejected.json()["error"]["type"] == "overloaded_error"
