@@ -207,6 +207,12 @@ class AsyncLLMEngine:
         return self.engine.model_name
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids the engine accepts are in [0, vocab_size) (the model's, which may be larger
+        than the tokenizer's)."""
+        return int(getattr(self.engine, "vocab_size", None) or len(self.engine.tokenizer))
+
+    @property
     def stats(self) -> Any:
         """The engine's stats after its latest step (None before the thread started)."""
         return self._snapshot[0]
@@ -311,6 +317,20 @@ class AsyncLLMEngine:
         Raises the engine's validation errors (InvalidRequestError, ContextLengthError, ...)
         before any output exists, so the caller can answer with a plain 4xx.
         """
+        stream, accepted = self.submit_request(request_id, prompt, params, arrival_time, coalesce)
+        return await self.wait_accepted(stream, accepted)
+
+    def submit_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        coalesce: bool = True,
+    ) -> tuple[RequestStream, asyncio.Future[None]]:
+        """The synchronous half of ``add_request`` (on the event loop's thread): the request is
+        counted as queued the moment this returns, so an admission check followed by this call,
+        with no await between them, cannot be raced by another request."""
         self._check_can_accept()
         if request_id in self._streams:
             raise RequestFailedError(f"request id {request_id!r} is already in use")
@@ -326,13 +346,18 @@ class AsyncLLMEngine:
         self._commands.put(
             _Add(request_id, prompt, params, arrival_time or time.time(), done)
         )
+        return stream, accepted
+
+    async def wait_accepted(self, stream: RequestStream,
+                            accepted: asyncio.Future[None]) -> RequestStream:
+        """The asynchronous half of ``add_request``: wait for the engine to take the request."""
         try:
             await asyncio.shield(accepted)
         except asyncio.CancelledError:
             stream.close()  # aborts it once the engine has it
             raise
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._streams.pop(stream.request_id, None)
             raise
         return stream
 

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from soarllm.engine.async_engine import RequestStream
 from soarllm.errors import OverloadedError
@@ -118,14 +119,22 @@ async def submit(
     """Queue one engine request per prompt (ids ``request_id-i``); all or none are accepted.
 
     The prompts are handed to the engine together (one engine step sees them all)."""
-    check_admission(state)
     arrival = time.time()
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-    adds = [
-        asyncio.ensure_future(state.engine.add_request(
-            rid, prompt.token_ids, params, arrival_time=arrival, coalesce=coalesce))
-        for rid, prompt in zip(ids, prompts)
-    ]
+    # Admission and submission in one synchronous block: no other request can be admitted
+    # between the check and the moment these count as queued.
+    check_admission(state)
+    submitted: list[tuple[Any, Any]] = []
+    try:
+        for rid, prompt in zip(ids, prompts):
+            submitted.append(state.engine.submit_request(
+                rid, prompt.token_ids, params, arrival_time=arrival, coalesce=coalesce))
+    except BaseException:
+        for stream, _ in submitted:
+            stream.close()
+        raise
+    adds = [asyncio.ensure_future(state.engine.wait_accepted(stream, accepted))
+            for stream, accepted in submitted]
     try:
         await asyncio.wait(adds)
     except BaseException:  # cancelled: the adds' own cancellation aborts what was accepted
