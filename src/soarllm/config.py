@@ -57,6 +57,8 @@ class EngineArgs:
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     load_format: str = "auto"  # auto | safetensors | gguf | pt | dummy
+    # None: as the checkpoint is (a GGUF file served quantized) | none | gguf | w8a16 | w4a16[-gN]
+    quantization: str | None = None
     seed: int = 0
     max_model_len: int | None = None
     block_size: int = 16

@@ -15,8 +15,6 @@ VLLM_FLAGS: dict[str, str] = {
     "--pipeline-parallel-size": "soarllm runs a model on one device; leave it out",
     "--data-parallel-size": "start one `soar serve` per device instead",
     "--kv-cache-dtype": "the KV cache uses the model's --dtype",
-    "--quantization": "give an already quantized checkpoint (e.g. a GGUF file) as the model",
-    "-q": "give an already quantized checkpoint (e.g. a GGUF file) as the model",
     "--swap-space": "soarllm recomputes preempted requests; there is no CPU swap space",
     "--cpu-offload-gb": "not supported; lower --max-model-len or --kv-cache-memory instead",
     "--revision": "not supported: download that revision and give its directory as the model",

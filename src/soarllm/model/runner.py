@@ -23,9 +23,11 @@ from soarllm.errors import ConfigError
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
 from soarllm.model.input_batch import InputBatch
 from soarllm.model.loader import Checkpoint, load_checkpoint
+from soarllm.model.loader.memory import release_free_heap
 from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
 from soarllm.profiling import StepPhases
+from soarllm.quant.config import get_quant_config
 from soarllm.sample.metadata import build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
 from soarllm.scheduler_output import SchedulerOutput
@@ -68,9 +70,16 @@ class ModelRunner:
         self.hf_config = config
         model_cls = resolve_model_class(config)
         self.backend = get_attention_backend(self.device)
+        quant_config = get_quant_config(args.quantization, self.checkpoint, model_cls.packed_modules)
         with torch.device(self.device):
-            self.model = model_cls(config, dtype=self.dtype, backend=self.backend)
-        self.model.load_weights(self.checkpoint.weights(self.dtype))
+            self.model = model_cls(config, dtype=self.dtype, backend=self.backend,
+                                   quant_config=quant_config)
+        if quant_config is None:
+            self.model.load_weights(self.checkpoint.weights(self.dtype))
+        else:
+            self.model.load_weights(quant_config.weights(self.checkpoint, self.dtype))
+            logger.info("%s", quant_config.summary())
+        release_free_heap()
         self.model.eval()
         logger.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, model_cls.__name__, self.dtype)
         max_pos = getattr(config, "max_position_embeddings", None) or 2048

@@ -1,7 +1,10 @@
-"""Linear layers. Each delegates storage and math to a QuantMethod.
+"""Linear layers. Each delegates storage, loading and math to a QuantMethod.
 
-Merged layers (QKV, gate/up) hold several checkpoint tensors in one weight; ``load_shard`` copies one
-of them into its rows. Tensor-parallel column/row variants will wrap the same method.
+The layer's QuantMethod comes from the model's QuantizationConfig (by the layer's `prefix`, its
+module name in the checkpoint), or is unquantized without one. Merged layers (QKV, gate/up) hold
+several checkpoint tensors in one weight: each parameter's `weight_loader(param, loaded,
+shard_id)` puts a shard into the rows its `shard_offsets` give. Tensor-parallel column/row
+variants will wrap the same methods.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soarllm.quant.base import QuantMethod, UnquantizedMethod
+from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod
 
 
 class Linear(nn.Module):
@@ -20,15 +23,29 @@ class Linear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         quant_method: QuantMethod | None = None,
+        *,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.prefix = prefix
+        if quant_method is None and quant_config is not None:
+            quant_method = quant_config.get_quant_method(self, prefix)
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self, in_features, out_features, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
+
+    def checkpoint_param(self, suffix: str) -> nn.Parameter | None:
+        """The parameter whose loader takes the checkpoint tensor `<prefix>.<suffix>`."""
+        name = self.quant_method.checkpoint_params.get(suffix)
+        return getattr(self, name, None) if name else None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.quant_method.describe()}"
 
 
 class MergedLinear(Linear):
@@ -41,13 +58,6 @@ class MergedLinear(Linear):
             self.shard_offsets[name] = (off, size)
             off += size
         super().__init__(in_features, off, bias=bias, **kw)
-
-    def load_shard(self, param_name: str, shard: str, tensor: torch.Tensor) -> None:
-        off, size = self.shard_offsets[shard]
-        param = getattr(self, param_name)
-        if tensor.shape[0] != size:
-            raise ValueError(f"shard {shard!r} expects {size} rows, checkpoint has {tensor.shape[0]}")
-        param.data[off : off + size].copy_(tensor)
 
     def split(self, out: torch.Tensor) -> list[torch.Tensor]:
         return list(out.split([s for _, s in self.shard_offsets.values()], dim=-1))

@@ -102,11 +102,13 @@ def _real(path: Path, load_format: str) -> Checkpoint:
 
 
 def _gguf(path: Path) -> Checkpoint:
+    from soarllm.model.loader.gguf_blocks import GGUFBlockSource
     from soarllm.model.loader.gguf_cache import ensure_converted
 
     directory = ensure_converted(path)
     files = safetensors_files(directory)
-    return Checkpoint(path, "gguf", _auto_config(directory), directory, SafetensorsSource(files))
+    return Checkpoint(path, "gguf", _auto_config(directory), directory, SafetensorsSource(files),
+                      packed_source=GGUFBlockSource(path))
 
 
 def _dummy(model: str | Path | PretrainedConfig, seed: int) -> Checkpoint:

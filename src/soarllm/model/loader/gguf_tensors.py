@@ -80,16 +80,40 @@ def hf_tensors(
         yield hf_name, _to_hf(arch, tensor, dequantize(tensor.data, tensor.tensor_type), config)
 
 
-def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig) -> torch.Tensor:
+def hf_packed_tensors(
+    reader: GGUFReader, config: PretrainedConfig
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Every tensor as (HF name, GGML type name, tensor in HF row order), quantized ones kept as
+    stored: uint8 [rows, bytes per row] of blocks. Float and 1-D tensors come dequantized (float32).
+    """
+    from gguf.quants import dequantize
+
+    arch = gguf_architecture(reader)
+    names = gguf_to_hf_names(arch, config)
+    _check_complete(names, (t.name for t in reader.tensors))
+    for tensor in reader.tensors:
+        hf_name = names.get(tensor.name)
+        if hf_name is None:
+            logger.warning("skipping GGUF tensor %s: the HF model has no such weight", tensor.name)
+            continue
+        qtype = tensor.tensor_type.name
+        if qtype in ("F32", "F16", "BF16", "F64") or tensor.data.ndim != 2:
+            yield hf_name, "F32", _to_hf(arch, tensor, dequantize(tensor.data, tensor.tensor_type), config)
+        else:  # rows of blocks: only the row order changes
+            yield hf_name, qtype, _to_hf(arch, tensor, tensor.data, config, dtype=torch.uint8)
+
+
+def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # dequantize returns numpy's (rows, cols) order, the reverse of GGUF's ne[]; F32 data comes
     # back as a view of the memory-mapped file, so copy.
-    weight = torch.tensor(values, dtype=torch.float32)
+    weight = torch.tensor(values, dtype=dtype)
     if arch in PERMUTED_QK_ARCHS:
         if tensor.name.endswith("attn_q.weight") or tensor.name.endswith("attn_q.bias"):
             weight = unpermute_qk(weight, config.num_attention_heads)
         elif tensor.name.endswith("attn_k.weight") or tensor.name.endswith("attn_k.bias"):
             weight = unpermute_qk(weight, config.num_key_value_heads)
-    if arch in SHIFTED_NORM_ARCHS and tensor.name.endswith("norm.weight"):
+    if arch in SHIFTED_NORM_ARCHS and tensor.name.endswith("norm.weight") and dtype != torch.uint8:
         weight -= 1.0
     return weight
 

@@ -1,4 +1,14 @@
-"""What every causal LM here shares: KV layout, LM head (tied or not) and weight loading by name."""
+"""What every causal LM here shares: KV layout, the LM head and weight loading.
+
+The LM head is a Linear like every projection. With tied embeddings an unquantized head shares
+the embedding's weight; a quantized head (a GGUF file whose token embedding is Q4_0/Q4_1/Q4_K)
+gets a quantized copy of it while the embedding lookup reads a dequantized table.
+
+Weights load through the layers: each checkpoint tensor goes to the `weight_loader` of the
+parameter that owns it, with the shard id of a merged layer (q/k/v, gate/up); quantized layers
+repack or quantize what they receive. Afterwards every QuantMethod turns its parameters into its
+kernel's layout (`process_weights_after_loading`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +17,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from soarllm.model.layers.linear import MergedLinear
+from soarllm.model.layers.linear import Linear
+from soarllm.quant.base import QuantizationConfig, UnquantizedMethod, default_weight_loader
 
 # Checkpoint tensors that carry no weights we need (precomputed rope tables and the like).
 _SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_EMBEDDING = "model.embed_tokens.weight"
 
 
 class DecoderForCausalLM(nn.Module):
@@ -23,10 +35,11 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.quant_config = quant_config
         text = getattr(config, "text_config", None) or config
         self.num_layers = text.num_hidden_layers
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -35,23 +48,21 @@ class DecoderForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
 
     def build_lm_head(self, embedding: nn.Embedding) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head = None
-            self._embedding = [embedding]  # not a submodule: avoid listing the weight twice
-        else:
-            hidden = embedding.weight.shape[1]
-            self.lm_head = nn.Linear(hidden, self.vocab_size, bias=False, dtype=self.dtype)
-            self.lm_head.weight.requires_grad_(False)
+        hidden = embedding.weight.shape[1]
+        self.lm_head = Linear(hidden, self.vocab_size, bias=False, dtype=self.dtype,
+                              quant_config=self.quant_config, prefix="lm_head")
+        # a tied unquantized head is the embedding table itself
+        self.head_shares_embedding = self.tie_word_embeddings and isinstance(
+            self.lm_head.quant_method, UnquantizedMethod
+        )
+        if self.head_shares_embedding:
+            self.lm_head.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self._embedding[0].weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w)
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return self.load_packed_weights(weights)
-
-    def load_packed_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (HF names) into parameters; returns the names of loaded params."""
+        """Load checkpoint tensors (HF names) through the layers; returns the loaded params."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -59,24 +70,10 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            for frag, (merged, shard) in self.packed_modules.items():
-                if f".{frag}." in name:
-                    target = name.replace(f".{frag}.", f".{merged}.")
-                    module_name, param_name = target.rsplit(".", 1)
-                    module = self.get_submodule(module_name)
-                    assert isinstance(module, MergedLinear)
-                    module.load_shard(param_name, shard, tensor)
-                    loaded.add(target)
-                    break
-            else:
-                if name not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
-                p = params[name]
-                if p.shape != tensor.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(p.shape)}")
-                p.data.copy_(tensor)
-                loaded.add(name)
-        missing = set(params) - loaded
+            loaded.add(self._load_one(name, tensor, params))
+            if name == _EMBEDDING and self.tie_word_embeddings and not self.head_shares_embedding:
+                loaded.add(self._load_one("lm_head.weight", tensor, params))
+        missing = {n for n, p in params.items() if n not in loaded and not _filled(n, p, loaded)}
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
         for module in self.modules():
@@ -84,3 +81,37 @@ class DecoderForCausalLM(nn.Module):
             if qm is not None:
                 qm.process_weights_after_loading(module)
         return loaded
+
+    def _load_one(self, name: str, tensor, params: dict[str, nn.Parameter]) -> str:
+        """Route one checkpoint tensor to its parameter's loader; returns the parameter's name."""
+        shard = None
+        for frag, (merged, shard_id) in self.packed_modules.items():
+            if f".{frag}." in name:
+                name, shard = name.replace(f".{frag}.", f".{merged}."), shard_id
+                break
+        module_name, suffix = name.rsplit(".", 1)
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            raise KeyError(f"checkpoint tensor {name!r} has no matching parameter") from None
+        if isinstance(module, Linear):
+            param = module.checkpoint_param(suffix)
+            target = f"{module_name}.{module.quant_method.checkpoint_params.get(suffix)}"
+        else:
+            target = name
+            param = params.get(name)
+        if param is None:
+            raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        return target
+
+
+def _filled(name: str, param: nn.Parameter, loaded: set[str]) -> bool:
+    """Whether a parameter its layer fills from another one's tensor (scales beside a packed
+    weight) was loaded that way."""
+    filled_by = getattr(param, "filled_by", None)
+    return filled_by is not None and f"{name.rsplit('.', 1)[0]}.{filled_by}" in loaded

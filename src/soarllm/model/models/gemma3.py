@@ -39,7 +39,8 @@ def _rope_params(config, layer_type: str) -> dict:
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb):
+    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb, quant_config=None,
+                 prefix: str = ""):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -55,8 +56,11 @@ class Gemma3Attention(nn.Module):
             },
             bias=bias,
             dtype=dtype,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias, dtype=dtype,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.rotary_emb = [rotary_emb]
@@ -79,11 +83,13 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3MLP(nn.Module):
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, quant_config=None, prefix: str = ""):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, dtype=dtype)
-        self.down_proj = Linear(inter, config.hidden_size, dtype=dtype)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, dtype=dtype,
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(inter, config.hidden_size, dtype=dtype, quant_config=quant_config,
+                                prefix=f"{prefix}.down_proj")
         self.act_and_mul = ACT_AND_MUL[config.hidden_activation]
 
     def forward(self, x):
@@ -91,11 +97,13 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb):
+    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb, quant_config=None,
+                 prefix: str = ""):
         super().__init__()
         eps, h = config.rms_norm_eps, config.hidden_size
-        self.self_attn = Gemma3Attention(config, layer_type, dtype, backend, rotary_emb)
-        self.mlp = Gemma3MLP(config, dtype)
+        self.self_attn = Gemma3Attention(config, layer_type, dtype, backend, rotary_emb, quant_config,
+                                         f"{prefix}.self_attn")
+        self.mlp = Gemma3MLP(config, dtype, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.post_attention_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
@@ -108,7 +116,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config, dtype, backend):
+    def __init__(self, config, dtype, backend, quant_config=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -120,7 +128,8 @@ class Gemma3Model(nn.Module):
         }
         self.rotary = nn.ModuleDict(ropes)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, t, dtype, backend, ropes[t]) for t in types
+            Gemma3DecoderLayer(config, t, dtype, backend, ropes[t], quant_config, f"model.layers.{i}")
+            for i, t in enumerate(types)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, offset=1.0)
 
@@ -134,10 +143,10 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(DecoderForCausalLM):
-    def __init__(self, config, dtype=torch.float32, backend=None):
+    def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
-        super().__init__(config, dtype)
-        self.model = Gemma3Model(config, dtype, backend)
+        super().__init__(config, dtype, quant_config)
+        self.model = Gemma3Model(config, dtype, backend, quant_config)
         self.build_lm_head(self.model.embed_tokens)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
 

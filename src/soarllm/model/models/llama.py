@@ -18,7 +18,8 @@ from soarllm.model.models.base import DecoderForCausalLM
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb: RotaryEmbedding):
+    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb: RotaryEmbedding,
+                 quant_config=None, prefix: str = ""):
         # rotary_emb is shared by every layer; the model looks cos/sin up once per step.
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -35,12 +36,16 @@ class LlamaAttention(nn.Module):
             },
             bias=qkv_bias,
             dtype=dtype,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = Linear(
             self.num_heads * self.head_dim,
             config.hidden_size,
             bias=bool(getattr(config, "attention_bias", False)),
             dtype=dtype,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = [rotary_emb]  # a list keeps the shared module out of submodules
         self.sliding_window = _sliding_window(config, layer_idx)
@@ -71,14 +76,16 @@ def _sliding_window(config, layer_idx: int) -> int | None:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, dtype):
+    def __init__(self, config, dtype, quant_config=None, prefix: str = ""):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
         self.gate_up_proj = MergedLinear(
-            config.hidden_size, {"gate": inter, "up": inter}, bias=bias, dtype=dtype
+            config.hidden_size, {"gate": inter, "up": inter}, bias=bias, dtype=dtype,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
         )
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype,
+                                quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_and_mul = ACT_AND_MUL[config.hidden_act]
 
     def forward(self, x):
@@ -86,10 +93,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb):
+    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb, quant_config=None,
+                 prefix: str = ""):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, backend, rotary_emb)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, backend, rotary_emb,
+                                        quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -99,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, dtype, backend):
+    def __init__(self, config, dtype, backend, quant_config=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -111,7 +120,8 @@ class LlamaModel(nn.Module):
             rotary_dim=int(head_dim * getattr(config, "partial_rotary_factor", 1.0)),
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, backend, self.rotary_emb)
+            LlamaDecoderLayer(config, i, dtype, backend, self.rotary_emb, quant_config,
+                              f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -125,9 +135,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
-    def __init__(self, config, dtype=torch.float32, backend=None):
-        super().__init__(config, dtype)
-        self.model = LlamaModel(config, dtype, backend)
+    def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
+        super().__init__(config, dtype, quant_config)
+        self.model = LlamaModel(config, dtype, backend, quant_config)
         self.build_lm_head(self.model.embed_tokens)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:

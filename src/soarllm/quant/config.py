@@ -1,0 +1,110 @@
+"""The `quantization` engine argument -> the QuantizationConfig every model constructor gets.
+
+    None          take it from the checkpoint: a GGUF file is served quantized (quant/gguf.py);
+                  an unquantized checkpoint stays unquantized
+    "none"        dequantize everything to the model dtype (a GGUF file's float path)
+    "gguf"        the GGUF file's own blocks (an error for other checkpoints)
+    "w8a16"       quantize float weights at load: int8, one scale per output channel (RTN)
+    "w4a16"       quantize float weights at load: int4, asymmetric, group 32 (RTN);
+                  "w4a16-g64" / "w4a16-g128" pick the group size
+
+Quantizing at load leaves `lm_head` in the model dtype, as quantization tools do by default
+(the logits are the most sensitive product); a GGUF file's head follows the file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from soarllm.errors import ConfigError, UnsupportedModelError
+from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod
+from soarllm.quant.w4a16 import GROUP_SIZES, W4A16Method
+from soarllm.quant.w8a16 import W8A16Method
+
+if TYPE_CHECKING:
+    from soarllm.model.loader.checkpoint import Checkpoint
+
+QUANTIZATION_CHOICES = ("none", "gguf", "w8a16", "w4a16", "w4a16-g64", "w4a16-g128")
+_W4A16 = re.compile(r"w4a16(?:-g(\d+))?")
+
+
+class RTNConfig(QuantizationConfig):
+    """Round-to-nearest at load time, every linear layer but the LM head."""
+
+    def __init__(self, scheme: str, group_size: int = 32):
+        self.scheme, self.group_size = scheme, group_size
+        self.name = scheme if scheme == "w8a16" else f"w4a16-g{group_size}"
+        self.quantized = 0
+
+    def get_quant_method(self, layer, prefix: str) -> QuantMethod:
+        if prefix == "lm_head":
+            return UnquantizedMethod()
+        self.quantized += 1
+        return W8A16Method() if self.scheme == "w8a16" else W4A16Method(self.group_size)
+
+    def weights(self, checkpoint, dtype):
+        # quantize from full precision, not from weights already rounded to the model dtype
+        return checkpoint.weights(torch.float32)
+
+    def summary(self) -> str:
+        method = "W8A16 (per channel)" if self.scheme == "w8a16" else f"W4A16 (group {self.group_size})"
+        return f"quantized at load (round to nearest): {self.quantized} linear layers {method}; lm_head unquantized"
+
+
+def parse_quantization(quantization: str | None) -> str | None:
+    if quantization is None:
+        return None
+    value = str(quantization).strip().lower()
+    m = _W4A16.fullmatch(value)
+    if m and m.group(1) and int(m.group(1)) not in GROUP_SIZES:
+        raise ConfigError(
+            f"W4A16 group size {m.group(1)} is not supported; use one of {GROUP_SIZES} "
+            "(e.g. quantization='w4a16-g128')"
+        )
+    if value not in ("none", "gguf", "w8a16") and not m:
+        raise ConfigError(
+            f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATION_CHOICES)} "
+            "(or leave it unset to follow the checkpoint)"
+        )
+    return value
+
+
+def get_quant_config(quantization: str | None, checkpoint: Checkpoint,
+                     packed_modules: dict[str, tuple[str, str]]) -> QuantizationConfig | None:
+    """The config the model is built with; None means every layer unquantized."""
+    value = parse_quantization(quantization)
+    is_gguf = checkpoint.format == "gguf"
+    if value is None:
+        _refuse_unknown_checkpoint_quantization(checkpoint)
+        value = "gguf" if is_gguf else "none"
+    if value == "none":
+        return None
+    if value == "gguf":
+        if not is_gguf:
+            raise ConfigError(
+                f"quantization='gguf' needs a .gguf checkpoint; {checkpoint.path} is "
+                f"{checkpoint.format}. Leave quantization unset, or use w8a16 / w4a16"
+            )
+        from soarllm.quant.gguf import GGUFQuantConfig
+
+        return GGUFQuantConfig(
+            checkpoint.packed_types(), packed_modules,
+            bool(getattr(checkpoint.config, "tie_word_embeddings", False)),
+        )
+    if value == "w8a16":
+        return RTNConfig("w8a16")
+    group = _W4A16.fullmatch(value).group(1)
+    return RTNConfig("w4a16", int(group) if group else 32)
+
+
+def _refuse_unknown_checkpoint_quantization(checkpoint: Checkpoint) -> None:
+    qc = getattr(checkpoint.config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise UnsupportedModelError(
+            f"{checkpoint.path} is quantized with {method!r}, which soarllm cannot load yet; "
+            "use an unquantized or GGUF checkpoint"
+        )

@@ -1,0 +1,152 @@
+"""GGUF served quantized: llama.cpp's 4-bit blocks repacked into the W4A16 kernel at load.
+
+Each of these block types is exactly a group-32 asymmetric int4 layout, w = (q - 8) * s + z:
+
+    Q4_0  (32 weights: fp16 d, 16 bytes of nibbles)   w = d * (q - 8)      s = d,       z = 0
+    Q4_1  (32 weights: fp16 d, fp16 m, 16 bytes)      w = d * q + m        s = d,       z = m + 8d
+    Q4_K  (256 weights: fp16 d, dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes)
+          eight sub-blocks of 32, w = d*sc * q - dmin*mn    s = d*sc,  z = 8 d*sc - dmin*mn
+
+so repacking them loses nothing but float rounding (z is computed in float32). In all three the
+first 16 weights of a 32-weight run are the low nibbles of 16 bytes and the next 16 their high
+nibbles. Other types (Q8_0, Q5_x, Q6_K, ...) have no exact 4-bit form: their layers load
+dequantized to the model dtype (gguf's own dequantize), named in the config's summary line. Q8_0
+is group-32 symmetric int8, which the per-channel W8A16 kernel cannot hold without re-rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod
+from soarllm.quant.w4a16 import W4A16Method
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+GROUP = 32
+
+
+@dataclass
+class GGUFBlocks:
+    """One GGUF tensor as stored: `data` is uint8 [rows, bytes per row] of `qtype` blocks."""
+
+    qtype: str  # GGMLQuantizationType name, e.g. "Q4_1"
+    data: torch.Tensor
+    shape: tuple[int, int]  # (rows, cols) of the weight, HF layout (out, in)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 weight, by gguf's own dequantize (the oracle of the repack)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        values = dequantize(self.data.numpy(), GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
+
+    def to_int4(self, group_size: int = GROUP):
+        """(q uint8 [rows, cols], scale f32 [rows, cols/32], zero f32) with w = (q - 8) s + z."""
+        if group_size != GROUP or self.qtype not in INT4_TYPES:
+            raise ValueError(f"{self.qtype} blocks have no exact group-{group_size} int4 form")
+        return _REPACK[self.qtype](self.data.numpy(), *self.shape)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32] values: the low nibbles, then the high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _result(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, rows: int, cols: int):
+    return (
+        torch.from_numpy(np.ascontiguousarray(q.reshape(rows, cols))),
+        torch.from_numpy(np.ascontiguousarray(scale.reshape(rows, cols // GROUP))),
+        torch.from_numpy(np.ascontiguousarray(zero.reshape(rows, cols // GROUP))),
+    )
+
+
+def _repack_q4_0(data: np.ndarray, rows: int, cols: int):
+    blocks = data.reshape(-1, 18)
+    d = _f16(blocks[:, 0:2])[:, 0]
+    return _result(_nibbles(blocks[:, 2:]), d, np.zeros_like(d), rows, cols)
+
+
+def _repack_q4_1(data: np.ndarray, rows: int, cols: int):
+    blocks = data.reshape(-1, 20)
+    d = _f16(blocks[:, 0:2])[:, 0]
+    m = _f16(blocks[:, 2:4])[:, 0]
+    return _result(_nibbles(blocks[:, 4:]), d, m + 8 * d, rows, cols)
+
+
+def _repack_q4_k(data: np.ndarray, rows: int, cols: int):
+    from gguf.quants import Q4_K
+
+    blocks = data.reshape(-1, 144)
+    d = _f16(blocks[:, 0:2])
+    dmin = _f16(blocks[:, 2:4])
+    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+    scale = d * sc.astype(np.float32)  # [n, 8]: one per 32-weight sub-block
+    zero = 8 * scale - dmin * mn.astype(np.float32)
+    # 128 bytes = 4 runs of 32 bytes; run i holds sub-block 2i (low nibbles) and 2i+1 (high)
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return _result(qs & 0x0F, scale, zero, rows, cols)
+
+
+_REPACK = {"Q4_0": _repack_q4_0, "Q4_1": _repack_q4_1, "Q4_K": _repack_q4_k}
+
+
+class GGUFQuantConfig(QuantizationConfig):
+    """Per layer from the file's tensor types: W4A16 where every shard is Q4_0/Q4_1/Q4_K."""
+
+    name = "gguf"
+    loads_packed = True
+
+    def __init__(self, types: dict[str, str], packed_modules: dict[str, tuple[str, str]],
+                 tie_word_embeddings: bool):
+        self.types = types  # HF tensor name -> GGML type name
+        # merged module name -> {shard id: checkpoint module name}, e.g. qkv_proj -> {q: q_proj}
+        self.shards: dict[str, dict[str, str]] = {}
+        for frag, (merged, shard) in packed_modules.items():
+            self.shards.setdefault(merged, {})[shard] = frag
+        self.tied = tie_word_embeddings
+        self.repacked: Counter[str] = Counter()
+        self.dequantized: Counter[str] = Counter()
+
+    def weights(self, checkpoint, dtype):
+        return checkpoint.weights(dtype, packed=True)
+
+    def checkpoint_names(self, layer, prefix: str) -> list[str]:
+        if prefix == "lm_head" and self.tied:
+            return ["model.embed_tokens.weight"]
+        offsets = getattr(layer, "shard_offsets", None)
+        if not offsets:
+            return [f"{prefix}.weight"]
+        parent, merged = prefix.rsplit(".", 1)
+        return [f"{parent}.{self.shards[merged][shard]}.weight" for shard in offsets]
+
+    def get_quant_method(self, layer, prefix: str) -> QuantMethod:
+        types = [self.types.get(name, "F32") for name in self.checkpoint_names(layer, prefix)]
+        if all(t in INT4_TYPES for t in types):
+            self.repacked.update(types)
+            return W4A16Method(GROUP)
+        self.dequantized.update(t for t in types if t not in FLOAT_TYPES)
+        return UnquantizedMethod()
+
+    def summary(self) -> str:
+        def fmt(counter: Counter) -> str:
+            return ", ".join(f"{n} {t}" for t, n in sorted(counter.items())) or "none"
+
+        line = f"GGUF served quantized: repacked into W4A16 (group 32): {fmt(self.repacked)}"
+        if self.dequantized:
+            line += (f"; dequantized to the model dtype (no exact kernel for the type): "
+                     f"{fmt(self.dequantized)}")
+        embedding = self.types.get("model.embed_tokens.weight", "F32")
+        return line + f"; token embedding dequantized ({embedding})"

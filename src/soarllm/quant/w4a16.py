@@ -1,0 +1,174 @@
+"""W4A16: 4-bit weights, group-wise asymmetric, activations in the model dtype.
+
+The format is tinygemm's (torchao's int4 weight-only layout), which PyTorch's CPU kernel
+``_weight_int4pack_mm_for_cpu`` reads: each weight is
+
+    w = (q - 8) * scale + zero        q in [0, 16), one (scale, zero) per `group_size` inputs
+
+with `zero` a float (not an integer zero point). GGUF's Q4_0, Q4_1 and Q4_K blocks map onto it
+exactly (quant/gguf.py); float checkpoints are quantized here by round-to-nearest (RTN).
+
+While loading, `qweight` holds two 4-bit values per byte (even input column in the low nibble)
+and `scales` / `zeros` are float32 [out, in / group]. After loading, on the CPU, they become the
+kernel's packed weight and one [in / group, out, 2] scale-and-zero tensor in the model dtype
+(output rows padded to a multiple of 16, the kernel's tile). Elsewhere the layer dequantizes and
+calls F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soarllm.errors import ConfigError
+from soarllm.quant.base import (
+    QuantMethod,
+    as_float,
+    check_rows,
+    load_rows,
+    new_param,
+    set_weight_loader,
+    shard_range,
+)
+
+GROUP_SIZES = (32, 64, 128)
+_N_TILE = 16  # the CPU kernel packs output rows in tiles of 16
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] values in [0, 16) -> uint8 [rows, cols / 2], even column in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [rows, cols / 2] -> uint8 [rows, cols]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_w4(weight: torch.Tensor, group_size: int):
+    """Round-to-nearest asymmetric int4 per group: (q uint8, scale f32, zero f32), w ~ (q-8)s + z."""
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    zero = lo + 8 * scale  # (q - 8) * scale + zero == q * scale + lo
+    return q.to(torch.uint8).reshape(rows, cols), scale, zero
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    """float32 [rows, cols] from packed nibbles and per-group scale / zero."""
+    q = unpack_nibbles(qweight).float()
+    rows, cols = q.shape
+    q = q.reshape(rows, cols // group_size, group_size)
+    w = (q - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.reshape(rows, cols)
+
+
+def cpu_kernel_supports(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(
+        torch.ops.aten, "_weight_int4pack_mm_for_cpu"
+    )
+
+
+def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
+    """The CPU kernel's operands: packed weight and [in / group, out_padded, 2] scale_and_zero."""
+    rows = q.shape[0]
+    pad = -rows % _N_TILE
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad))
+        scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    scale_and_zero = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scale_and_zero
+
+
+def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+                     group_size: int, out_features: int) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
+    if out.shape[-1] != out_features:
+        out = out[:, :out_features]
+    return out.reshape(*lead, out_features)
+
+
+class W4A16Method(QuantMethod):
+    checkpoint_params = {"weight": "qweight", "bias": "bias"}
+
+    def __init__(self, group_size: int = 32):
+        if group_size not in GROUP_SIZES:
+            raise ConfigError(f"W4A16 group size {group_size} is not supported; use one of {GROUP_SIZES}")
+        self.group_size = group_size
+
+    def describe(self) -> str:
+        return f"W4A16 (group {self.group_size})"
+
+    def create_weights(self, layer, in_features, out_features, bias, dtype):
+        g = self.group_size
+        if in_features % g:
+            raise ConfigError(
+                f"W4A16 group size {g} does not divide the layer's {in_features} inputs; "
+                f"choose a group size that divides it (one of {GROUP_SIZES})"
+            )
+        layer.params_dtype = dtype
+        layer.qweight = set_weight_loader(
+            new_param((out_features, in_features // 2), torch.uint8),
+            functools.partial(self.load_weight, layer),
+        )
+        layer.scales = new_param((out_features, in_features // g), torch.float32)
+        layer.zeros = new_param((out_features, in_features // g), torch.float32)
+        layer.scales.filled_by = layer.zeros.filled_by = "qweight"
+        layer.bias = (
+            set_weight_loader(new_param((out_features,), dtype), functools.partial(load_rows, layer))
+            if bias else None
+        )
+        layer.use_cpu_kernel = False
+
+    def load_weight(self, layer, param, loaded, shard_id=None) -> None:
+        """Float weights are quantized (RTN); GGUF blocks of a 4-bit type are repacked exactly."""
+        off, size = shard_range(layer, shard_id, layer.out_features)
+        to_int4 = getattr(loaded, "to_int4", None)
+        if to_int4 is not None:
+            check_rows("weight", shard_id, (size, layer.in_features), loaded.shape)
+            q, scale, zero = to_int4(self.group_size)
+        else:
+            weight = as_float(loaded)
+            check_rows("weight", shard_id, (size, layer.in_features), weight.shape)
+            q, scale, zero = quantize_w4(weight, self.group_size)
+        layer.qweight.data[off : off + size] = pack_nibbles(q)
+        layer.scales.data[off : off + size] = scale
+        layer.zeros.data[off : off + size] = zero
+
+    def process_weights_after_loading(self, layer) -> None:
+        dtype = layer.params_dtype
+        if layer.qweight.device.type == "cpu" and cpu_kernel_supports(dtype):
+            q = unpack_nibbles(layer.qweight.data)
+            packed, scale_and_zero = int4pack_cpu(q, layer.scales.data, layer.zeros.data, dtype)
+            layer.qweight = nn.Parameter(packed, requires_grad=False)
+            layer.scale_and_zero = nn.Parameter(scale_and_zero, requires_grad=False)
+            del layer.scales, layer.zeros
+            layer.use_cpu_kernel = True
+
+    def apply(self, layer, x):
+        if layer.use_cpu_kernel:
+            out = w4a16_linear_cpu(x, layer.qweight, layer.scale_and_zero, self.group_size,
+                                   layer.out_features)
+            return out if layer.bias is None else out + layer.bias
+        w = dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
+        return F.linear(x, w.to(x.dtype), layer.bias)
+
+    def dequantized_weight(self, layer) -> torch.Tensor:
+        """The float32 weight the layer computes with (for tests and comparisons)."""
+        if not layer.use_cpu_kernel:
+            return dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
+        # Multiplying the identity recovers the weight exactly as the kernel sees it.
+        eye = torch.eye(layer.in_features, dtype=layer.params_dtype)
+        out = w4a16_linear_cpu(eye, layer.qweight, layer.scale_and_zero, self.group_size,
+                               layer.out_features)
+        return out.float().t().contiguous()

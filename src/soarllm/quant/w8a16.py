@@ -1,0 +1,100 @@
+"""W8A16: int8 weights with one symmetric scale per output channel, activations in the model dtype.
+
+    w = q * scale        q in [-127, 127], one scale per output row
+
+On the CPU PyTorch's ``_weight_int8pack_mm`` computes x @ (q * scale).T without materializing the
+float weight; it is used when the input size is a multiple of 32 (other sizes read out of bounds
+in some kernel versions) and the dtype is float32, bfloat16 or float16. Elsewhere the layer
+dequantizes and calls F.linear. Float checkpoints are quantized by round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from soarllm.quant.base import (
+    QuantMethod,
+    as_float,
+    check_rows,
+    load_rows,
+    new_param,
+    set_weight_loader,
+    shard_range,
+)
+
+_K_MULTIPLE = 32
+
+
+def quantize_w8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric per-row int8: (q int8 [rows, cols], scale f32 [rows])."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_w8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.float()[:, None]
+
+
+def cpu_kernel_applies(in_features: int, dtype: torch.dtype) -> bool:
+    return (
+        in_features % _K_MULTIPLE == 0
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    )
+
+
+def w8a16_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    lead = x.shape[:-1]
+    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scales)
+    return out.reshape(*lead, qweight.shape[0])
+
+
+class W8A16Method(QuantMethod):
+    checkpoint_params = {"weight": "qweight", "bias": "bias"}
+
+    def describe(self) -> str:
+        return "W8A16 (per channel)"
+
+    def create_weights(self, layer, in_features, out_features, bias, dtype):
+        layer.params_dtype = dtype
+        layer.qweight = set_weight_loader(
+            new_param((out_features, in_features), torch.int8),
+            functools.partial(self.load_weight, layer),
+        )
+        layer.scales = new_param((out_features,), torch.float32)
+        layer.scales.filled_by = "qweight"
+        layer.bias = (
+            set_weight_loader(new_param((out_features,), dtype), functools.partial(load_rows, layer))
+            if bias else None
+        )
+        layer.use_cpu_kernel = False
+
+    def load_weight(self, layer, param, loaded, shard_id=None) -> None:
+        """Float weights (or dequantized blocks) are quantized per output row (RTN)."""
+        weight = as_float(loaded)
+        off, size = shard_range(layer, shard_id, layer.out_features)
+        check_rows("weight", shard_id, (size, layer.in_features), weight.shape)
+        q, scale = quantize_w8(weight)
+        layer.qweight.data[off : off + size] = q
+        layer.scales.data[off : off + size] = scale
+
+    def process_weights_after_loading(self, layer) -> None:
+        layer.scales.data = layer.scales.data.to(layer.params_dtype)
+        layer.use_cpu_kernel = layer.qweight.device.type == "cpu" and cpu_kernel_applies(
+            layer.in_features, layer.params_dtype
+        )
+
+    def apply(self, layer, x):
+        if layer.use_cpu_kernel:
+            out = w8a16_linear_cpu(x, layer.qweight, layer.scales)
+            return out if layer.bias is None else out + layer.bias
+        w = dequantize_w8(layer.qweight, layer.scales)
+        return F.linear(x, w.to(x.dtype), layer.bias)
+
+    def dequantized_weight(self, layer) -> torch.Tensor:
+        return dequantize_w8(layer.qweight, layer.scales)
