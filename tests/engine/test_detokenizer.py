@@ -41,3 +41,20 @@ def test_stream_never_splits_a_character(tokenizer, text):
     # multi-byte characters really were split over several tokens somewhere
     if text == TEXTS[0]:
         assert any(p == "" for p in pieces)
+
+
+@pytest.mark.parametrize("stops", [[")", "("], ["(", ")"], [") +", "("], ["f(", "()"]])
+def test_stop_cut_at_the_first_occurrence_whatever_the_list_order(tokenizer, stops):
+    """One token can complete two stop strings at once: the text is cut before the one that
+    occurs first in the text, so it holds none of them (the OpenAI contract)."""
+    ids = tokenizer.encode("y = f() + 1", add_special_tokens=False)
+    assert "()" in [tokenizer.decode([t]) for t in ids]  # one token holds both brackets
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=stops))
+    for t in ids:
+        if detok.add_token(t, check_stop=True) is not None:
+            break
+    else:
+        pytest.fail("no stop string found")
+    text = tokenizer.decode(ids)
+    assert detok.text == text[: min(text.index(s) for s in stops)]
+    assert not any(s in detok.text for s in stops)

@@ -47,15 +47,20 @@ class IncrementalDetokenizer:
         return None
 
     def _find_stop(self, new_from: int) -> str | None:
+        """The stop string that occurs first in the text (not first in the list): a token may
+        complete several at once, and the text keeps none of them."""
+        found = []
         for stop in self.params.stop:
-            start = max(0, new_from - len(stop) + 1)
-            i = self.text.find(stop, start)
+            i = self.text.find(stop, max(0, new_from - len(stop) + 1))
             if i != -1:
-                end = i + len(stop) if self.params.include_stop_str_in_output else i
-                self.text = self.text[:end]
-                self.emitted = min(self.emitted, end)
-                return stop
-        return None
+                found.append((i, -len(stop), stop))
+        if not found:
+            return None
+        i, _, stop = min(found)
+        end = i + len(stop) if self.params.include_stop_str_in_output else i
+        self.text = self.text[:end]
+        self.emitted = min(self.emitted, end)
+        return stop
 
     def flush_pending(self) -> None:
         """At the end, add what a trailing incomplete character still holds (as U+FFFD)."""
