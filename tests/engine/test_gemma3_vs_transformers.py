@@ -21,7 +21,7 @@ def test_gemma3_greedy_matches_transformers():
     from soarllm import hub
 
     path = Path(hub.pull("gemma3-270m", progress=False))
-    ours = LLM(str(path), dtype="float32", max_model_len=512)
+    ours = LLM(str(path), dtype="float32", max_model_len=512, quantization="none")
     tok = ours.get_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
     got = ours.generate(prompts, SamplingParams(temperature=0.0, max_tokens=N_TOKENS,

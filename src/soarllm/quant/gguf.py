@@ -146,7 +146,8 @@ class GGUFQuantConfig(QuantizationConfig):
 
         line = f"GGUF served quantized: repacked into W4A16 (group 32): {fmt(self.repacked)}"
         if self.dequantized:
-            line += (f"; dequantized to the model dtype (no exact kernel for the type): "
+            line += (f"; dequantized to the model dtype (a type with no exact kernel, or in a layer "
+                     f"with one): "
                      f"{fmt(self.dequantized)}")
         embedding = self.types.get("model.embed_tokens.weight", "F32")
         return line + f"; token embedding dequantized ({embedding})"

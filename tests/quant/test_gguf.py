@@ -1,0 +1,245 @@
+"""GGUF served quantized. Oracles we did not write: gguf's own dequantize (the repacked blocks must
+give back the weights it gives, to float rounding) and transformers' model read from the same GGUF
+file (which dequantizes it with gguf) for the logits of a tiny model whose layers are Q4_0, Q4_1
+and Q8_0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from soarllm.kernels.attention import ReferenceAttentionBackend
+from soarllm.model.layers.linear import Linear, MergedLinear
+from soarllm.model.loader import load_checkpoint
+from soarllm.model.models.base import DecoderForCausalLM
+from soarllm.model.registry import resolve_model_class
+from soarllm.quant.base import UnquantizedMethod
+from soarllm.quant.config import get_quant_config
+from soarllm.quant.gguf import GGUFBlocks, GGUFQuantConfig
+from soarllm.quant.w4a16 import W4A16Method
+from tests.model.test_logits_vs_hf import PagedRun
+from tests.tiny import make_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOARLLM_HOME", str(tmp_path / "home"))
+
+
+def _quantized(weight: np.ndarray, qtype: str) -> GGUFBlocks:
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qtype]
+    blocks = gguf.quants.quantize(weight.astype(np.float32), t)
+    return GGUFBlocks(qtype, torch.from_numpy(blocks), weight.shape)
+
+
+def _random_q4_k(rows: int, cols: int, seed: int) -> GGUFBlocks:
+    """Q4_K blocks with random nibbles, 6-bit scales/mins and fp16 super-block scales (gguf has
+    no Q4_K quantizer): 144 bytes per 256 weights, d and dmin first."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, size=(n, 144), dtype=np.uint8)
+    d = rng.uniform(1e-3, 2e-2, size=n).astype(np.float16)
+    dmin = rng.uniform(1e-3, 2e-2, size=n).astype(np.float16)
+    blocks[:, 0:2] = d.view(np.uint8).reshape(n, 2)
+    blocks[:, 2:4] = dmin.view(np.uint8).reshape(n, 2)
+    return GGUFBlocks("Q4_K", torch.from_numpy(blocks.reshape(rows, -1)), (rows, cols))
+
+
+def _tinygemm(q, scale, zero) -> torch.Tensor:
+    """w = (q - 8) * scale + zero per group of 32, written out here."""
+    s = scale.repeat_interleave(32, dim=1)
+    z = zero.repeat_interleave(32, dim=1)
+    return (q.float() - 8) * s + z
+
+
+def _gguf_dequantize(blocks: GGUFBlocks) -> torch.Tensor:
+    import gguf
+
+    values = gguf.quants.dequantize(blocks.data.numpy(), gguf.GGMLQuantizationType[blocks.qtype])
+    return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(blocks.shape)
+
+
+def _assert_float_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
+    # (q - 8) s + (m + 8 s) against q s + m: a few float32 ulps of the largest term
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=4e-7 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
+def test_repack_equals_gguf_dequantize(qtype, shape):
+    rows, cols = shape
+    if qtype == "Q4_K":
+        blocks = _random_q4_k(rows, cols, seed=rows)
+    else:
+        rng = np.random.default_rng(rows)
+        blocks = _quantized(rng.normal(0.0, 0.05, size=shape) + rng.normal(0, 0.02), qtype)
+    q, scale, zero = blocks.to_int4()
+    assert q.shape == shape and int(q.max()) <= 15 and scale.shape == (rows, cols // 32)
+    _assert_float_rounding(_tinygemm(q, scale, zero), _gguf_dequantize(blocks))
+    # Through the layer and the CPU kernel (float32): the weight the kernel computes with.
+    layer = Linear(cols, rows, dtype=torch.float32, quant_method=W4A16Method(32))
+    layer.qweight.weight_loader(layer.qweight, blocks)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.use_cpu_kernel
+    torch.testing.assert_close(layer.quant_method.dequantized_weight(layer), _gguf_dequantize(blocks),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gguf_config_per_layer_types():
+    """W4A16 only where every shard of a layer is a 4-bit type; Q8_0 stays exact (dequantized)."""
+    types = {
+        "model.layers.0.self_attn.q_proj.weight": "Q4_0",
+        "model.layers.0.self_attn.k_proj.weight": "Q4_K",
+        "model.layers.0.self_attn.v_proj.weight": "Q4_1",
+        "model.layers.0.mlp.gate_proj.weight": "Q4_1",
+        "model.layers.0.mlp.up_proj.weight": "Q6_K",
+        "model.layers.0.mlp.down_proj.weight": "Q8_0",
+        "model.embed_tokens.weight": "Q4_0",
+    }
+    config = GGUFQuantConfig(types, DecoderForCausalLM.packed_modules, tie_word_embeddings=True)
+    qkv = MergedLinear(64, {"q": 64, "k": 32, "v": 32}, quant_config=config,
+                       prefix="model.layers.0.self_attn.qkv_proj")
+    gate_up = MergedLinear(64, {"gate": 128, "up": 128}, quant_config=config,
+                           prefix="model.layers.0.mlp.gate_up_proj")
+    down = Linear(128, 64, quant_config=config, prefix="model.layers.0.mlp.down_proj")
+    norm_like = Linear(64, 64, quant_config=config, prefix="model.layers.0.other")  # F32
+    head = Linear(64, 512, quant_config=config, prefix="lm_head")  # tied: the embedding's type
+    assert isinstance(qkv.quant_method, W4A16Method)
+    assert isinstance(head.quant_method, W4A16Method)
+    for layer in (gate_up, down, norm_like):
+        assert isinstance(layer.quant_method, UnquantizedMethod)
+    summary = config.summary()
+    assert "W4A16 (group 32): 2 Q4_0, 1 Q4_1, 1 Q4_K;" in summary  # qkv and the head
+    assert "1 Q4_1, 1 Q6_K, 1 Q8_0" in summary  # gate shares its layer with a Q6_K shard
+
+
+# --- a tiny model written as GGUF with 4-bit and 8-bit tensors ---------------------------------
+
+# which GGML type each HF weight is written in; everything else (norms) F32
+TYPES = {
+    "self_attn.q_proj.weight": "Q4_0",
+    "self_attn.k_proj.weight": "Q4_1",
+    "self_attn.v_proj.weight": "Q4_1",
+    "self_attn.o_proj.weight": "Q4_0",
+    "mlp.gate_proj.weight": "Q4_1",
+    "mlp.up_proj.weight": "Q4_1",
+    "mlp.down_proj.weight": "Q8_0",
+    "model.embed_tokens.weight": "Q4_0",  # tied: the head is served from a W4A16 copy
+    "lm_head.weight": "Q4_1",
+}
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (LlamaModel.permute in its converter)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(hf_dir: Path, out: Path) -> Path:
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(hf_dir))
+    state = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    arch = cfg.model_type
+    arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(specials["<|im_start|>"])
+    w.add_eos_token_id(specials["<|im_end|>"])
+    for hf_name, tensor in state.items():
+        data = tensor.numpy()
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            data = _permute(data, cfg.num_attention_heads)
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            data = _permute(data, cfg.num_key_value_heads)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        qtype = next((t for suffix, t in TYPES.items() if hf_name.endswith(suffix)), None)
+        if qtype is None:
+            w.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama-tied", "qwen2-untied"])
+def tiny_gguf(request, tmp_path_factory) -> Path:
+    arch, tying = request.param.split("-")
+    hf_dir = make_tiny_model(tmp_path_factory.mktemp(arch), arch, tie_word_embeddings=tying == "tied")
+    return _write_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf")
+
+
+def _build(path: Path, quantization: str | None):
+    ckpt = load_checkpoint(str(path))
+    cls = resolve_model_class(ckpt.config)
+    qc = get_quant_config(quantization, ckpt, cls.packed_modules)
+    model = cls(ckpt.config, torch.float32, ReferenceAttentionBackend(), quant_config=qc)
+    model.load_weights(qc.weights(ckpt, torch.float32) if qc else ckpt.weights(torch.float32))
+    return model, ckpt.config
+
+
+def _logits(model, cfg, seqs) -> torch.Tensor:
+    run = PagedRun(model, cfg, seqs)
+    return run.step([(i, 0, len(s)) for i, s in enumerate(seqs)])
+
+
+def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = _build(tiny_gguf, None)
+    kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
+    assert kinds == {"W4A16Method", "UnquantizedMethod"}  # Q8_0 down_proj stays exact
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj.quant_method, W4A16Method)
+    assert isinstance(model.lm_head.quant_method, W4A16Method)  # Q4_0 embedding or Q4_1 output
+    assert all(m.use_cpu_kernel for m in model.modules() if isinstance(m.__dict__.get("quant_method"), W4A16Method))
+
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 12)]
+    got = _logits(model, cfg, seqs)
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
+                                               dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    dequantized, _ = _build(tiny_gguf, "none")
+    assert not any(isinstance(m.__dict__.get("quant_method"), W4A16Method) for m in dequantized.modules())
+    torch.testing.assert_close(_logits(dequantized, cfg, seqs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantization_gguf_refused_for_other_checkpoints(tmp_path):
+    from soarllm.errors import ConfigError
+
+    hf_dir = make_tiny_model(tmp_path / "m", "llama")
+    ckpt = load_checkpoint(str(hf_dir))
+    with pytest.raises(ConfigError, match="needs a .gguf checkpoint"):
+        get_quant_config("gguf", ckpt, DecoderForCausalLM.packed_modules)
+    assert get_quant_config(None, ckpt, DecoderForCausalLM.packed_modules) is None

@@ -1,0 +1,168 @@
+"""W8A16 and W4A16 linear layers against a dequantize-then-matmul oracle written here in plain
+float32 torch: random shapes (odd output sizes, several group sizes), float32 and bfloat16
+activations, the CPU kernels and the portable fallback, merged shards loading through their
+weight_loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soarllm.errors import ConfigError
+from soarllm.model.layers.linear import Linear, MergedLinear
+from soarllm.quant.config import RTNConfig, parse_quantization
+from soarllm.quant.w4a16 import W4A16Method, quantize_w4, unpack_nibbles
+from soarllm.quant.w8a16 import W8A16Method, quantize_w8
+
+# (out, in): odd and non-multiple-of-16 output sizes pad to the int4 kernel's tile of 16
+SHAPES = [(16, 64), (48, 128), (7, 64), (100, 256), (200, 384)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _oracle_w4(layer_q, scales, zeros, group):
+    """w = (q - 8) * scale + zero, per group of `group` inputs: the tinygemm convention."""
+    q = layer_q.float()
+    rows, cols = q.shape
+    s = scales.float().repeat_interleave(group, dim=1)
+    z = zeros.float().repeat_interleave(group, dim=1)
+    assert s.shape == (rows, cols)
+    return (q - 8) * s + z
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel sees of a float32 scale (or zero) stored in the activation dtype."""
+    return t.to(dtype).float()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = want.abs().max().item() + 1e-6
+    err = (got.float() - want).abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16 output keeps 8 significant bits
+    assert err <= tol * scale, f"max error {err:.3g} vs output scale {scale:.3g}"
+
+
+def _w4_layer(out_f, in_f, group, dtype, weight, bias=None):
+    layer = Linear(in_f, out_f, bias=bias is not None, dtype=dtype, quant_method=W4A16Method(group))
+    layer.qweight.weight_loader(layer.qweight, weight)
+    if bias is not None:
+        layer.bias.weight_loader(layer.bias, bias)
+    q, s, z = unpack_nibbles(layer.qweight.data.clone()), layer.scales.data.clone(), layer.zeros.data.clone()
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer, (q, s, z)
+
+
+@pytest.mark.parametrize(
+    ("shape", "group"), [(s, g) for s in SHAPES for g in (32, 64, 128) if s[1] % g == 0]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype):
+    out_f, in_f = shape
+    torch.manual_seed(out_f * in_f + group)
+    weight = torch.randn(out_f, in_f) * 0.05
+    bias = torch.randn(out_f)
+    layer, (q, s, z) = _w4_layer(out_f, in_f, group, dtype, weight, bias)
+    assert layer.use_cpu_kernel
+    for m in (1, 3, 17):
+        x = torch.randn(m, in_f).to(dtype)
+        w = _oracle_w4(q, _rounded(s, dtype), _rounded(z, dtype), group)
+        want = x.float() @ w.t() + bias.to(dtype).float()
+        with torch.inference_mode():
+            got = layer(x)
+        assert got.dtype == dtype and got.shape == (m, out_f)
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a16_fallback_equals_cpu_kernel(dtype):
+    """The portable path (other devices) computes the same layer as the CPU kernel."""
+    torch.manual_seed(1)
+    weight = torch.randn(40, 128) * 0.1
+    fast, _ = _w4_layer(40, 128, 32, dtype, weight)
+    slow = Linear(128, 40, dtype=dtype, quant_method=W4A16Method(32))
+    slow.qweight.weight_loader(slow.qweight, weight)
+    slow.scales.data = slow.scales.data.to(dtype)  # as the kernel sees them
+    slow.zeros.data = slow.zeros.data.to(dtype)
+    assert not slow.use_cpu_kernel
+    x = torch.randn(5, 128).to(dtype)
+    with torch.inference_mode():
+        _close(slow(x), fast(x).float(), dtype)
+
+
+def test_w4a16_rtn_error_is_within_half_a_step():
+    torch.manual_seed(2)
+    weight = torch.randn(24, 96)
+    q, s, z = quantize_w4(weight, 32)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    err = (_oracle_w4(q, s, z, 32) - weight).abs()
+    step = s.repeat_interleave(32, dim=1)
+    assert bool((err <= step / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (7, 96), (33, 256), (5, 40), (9, 65)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a16_matches_dequantized_matmul(shape, dtype):
+    """Input sizes that are multiples of 32 take _weight_int8pack_mm, others the fallback."""
+    out_f, in_f = shape
+    torch.manual_seed(out_f + in_f)
+    weight = torch.randn(out_f, in_f) * 0.05
+    layer = Linear(in_f, out_f, dtype=dtype, quant_method=W8A16Method())
+    layer.qweight.weight_loader(layer.qweight, weight)
+    q, s = layer.qweight.data.clone(), layer.scales.data.clone()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.use_cpu_kernel == (in_f % 32 == 0)
+    want_w = q.float() * _rounded(s, dtype)[:, None]
+    # the per-channel int8 error bound of round to nearest
+    assert bool(((q.float() * s[:, None] - weight).abs() <= s[:, None] / 2 + 1e-7).all())
+    for m in (1, 4):
+        x = torch.randn(m, in_f).to(dtype)
+        with torch.inference_mode():
+            got = layer(x)
+        _close(got, x.float() @ want_w.t(), dtype)
+
+
+@pytest.mark.parametrize("method", [lambda: W8A16Method(), lambda: W4A16Method(32)])
+def test_merged_shards_load_through_the_layer(method):
+    """q/k/v shards loaded one by one equal the concatenated weight quantized at once."""
+    torch.manual_seed(3)
+    sizes = {"q": 64, "k": 32, "v": 32}
+    shards = {name: torch.randn(n, 64) * 0.1 for name, n in sizes.items()}
+    merged = MergedLinear(64, sizes, dtype=torch.float32, quant_method=method())
+    for name in ("v", "q", "k"):  # any order
+        merged.qweight.weight_loader(merged.qweight, shards[name], name)
+    merged.quant_method.process_weights_after_loading(merged)
+    whole = Linear(64, 128, dtype=torch.float32, quant_method=method())
+    whole.qweight.weight_loader(whole.qweight, torch.cat([shards[n] for n in sizes]))
+    whole.quant_method.process_weights_after_loading(whole)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(x), whole(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shard 'k'"):
+        merged2 = MergedLinear(64, sizes, dtype=torch.float32, quant_method=method())
+        merged2.qweight.weight_loader(merged2.qweight, shards["q"], "k")
+
+
+def test_quantization_argument_errors_name_the_fix():
+    assert parse_quantization(None) is None
+    assert parse_quantization("W4A16-G128") == "w4a16-g128"
+    with pytest.raises(ConfigError, match="w8a16"):
+        parse_quantization("int3")
+    with pytest.raises(ConfigError, match="32, 64, 128"):
+        parse_quantization("w4a16-g48")
+    with pytest.raises(ConfigError, match="does not divide"):
+        Linear(96, 16, quant_config=RTNConfig("w4a16", 64), prefix="x")
+
+
+def test_rtn_config_leaves_lm_head_unquantized():
+    config = RTNConfig("w4a16", 32)
+    head = Linear(64, 16, quant_config=config, prefix="lm_head")
+    proj = Linear(64, 16, quant_config=config, prefix="model.layers.0.mlp.down_proj")
+    assert hasattr(head, "weight") and not hasattr(head, "qweight")
+    assert isinstance(proj.quant_method, W4A16Method)
+    assert "1 linear layers W4A16 (group 32)" in config.summary()
+
+
+def test_w8a16_quantize_is_symmetric_per_row():
+    w = torch.tensor([[127.0, -3.0, 10.2], [0.0, 0.0, 0.0]])
+    q, s = quantize_w8(w)
+    assert q[0].tolist() == [127, -3, 10] and s[0].item() == 1.0
+    assert q[1].tolist() == [0, 0, 0]
