@@ -8,6 +8,16 @@ from soarllm.errors import InvalidRequestError
 
 _GREEDY_EPS = 1e-5
 
+# Bounds of the request parameters: validate() enforces them and the HTTP schemas publish them
+# (serve/protocol_*.py read these names, so the two never disagree).
+MAX_N = 128
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1  # larger than any vocabulary: top_k >= vocab size keeps every token
+MAX_REPETITION_PENALTY = 10.0  # repetition_penalty in (0, MAX_REPETITION_PENALTY]
+MAX_ABS_PENALTY = 2.0  # presence_penalty and frequency_penalty in [-2, 2]
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
 
 @dataclass
 class SamplingParams:
@@ -43,25 +53,29 @@ class SamplingParams:
         def bad(param: str, msg: str) -> InvalidRequestError:
             return InvalidRequestError(msg, param=param)
 
-        if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
-            raise bad("n", f"n must be an integer between 1 and 128, got {self.n!r}")
-        if self.temperature < 0 or self.temperature > 100:
-            raise bad("temperature", f"temperature must be in [0, 100], got {self.temperature}")
+        if not isinstance(self.n, int) or self.n < 1 or self.n > MAX_N:
+            raise bad("n", f"n must be an integer between 1 and {MAX_N}, got {self.n!r}")
+        if self.temperature < 0 or self.temperature > MAX_TEMPERATURE:
+            raise bad("temperature",
+                      f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        if not isinstance(self.top_k, int):
-            raise bad("top_k", f"top_k must be an integer, got {self.top_k!r}")
-        if not 0 < self.repetition_penalty <= 10:
+        if not isinstance(self.top_k, int) or self.top_k > MAX_TOP_K:
+            raise bad("top_k", f"top_k must be an integer up to {MAX_TOP_K} (0 or -1: all "
+                      f"tokens), got {self.top_k!r}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise bad(
                 "repetition_penalty",
-                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got "
+                f"{self.repetition_penalty}",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if not -2 <= v <= 2:
-                raise bad(name, f"{name} must be in [-2, 2], got {v}")
+            if not -MAX_ABS_PENALTY <= v <= MAX_ABS_PENALTY:
+                raise bad(name, f"{name} must be in [{-MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}], "
+                          f"got {v}")
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):
@@ -70,14 +84,19 @@ class SamplingParams:
             raise bad("min_tokens", f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or not 0 <= v <= 20):
-                raise bad(name, f"{name} must be an integer in [0, 20], got {v!r}")
+            if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise bad("stop", "stop must be a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise bad("stop", f"at most 16 stop strings are allowed, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got "
+                      f"{len(self.stop)}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0
+               for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "stop_token_ids must be token ids (integers >= 0, below "
+                      "the vocabulary size)")
 
     @property
     def greedy(self) -> bool:

@@ -127,6 +127,12 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         params.validate()
         text, ids = self.tokenize_prompt(prompt)
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be token ids in [0, {self.vocab_size}); got "
+                f"{[t for t in params.stop_token_ids if t >= self.vocab_size][:5]}",
+                param="stop_token_ids",
+            )
         room = self.max_model_len - len(ids)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             raise ContextLengthError(

@@ -17,12 +17,14 @@ from fastapi.responses import Response
 
 from soarllm import __version__
 from soarllm.engine.async_engine import AsyncLLMEngine
+from soarllm.model.tokenizer import fim_tokens
 from soarllm.serve.access_log import AccessLogMiddleware
 from soarllm.serve.auth import BearerAuthMiddleware, protected_paths
 from soarllm.serve.body_limit import BodySizeLimitMiddleware
 from soarllm.serve.config import ServerConfig
 from soarllm.serve.errors import install_error_handlers
 from soarllm.serve.metrics import ServerMetrics
+from soarllm.serve.openapi import ServedLimits, install_openapi
 from soarllm.serve.routes import openai_router, ops_router, tgi_router
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import ClientDisconnected
@@ -58,6 +60,11 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
     )
     app.state.soar = state
     install_error_handlers(app)
+    install_openapi(app, ServedLimits(
+        max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+        tokenizer_size=len(engine.tokenizer), max_prompt_chars=tokenizers.max_prompt_chars,
+        fim=fim_tokens(engine.tokenizer) is not None,
+    ))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:

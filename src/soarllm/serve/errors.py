@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from soarllm.errors import InvalidRequestError, OverloadedError, SoarError
+from soarllm.serve.request_fields import UNSUPPORTED
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,9 @@ def internal_error_response(path: str, exc: BaseException) -> JSONResponse:
 
 
 _BASIC_TYPES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+# pydantic's names for validated or constrained members of a union ("list[constrained-str]",
+# "function-after[_token_id(), int]"): the plain type is what a client can act on
+_WRAPPED = re.compile(r"function-(?:after|before|wrap|plain)\[[^\[\],]*\(\), ([^\[\]]*)\]")
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -105,7 +110,17 @@ def _is_union_tag(part: Any) -> bool:
     "TextContentPart"); field names here are snake_case."""
     if not isinstance(part, str) or not part:
         return False
-    return part in _BASIC_TYPES or "[" in part or part[0].isupper()
+    return (part in _BASIC_TYPES or "[" in part or part[0].isupper()
+            or part.startswith(("constrained-", "function-")))
+
+
+def _readable_tag(tag: str) -> str:
+    tag = tag.replace("constrained-", "")
+    while True:
+        plain = _WRAPPED.sub(r"\1", tag)
+        if plain == tag:
+            return tag
+        tag = plain
 
 
 def _join(parts: list[Any]) -> str:
@@ -129,6 +144,61 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return _split_loc(loc)[0]
 
 
+def _is_type_error(e: dict[str, Any]) -> bool:
+    """The input is not of the member's type at all (as opposed to a value out of its bounds)."""
+    return e["type"].endswith("_type") or e["type"] in (
+        "literal_error", "none_required", "is_instance_of", "missing", "extra_forbidden",
+        "enum", "union_tag_invalid", "union_tag_not_found", "model_attributes_type")
+
+
+def _message(e: dict[str, Any]) -> str:
+    """pydantic's message, saying "empty" where a value needs at least one character or item."""
+    if e["type"] in ("string_too_short", "too_short") and e.get("ctx", {}).get("min_length") == 1:
+        return "must not be empty"
+    msg = e.get("msg", "invalid value")
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _unsupported_error(errors: list[dict[str, Any]]) -> InvalidRequestError | None:
+    """Fields that another API defines and this server cannot honour (request_fields.py's
+    ``neutral_only``), set to something other than their neutral values."""
+    bad = {_field_path(e["loc"]): e.get("ctx", {}).get("accepted", "null")
+           for e in errors if e["type"] == UNSUPPORTED}
+    if not bad:
+        return None
+    parts = [f"{name} (remove it or send {accepted})" for name, accepted in bad.items()]
+    return InvalidRequestError(
+        f"unsupported field(s) for this server: {'; '.join(parts)}", param=next(iter(bad)))
+
+
+def _union_error(errors: list[dict[str, Any]], field: str) -> InvalidRequestError:
+    """The value of ``field`` matched no member of its union. When the input fits some members
+    but breaks their bounds (or fits the shape of only one), describe that member's errors; else
+    list the accepted types."""
+    by_tag: dict[str, list[dict[str, Any]]] = {}
+    top_level_mismatch: set[str] = set()
+    for e in errors:
+        parts = [p for p in e["loc"] if p not in ("body", "query", "path")]
+        f, tag = _split_loc(e["loc"])
+        if f != field or tag is None:
+            continue
+        by_tag.setdefault(tag, []).append(e)
+        if parts[-1] == tag and _is_type_error(e):
+            top_level_mismatch.add(tag)
+    near = [t for t, es in by_tag.items() if not any(_is_type_error(e) for e in es)]
+    if not near:
+        shaped = [t for t in by_tag if t not in top_level_mismatch]
+        near = shaped if len(shaped) == 1 else []
+    if near:  # the same sentence as for a plain field, at the path inside the value
+        inner = [{**e, "loc": tuple(p for p in e["loc"] if not _is_union_tag(p))}
+                 for t in near for e in by_tag[t]]
+        return InvalidRequestError(validation_error(inner).message, param=field)
+    tags = list(dict.fromkeys(_readable_tag(t) for t in by_tag))
+    return InvalidRequestError(
+        f"invalid value for '{field}'{_input_repr(errors, field)}: expected "
+        f"{' or '.join(tags)}", param=field)
+
+
 def validation_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
     """One InvalidRequestError describing pydantic errors, naming the fields involved."""
     extra = [_field_path(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
@@ -139,6 +209,9 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
             "fields this server accepts)",
             param=extra[0],
         )
+    unsupported = _unsupported_error(errors)
+    if unsupported is not None:
+        return unsupported
     for e in errors:
         if e["type"] in ("json_invalid", "json_type"):
             detail = e.get("ctx", {}).get("error", e.get("msg", ""))
@@ -157,17 +230,9 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
         names = ", ".join(sorted(set(missing)))
         return InvalidRequestError(f"missing required field(s): {names}", param=missing[0])
     first_field, first_tag = _split_loc(errors[0]["loc"])
-    if first_tag is not None:  # a union: say which shapes are accepted
-        tags = list(dict.fromkeys(
-            t for f, t in (_split_loc(e["loc"]) for e in errors) if f == first_field and t))
-        got = _input_repr(errors, first_field)
-        return InvalidRequestError(
-            f"invalid value for '{first_field}'{got}: expected {' or '.join(tags)}",
-            param=first_field,
-        )
-    msgs = [e.get("msg", "invalid value") for e in errors
-            if _field_path(e["loc"]) == first_field]
-    msgs = [m.removeprefix("Value error, ").removeprefix("Assertion failed, ") for m in msgs]
+    if first_tag is not None:
+        return _union_error(errors, first_field)
+    msgs = [_message(e) for e in errors if _field_path(e["loc"]) == first_field]
     unique = list(dict.fromkeys(msgs))
     detail = unique[0] if len(unique) == 1 else "; or ".join(unique[:4])
     got = _input_repr(errors, first_field)

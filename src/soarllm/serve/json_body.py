@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from typing import Any
 
 from fastapi import HTTPException
@@ -33,11 +34,18 @@ def _reject_constant(name: str) -> Any:
                          "finite number (or null)")
 
 
-def _finite_float(text: str) -> float:
+def _finite_float(text: str) -> float | int:
+    """A number written with a fraction or an exponent. One with an integral value ("341.0",
+    "1e3") is an int, as JSON Schema counts it an integer: integer fields take it, and float
+    fields take ints anyway."""
     value = float(text)
     if not math.isfinite(value):
         raise BodyParseError(f"the number {text[:40]} in the request body is too large for a "
                              "64-bit float; send a smaller number")
+    if value.is_integer():
+        exact = Decimal(text)
+        if exact == exact.to_integral_value() and abs(exact) < 10**MAX_INT_DIGITS:
+            return int(exact)
     return value
 
 

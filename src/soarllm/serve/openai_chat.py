@@ -34,7 +34,7 @@ from soarllm.serve.protocol_openai import (
     PromptTokensDetails,
     Usage,
 )
-from soarllm.serve.sampling import chat_params, refuse_unsupported
+from soarllm.serve.sampling import chat_params
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import (
     DONE,
@@ -51,7 +51,6 @@ SYSTEM_FINGERPRINT = f"soarllm-{__version__}"
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                                  raw: Request) -> Response | ChatCompletionResponse:
-    refuse_unsupported(req.unsupported())
     model = state.check_model(req.model)
     check_stream_options(req.stream, req.stream_options)
     prompt = await chat_input(state, req.messages)

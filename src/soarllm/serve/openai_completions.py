@@ -32,7 +32,7 @@ from soarllm.serve.protocol_openai import (
     PromptTokensDetails,
     Usage,
 )
-from soarllm.serve.sampling import completion_params, refuse_unsupported
+from soarllm.serve.sampling import completion_params
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import (
     DONE,
@@ -55,7 +55,12 @@ def check_stream_options(stream: bool, stream_options: Any) -> None:
 
 async def create_completion(state: ServerState, req: CompletionRequest,
                             raw: Request) -> Response | CompletionResponse:
-    refuse_unsupported(req.unsupported())
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequestError(
+            f"best_of must be null or equal to n (got best_of={req.best_of}, n={req.n}): this "
+            "server returns every completion it generates, with no best-of selection",
+            param="best_of",
+        )
     model = state.check_model(req.model)
     check_stream_options(req.stream, req.stream_options)
     echo_only = req.max_tokens == 0

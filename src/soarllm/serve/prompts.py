@@ -13,10 +13,8 @@ from soarllm.chat_utils import render_chat
 from soarllm.errors import InvalidRequestError
 from soarllm.model.tokenizer import fim_tokens
 from soarllm.serve.generation import PromptInput
-from soarllm.serve.protocol_openai import ChatMessage, OtherContentPart, TextContentPart
+from soarllm.serve.protocol_openai import MAX_PROMPTS, ChatMessage, TextContentPart
 from soarllm.serve.state import ServerState
-
-MAX_PROMPTS = 256
 
 
 async def completion_inputs(
@@ -128,26 +126,10 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> PromptInput:
             '[{"role": "user", "content": "Hello"}]', param="messages",
         )
     plain: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        if m.role in ("tool", "function") or m.tool_calls or m.function_call:
-            raise InvalidRequestError(
-                f"messages[{i}]: tool and function calling are not supported by this server",
-                param=f"messages[{i}]",
-            )
+    for m in messages:  # the request model admits text parts only and no tool messages
         content = m.content
         if isinstance(content, list):
-            others = [p.type for p in content if isinstance(p, OtherContentPart)]
-            if "text" in others:
-                raise InvalidRequestError(
-                    f"messages[{i}].content: a 'text' part needs a 'text' string and nothing "
-                    "else", param=f"messages[{i}].content",
-                )
-            if others:
-                raise InvalidRequestError(
-                    f"messages[{i}].content: only 'text' parts are supported, got "
-                    f"{', '.join(repr(t) for t in others)}", param=f"messages[{i}].content",
-                )
-            content = "".join(p.text for p in content)  # type: ignore[union-attr]
+            content = "".join(p.text for p in content if isinstance(p, TextContentPart))
         message: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name:
             message["name"] = m.name

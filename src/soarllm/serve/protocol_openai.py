@@ -1,25 +1,57 @@
 """OpenAI API request and response models (the subset soarllm serves).
 
-Requests are strict: a field of the wrong type is an error (no "5" for 5), and a field the model
-does not declare is refused by name. Fields that OpenAI defines but this server cannot honour are
-declared so the error can say so, and refused by ``unsupported()`` when they are set to anything
-but their neutral value.
+The request models are the published schema, and the schema says what the server enforces:
+strict types, undeclared fields refused by name, the sampling bounds of
+soarllm/sampling_params.py, non-empty prompts, token ids and lengths within the served model's
+limits (filled in by serve/openapi.py), and the fields OpenAI defines but this server cannot
+honour limited to their neutral values (``neutral_only``). What one field cannot say (the prompt
+and max_tokens together must fit the context, ``best_of`` must equal ``n``, ...) is written in the
+field's description and refused with a 400 that names the field.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from soarllm.sampling_params import (
+    MAX_ABS_PENALTY,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+)
+from soarllm.serve.request_fields import (
+    FIM,
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    NonEmptyPromptText,
+    PromptText,
+    StrictModel,
+    TokenId,
+    int_field,
+    neutral_only,
+    served_limit,
+)
 
 # int64, the range OpenAI documents for seeds
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-MAX_LOGPROBS = 20
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_STOP_TOKEN_IDS = 64
+MAX_MIN_TOKENS = 1_000_000
+
+StopString = Annotated[str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+def _new_tokens(minimum: int) -> Any:
+    """A number of tokens to generate; at most the context length - 1 (a prompt has >= 1)."""
+    return Annotated[int, Field(ge=minimum, json_schema_extra=served_limit(NEW_TOKENS))]
 
 
 class StreamOptions(StrictModel):
@@ -29,51 +61,62 @@ class StreamOptions(StrictModel):
 class SamplingExtensions(StrictModel):
     """vLLM-style sampling fields that clients send through ``extra_body``."""
 
-    top_k: int | None = Field(None, ge=-1, le=1_000_000)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K,
+                              description="keep the k most likely tokens; -1 or 0: all")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_MIN_TOKENS,
+                                   description="at most max_tokens")
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
 
 
 class _CommonSampling(SamplingExtensions):
-    model: str | None = Field(None, max_length=1000, description="served model name")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    model: str | None = Field(None, max_length=1000,
+                              description="a served model name (GET /v1/models); null or '': "
+                              "the first")
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="0: greedy")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Stop | None = None
+    seed: int | None = int_field(None, ge=_INT64_MIN, le=_INT64_MAX)
+    presence_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream=true")
     user: str | None = Field(None, max_length=1000)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: neutral_only(None, {}) = None
 
 
 # -- /v1/completions ----------------------------------------------------------------------------
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+PromptTokenIds = Annotated[list[TokenId],
+                           Field(min_length=1, json_schema_extra=served_limit(PROMPT_TOKENS))]
+Prompt = (
+    NonEmptyPromptText
+    | Annotated[list[NonEmptyPromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | PromptTokenIds
+    | Annotated[list[PromptTokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+)
 
 
 class CompletionRequest(_CommonSampling):
-    prompt: Prompt
-    suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=0)
+    prompt: Prompt = Field(
+        description="text, a list of texts, token ids, or a list of token-id lists; "
+        "(prompts x n) at most 512; each prompt plus max_tokens must fit the context length",
+    )
+    suffix: PromptText | None = Field(
+        None, description="fill-in-the-middle: needs a text prompt and a model with FIM tokens",
+        json_schema_extra=served_limit(FIM),
+    )
+    max_tokens: _new_tokens(0) | None = Field(
+        16, description="0 only with echo=true (to score a prompt); null: up to the context")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = Field(None, ge=1, le=128)
-
-    def unsupported(self) -> list[str]:
-        bad = []
-        if self.logit_bias:
-            bad.append("logit_bias")
-        if self.best_of is not None and self.best_of != self.n:
-            bad.append("best_of")
-        return bad
+    best_of: int | None = Field(None, ge=1, le=MAX_N,
+                                description="only null or equal to n (no best-of selection)")
 
 
 class CompletionLogprobs(BaseModel):
@@ -116,78 +159,72 @@ class CompletionResponse(BaseModel):
 
 class TextContentPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: PromptText
 
 
-class OtherContentPart(BaseModel):
-    """Any non-text part (image_url, input_audio, file, ...): refused with a clear message."""
-
-    model_config = ConfigDict(extra="allow")
-    type: str
+_TOOL_ROLES = ("tool", "function")
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextContentPart | OtherContentPart] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: PromptText | list[TextContentPart] | None = None
     name: str | None = Field(None, max_length=256)
-    tool_calls: list[Any] | None = None
+    tool_calls: neutral_only(None, []) = None
     tool_call_id: str | None = None
-    function_call: Any = None
+    function_call: neutral_only(None) = None
     refusal: str | None = None
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tool_roles(cls, role: Any) -> Any:
+        if role in _TOOL_ROLES:
+            raise PydanticCustomError(
+                "unsupported_role", "tool and function calling are not supported by this "
+                "server, so there are no {role} messages", {"role": repr(role)})
+        return role
 
-class ResponseFormat(StrictModel):
-    type: str
-    json_schema: Any = None
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            others = [p["type"] for p in content
+                      if isinstance(p, dict) and isinstance(p.get("type"), str)
+                      and p["type"] != "text"]
+            if others:
+                raise PydanticCustomError(
+                    "unsupported_content", "only 'text' content parts are supported by this "
+                    "server, got {others}", {"others": ", ".join(repr(t) for t in others)})
+        return content
 
 
 class ChatCompletionRequest(_CommonSampling):
-    messages: list[ChatMessage]
-    max_tokens: int | None = Field(None, ge=1, description="deprecated: max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="rendered with the model's chat template; the conversation "
+        "plus max_completion_tokens must fit the context length")
+    max_tokens: _new_tokens(1) | None = Field(
+        None, description="deprecated: max_completion_tokens (if both are set, they must agree)")
+    max_completion_tokens: _new_tokens(1) | None = Field(
+        None, description="null: the server's --default-max-tokens, else up to the context")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="only with logprobs=true")
+    response_format: neutral_only(None, {"type": "text"}) = None
+    tools: neutral_only(None, []) = None
+    tool_choice: neutral_only(None, "none", "auto") = None
     parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    store: bool | None = None
+    functions: neutral_only(None, []) = None
+    function_call: neutral_only(None, "none", "auto") = None
+    store: neutral_only(None, False) = None
     metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    reasoning_effort: str | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    verbosity: str | None = None
+    service_tier: neutral_only(None, "auto", "default") = None
+    reasoning_effort: neutral_only(None) = None
+    modalities: neutral_only(None, ["text"]) = None
+    audio: neutral_only(None) = None
+    prediction: neutral_only(None) = None
+    web_search_options: neutral_only(None) = None
+    verbosity: neutral_only(None) = None
     prompt_cache_key: str | None = Field(None, max_length=1000)
     safety_identifier: str | None = Field(None, max_length=1000)
-
-    def unsupported(self) -> list[str]:
-        bad = []
-        if self.logit_bias:
-            bad.append("logit_bias")
-        if self.response_format is not None and self.response_format.type != "text":
-            bad.append("response_format")
-        if self.tools:
-            bad.append("tools")
-        if self.tool_choice not in (None, "none", "auto") or (
-            self.tool_choice == "auto" and self.tools
-        ):
-            bad.append("tool_choice")
-        for name in ("functions", "function_call", "audio", "prediction", "web_search_options",
-                     "reasoning_effort", "verbosity"):
-            if getattr(self, name):
-                bad.append(name)
-        if self.store:
-            bad.append("store")
-        if self.service_tier not in (None, "auto", "default"):
-            bad.append("service_tier")
-        if self.modalities is not None and self.modalities != ["text"]:
-            bad.append("modalities")
-        return bad
 
 
 class ChatLogprobTop(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from soarllm import __version__
 from soarllm.errors import InvalidRequestError
@@ -24,7 +24,14 @@ from soarllm.serve.protocol_openai import (
     ModelList,
     StrictModel,
 )
-from soarllm.serve.protocol_tgi import TGIInfo, TGIRequest, TGIResponse, TGIStreamResponse
+from soarllm.serve.protocol_tgi import (
+    TGIGenerateRequest,
+    TGIInfo,
+    TGIRequest,
+    TGIResponse,
+    TGIStreamResponse,
+)
+from soarllm.serve.request_fields import PromptText, TokenizerId
 from soarllm.serve.routing import SoarRoute
 from soarllm.serve.state import ServerState, get_state
 
@@ -89,7 +96,7 @@ tgi_router = APIRouter(tags=["tgi"], responses=_TGI_ERRORS, route_class=SoarRout
 
 
 @tgi_router.post("/generate", response_model=TGIResponse)
-async def tgi_generate(body: TGIRequest, request: Request,
+async def tgi_generate(body: TGIGenerateRequest, request: Request,
                        state: ServerState = Depends(get_state)) -> Any:
     return JSONResponse(await tgi.generate(state, body, request))
 
@@ -156,9 +163,15 @@ async def version() -> dict[str, str]:
 
 
 class TokenizeRequest(StrictModel):
+    """Exactly one of ``prompt`` (text) or ``messages`` (rendered with the chat template)."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    # absent when not used, never null (the schema's oneOf says which one is required)
+    prompt: PromptText = None  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(None, min_length=1)  # type: ignore[assignment]
     add_special_tokens: bool = True
 
 
@@ -170,7 +183,7 @@ class TokenizeResponse(StrictModel):
 
 class DetokenizeRequest(StrictModel):
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    tokens: list[TokenizerId] = Field(max_length=1_000_000)
 
 
 class DetokenizeResponse(StrictModel):

@@ -12,14 +12,6 @@ from soarllm.serve.protocol_tgi import DEFAULT_MAX_NEW_TOKENS, TGIParameters
 _SEED_MOD = 2**63  # engines seed torch generators with non-negative 63-bit ints
 
 
-def refuse_unsupported(names: list[str]) -> None:
-    if names:
-        raise InvalidRequestError(
-            f"unsupported field(s) for this server: {', '.join(names)}; remove them or set them "
-            "to their default", param=names[0],
-        )
-
-
 def _extensions(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     for name in ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
@@ -92,8 +84,9 @@ def chat_params(req: ChatCompletionRequest, default_max_tokens: int | None = Non
     return build(kw, rename={"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs"})
 
 
-def tgi_params(p: TGIParameters) -> SamplingParams:
-    """TGI's rule: sample when do_sample or any sampling knob is set, else greedy."""
+def tgi_params(p: TGIParameters, room: int | None = None) -> SamplingParams:
+    """TGI's rule: sample when do_sample or any sampling knob is set, else greedy. Without
+    max_new_tokens, DEFAULT_MAX_NEW_TOKENS capped to the ``room`` the prompt leaves."""
     sampling = p.do_sample or any(
         v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p)
     )
@@ -104,7 +97,8 @@ def tgi_params(p: TGIParameters) -> SamplingParams:
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         seed=None if p.seed is None else p.seed % _SEED_MOD,
-        max_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        max_tokens=p.max_new_tokens or (DEFAULT_MAX_NEW_TOKENS if room is None or room < 1
+                                        else min(DEFAULT_MAX_NEW_TOKENS, room)),
         stop=list(p.stop),
     )
     if p.top_n_tokens is not None or p.details:

@@ -22,7 +22,7 @@ from soarllm.serve.protocol_tgi import (
     TGIResponse,
     TGIToken,
 )
-from soarllm.serve.sampling import refuse_unsupported, tgi_params
+from soarllm.serve.sampling import tgi_params
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import SSEResponse, sse_event, stream_error_payload, until_disconnect
 
@@ -40,14 +40,13 @@ def finish_reason(c: CompletionOutput) -> str:
 async def _start(state: ServerState, req: TGIRequest, stream: bool) -> tuple[
         PromptInput, TrackedRequest, _TGIView]:
     p = req.parameters
-    refuse_unsupported(p.unsupported())
     if not req.inputs:
         raise InvalidRequestError("`inputs` cannot be empty", param="inputs")
     ids = await text_input(state, req.inputs, "inputs", req.add_special_tokens)
     if p.truncate is not None:
         ids = ids[-p.truncate:]
     prompt = PromptInput(ids, req.inputs)
-    params = tgi_params(p)
+    params = tgi_params(p, room=state.max_model_len - len(ids))
     tracked = await submit(state, new_request_id("tgi"), [prompt], params, coalesce=not stream)
     return prompt, tracked[0], _TGIView(state, req, prompt, params.seed)
 
@@ -65,10 +64,7 @@ def tgi_json(resp: TGIResponse) -> dict[str, Any]:
 
 
 async def generate(state: ServerState, req: TGIRequest, raw: Request) -> dict[str, Any]:
-    if req.stream:
-        raise InvalidRequestError(
-            "stream=true is not supported on /generate; use /generate_stream", param="stream"
-        )
+    """A whole response (POST /generate refuses stream=true in its request model)."""
     _, tracked, view = await _start(state, req, stream=False)
     try:
         final = await until_disconnect(raw, tracked.collect())
