@@ -178,17 +178,35 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
 
 
 def test_soar_chat_streams_answers(tiny_llama_dir):
+    """Two turns of `soar chat`: each streamed reply is transformers' greedy reply to the whole
+    conversation so far (its chat template, its argmax), and the next prompt follows it."""
     import subprocess
     import sys
 
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     proc = subprocess.run(
         [sys.executable, "-m", "soarllm.cli.main", "chat", str(tiny_llama_dir), "--max-tokens", "5",
-         "--ignore-eos"],
+         "--ignore-eos", "--dtype", "float32"],
         input="hello\nand again\n\n", capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    # two turns answered: the prompt marker appears for each input line plus the final empty one
-    assert proc.stdout.count("> ") == 3
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    messages, replies = [], []
+    for line in ("hello", "and again"):
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"]
+        new = []
+        with torch.inference_mode():
+            for _ in range(5):
+                new.append(int(model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+        replies.append(tok.decode(new, skip_special_tokens=True))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    # input() writes each "> " prompt to stdout; a reply ends with a newline
+    assert proc.stdout == f"> {replies[0]}\n> {replies[1]}\n> "
 
 
 def test_prompt_logprobs_survive_chunking_and_preemption(tiny_llama_dir, llm):
