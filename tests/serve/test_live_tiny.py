@@ -147,8 +147,8 @@ def test_load_200_concurrent_streams_with_cancellations(tiny_server):
 
 def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
     """SIGTERM while two streams run: new connections are refused, the short stream ends with
-    all its tokens, the long one ends either complete or cut off (no [DONE]) when the grace
-    period runs out, and the process exits with status 0. Only events are asserted: which way
+    all its tokens, the long one ends either complete or cut off when the grace period runs out
+    (then with an OpenAI-shaped error event, then [DONE]), and the process exits with status 0. Only events are asserted: which way
     the long stream ends depends on the machine's speed, and both ways are checked."""
     grace_s = 5.0
     srv = start_soar_serve(str(tiny_model_dir), "--shutdown-timeout", str(grace_s),
@@ -158,7 +158,7 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
     async def stream(max_tokens: int, started: asyncio.Event) -> dict:
         body = {"model": "tiny", "prompt": "x", "max_tokens": max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        seen = {"chunks": 0, "done": False, "usage": None}
+        seen = {"chunks": 0, "done": False, "usage": None, "error": None}
         try:
             async with httpx.AsyncClient(base_url=base, timeout=120) as http, \
                     http.stream("POST", "/v1/completions", json=body) as r:
@@ -167,6 +167,9 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
                         seen["done"] = True
                     elif line.startswith("data: "):
                         event = json.loads(line[6:])
+                        if "error" in event:
+                            seen["error"] = event["error"]
+                            continue
                         if event.get("usage"):
                             seen["usage"] = event["usage"]["completion_tokens"]
                         if event["choices"] and event["choices"][0]["text"]:
@@ -209,8 +212,10 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
     # (had the long stream completed at once, the process may be gone before the first probe)
     assert refused_while_running or endless["done"], log
     assert short["done"] and short["usage"] == 20 and short["chunks"] >= 1, (short, log)
-    if endless["done"]:
+    assert short["error"] is None and endless["done"], (short, endless, log)
+    if endless["error"] is None:  # completed within the grace period
         assert endless["usage"] == 4000, (endless, log)
-    else:  # cut off at the end of the grace period: no [DONE], no usage, fewer tokens
+    else:  # cut at the end of the grace period: an error event, no usage, fewer tokens
+        assert endless["error"]["message"] and endless["error"]["type"], (endless, log)
         assert endless["usage"] is None and 1 <= endless["chunks"] < 4000, (endless, log)
     assert rc == 0, log
