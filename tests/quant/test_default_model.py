@@ -1,0 +1,114 @@
+"""The real default model (GGUF Q4_1) served quantized against its dequantized path: every Q4_1
+tensor repacks to what gguf's dequantize gives; greedy continuations and logits agree; the weights
+and the resident memory shrink."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from soarllm.kernels.attention import ReferenceAttentionBackend
+from soarllm.model.loader import load_checkpoint
+from soarllm.model.registry import resolve_model_class
+from soarllm.quant.config import get_quant_config
+from soarllm.quant.gguf import GGUFBlocks
+from soarllm.quant.w4a16 import W4A16Method
+from tests.model.test_logits_vs_hf import PagedRun
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "def quicksort(arr):",
+    "The capital of France is",
+    "import numpy as np\n\n# compute the moving average of a 1-D array\ndef moving_average(x, w):",
+    "Once upon a time, in a small village by the sea,",
+    "SELECT name, COUNT(*) FROM orders",
+    "The three laws of thermodynamics are",
+]
+N_TOKENS = 16
+
+
+def test_every_q4_1_tensor_repacks_to_ggufs_dequantized_weight(default_model_path):
+    ckpt = load_checkpoint(str(default_model_path))
+    seen = 0
+    for name, tensor in ckpt.weights(torch.float32, packed=True):
+        if not isinstance(tensor, GGUFBlocks) or tensor.qtype != "Q4_1":
+            continue
+        q, scale, zero = tensor.to_int4()
+        rows, cols = tensor.shape
+        q = q.float().reshape(rows, cols // 32, 32)
+        ours = ((q - 8) * scale[..., None] + zero[..., None]).reshape(rows, cols)
+        want = tensor.dequantize()  # gguf.quants.dequantize
+        torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6 * want.abs().max().item(),
+                                   msg=name)
+        seen += 1
+    assert seen == 210  # 30 layers x 7 projections
+
+
+def _build(path, quantization, dtype):
+    ckpt = load_checkpoint(str(path))
+    cls = resolve_model_class(ckpt.config)
+    qc = get_quant_config(quantization, ckpt, cls.packed_modules)
+    model = cls(ckpt.config, dtype, ReferenceAttentionBackend(), quant_config=qc)
+    model.load_weights(qc.weights(ckpt, dtype) if qc else ckpt.weights(dtype))
+    return model, ckpt.config
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_of_quantized_and_dequantized_paths_agree(default_model_path, dtype):
+    quant, cfg = _build(default_model_path, None, dtype)
+    assert sum(isinstance(m.__dict__.get("quant_method"), W4A16Method) for m in quant.modules()) == 120  # 30 x (qkv, o, gate_up, down)
+    dense, _ = _build(default_model_path, "none", dtype)
+    assert _weight_bytes(quant) < 0.6 * _weight_bytes(dense)  # the head stays dense (Q8_0)
+    seqs = [[1, 504, 3458, 282, 4649, 314, 253, 1056, 30], list(range(100, 160))]
+    got = []
+    for model in (quant, dense):
+        run = PagedRun(model, cfg, seqs)
+        run.caches = [c.to(dtype) for c in run.caches]
+        got.append(run.step([(i, 0, len(s)) for i, s in enumerate(seqs)]).float())
+    cos = torch.nn.functional.cosine_similarity(got[0], got[1], dim=-1)
+    assert bool((cos > 0.99).all()), cos
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_match_the_dequantized_path(default_model_path, dtype):
+    from soarllm import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, min_tokens=N_TOKENS)
+    outs = {}
+    for q in (None, "none"):
+        llm = LLM(str(default_model_path), dtype=dtype, quantization=q, max_model_len=256)
+        outs[q] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        del llm
+    same = sum(a == b for a, b in zip(outs[None], outs["none"]))
+    print(f"{dtype}: {same}/{len(PROMPTS)} prompts give the same {N_TOKENS} greedy tokens")
+    assert same >= 0.8 * len(PROMPTS)
+
+
+_RSS_SCRIPT = """
+import json, sys, psutil
+from soarllm import LLM
+llm = LLM(sys.argv[1], dtype="bfloat16", quantization=None if sys.argv[2] == "auto" else sys.argv[2],
+          max_model_len=256, num_gpu_blocks_override=64)
+llm.generate(["Hello"], None)
+print(json.dumps({"rss": psutil.Process().memory_info().rss}))
+"""
+
+
+def test_resident_memory_is_smaller_quantized(default_model_path):
+    rss = {}
+    for q in ("auto", "none"):
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(default_model_path), q],
+                             capture_output=True, text=True, timeout=600, check=True)
+        rss[q] = json.loads(out.stdout.strip().splitlines()[-1])["rss"]
+    print(f"RSS after load + one request (bfloat16): quantized {rss['auto'] / 2**20:.0f} MiB, "
+          f"dequantized {rss['none'] / 2**20:.0f} MiB; file {default_model_path.stat().st_size / 2**20:.0f} MiB")
+    assert rss["auto"] < rss["none"]
