@@ -51,7 +51,7 @@ def test_local_perplexity_matches_transformers(tiny_model_dir):
 
     from soarllm.eval.backends import LocalBackend
 
-    backend = LocalBackend(str(tiny_model_dir), max_model_len=128)
+    backend = LocalBackend(str(tiny_model_dir), max_model_len=128, dtype="float32")
     tok = backend.tokenizer()
     import inspect
     import json as json_module
