@@ -54,7 +54,7 @@ def _marker(llm, references: dict[str, list[int]], prompts: dict[str, list[int]]
 
 def _break_forward(monkeypatch, llm, when):
     """Make the model's forward raise when ``when(input_ids)`` holds."""
-    model = llm.llm_engine.runner.model
+    model = llm.llm_engine.executor.runner.model
     original = model.forward
 
     def forward(*args, **kwargs):

@@ -20,13 +20,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from soarllm.config import CacheConfig, EngineArgs, SchedulerConfig
+from soarllm.distributed.executor import make_executor
 from soarllm.engine.detokenizer import IncrementalDetokenizer
 from soarllm.engine.failures import RequestFailedError, describe
 from soarllm.engine.kv_cache_manager import KVCacheManager
 from soarllm.engine.request import Request, RequestStatus
 from soarllm.engine.scheduler import Scheduler, new_request_data
 from soarllm.errors import ContextLengthError, InvalidRequestError
-from soarllm.model.runner import ModelRunner
 from soarllm.model.tokenizer import load_tokenizer
 from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from soarllm.profiling import StepPhases
@@ -67,14 +67,14 @@ class _Group:
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
-        self.runner = ModelRunner(args)
+        self.executor = make_executor(args)
         self.model_name = args.model
-        self.max_model_len = self.runner.max_model_len
-        self.tokenizer = load_tokenizer(self.runner.checkpoint, args.tokenizer)
-        self.vocab_size = self.runner.model.vocab_size
-        self.eos_token_ids = _eos_ids(self.runner.hf_config, self.tokenizer)
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
+        self.max_model_len = self.executor.max_model_len
+        self.tokenizer = load_tokenizer(self.executor.checkpoint, args.tokenizer)
+        self.vocab_size = self.executor.vocab_size
+        self.eos_token_ids = _eos_ids(self.executor.hf_config, self.tokenizer)
+        num_blocks = self.executor.determine_num_blocks()
+        self.executor.initialize_kv_cache(num_blocks)
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         budget = args.max_num_batched_tokens or (
             max(2048, args.block_size) if args.enable_chunked_prefill else self.max_model_len
@@ -195,19 +195,19 @@ class LLMEngine:
 
     @property
     def phases(self) -> StepPhases | None:
-        return self.runner.phases
+        return self.executor.phases
 
     @phases.setter
     def phases(self, value: StepPhases | None) -> None:
         """Attach a StepPhases to time each step's phases (None detaches)."""
-        self.runner.phases = value
+        self.executor.phases = value
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
         if so.is_empty:
             if so.finished_req_ids or so.preempted_req_ids:
-                self.runner.update_states(so)  # let the runner drop them
+                self.executor.update_states(so)  # let the runner drop them
             return []
         now = time.time()
         scheduled = [self.scheduler.scheduled_request(rid) for rid in so.num_scheduled_tokens]
@@ -251,10 +251,11 @@ class LLMEngine:
                 self.groups.pop(g.request_id, None)
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
-        if self.runner.phases is not None:
-            self.runner.phases.add("schedule", t1 - t0)
-            self.runner.phases.add("outputs", time.perf_counter() - t2)
-            self.runner.phases.steps += 1
+        phases = self.executor.phases
+        if phases is not None:
+            phases.add("schedule", t1 - t0)
+            phases.add("outputs", time.perf_counter() - t2)
+            phases.steps += 1
         return outputs
 
     # -- failure containment -------------------------------------------------------------------
@@ -266,7 +267,7 @@ class LLMEngine:
 
     def _execute_contained(self, so: SchedulerOutput, scheduled: list[Request]) -> Any:
         try:
-            result = self.runner.execute(so)
+            result = self.executor.execute(so)
         except Exception as error:
             return self._isolate_failure(so, scheduled, error)
         self.num_consecutive_failed_steps = 0
@@ -285,7 +286,7 @@ class LLMEngine:
         else:
             for i, req in enumerate(scheduled):
                 try:
-                    out = self.runner.execute(self._sub_step(so, req, first=i == 0))
+                    out = self.executor.execute(self._sub_step(so, req, first=i == 0))
                 except Exception as e:
                     failed[req.request_id] = e
                     continue

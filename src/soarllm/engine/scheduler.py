@@ -112,11 +112,6 @@ class Scheduler:
         self._sent[rid] = (req.num_tokens, len(blocks))
         self._scheduled[rid] = req
 
-    def forget_runner_state(self, request_ids) -> None:
-        """The runner lost these requests' state (e.g. a failed step): send them whole next time."""
-        for rid in request_ids:
-            self._sent.pop(rid, None)
-
     def _preempt(self, req: Request) -> None:
         self._sent.pop(req.request_id, None)
         self.kv.free(req)

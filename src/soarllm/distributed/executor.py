@@ -1,0 +1,68 @@
+"""Executors: how the engine reaches its model runner(s).
+
+The engine hands each step message (``SchedulerOutput``, plain data) to ``executor.execute`` and
+never touches a runner itself. ``UniProcExecutor`` runs the one runner in this process; the
+multiprocessing and Ray executors (one runner per tensor-parallel rank, step messages broadcast to
+all, outputs from rank 0) plug in behind the same methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soarllm.config import EngineArgs
+from soarllm.model.runner import ModelRunner, RunnerOutput
+from soarllm.profiling import StepPhases
+from soarllm.scheduler_output import SchedulerOutput
+
+
+class UniProcExecutor:
+    """One runner, in this process (world size 1)."""
+
+    def __init__(self, args: EngineArgs):
+        self.runner = ModelRunner(args)
+
+    # -- what the engine needs to know about the model ----------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model.vocab_size
+
+    @property
+    def hf_config(self) -> Any:
+        return self.runner.hf_config
+
+    @property
+    def checkpoint(self) -> Any:
+        return self.runner.checkpoint
+
+    # -- KV cache and steps -----------------------------------------------------------------------
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(so)
+
+    def update_states(self, so: SchedulerOutput) -> None:
+        """Apply a step message that schedules nothing (finished / preempted ids only)."""
+        self.runner.update_states(so)
+
+    @property
+    def phases(self) -> StepPhases | None:
+        return self.runner.phases
+
+    @phases.setter
+    def phases(self, value: StepPhases | None) -> None:
+        self.runner.phases = value
+
+
+def make_executor(args: EngineArgs) -> UniProcExecutor:
+    return UniProcExecutor(args)
