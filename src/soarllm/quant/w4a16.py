@@ -10,9 +10,14 @@ exactly (quant/gguf.py); float checkpoints are quantized here by round-to-neares
 
 While loading, `qweight` holds two 4-bit values per byte (even input column in the low nibble)
 and `scales` / `zeros` are float32 [out, in / group]. After loading, on the CPU, they become the
-kernel's packed weight and one [in / group, out, 2] scale-and-zero tensor in the model dtype
-(output rows padded to a multiple of 16, the kernel's tile). Elsewhere the layer dequantizes and
-calls F.linear.
+kernel's packed weight and one [in / group, out, 2] scale-and-zero tensor (output rows padded to
+a multiple of 16, the kernel's tile). Elsewhere the layer dequantizes and calls F.linear.
+
+The CPU kernel is fast only with bfloat16 activations: its float32 and float16 paths are scalar
+loops, about 30x slower at batch 1 on an AVX-512 machine and worse for larger batches. So it always
+runs in bfloat16 (scales and zeros rounded to bfloat16, 8 significant bits; the float32
+accumulation is the kernel's own); a float32 or float16 model hands it bfloat16 copies of the
+activations and gets its output back in its own dtype.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from soarllm.quant.base import (
 
 GROUP_SIZES = (32, 64, 128)
 _N_TILE = 16  # the CPU kernel packs output rows in tiles of 16
+KERNEL_DTYPE = torch.bfloat16  # the one activation dtype the CPU kernel is fast for
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -70,13 +76,12 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return w.reshape(rows, cols)
 
 
-def cpu_kernel_supports(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(
-        torch.ops.aten, "_weight_int4pack_mm_for_cpu"
-    )
+def cpu_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
-def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
+def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 dtype: torch.dtype = KERNEL_DTYPE):
     """The CPU kernel's operands: packed weight and [in / group, out_padded, 2] scale_and_zero."""
     rows = q.shape[0]
     pad = -rows % _N_TILE
@@ -91,11 +96,11 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dty
 def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
                      group_size: int, out_features: int) -> torch.Tensor:
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
     if out.shape[-1] != out_features:
         out = out[:, :out_features]
-    return out.reshape(*lead, out_features)
+    return out.reshape(*lead, out_features).to(x.dtype)
 
 
 class W4A16Method(QuantMethod):
@@ -146,10 +151,9 @@ class W4A16Method(QuantMethod):
         layer.zeros.data[off : off + size] = zero
 
     def process_weights_after_loading(self, layer) -> None:
-        dtype = layer.params_dtype
-        if layer.qweight.device.type == "cpu" and cpu_kernel_supports(dtype):
+        if layer.qweight.device.type == "cpu" and cpu_kernel_available():
             q = unpack_nibbles(layer.qweight.data)
-            packed, scale_and_zero = int4pack_cpu(q, layer.scales.data, layer.zeros.data, dtype)
+            packed, scale_and_zero = int4pack_cpu(q, layer.scales.data, layer.zeros.data)
             layer.qweight = nn.Parameter(packed, requires_grad=False)
             layer.scale_and_zero = nn.Parameter(scale_and_zero, requires_grad=False)
             del layer.scales, layer.zeros
@@ -167,8 +171,8 @@ class W4A16Method(QuantMethod):
         """The float32 weight the layer computes with (for tests and comparisons)."""
         if not layer.use_cpu_kernel:
             return dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
-        # Multiplying the identity recovers the weight exactly as the kernel sees it.
-        eye = torch.eye(layer.in_features, dtype=layer.params_dtype)
+        # Multiplying the identity recovers the weight as the kernel sees it (in bfloat16).
+        eye = torch.eye(layer.in_features, dtype=KERNEL_DTYPE)
         out = w4a16_linear_cpu(eye, layer.qweight, layer.scale_and_zero, self.group_size,
                                layer.out_features)
         return out.float().t().contiguous()

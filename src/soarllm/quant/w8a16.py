@@ -4,8 +4,10 @@
 
 On the CPU PyTorch's ``_weight_int8pack_mm`` computes x @ (q * scale).T without materializing the
 float weight; it is used when the input size is a multiple of 32 (other sizes read out of bounds
-in some kernel versions) and the dtype is float32, bfloat16 or float16. Elsewhere the layer
-dequantizes and calls F.linear. Float checkpoints are quantized by round-to-nearest.
+in some kernel versions). Like the int4 kernel it is fast only in bfloat16 (its float32 path is
+about 15x slower at batch 1 here), so it always runs in bfloat16: scales rounded to bfloat16, a
+float32 model's activations cast for the call. Elsewhere the layer dequantizes and calls F.linear.
+Float checkpoints are quantized by round-to-nearest.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from soarllm.quant.base import (
 )
 
 _K_MULTIPLE = 32
+KERNEL_DTYPE = torch.bfloat16
 
 
 def quantize_w8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,18 +43,15 @@ def dequantize_w8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return qweight.float() * scales.float()[:, None]
 
 
-def cpu_kernel_applies(in_features: int, dtype: torch.dtype) -> bool:
-    return (
-        in_features % _K_MULTIPLE == 0
-        and dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-    )
+def cpu_kernel_applies(in_features: int) -> bool:
+    return in_features % _K_MULTIPLE == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def w8a16_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
-    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scales)
-    return out.reshape(*lead, qweight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
+    out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)
+    return out.reshape(*lead, qweight.shape[0]).to(x.dtype)
 
 
 class W8A16Method(QuantMethod):
@@ -84,10 +84,11 @@ class W8A16Method(QuantMethod):
         layer.scales.data[off : off + size] = scale
 
     def process_weights_after_loading(self, layer) -> None:
-        layer.scales.data = layer.scales.data.to(layer.params_dtype)
         layer.use_cpu_kernel = layer.qweight.device.type == "cpu" and cpu_kernel_applies(
-            layer.in_features, layer.params_dtype
+            layer.in_features
         )
+        dtype = KERNEL_DTYPE if layer.use_cpu_kernel else layer.params_dtype
+        layer.scales.data = layer.scales.data.to(dtype)
 
     def apply(self, layer, x):
         if layer.use_cpu_kernel:
