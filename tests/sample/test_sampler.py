@@ -346,3 +346,12 @@ def test_logprobs_report_rank_and_top_n():
     assert list(lp) == top3
     assert lp[top3[0]].rank == 1
     assert lp[top3[0]].logprob == pytest.approx(ref[top3[0]].item(), abs=1e-5)
+
+
+def test_seeds_beyond_int64_are_taken_modulo_2_63():
+    """The seed stream is defined modulo 2**63: a Python-int seed of any size samples, and equals
+    the reduced seed's draws."""
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    big = [SamplingParams(temperature=1.0, seed=2**64 + 5 + i) for i in range(64)]
+    small = [SamplingParams(temperature=1.0, seed=5 + i) for i in range(64)]
+    assert sample(logits, big) == sample(logits, small)

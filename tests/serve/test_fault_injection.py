@@ -153,3 +153,17 @@ def test_a_broken_forward_fails_the_step_and_the_engine_goes_on(llm, hf, monkeyp
     outputs, failures = _run(engine, {"again": prompts["c"]})
     assert not failures and outputs == {"again": _hf_greedy(hf, prompts["c"])}
     assert engine.num_consecutive_failed_steps == 0
+
+
+def test_lone_bad_requests_do_not_make_the_engine_unhealthy(llm, monkeypatch):
+    """A request that fails alone in its step may be the request's own fault: three of them in a
+    row must not count as a broken engine (or one client could take the server down)."""
+    engine = llm.llm_engine
+    prompts = _prompts(llm)
+    marker = prompts["a"][0]
+    _break_forward(monkeypatch, llm, lambda ids: bool((ids == marker).any()))
+    for attempt in range(3):
+        outputs, failures = _run(engine, {f"bad{attempt}": prompts["a"]})
+        assert set(failures) == {f"bad{attempt}"} and not outputs
+    assert engine.num_consecutive_failed_steps == 0
+    assert _all_blocks_free(engine)

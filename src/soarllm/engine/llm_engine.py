@@ -298,7 +298,11 @@ class LLMEngine:
                     else:
                         setattr(merged, name, dict(value))
         whole = len(failed) == len(scheduled)
-        self.num_consecutive_failed_steps = self.num_consecutive_failed_steps + 1 if whole else 0
+        # Only a step of several requests that all failed says the engine itself is broken: a lone
+        # request failing may be that request's fault, and must not let a client take the server
+        # down by sending three bad requests in a row.
+        if len(scheduled) > 1:
+            self.num_consecutive_failed_steps = self.num_consecutive_failed_steps + 1 if whole else 0
         self._preempt_readers_of(so, scheduled, failed, merged)
         # Blocks of a failed request were made findable before its KV was written: forget them.
         self.kv.reset_prefix_cache()

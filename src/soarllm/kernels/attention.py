@@ -188,8 +188,9 @@ def _decode_attention(q, k, v, valid, scale):
     """
     b, hq, d = q.shape
     hkv = k.shape[2]
-    qg = q.view(b, hkv, hq // hkv, d)  # query heads grouped by the KV head they share
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [b, Hkv, G, L]
+    # query heads grouped by the KV head they share; scaled first so float16 scores cannot overflow
+    qg = q.view(b, hkv, hq // hkv, d) * scale
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # [b, Hkv, G, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v.transpose(1, 2)).view(b, hq, d)

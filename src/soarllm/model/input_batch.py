@@ -73,13 +73,13 @@ class InputBatch:
 
     def add(self, new: NewRequestData) -> int:
         """Fill a row for a request (replacing any row it already had)."""
+        n = len(new.token_ids)
+        if n > self.max_model_len:
+            raise ValueError(f"request {new.req_id} has {n} tokens > max_model_len")
         self.remove(new.req_id)
         if not self._free:
             self._alloc(2 * len(self.req_ids))
         r = self._free.pop()
-        n = len(new.token_ids)
-        if n > self.max_model_len:
-            raise ValueError(f"request {new.req_id} has {n} tokens > max_model_len")
         self.req_ids[r] = new.req_id
         self.row_of[new.req_id] = r
         self.token_ids[r, :n] = new.token_ids
@@ -102,7 +102,8 @@ class InputBatch:
         self.frequency_penalty[r] = p.frequency_penalty
         self.min_tokens[r] = p.min_tokens
         self.has_seed[r] = p.seed is not None
-        self.seed[r] = p.seed or 0
+        # request_seed works modulo 2**63, so any Python int seed fits an int64 row unchanged
+        self.seed[r] = (p.seed or 0) % 2**63
         self.num_logprobs[r] = -1 if p.logprobs is None else p.logprobs
         self.num_prompt_logprobs[r] = -1 if p.prompt_logprobs is None else p.prompt_logprobs
         return r

@@ -137,9 +137,11 @@ async def submit(
             for stream, accepted in submitted]
     try:
         await asyncio.wait(adds)
-    except BaseException:  # cancelled: the adds' own cancellation aborts what was accepted
+    except BaseException:  # cancelled: close every stream, accepted or not (idempotent)
         for a in adds:
             a.cancel()
+        for stream, _ in submitted:
+            stream.close()
         raise
     errors = [a.exception() for a in adds if a.exception() is not None]
     if errors:
