@@ -101,6 +101,9 @@ def run(args) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("soar chat: type a message; Ctrl-C stops a reply; Ctrl-C at the prompt, Ctrl-D or an "
           "empty line quits.", file=sys.stderr)
+    # Ctrl-C must reach this interactive session even when it was started from a shell that
+    # ignores SIGINT for background jobs (Python then keeps SIG_IGN instead of its own handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt = _ReplyInterrupt()
     turn = 0
     while True:
