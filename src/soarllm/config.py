@@ -72,6 +72,9 @@ class EngineArgs:
     revision: str | None = None
     trust_remote_code: bool = False
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # Speculative decoding (vLLM's names): {"method": "ngram", "num_speculative_tokens": 4, ...},
+    # a dict or its JSON text. None: only requests with a `prediction` speculate.
+    speculative_config: dict[str, Any] | str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

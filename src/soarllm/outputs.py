@@ -27,6 +27,9 @@ class CompletionOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprobs] | None = None
+    # Predicted Outputs: draft tokens of the prediction accepted / rejected (None: no prediction)
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -17,6 +17,7 @@ MAX_REPETITION_PENALTY = 10.0  # repetition_penalty in (0, MAX_REPETITION_PENALT
 MAX_ABS_PENALTY = 2.0  # presence_penalty and frequency_penalty in [-2, 2]
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass
@@ -39,6 +40,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: sampled token + top-k
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Predicted Outputs (OpenAI's `prediction`): text (or token ids) the output is expected to
+    # mostly repeat; verified as speculative drafts, never changing the output.
+    prediction: str | list[int] | None = None
+    # Draft tokens per step for this request (0: no speculation; None: the engine's setting).
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +92,13 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
                 raise bad(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        k = self.num_speculative_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool)
+                              or not 0 <= k <= MAX_SPECULATIVE_TOKENS):
+            raise bad("num_speculative_tokens", "num_speculative_tokens must be an integer in "
+                      f"[0, {MAX_SPECULATIVE_TOKENS}] (0: no speculation), got {k!r}")
+        if self.prediction is not None and not isinstance(self.prediction, (str, list)):
+            raise bad("prediction", "prediction must be a string or a list of token ids")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):

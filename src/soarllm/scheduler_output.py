@@ -32,6 +32,9 @@ class CachedRequestData:
     new_token_ids: list[int]  # tokens appended since the runner last saw this request
     new_block_ids: list[int]  # blocks appended to its block table since then
     num_computed_tokens: int  # tokens whose KV is in the cache before this step
+    # When the block table shrank since last sent (rejected draft slots given back): keep only the
+    # first this-many blocks before appending new_block_ids. None: keep all.
+    num_kept_blocks: int | None = None
 
 
 @dataclass

@@ -52,6 +52,11 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
                    "the available memory)")
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="exact number of KV cache blocks (testing; overrides --kv-cache-memory)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding for every request, with vLLM's keys, e.g. "
+                   """'{"method": "ngram", "num_speculative_tokens": 4}' (prompt lookup; """
+                   "it turns itself off where it does not pay). Requests with a `prediction` "
+                   "(Predicted Outputs) speculate without it")
     v = parser.add_argument_group("vLLM flag names")
     v.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
                    help="mapped to --kv-cache-memory FRACTION: the share of the *available* "
@@ -86,6 +91,10 @@ def engine_args_from(args: argparse.Namespace):
               "off", file=sys.stderr)
     ea = EngineArgs(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     check_kv_cache_memory(ea)
+    if ea.speculative_config is not None:
+        from soarllm.spec.config import SpeculativeConfig
+
+        SpeculativeConfig.parse(ea.speculative_config)  # a bad config fails before the model loads
     return ea
 
 

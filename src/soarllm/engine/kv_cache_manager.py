@@ -109,6 +109,19 @@ class KVCacheManager:
             self.req_num_cached[req.request_id] = max(done, full)
         return True
 
+    def trim(self, req: Request, num_tokens: int) -> int:
+        """Give back the blocks past the first ``num_tokens`` tokens (rejected draft slots, which no
+        other request shares nor the prefix cache knows); returns the blocks left."""
+        blocks = self.req_blocks.get(req.request_id)
+        if blocks is None:
+            return 0
+        keep = -(-num_tokens // self.block_size)
+        if len(blocks) > keep:
+            extra = blocks[keep:]
+            del blocks[keep:]
+            self.pool.free(list(reversed(extra)))
+        return len(blocks)
+
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))

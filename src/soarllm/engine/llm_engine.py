@@ -32,6 +32,8 @@ from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from soarllm.profiling import StepPhases
 from soarllm.sampling_params import SamplingParams
 from soarllm.scheduler_output import SchedulerOutput
+from soarllm.spec.config import SpeculativeConfig
+from soarllm.spec.speculator import SpecStats, Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    spec: SpecStats | None = None  # speculative decoding counters (drafts, accepted, per position)
 
 
 class _Group:
@@ -89,6 +92,8 @@ class LLMEngine:
         )
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config),
+                                     self.max_model_len)
         self.groups: dict[str, _Group] = {}
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._failures: dict[str, RequestFailedError] = {}  # request id -> why it failed
@@ -151,6 +156,17 @@ class LLMEngine:
                     fork_of=children[0] if i else None, parent_id=request_id, index=i,
                 )
             )
+        if params.prediction:
+            pred = params.prediction
+            pred_ids = (self.tokenizer.encode(pred, add_special_tokens=False)
+                        if isinstance(pred, str) else list(pred))
+            if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in pred_ids):
+                raise InvalidRequestError(
+                    f"prediction token ids must be integers in [0, {self.vocab_size})",
+                    param="prediction",
+                )
+            for c in children:
+                c.prediction_token_ids = pred_ids
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params) for _ in children]
         group = _Group(request_id, text, children, detoks)
         self.groups[request_id] = group
@@ -169,6 +185,7 @@ class LLMEngine:
                 if not c.is_finished:
                     self.scheduler.finish(c, RequestStatus.FINISHED_ABORTED)
                 self._by_id.pop(c.request_id, None)
+                self.speculator.forget(c.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -186,6 +203,7 @@ class LLMEngine:
             prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            spec=self.speculator.stats,
         )
 
     def reset_prefix_cache(self) -> None:
@@ -204,6 +222,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self.scheduler.running:
+            self.speculator.propose(self.scheduler.running, self._num_base_tokens())
         so = self.scheduler.schedule()
         if so.is_empty:
             if so.finished_req_ids or so.preempted_req_ids:
@@ -217,7 +237,14 @@ class LLMEngine:
         t1 = time.perf_counter()
         result = self._execute_contained(so, scheduled)
         t2 = time.perf_counter()
-        self.scheduler.update_after_step(so)
+        self.speculator.observe_step(so.total_num_scheduled_tokens, t2 - t1)
+        accepted: dict[str, int] = {}
+        for rid, spec in so.spec_token_ids.items():
+            toks = result.sampled.get(rid)
+            if toks:
+                accepted[rid] = len(toks) - 1
+                self.speculator.record(self.scheduler.scheduled_request(rid), len(spec), len(toks) - 1)
+        self.scheduler.update_after_step(so, accepted)
         now = time.time()
         touched: dict[str, _Group] = {}
         for req in scheduled:
@@ -251,12 +278,24 @@ class LLMEngine:
                 self.groups.pop(g.request_id, None)
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
+                    self.speculator.forget(c.request_id)
         phases = self.executor.phases
         if phases is not None:
             phases.add("schedule", t1 - t0)
             phases.add("outputs", time.perf_counter() - t2)
             phases.steps += 1
         return outputs
+
+    def _num_base_tokens(self) -> int:
+        """Tokens the next step computes without speculation (running requests' remaining
+        tokens, then waiting prompts), capped at the step's token budget."""
+        budget = self.scheduler_config.max_num_batched_tokens
+        n = sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.running)
+        for w in self.scheduler.waiting:
+            if n >= budget:
+                break
+            n += w.num_tokens - w.num_computed_tokens
+        return min(n, budget)
 
     # -- failure containment -------------------------------------------------------------------
 
@@ -424,6 +463,10 @@ class LLMEngine:
                     delta_text=delta,
                     delta_token_ids=new_ids,
                     delta_logprobs=c.output_logprobs[sent:] if want_lp else None,
+                    accepted_prediction_tokens=(c.num_prediction_accepted
+                                                if c.prediction_token_ids is not None else None),
+                    rejected_prediction_tokens=(c.num_prediction_rejected
+                                                if c.prediction_token_ids is not None else None),
                 )
             )
         leader = g.children[0]

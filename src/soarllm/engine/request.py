@@ -54,7 +54,11 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
-        self.spec_token_ids: list[int] = []
+        self.spec_token_ids: list[int] = []  # drafts to verify in the next step
+        # Predicted Outputs: the tokenized prediction, and how its drafted tokens fared
+        self.prediction_token_ids: list[int] | None = None
+        self.num_prediction_accepted = 0
+        self.num_prediction_rejected = 0
         self.fork_of = fork_of
         self.stop_reason: int | str | None = None
         self.output_logprobs: list[TokenLogprobs] = []

@@ -26,6 +26,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         # What the runner holds of each request it has seen: (tokens, blocks) sent so far.
         self._sent: dict[str, tuple[int, int]] = {}
+        self._trimmed: set[str] = set()  # block tables shortened since last sent
         self._scheduled: dict[str, Request] = {}  # the last step's requests, by id
 
     def add(self, req: Request) -> None:
@@ -106,14 +107,17 @@ class Scheduler:
             out.new_reqs.append(new_request_data(req, blocks))
         else:
             ntok, nblk = sent
+            kept = nblk if rid in self._trimmed else None
+            self._trimmed.discard(rid)
             out.cached_reqs.append(CachedRequestData(
-                rid, req.all_token_ids[ntok:], blocks[nblk:], req.num_computed_tokens
+                rid, req.all_token_ids[ntok:], blocks[nblk:], req.num_computed_tokens, kept
             ))
         self._sent[rid] = (req.num_tokens, len(blocks))
         self._scheduled[rid] = req
 
     def _preempt(self, req: Request) -> None:
         self._sent.pop(req.request_id, None)
+        self._trimmed.discard(req.request_id)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -134,18 +138,32 @@ class Scheduler:
                 pass
         self.kv.free(req)
         self._sent.pop(req.request_id, None)
+        self._trimmed.discard(req.request_id)
         self._finished_ids.append(req.request_id)
 
     def scheduled_request(self, request_id: str) -> Request:
         return self._scheduled[request_id]
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance each scheduled request past the tokens it just computed."""
+    def update_after_step(self, out: SchedulerOutput,
+                          num_accepted: dict[str, int] | None = None) -> None:
+        """Advance each scheduled request past the tokens it just computed: its known tokens and
+        the drafts the verifier accepted (their KV is written and right). Blocks that only rejected
+        drafts used go back to the pool."""
         for rid, n in out.num_scheduled_tokens.items():
             req = self._scheduled[rid]
-            if req.status == RequestStatus.RUNNING:
-                req.num_computed_tokens += n - len(out.spec_token_ids.get(rid, ()))
-                req.spec_token_ids = []
+            if req.status != RequestStatus.RUNNING:
+                continue
+            num_spec = len(out.spec_token_ids.get(rid, ()))
+            accepted = num_accepted.get(rid, 0) if num_accepted else 0
+            req.num_computed_tokens += n - num_spec + accepted
+            req.spec_token_ids = []
+            if num_spec > accepted:
+                # the next step computes one token (the one emitted after the accepted drafts)
+                kept = self.kv.trim(req, req.num_computed_tokens + 1)
+                ntok, nblk = self._sent.get(rid, (0, 0))
+                if kept < nblk:
+                    self._sent[rid] = (ntok, kept)
+                    self._trimmed.add(rid)
 
 
 def new_request_data(req: Request, block_ids: list[int]) -> NewRequestData:

@@ -115,6 +115,8 @@ class InputBatch:
             n1 = n0 + len(cached.new_token_ids)
             self.token_ids[r, n0:n1] = cached.new_token_ids
             self.num_tokens[r] = n1
+        if cached.num_kept_blocks is not None:
+            self.num_blocks[r] = cached.num_kept_blocks
         if cached.new_block_ids:
             self._append_blocks(r, cached.new_block_ids)
         self.num_computed_tokens[r] = cached.num_computed_tokens

@@ -30,6 +30,7 @@ from soarllm.profiling import StepPhases
 from soarllm.quant.config import get_quant_config
 from soarllm.sample.metadata import build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
+from soarllm.sample.verifier import num_accepted
 from soarllm.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -181,10 +182,14 @@ class ModelRunner:
         input_ids = b.token_ids[token_rows, positions]
         slots = b.block_table[token_rows, positions // bs] * bs + positions % bs
         block_tables = b.block_table[rows, : int(b.num_blocks[rows].max())]
-        # A request samples when this step reaches the end of its known tokens.
+        # A request samples when this step reaches the end of its known tokens: at its last known
+        # token and, when verifying, after each of its draft tokens (1 + num_spec positions).
         samples = seq_lens - num_spec >= b.num_tokens[rows]
         sample_idx = np.nonzero(samples)[0]
-        sample_flat = qsl[1:][sample_idx] - 1 - num_spec[sample_idx]
+        per_req = num_spec[sample_idx] + 1
+        sample_req = np.repeat(np.arange(len(sample_idx)), per_req)
+        sample_off = np.arange(int(per_req.sum())) - np.repeat(np.cumsum(per_req) - per_req, per_req)
+        sample_flat = (qsl[1:][sample_idx] - per_req)[sample_req] + sample_off
         # Prompt logprobs: the logits at prompt position j give the logprob of prompt token j + 1.
         prompt_lp: list[tuple[int, int, int, int]] = []  # (batch index, first flat row, count, start)
         prompt_flat: list[np.ndarray] = []
@@ -231,11 +236,21 @@ class ModelRunner:
                 first, [token_logprobs(lp[j], nxt[j], k) for j in range(count)]
             )
         if len(sample_idx):
-            md = build_sampling_metadata(b, rows[sample_idx], logits.shape[-1], dev)
-            sampled = self.sampler(logits[len(logits_rows) - len(sample_idx) :], md)
-            for j, i in enumerate(sample_idx.tolist()):
-                out.sampled[ids[i]] = sampled.token_ids[j]
-                out.logprobs[ids[i]] = sampled.logprobs[j]
+            md = build_sampling_metadata(b, rows[sample_idx][sample_req], logits.shape[-1], dev,
+                                         offsets=sample_off)
+            sampled = self.sampler(logits[len(logits_rows) - len(sample_flat) :], md)
+            j = 0
+            for i, count in zip(sample_idx.tolist(), per_req.tolist()):
+                toks = [t[0] for t in sampled.token_ids[j : j + count]]
+                keep = 1
+                if count > 1:  # verification: the drafts the target agrees with, then its own token
+                    r = int(rows[i])
+                    drafts = b.token_ids[r, b.num_tokens[r] : b.num_tokens[r] + count - 1].tolist()
+                    keep = num_accepted(toks, drafts) + 1
+                out.sampled[ids[i]] = toks[:keep]
+                lps = sampled.logprobs[j : j + keep]
+                out.logprobs[ids[i]] = None if lps[0] is None else [lp[0] for lp in lps]
+                j += count
         if self.phases is not None:
             self.phases.add("sample", time.perf_counter() - t_sample)
         return out

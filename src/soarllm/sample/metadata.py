@@ -48,8 +48,18 @@ def request_seed(seed: int, index: int, num_output_tokens: int) -> int:
 
 
 def build_sampling_metadata(batch, rows: np.ndarray, vocab_size: int,
-                            device: str | torch.device = "cpu") -> SamplingMetadata:
-    """Gather the sampling parameters of ``rows`` of an InputBatch (in that order)."""
+                            device: str | torch.device = "cpu",
+                            offsets: np.ndarray | None = None) -> SamplingMetadata:
+    """Gather the sampling parameters of ``rows`` of an InputBatch (in that order).
+
+    ``offsets`` (speculative verification): the sampled position of each entry, counted in draft
+    tokens past the row's known tokens. Entry (row, j) samples as if the row's first j draft
+    tokens (written after its known tokens) had been generated: penalties count them, min_tokens
+    and the seed's position move on by j. So each position samples exactly as it would without
+    speculation.
+    """
+    if offsets is None:
+        offsets = np.zeros(len(rows), dtype=np.int64)
     greedy = batch.greedy[rows]
     temp = np.where(greedy, 1.0, batch.temperature[rows]).astype(np.float32)
     md = SamplingMetadata(
@@ -66,8 +76,8 @@ def build_sampling_metadata(batch, rows: np.ndarray, vocab_size: int,
             md.top_p = torch.from_numpy(top_p.copy()).to(device)
         if (min_p[sampled] > 0).any():
             md.min_p = torch.from_numpy(min_p.copy()).to(device)
-    _add_penalties(md, batch, rows, vocab_size, device)
-    out_len = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+    _add_penalties(md, batch, rows, offsets, vocab_size, device)
+    out_len = batch.num_tokens[rows] + offsets - batch.num_prompt_tokens[rows]
     for i in np.nonzero(out_len < batch.min_tokens[rows])[0].tolist():
         r = int(rows[i])
         p = batch.params[r]
@@ -80,7 +90,8 @@ def build_sampling_metadata(batch, rows: np.ndarray, vocab_size: int,
     return md
 
 
-def _add_penalties(md: SamplingMetadata, batch, rows: np.ndarray, vocab_size: int, device) -> None:
+def _add_penalties(md: SamplingMetadata, batch, rows: np.ndarray, offsets: np.ndarray,
+                   vocab_size: int, device) -> None:
     rep = batch.repetition_penalty[rows]
     pres = batch.presence_penalty[rows]
     freq = batch.frequency_penalty[rows]
@@ -88,7 +99,7 @@ def _add_penalties(md: SamplingMetadata, batch, rows: np.ndarray, vocab_size: in
     if not len(idx):
         return
     r = rows[idx]
-    lens = batch.num_tokens[r]
+    lens = batch.num_tokens[r] + offsets[idx]
     width = int(lens.max())
     toks = batch.token_ids[r, :width].astype(np.int64)
     col = np.arange(width)[None, :]

@@ -73,6 +73,25 @@ class _EngineStatsCollector(Collector):
         yield gauge("soar:prefix_cache_hit_rate", "Prefix-cache hits / queries since start.", rate)
         yield counter("soar:num_preemptions", "Requests preempted since start.",
                       stats.num_preemptions)
+        spec = getattr(stats, "spec", None)
+        if spec is not None:
+            yield counter("soar:spec_decode_num_drafts",
+                          "Verification steps of one request (speculative decoding).",
+                          spec.num_drafts)
+            yield counter("soar:spec_decode_num_draft_tokens", "Draft tokens verified.",
+                          spec.num_draft_tokens)
+            yield counter("soar:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                          spec.num_accepted_tokens)
+            per_pos = CounterMetricFamily(
+                "soar:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in the draft (0 = first).",
+                labels=labels + ["position"])
+            for pos, n in enumerate(spec.accepted_per_position):
+                per_pos.add_metric([self._model, str(pos)], n)
+            yield per_pos
+            yield gauge("soar:spec_decode_mean_acceptance_length",
+                        "Tokens emitted per verification step since start (accepted + 1).",
+                        spec.mean_acceptance_length)
 
 
 class ServerMetrics:

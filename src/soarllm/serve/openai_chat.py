@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import Request
@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from soarllm import __version__
 from soarllm.errors import SoarError
-from soarllm.outputs import RequestOutput
+from soarllm.outputs import CompletionOutput, RequestOutput
 from soarllm.serve.generation import (
     PromptInput,
     TrackedRequest,
@@ -24,15 +24,16 @@ from soarllm.serve.generation import (
 )
 from soarllm.serve.logprobs import chat_logprobs, visible
 from soarllm.serve.openai_completions import check_stream_options
-from soarllm.serve.prompts import chat_input
+from soarllm.serve.prompts import chat_input, prediction_input
 from soarllm.serve.protocol_openai import (
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
-    PromptTokensDetails,
     Usage,
+    prediction_usage,
+    usage,
 )
 from soarllm.serve.sampling import chat_params
 from soarllm.serve.state import ServerState
@@ -56,6 +57,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     prompt = await chat_input(state, req.messages)
     params = chat_params(req, default_max_tokens=state.config.default_max_tokens,
                          room=state.max_model_len - len(prompt.token_ids))
+    if req.prediction is not None and req.prediction.text:
+        params.prediction = await prediction_input(state, req.prediction.text)
     request_id = new_request_id("chatcmpl")
     tracked = await submit(state, request_id, [prompt], params)
     view = _ChatView(state, req, model, request_id, prompt)
@@ -86,11 +89,10 @@ class _ChatView:
         self.k = req.top_logprobs or 0
         self.skip_special = req.skip_special_tokens is not False
 
-    def _usage(self, completion_tokens: int, cached: int = 0) -> Usage:
-        n = len(self.prompt.token_ids)
-        return Usage(prompt_tokens=n, completion_tokens=completion_tokens,
-                     total_tokens=n + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    def _usage(self, completion_tokens: int, cached: int = 0,
+               outputs: Iterable[CompletionOutput] = ()) -> Usage:
+        return usage(len(self.prompt.token_ids), completion_tokens, cached,
+                     prediction_usage(outputs) if self.req.prediction is not None else None)
 
     def response(self, final: RequestOutput) -> ChatCompletionResponse:
         choices = []
@@ -108,7 +110,7 @@ class _ChatView:
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model,
             system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
-            usage=self._usage(used, final.num_cached_tokens),
+            usage=self._usage(used, final.num_cached_tokens, final.outputs),
         )
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> bytes:
@@ -125,6 +127,7 @@ class _ChatView:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         finished: set[int] = set()
         completion_tokens = cached = 0
+        latest: dict[int, CompletionOutput] = {}
         try:
             # the role comes first, once per choice, before any token is computed
             yield self._chunk(
@@ -137,6 +140,7 @@ class _ChatView:
                     if c.index in finished:
                         continue
                     completion_tokens += len(c.delta_token_ids)
+                    latest[c.index] = c
                     reason = _reason(c.finish_reason)
                     if reason:
                         finished.add(c.index)
@@ -156,7 +160,8 @@ class _ChatView:
                 yield sse_event({
                     "id": self.id, "object": "chat.completion.chunk", "created": self.created,
                     "model": self.model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-                    "usage": self._usage(completion_tokens, cached).model_dump(),
+                    "usage": self._usage(completion_tokens, cached,
+                                         latest.values()).model_dump(),
                 })
             yield DONE
         except SoarError as e:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from soarllm.errors import InvalidRequestError, SoarError
-from soarllm.outputs import RequestOutput
+from soarllm.outputs import CompletionOutput, RequestOutput
 from soarllm.serve.generation import (
     PromptInput,
     TrackedRequest,
@@ -23,14 +23,15 @@ from soarllm.serve.generation import (
     submit,
 )
 from soarllm.serve.logprobs import CompletionLogprobsBuilder, visible
-from soarllm.serve.prompts import completion_inputs
+from soarllm.serve.prompts import completion_inputs, prediction_input
 from soarllm.serve.protocol_openai import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    PromptTokensDetails,
     Usage,
+    prediction_usage,
+    usage,
 )
 from soarllm.serve.sampling import completion_params
 from soarllm.serve.state import ServerState
@@ -76,6 +77,8 @@ async def create_completion(state: ServerState, req: CompletionRequest,
             f"at most {MAX_CHOICES} per request", param="n",
         )
     params = completion_params(req, 1 if echo_only else req.max_tokens)
+    if req.prediction is not None and req.prediction.text and not echo_only:
+        params.prediction = await prediction_input(state, req.prediction.text)
     request_id = new_request_id("cmpl")
     tracked = await submit(state, request_id, prompts, params)
     view = _CompletionView(state, req, model, request_id, prompts, echo_only)
@@ -130,7 +133,8 @@ class _CompletionView:
                 ))
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices,
-            usage=self._usage(completion_tokens, cached),
+            usage=self._usage(completion_tokens, cached,
+                              [c for final in finals for c in final.outputs]),
         )
 
     def _reason(self, reason: str | None) -> str | None:
@@ -138,11 +142,11 @@ class _CompletionView:
             return "length"
         return "length" if reason == "length" else ("stop" if reason else None)
 
-    def _usage(self, completion_tokens: int, cached: int = 0) -> Usage:
+    def _usage(self, completion_tokens: int, cached: int = 0,
+               outputs: Iterable[CompletionOutput] = ()) -> Usage:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+        return usage(prompt_tokens, completion_tokens, cached,
+                     prediction_usage(outputs) if self.req.prediction is not None else None)
 
     # -- streaming -----------------------------------------------------------------------------
 
@@ -154,6 +158,7 @@ class _CompletionView:
         finished: set[int] = set()
         completion_tokens = 0
         cached: dict[int, int] = {}
+        latest: dict[int, CompletionOutput] = {}
         try:
             async for i, out in interleave(tracked):
                 cached[i] = out.num_cached_tokens
@@ -170,6 +175,7 @@ class _CompletionView:
                             lp = builder.build(self.prompts[i].token_ids,
                                                _prompt_lps(out, self.prompts[i]))
                     started.add(idx)
+                    latest[idx] = c
                     if not self.echo_only:
                         text += c.delta_text
                         completion_tokens += len(c.delta_token_ids)
@@ -199,7 +205,8 @@ class _CompletionView:
                 yield sse_event({
                     "id": self.id, "object": "text_completion", "created": self.created,
                     "model": self.model, "choices": [],
-                    "usage": self._usage(completion_tokens, sum(cached.values())).model_dump(),
+                    "usage": self._usage(completion_tokens, sum(cached.values()),
+                                         latest.values()).model_dump(),
                 })
             yield DONE
         except SoarError as e:

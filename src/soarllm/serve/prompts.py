@@ -47,6 +47,12 @@ async def text_input(state: ServerState, text: str, param: str,
     return await state.tokenizers.run(encode, state.tokenizer, text, add_special_tokens)
 
 
+async def prediction_input(state: ServerState, text: str) -> list[int]:
+    """A Predicted Outputs text as token ids, on a worker thread (it may be a whole file)."""
+    state.tokenizers.check_chars(len(text), "prediction", "the prediction")
+    return await state.tokenizers.run(encode, state.tokenizer, text, False)
+
+
 def _message_chars(m: ChatMessage) -> int:
     if isinstance(m.content, str):
         return len(m.content)

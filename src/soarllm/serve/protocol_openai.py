@@ -12,16 +12,19 @@ field's description and refused with a 400 that names the field.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from soarllm.outputs import CompletionOutput
 from soarllm.sampling_params import (
     MAX_ABS_PENALTY,
     MAX_LOGPROBS,
     MAX_N,
     MAX_REPETITION_PENALTY,
+    MAX_SPECULATIVE_TOKENS,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MAX_TOP_K,
@@ -71,6 +74,28 @@ class SamplingExtensions(StrictModel):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    num_speculative_tokens: int | None = Field(
+        None, ge=0, le=MAX_SPECULATIVE_TOKENS,
+        description="draft tokens verified per step for this request; 0: no speculation")
+
+
+class TextContentPart(StrictModel):
+    type: Literal["text"]
+    text: PromptText
+
+
+class Prediction(StrictModel):
+    """Predicted Outputs: text the output is expected to mostly repeat (a file being edited).
+    It only speeds generation up: the output is the same as without it."""
+
+    type: Literal["content"]
+    content: PromptText | list[TextContentPart]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
 
 
 class _CommonSampling(SamplingExtensions):
@@ -88,6 +113,7 @@ class _CommonSampling(SamplingExtensions):
     stream_options: StreamOptions | None = Field(None, description="only with stream=true")
     user: str | None = Field(None, max_length=1000)
     logit_bias: neutral_only(None, {}) = None
+    prediction: Prediction | None = None
 
 
 # -- /v1/completions ----------------------------------------------------------------------------
@@ -137,11 +163,43 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    """Predicted Outputs: draft tokens of the prediction that the output confirmed (accepted) or
+    that were computed and thrown away (rejected; OpenAI bills them as completion tokens, this
+    server just reports them)."""
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+
+def prediction_usage(outputs: Iterable[CompletionOutput]) -> tuple[int, int]:
+    """(accepted, rejected) prediction tokens summed over a request's choices."""
+    accepted = rejected = 0
+    for c in outputs:
+        accepted += c.accepted_prediction_tokens or 0
+        rejected += c.rejected_prediction_tokens or 0
+    return accepted, rejected
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int,
+          prediction: tuple[int, int] | None = None) -> Usage:
+    """``prediction``: (accepted, rejected) prediction tokens, when the request had a prediction."""
+    details = None
+    if prediction is not None:
+        details = CompletionTokensDetails(accepted_prediction_tokens=prediction[0],
+                                          rejected_prediction_tokens=prediction[1])
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                 completion_tokens_details=details)
 
 
 class CompletionResponse(BaseModel):
@@ -155,11 +213,6 @@ class CompletionResponse(BaseModel):
 
 
 # -- /v1/chat/completions -------------------------------------------------------------------------
-
-
-class TextContentPart(StrictModel):
-    type: Literal["text"]
-    text: PromptText
 
 
 _TOOL_ROLES = ("tool", "function")
@@ -220,7 +273,6 @@ class ChatCompletionRequest(_CommonSampling):
     reasoning_effort: neutral_only(None) = None
     modalities: neutral_only(None, ["text"]) = None
     audio: neutral_only(None) = None
-    prediction: neutral_only(None) = None
     web_search_options: neutral_only(None) = None
     verbosity: neutral_only(None) = None
     prompt_cache_key: str | None = Field(None, max_length=1000)

@@ -15,7 +15,8 @@ _SEED_MOD = 2**63  # engines seed torch generators with non-negative 63-bit ints
 def _extensions(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     for name in ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-                 "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens"):
+                 "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens",
+                 "num_speculative_tokens"):
         value = getattr(req, name)
         if value is not None:
             kw[name] = value
@@ -37,7 +38,7 @@ def _common(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
         seed=None if req.seed is None else req.seed % _SEED_MOD,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
     )
-    return kw
+    return kw  # a `prediction` is tokenized by the route, on the tokenizer pool
 
 
 def build(kw: dict[str, Any], rename: dict[str, str] | None = None) -> SamplingParams:

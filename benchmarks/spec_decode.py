@@ -1,0 +1,165 @@
+"""Speculative decoding side by side, one run: the same requests with no speculation, with prompt
+lookup (ngram) and with Predicted Outputs (reference), at several concurrencies.
+
+Workloads (greedy, default model unless --model):
+- code_edit: a real function from Python's standard library and an instruction to rename it,
+  with the original source as the prediction (what an editor's "apply edit" sends);
+- grounded_qa: a passage of documentation and a request to quote what it says about a topic
+  (prompt lookup can copy from the prompt);
+- open_chat: open questions (little to copy: speculation should stay out of the way).
+
+For each workload, method and concurrency C, C requests run at once through the offline API;
+tok/s = generated tokens / wall time, best of --repeats. The speedup is against no speculation in
+the same run; "accept" is the mean number of tokens emitted per verification step (accepted drafts
++ the bonus token). "same" counts requests whose tokens equal the run without speculation (greedy:
+speculation is lossless, but in bfloat16 the multi-token forward can round differently from a
+one-token one and flip a near tie).
+
+    python benchmarks/spec_decode.py --out benchmarks/results/spec_decode
+
+Run it on a quiet machine: nothing else on the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import textwrap
+import time
+from pathlib import Path
+
+CODE_MODULES = ("textwrap", "shlex", "string", "json.decoder", "fnmatch", "posixpath", "glob",
+                "colorsys", "bisect", "heapq", "base64", "calendar")
+TOPICS = ("what shorten does", "how dedent treats tabs", "what fill returns",
+          "the default width", "what break_long_words controls", "what indent adds")
+QUESTIONS = ("Tell me a short story about a lighthouse keeper.",
+             "What are three tips for learning to cook?",
+             "Explain why the sky is blue in a few sentences.",
+             "Describe a good morning routine.")
+
+
+def code_functions(n: int) -> list[tuple[str, str]]:
+    """(name, source) of n small module-level functions of the standard library."""
+    import importlib
+
+    out = []
+    for mod_name in CODE_MODULES:
+        mod = importlib.import_module(mod_name)
+        for name, fn in inspect.getmembers(mod, inspect.isfunction):
+            if fn.__module__ != mod.__name__ or name.startswith("_"):
+                continue
+            try:
+                src = textwrap.dedent(inspect.getsource(fn))
+            except (OSError, TypeError):
+                continue
+            if 6 <= src.count("\n") <= 30:
+                out.append((name, src))
+            if len(out) == n:
+                return out
+    return out
+
+
+def workloads(n: int) -> dict[str, list[tuple[list[dict], str | None, int]]]:
+    """workload -> [(chat messages, prediction or None, max_tokens)]."""
+    fns = code_functions(n)
+    edit = []
+    for name, src in fns:
+        msg = (f"Rename the function `{name}` to `{name}_v2` in this code. Reply with the whole "
+               f"code and nothing else.\n\n```python\n{src}```")
+        edit.append(([{"role": "user", "content": msg}], f"```python\n{src}```", 256))
+    doc = textwrap.__doc__ + "\n" + (textwrap.shorten.__doc__ or "") + "\n" + \
+        (textwrap.dedent.__doc__ or "") + "\n" + (textwrap.TextWrapper.__doc__ or "")
+    qa = [([{"role": "user", "content": f"{doc}\n\nQuote the sentences above that say "
+             f"{TOPICS[i % len(TOPICS)]}."}], None, 128) for i in range(n)]
+    chat = [([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], None, 128)
+            for i in range(n)]
+    return {"code_edit": edit, "grounded_qa": qa, "open_chat": chat}
+
+
+def run(llm, tok, reqs, use_prediction: bool) -> tuple[float, list[list[int]], int]:
+    from soarllm import SamplingParams
+
+    prompts, params = [], []
+    for messages, prediction, max_tokens in reqs:
+        prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                     prediction=prediction if use_prediction else None))
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    ids = [o.outputs[0].token_ids for o in outs]
+    return dt, ids, sum(len(x) for x in ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", type=int, default=4, help="ngram: num_speculative_tokens")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from soarllm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    work = workloads(max(conc))
+    common = dict(dtype=args.dtype, enable_prefix_caching=False, max_model_len=2048)
+    engines = {
+        "none": LLM(args.model, **common),
+        "ngram": LLM(args.model, **common,
+                     speculative_config={"method": "ngram", "num_speculative_tokens": args.k}),
+    }
+    engines["reference"] = engines["none"]  # Predicted Outputs need no configuration
+    tok = engines["none"].get_tokenizer()
+    for llm in engines.values():  # warm up
+        run(llm, tok, work["open_chat"][:2], False)
+    rows = []
+    for wname, reqs_all in work.items():
+        methods = ["none", "ngram"] + (["reference"] if wname == "code_edit" else [])
+        for c in conc:
+            reqs = reqs_all[:c] if c > 1 else reqs_all[:4]
+            batches = [reqs] if c > 1 else [[r] for r in reqs]
+            base_ids = None
+            res: dict[str, dict] = {}
+            for _ in range(args.repeats):
+                for m in methods:
+                    llm = engines[m]
+                    spec = llm.llm_engine.speculator.stats
+                    d0, a0 = spec.num_drafts, spec.num_accepted_tokens
+                    dt, ids, ntok = 0.0, [], 0
+                    for b in batches:
+                        t, i, n = run(llm, tok, b, m == "reference")
+                        dt, ids, ntok = dt + t, ids + i, ntok + n
+                    drafts = spec.num_drafts - d0
+                    acc = 1 + (spec.num_accepted_tokens - a0) / drafts if drafts else None
+                    if m == "none":
+                        base_ids = ids
+                    best = res.get(m)
+                    if best is None or ntok / dt > best["tok_s"]:
+                        res[m] = {"tok_s": ntok / dt, "accept_len": acc, "tokens": ntok,
+                                  "same": sum(a == b for a, b in zip(ids, base_ids))}
+            for m in methods:
+                r = res[m]
+                row = {"workload": wname, "concurrency": c, "method": m, **r,
+                       "requests": len(reqs), "speedup": r["tok_s"] / res["none"]["tok_s"]}
+                rows.append(row)
+                acc = f"{r['accept_len']:.2f}" if r["accept_len"] else "-"
+                print(f"{wname:12s} C={c:<3d} {m:10s} {r['tok_s']:8.1f} tok/s  x{row['speedup']:.2f}"
+                      f"  accept {acc:>5s}  same {r['same']}/{len(reqs)}", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                "repeats": args.repeats, "k": args.k}
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

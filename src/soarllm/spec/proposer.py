@@ -1,0 +1,22 @@
+"""The Proposer interface: guess the next tokens of a request, to be verified by the target model.
+
+A proposer is deterministic given the request's tokens: the verifier treats its guesses as a
+one-hot draft distribution, so acceptance needs no draft probabilities (see sample/verifier.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from soarllm.engine.request import Request
+
+
+class Proposer(ABC):
+    name: str
+
+    @abstractmethod
+    def propose(self, req: Request, k: int) -> list[int]:
+        """Up to ``k`` guesses for the tokens that follow ``req.all_token_ids``."""
+
+    def forget(self, request_id: str) -> None:  # noqa: B027 (optional hook; stateless: no-op)
+        """Drop any per-request state (the request finished)."""

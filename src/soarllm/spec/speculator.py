@@ -1,0 +1,201 @@
+"""Speculator: before each step, decide which running decodes speculate and with how many tokens.
+
+Each candidate request (decoding, not mid-prefill, with a proposer: its own ``prediction`` or the
+configured method) gets proposals from its proposer. Whether to verify them is a throughput
+question answered with two estimates:
+
+- how many draft tokens would be accepted: the j-th draft of a request is accepted with probability
+  a**j, where a is the request's smoothed acceptance rate (its own counts, with the method's running
+  average as the prior);
+- what the step would cost: ``StepCostModel`` gives the measured step time for a token count.
+
+Draft tokens are taken best expected gain first while they raise the step's expected tokens per
+second: (tokens emitted) / time(tokens computed). On a small batch a step costs about the same for
+a few more tokens, so drafts are nearly free; on a large batch every token costs its share of the
+step and speculation turns itself off. Step sizes that get chosen get measured, so an optimistic
+estimate corrects itself; and every ``explore_every`` steps the
+choice not taken is re-measured (a few drafts at most) so that the comparison follows the machine.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from soarllm.engine.request import Request, RequestStatus
+from soarllm.spec.config import SpeculativeConfig
+from soarllm.spec.cost_model import StepCostModel
+from soarllm.spec.ngram import NgramProposer
+from soarllm.spec.proposer import Proposer
+from soarllm.spec.reference import ReferenceProposer
+
+REFERENCE_K = 8  # draft tokens per step from a prediction, unless the request says otherwise
+_PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
+_MAX_EXPLORE_TOKENS = 8
+_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4}
+
+
+@dataclass
+class SpecStats:
+    """Counters since start (Prometheus counters and bench reports read these)."""
+
+    num_drafts: int = 0  # verification steps of one request
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+    by_method: dict[str, list[int]] = field(default_factory=dict)  # method -> [drafts, tokens, accepted]
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification step (accepted drafts + the bonus token)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig | None, max_model_len: int,
+                 explore_every: int = 64):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.explore_every = explore_every
+        self.proposers: dict[str, Proposer] = {"reference": ReferenceProposer()}
+        if config is not None and config.method == "ngram":
+            self.proposers["ngram"] = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.cost = StepCostModel()
+        self.stats = SpecStats()
+        self._acceptance = dict(_INITIAL_ACCEPTANCE)  # method -> running average
+        self._req: dict[str, list[float]] = {}  # request id -> [drafted, accepted]
+        self._method: dict[str, str] = {}  # request id -> method of its pending drafts
+        self._steps = 0
+
+    # -- before a step ------------------------------------------------------------------------
+
+    def _method_of(self, req: Request) -> str | None:
+        if req.params.num_speculative_tokens == 0:
+            return None
+        if req.prediction_token_ids:
+            return "reference"
+        return self.config.method if self.config is not None else None
+
+    def _max_k(self, req: Request, method: str) -> int:
+        k = req.params.num_speculative_tokens
+        if k is None:
+            k = REFERENCE_K if method == "reference" else self.config.num_speculative_tokens
+        room = self.max_model_len - req.num_tokens - 1
+        if req.params.max_tokens is not None:
+            room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
+        return max(0, min(k, room))
+
+    def acceptance(self, request_id: str, method: str) -> float:
+        prior = self._acceptance[method]
+        drafted, accepted = self._req.get(request_id, (0.0, 0.0))
+        return (accepted + _PRIOR_TOKENS * prior) / (drafted + _PRIOR_TOKENS)
+
+    def propose(self, running: list[Request], num_base_tokens: int) -> None:
+        """Set ``spec_token_ids`` on the running requests that should verify drafts this step;
+        ``num_base_tokens`` is what the step computes without speculation."""
+        candidates: list[tuple[Request, str, list[int]]] = []
+        for req in running:
+            req.spec_token_ids = []
+            if req.status != RequestStatus.RUNNING or req.num_computed_tokens != req.num_tokens - 1:
+                continue
+            method = self._method_of(req)
+            if method is None:
+                continue
+            k = self._max_k(req, method)
+            if k <= 0:
+                continue
+            drafts = self.proposers[method].propose(req, k)
+            if not drafts and method == "reference" and "ngram" in self.proposers:
+                method, drafts = "ngram", self.proposers["ngram"].propose(req, k)
+            if drafts:
+                candidates.append((req, method, drafts))
+        if not candidates:
+            return
+        self._steps += 1
+        chosen = self._plan(candidates, max(num_base_tokens, 1))
+        for (req, method, drafts), k in zip(candidates, chosen):
+            if k:
+                req.spec_token_ids = drafts[:k]
+                self._method[req.request_id] = method
+
+    def _plan(self, candidates: list[tuple[Request, str, list[int]]], base: int) -> list[int]:
+        """Draft tokens per candidate: best expected gain first, while tokens/s rises."""
+        cfg = self.config
+        if cfg is not None and not cfg.adaptive:
+            return [len(d) for _, _, d in candidates]
+        # every draft token with its expected gain, as a max-heap
+        heap: list[tuple[float, int, int]] = []
+        for i, (req, method, _) in enumerate(candidates):
+            a = self.acceptance(req.request_id, method)
+            heap.append((-a, i, 1))
+        heapq.heapify(heap)
+        order: list[tuple[float, int]] = []
+        while heap:
+            neg, i, j = heapq.heappop(heap)
+            order.append((-neg, i))
+            req, method, drafts = candidates[i]
+            if j < len(drafts):
+                a = self.acceptance(req.request_id, method)
+                heapq.heappush(heap, (-(a ** (j + 1)), i, j + 1))
+        t0 = self.cost.time(base)
+        counts = [0] * len(candidates)
+        if t0 is None or not self.cost.measured(base) and self.cost.num_points < 2:
+            return counts  # measure plain steps first
+        # expected emitted tokens per second with the first K draft tokens in `order`
+        best_k, best_rate, gain = 0, base / t0, 0.0
+        alt_k, alt_rate = 1, 0.0  # the best choice with some speculation
+        for k, (g, _) in enumerate(order, start=1):
+            gain += g
+            rate = (base + gain) / self.cost.time(base + k)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+            if rate > alt_rate:
+                alt_k, alt_rate = k, rate
+        if best_k == 0 and base + 1 > self.cost.max_tokens:
+            best_k = 1  # beyond every measurement: measure one token's cost to extrapolate from
+        elif self._steps % self.explore_every == 0:
+            # now and then, re-measure the road not taken (cheaply: a bounded number of drafts)
+            best_k = min(alt_k, _MAX_EXPLORE_TOKENS) if best_k == 0 else 0
+        for _, i in order[:best_k]:
+            counts[i] += 1
+        return counts
+
+    # -- after a step ---------------------------------------------------------------------------
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.cost.observe(num_tokens, seconds)
+
+    def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+        """Count one verification of ``num_drafted`` drafts, ``num_accepted`` of them accepted."""
+        method = self._method.pop(req.request_id, None) or "ngram"
+        st = self.stats
+        st.num_drafts += 1
+        st.num_draft_tokens += num_drafted
+        st.num_accepted_tokens += num_accepted
+        while len(st.drafted_per_position) < num_drafted:
+            st.drafted_per_position.append(0)
+            st.accepted_per_position.append(0)
+        for j in range(num_drafted):
+            st.drafted_per_position[j] += 1
+            if j < num_accepted:
+                st.accepted_per_position[j] += 1
+        m = st.by_method.setdefault(method, [0, 0, 0])
+        m[0] += 1
+        m[1] += num_drafted
+        m[2] += num_accepted
+        counts = self._req.setdefault(req.request_id, [0.0, 0.0])
+        counts[0] += num_drafted
+        counts[1] += num_accepted
+        if num_drafted:
+            rate = num_accepted / num_drafted
+            self._acceptance[method] += 0.05 * (rate - self._acceptance[method])
+        if method == "reference":
+            req.num_prediction_accepted += num_accepted
+            req.num_prediction_rejected += num_drafted - num_accepted
+
+    def forget(self, request_id: str) -> None:
+        self._req.pop(request_id, None)
+        self._method.pop(request_id, None)
+        for p in self.proposers.values():
+            p.forget(request_id)
