@@ -31,8 +31,8 @@ from pathlib import Path
 
 CODE_MODULES = ("textwrap", "shlex", "string", "json.decoder", "fnmatch", "posixpath", "glob",
                 "colorsys", "bisect", "heapq", "base64", "calendar")
-TOPICS = ("what shorten does", "how dedent treats tabs", "what fill returns",
-          "the default width", "what break_long_words controls", "what indent adds")
+TOPICS = ("what shorten does", "how dedent treats tabs", "what indent adds",
+          "what the predicate of indent decides", "how shorten truncates", "what dedent removes")
 QUESTIONS = ("Tell me a short story about a lighthouse keeper.",
              "What are three tips for learning to cook?",
              "Explain why the sky is blue in a few sentences.",
@@ -68,8 +68,8 @@ def workloads(n: int) -> dict[str, list[tuple[list[dict], str | None, int]]]:
         msg = (f"Rename the function `{name}` to `{name}_v2` in this code. Reply with the whole "
                f"code and nothing else.\n\n```python\n{src}```")
         edit.append(([{"role": "user", "content": msg}], f"```python\n{src}```", 256))
-    doc = textwrap.__doc__ + "\n" + (textwrap.shorten.__doc__ or "") + "\n" + \
-        (textwrap.dedent.__doc__ or "") + "\n" + (textwrap.TextWrapper.__doc__ or "")
+    doc = (textwrap.shorten.__doc__ or "") + "\n" + (textwrap.dedent.__doc__ or "") + "\n" + \
+        (textwrap.indent.__doc__ or "")
     qa = [([{"role": "user", "content": f"{doc}\n\nQuote the sentences above that say "
              f"{TOPICS[i % len(TOPICS)]}."}], None, 128) for i in range(n)]
     chat = [([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], None, 128)
@@ -96,6 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--workloads", default="code_edit,grounded_qa,open_chat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=4, help="ngram: num_speculative_tokens")
     ap.add_argument("--threads", type=int, default=None)
@@ -122,10 +123,11 @@ def main() -> None:
     for llm in engines.values():  # warm up
         run(llm, tok, work["open_chat"][:2], False)
     rows = []
-    for wname, reqs_all in work.items():
+    for wname in args.workloads.split(","):
+        reqs_all = work[wname]
         methods = ["none", "ngram"] + (["reference"] if wname == "code_edit" else [])
         for c in conc:
-            reqs = reqs_all[:c] if c > 1 else reqs_all[:4]
+            reqs = reqs_all[:c] if c > 1 else reqs_all[:3]
             batches = [reqs] if c > 1 else [[r] for r in reqs]
             base_ids = None
             res: dict[str, dict] = {}
@@ -154,11 +156,12 @@ def main() -> None:
                 acc = f"{r['accept_len']:.2f}" if r["accept_len"] else "-"
                 print(f"{wname:12s} C={c:<3d} {m:10s} {r['tok_s']:8.1f} tok/s  x{row['speedup']:.2f}"
                       f"  accept {acc:>5s}  same {r['same']}/{len(reqs)}", flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                "repeats": args.repeats, "k": args.k}
-        (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            if args.out:  # after every row group, so an interrupted run keeps what it measured
+                args.out.mkdir(parents=True, exist_ok=True)
+                meta = {"model": args.model, "dtype": args.dtype,
+                        "threads": torch.get_num_threads(), "repeats": args.repeats, "k": args.k}
+                (args.out / f"results-{'-'.join(args.workloads.split(','))}.json").write_text(
+                    json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 message's deltas to the batch, builds one flat batch from it with vectorized numpy, runs the model
 once and samples.
 
-The flat batch puts single-token requests (decodes) first, then multi-token ones (prefill chunks,
-verification), and carries explicit attention metadata: positions, query start offsets, sequence
-lengths, slot mapping, block tables and the rows whose logits are needed.
+The flat batch puts decodes and speculative verifications first, then prefill chunks, and carries
+explicit attention metadata: positions, query start offsets, sequence lengths, slot mapping, block
+tables and the rows whose logits are needed. Attention sees a verification of k drafts as k + 1
+one-token rows of the same request at consecutive lengths, so it joins the batched decode path.
 """
 
 from __future__ import annotations
@@ -170,8 +171,13 @@ class ModelRunner:
             num_spec[i] = len(spec)
         start = b.num_computed_tokens[rows]
         seq_lens = start + n
-        # Decodes first, shortest context first, so attention can gather them in length buckets.
-        order = np.lexsort((seq_lens, n > 1))
+        # A verification (last known token + drafts, nothing else) attends like n decodes of the
+        # same request at consecutive lengths: the drafts' KV is written before attention reads.
+        single = (n == 1) | ((num_spec > 0) & (n == num_spec + 1))
+        # Decodes and verifications first, shortest context first, so attention can gather them
+        # in length buckets; prefill chunks after.
+        order = np.lexsort((seq_lens, ~single))
+        single = single[order]
         rows, n, start, seq_lens, num_spec = rows[order], n[order], start[order], seq_lens[order], num_spec[order]
         ids = [ids[i] for i in order]
         qsl = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -181,7 +187,16 @@ class ModelRunner:
         token_rows = rows[req_idx]
         input_ids = b.token_ids[token_rows, positions]
         slots = b.block_table[token_rows, positions // bs] * bs + positions % bs
-        block_tables = b.block_table[rows, : int(b.num_blocks[rows].max())]
+        # Attention rows: one per query token of a decode or verification, one per prefill chunk.
+        att_count = np.where(single, n, 1)
+        att_req = np.repeat(np.arange(len(ids)), att_count)
+        att_off = np.arange(len(att_req)) - np.repeat(np.cumsum(att_count) - att_count, att_count)
+        att_single = single[att_req]
+        att_qlen = np.where(att_single, 1, n[att_req])
+        att_seq = np.where(att_single, start[att_req] + att_off + 1, seq_lens[att_req])
+        att_qsl = np.zeros(len(att_req) + 1, dtype=np.int64)
+        np.cumsum(att_qlen, out=att_qsl[1:])
+        block_tables = b.block_table[rows[att_req], : int(b.num_blocks[rows].max())]
         # A request samples when this step reaches the end of its known tokens: at its last known
         # token and, when verifying, after each of its draft tokens (1 + num_spec positions).
         samples = seq_lens - num_spec >= b.num_tokens[rows]
@@ -200,19 +215,17 @@ class ModelRunner:
             prompt_flat.append(np.arange(qsl[i], qsl[i] + count))
         logits_rows = np.concatenate(prompt_flat + [sample_flat]).astype(np.int64)
         dev = self.device
-        qsl_list = qsl.tolist()
-        seq_list = seq_lens.tolist()
         meta = AttentionMetadata(
             positions=torch.from_numpy(positions).to(dev),
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.from_numpy(seq_lens).to(dev),
+            query_start_loc=torch.from_numpy(att_qsl).to(dev),
+            seq_lens=torch.from_numpy(att_seq).to(dev),
             slot_mapping=torch.from_numpy(slots).to(dev),
             block_tables=torch.from_numpy(np.ascontiguousarray(block_tables)).to(dev),
             logits_indices=torch.from_numpy(logits_rows).to(dev),
-            num_decodes=int((n == 1).sum()),
-            query_lens_cpu=n.tolist(),
-            query_start_loc_cpu=qsl_list,
-            seq_lens_cpu=seq_list,
+            num_decodes=int(att_single.sum()),
+            query_lens_cpu=att_qlen.tolist(),
+            query_start_loc_cpu=att_qsl.tolist(),
+            seq_lens_cpu=att_seq.tolist(),
         )
         input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
         t_forward = time.perf_counter()
