@@ -36,6 +36,10 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     # Optional per-request masks [q_len, seq_len] (True = may attend), for tree/lookahead verification.
     custom_masks: list[torch.Tensor | None] | None = None
+    # Decode rows that belong to one request (a speculative verification: 1 + k rows at consecutive
+    # lengths), as the sizes of consecutive runs of the first num_decodes rows; None: all 1. A run
+    # reads its request's KV once for all its rows.
+    decode_group_sizes_cpu: list[int] | None = None
     # Per-step values a backend derives once and reuses in every layer (e.g. the decode plan).
     cache: dict = field(default_factory=dict)
 
@@ -142,58 +146,76 @@ class ReferenceAttentionBackend:
 
     @staticmethod
     def _decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
-        for lo, hi, ids, length, valid in _decode_plan(meta, nd, kv_cache.shape[2], sliding_window):
-            _, num_blocks, block_size, h, d = kv_cache.shape
-            flat = kv_cache.view(2, num_blocks, block_size * h * d)
-            shape = (hi - lo, ids.shape[1] * block_size, h, d)
+        _, num_blocks, block_size, h, d = kv_cache.shape
+        flat = kv_cache.view(2, num_blocks, block_size * h * d)
+        for ids, length, valid, rows in _decode_plan(meta, nd, block_size, sliding_window):
+            shape = (ids.shape[0], ids.shape[1] * block_size, h, d)
             kk = flat[0].index_select(0, ids.reshape(-1)).view(shape)[:, :length]
             vv = flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length]
+            qq = q[rows]  # [groups, rows per group, Hq, D]
             if q.dtype == torch.float32 or softcap is not None:
-                o = _sdpa(q[lo:hi, :, None, :], kk.transpose(1, 2), vv.transpose(1, 2),
-                          valid[:, None, None, :], scale, softcap, gqa)[:, :, 0, :]
+                o = _sdpa(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                          valid[:, None], scale, softcap, gqa).transpose(1, 2)
             else:
-                o = _decode_attention(q[lo:hi], kk, vv, valid, scale)
-            out[lo:hi] = o
+                o = _decode_attention(qq, kk, vv, valid, scale)
+            # padding slots repeat their group's last row: writing it twice writes the same value
+            out[rows.reshape(-1)] = o.reshape(-1, *o.shape[2:])
 
 
 def _decode_plan(meta: AttentionMetadata, nd: int, block_size: int, sliding_window: int | None):
-    """Per step, not per layer: the decode buckets, their block ids, padded length and key mask.
+    """Per step, not per layer: the decode buckets, each (block ids [G, n], padded length, key mask
+    [G, M, length], query rows [G, M]) for G groups of up to M rows.
 
-    The runner sorts decodes by context length; gathering them in a few buckets, each padded to its
-    own longest context, keeps the copied KV close to what is actually attended.
+    A group is one request's decode rows (one row, or 1 + k for a verification), so its KV is
+    gathered once. The runner sorts decodes by context length; gathering the groups in a few
+    buckets, each padded to its own longest context, keeps the copied KV close to what is attended.
     """
     key = ("decode_plan", sliding_window)
     plan = meta.cache.get(key)
     if plan is None:
-        lens_cpu = meta.seq_lens_cpu[:nd]
+        sizes = meta.decode_group_sizes_cpu or [1] * nd
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        # rows of a group have consecutive lengths: the last one is the longest
+        group_len = [meta.seq_lens_cpu[starts[g + 1] - 1] for g in range(len(sizes))]
+        dev = meta.seq_lens.device
         plan = []
-        for lo, hi in _buckets(lens_cpu):
-            length = max(lens_cpu[lo:hi])
+        for glo, ghi in _buckets(group_len):
+            length = max(group_len[glo:ghi])
             n = (length + block_size - 1) // block_size
-            lens = meta.seq_lens[lo:hi]
-            kpos = torch.arange(length, device=lens.device)[None, :]
-            valid = kpos < lens[:, None]
+            m = max(sizes[glo:ghi])
+            rows = torch.tensor([[starts[g] + min(j, sizes[g] - 1) for j in range(m)]
+                                 for g in range(glo, ghi)], dtype=torch.long, device=dev)
+            lens = meta.seq_lens[rows]  # [G, M]
+            kpos = torch.arange(length, device=dev)
+            valid = kpos < lens[..., None]
             if sliding_window is not None:
-                valid = valid & (kpos >= lens[:, None] - sliding_window)
-            plan.append((lo, hi, meta.block_tables[lo:hi, :n].contiguous(), length, valid))
+                valid = valid & (kpos >= lens[..., None] - sliding_window)
+            plan.append((meta.block_tables[rows[:, 0], :n].contiguous(), length, valid, rows))
         meta.cache[key] = plan
     return plan
 
 
 def _decode_attention(q, k, v, valid, scale):
-    """One query token per request, grouped-query aware, as three small batched matmuls.
+    """A few query tokens per request (decode: 1; verification: 1 + k), grouped-query aware, as
+    three small batched matmuls: each KV head serves its query heads of every row at once.
 
-    q [b, Hq, D], k/v [b, L, Hkv, D], valid [b, L] -> [b, Hq, D]. PyTorch's CPU flash kernel is
-    several times slower than this for a single bfloat16 query token.
+    q [b, M, Hq, D], k/v [b, L, Hkv, D], valid [b, M, L] -> [b, M, Hq, D]. PyTorch's CPU flash
+    kernel is several times slower than this for a single bfloat16 query token.
     """
-    b, hq, d = q.shape
+    b, m, hq, d = q.shape
     hkv = k.shape[2]
+    g = hq // hkv
+    length = k.shape[1]
     # query heads grouped by the KV head they share; scaled first so float16 scores cannot overflow
-    qg = q.view(b, hkv, hq // hkv, d) * scale
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # [b, Hkv, G, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    qg = (q.view(b, m, hkv, g, d) * scale).permute(0, 2, 1, 3, 4).reshape(b, hkv, m * g, d)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # [b, Hkv, M*G, L]
+    mask = valid[:, None, :, None, :].expand(b, hkv, m, g, length).reshape(b, hkv, m * g, length)
+    scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v.transpose(1, 2)).view(b, hq, d)
+    o = torch.matmul(probs, v.transpose(1, 2))  # [b, Hkv, M*G, D]
+    return o.view(b, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(b, m, hq, d)
 
 
 def _buckets(lens: list[int], max_buckets: int = 4, min_size: int = 8) -> list[tuple[int, int]]:

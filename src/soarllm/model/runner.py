@@ -226,6 +226,7 @@ class ModelRunner:
             query_lens_cpu=att_qlen.tolist(),
             query_start_loc_cpu=att_qsl.tolist(),
             seq_lens_cpu=att_seq.tolist(),
+            decode_group_sizes_cpu=n[single].tolist(),
         )
         input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
         t_forward = time.perf_counter()

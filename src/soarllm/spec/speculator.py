@@ -61,6 +61,9 @@ class Speculator:
         self.proposers: dict[str, Proposer] = {"reference": ReferenceProposer()}
         if config is not None and config.method == "ngram":
             self.proposers["ngram"] = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        # A request with a prediction falls back to prompt lookup where the prediction has nothing
+        # to offer (before re-synchronising after an edit): the prompt usually holds the same text.
+        self._fallback = self.proposers.get("ngram") or NgramProposer(1, 4)
         self.cost = StepCostModel()
         self.stats = SpecStats()
         self._acceptance = dict(_INITIAL_ACCEPTANCE)  # method -> running average
@@ -106,8 +109,8 @@ class Speculator:
             if k <= 0:
                 continue
             drafts = self.proposers[method].propose(req, k)
-            if not drafts and method == "reference" and "ngram" in self.proposers:
-                method, drafts = "ngram", self.proposers["ngram"].propose(req, k)
+            if not drafts and method == "reference":
+                method, drafts = "ngram", self._fallback.propose(req, k)
             if drafts:
                 candidates.append((req, method, drafts))
         if not candidates:
