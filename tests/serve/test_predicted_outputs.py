@@ -115,3 +115,29 @@ def test_bad_predictions_are_refused_with_a_reason(client):
     with pytest.raises(openai.BadRequestError, match="num_speculative_tokens"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2,
                                   extra_body={"num_speculative_tokens": 99})
+
+
+def test_metrics_count_drafts_and_accepted_tokens(client, tiny_server, oracle):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def spec_counters() -> dict[str, float]:
+        text = httpx.get(tiny_server.base_url + "/metrics", timeout=30).text
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            if fam.name.startswith("soar:spec_decode"):
+                for s in fam.samples:
+                    key = s.name + (f"[{s.labels['position']}]" if "position" in s.labels else "")
+                    out[key] = s.value
+        return out
+
+    before = spec_counters()
+    _, usage = _complete(client, _predictions(oracle)["exact"], stream=False)
+    after = spec_counters()
+    drafted = after["soar:spec_decode_num_draft_tokens_total"] - \
+        before.get("soar:spec_decode_num_draft_tokens_total", 0)
+    accepted = after["soar:spec_decode_num_accepted_tokens_total"] - \
+        before.get("soar:spec_decode_num_accepted_tokens_total", 0)
+    assert drafted >= accepted >= usage.completion_tokens_details.accepted_prediction_tokens > 0
+    assert after["soar:spec_decode_num_accepted_tokens_per_pos_total[0]"] > 0
+    assert after["soar:spec_decode_mean_acceptance_length"] > 1

@@ -217,3 +217,22 @@ def test_bad_speculative_configs_fail_at_start(tiny_llama_dir):
             LLM(str(tiny_llama_dir), dtype="float32", speculative_config=cfg)
     with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
         SamplingParams(num_speculative_tokens=-1)
+
+
+def test_bench_report_shows_acceptance(spec):
+    from soarllm.bench.offline import render_offline, speculation_report
+
+    prompts = _prompts(spec.llm_engine.vocab_size, 4, seed=7)
+    spec.generate(prompts, GREEDY)
+    stats = spec.llm_engine.speculator.stats
+    rep = speculation_report(stats)
+    assert rep["num_accepted_tokens"] == sum(stats.accepted_per_position)
+    assert rep["num_draft_tokens"] == sum(stats.drafted_per_position)
+    # acceptance can only fall with the position: a draft is accepted only after all before it
+    per_pos = list(stats.accepted_per_position)
+    assert per_pos == sorted(per_pos, reverse=True)
+    doc = {"model": "m", "workload": {"name": "w", "input_len": 1, "output_len": 1},
+           "throughput": {"num_requests": 1, "request_throughput": 1.0, "output_throughput": 1.0,
+                          "total_token_throughput": 1.0},
+           "latency_runs": [], "speculative_decoding": rep}
+    assert "mean acceptance length" in render_offline(doc)

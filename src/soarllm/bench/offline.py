@@ -149,7 +149,30 @@ def render_offline(doc: dict[str, Any]) -> str:
             f"{r['tpot_ms']['percentiles'].get('p99', 0):.2f} | {r['e2el_ms']['median']:.1f} | "
             f"{r['output_throughput']:.1f} |"
         )
+    spec = doc.get("speculative_decoding")
+    if spec:
+        per_pos = ", ".join(f"{a:.2f}" for a in spec["acceptance_per_position"])
+        lines += ["", f"Speculative decoding: {spec['num_drafts']} verifications, "
+                  f"{spec['num_draft_tokens']} draft tokens, {spec['num_accepted_tokens']} accepted "
+                  f"({spec['acceptance_rate']:.0%}); mean acceptance length "
+                  f"{spec['mean_acceptance_length']:.2f}; acceptance by position: {per_pos}."]
     return "\n".join(lines) + "\n"
+
+
+def speculation_report(stats: Any) -> dict[str, Any] | None:
+    """Speculative decoding counters of a run (None when nothing was drafted)."""
+    if not stats.num_drafts:
+        return None
+    return {
+        "num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "acceptance_rate": stats.num_accepted_tokens / max(stats.num_draft_tokens, 1),
+        "mean_acceptance_length": stats.mean_acceptance_length,
+        "acceptance_per_position": [a / d if d else 0.0 for a, d in
+                                    zip(stats.accepted_per_position, stats.drafted_per_position)],
+        "by_method": {m: {"drafts": v[0], "draft_tokens": v[1], "accepted": v[2]}
+                      for m, v in stats.by_method.items()},
+    }
 
 
 def write_torch_trace(llm: Any, path: Any, num_prompts: int = 4, output_len: int = 16) -> Any:
@@ -186,6 +209,9 @@ def run_offline_cli(args: argparse.Namespace, engine_args: Any) -> int:
         phases = llm.llm_engine.phases = StepPhases()
     doc = run_offline(llm, workload, args.batch_sizes, model=model, repeats=args.repeats,
                       progress=getattr(args, "progress", True))
+    spec = speculation_report(llm.llm_engine.speculator.stats)
+    if spec is not None:
+        doc["speculative_decoding"] = spec
     print(render_offline(doc))
     if phases is not None:
         llm.llm_engine.phases = None

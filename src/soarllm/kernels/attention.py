@@ -181,18 +181,23 @@ def _decode_plan(meta: AttentionMetadata, nd: int, block_size: int, sliding_wind
         group_len = [meta.seq_lens_cpu[starts[g + 1] - 1] for g in range(len(sizes))]
         dev = meta.seq_lens.device
         plan = []
-        for glo, ghi in _buckets(group_len):
-            length = max(group_len[glo:ghi])
-            n = (length + block_size - 1) // block_size
-            m = max(sizes[glo:ghi])
-            rows = torch.tensor([[starts[g] + min(j, sizes[g] - 1) for j in range(m)]
-                                 for g in range(glo, ghi)], dtype=torch.long, device=dev)
-            lens = meta.seq_lens[rows]  # [G, M]
-            kpos = torch.arange(length, device=dev)
-            valid = kpos < lens[..., None]
-            if sliding_window is not None:
-                valid = valid & (kpos >= lens[..., None] - sliding_window)
-            plan.append((meta.block_tables[rows[:, 0], :n].contiguous(), length, valid, rows))
+        # plain decodes and verifications in separate buckets: a bucket pads every group to its
+        # largest, and one verification must not make every decode beside it do k + 1 rows' work
+        for kind in (1, 2):
+            groups = [g for g in range(len(sizes)) if (sizes[g] > 1) == (kind == 2)]
+            for lo, hi in _buckets([group_len[g] for g in groups]):
+                members = groups[lo:hi]
+                length = max(group_len[g] for g in members)
+                n = (length + block_size - 1) // block_size
+                m = max(sizes[g] for g in members)
+                rows = torch.tensor([[starts[g] + min(j, sizes[g] - 1) for j in range(m)]
+                                     for g in members], dtype=torch.long, device=dev)
+                lens = meta.seq_lens[rows]  # [G, M]
+                kpos = torch.arange(length, device=dev)
+                valid = kpos < lens[..., None]
+                if sliding_window is not None:
+                    valid = valid & (kpos >= lens[..., None] - sliding_window)
+                plan.append((meta.block_tables[rows[:, 0], :n].contiguous(), length, valid, rows))
         meta.cache[key] = plan
     return plan
 
@@ -221,6 +226,8 @@ def _decode_attention(q, k, v, valid, scale):
 def _buckets(lens: list[int], max_buckets: int = 4, min_size: int = 8) -> list[tuple[int, int]]:
     """Split sorted lengths into up to ``max_buckets`` contiguous groups of similar length."""
     n = len(lens)
+    if n == 0:
+        return []
     k = max(1, min(max_buckets, n // min_size))
     if k == 1 or lens[0] * 1.25 >= lens[-1]:
         return [(0, n)]

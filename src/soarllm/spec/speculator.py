@@ -32,6 +32,7 @@ from soarllm.spec.reference import ReferenceProposer
 REFERENCE_K = 8  # draft tokens per step from a prediction, unless the request says otherwise
 _PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
 _MAX_EXPLORE_TOKENS = 8
+_MARGIN = 0.03  # expected gain in tokens/s that speculation must promise over the plain step
 _INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4}
 
 
@@ -146,7 +147,8 @@ class Speculator:
         if t0 is None or not self.cost.measured(base) and self.cost.num_points < 2:
             return counts  # measure plain steps first
         # expected emitted tokens per second with the first K draft tokens in `order`
-        best_k, best_rate, gain = 0, base / t0, 0.0
+        # drafts must beat the plain step by a margin: the estimates are noisy, a loss is not
+        best_k, best_rate, gain = 0, base / t0 * (1 + _MARGIN), 0.0
         alt_k, alt_rate = 1, 0.0  # the best choice with some speculation
         for k, (g, _) in enumerate(order, start=1):
             gain += g
