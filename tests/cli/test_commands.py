@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from soarllm.cli.main import main
@@ -37,6 +38,7 @@ def greedy_text(model_dir: Path, prompt: str, n: int) -> str:
     return tok.decode(ids[-n:], skip_special_tokens=True)
 
 
+@pytest.mark.slow  # end to end: starts soar processes
 def test_generate_takes_the_model_positionally_or_as_a_flag(tiny_model_dir):
     want = greedy_text(tiny_model_dir, "def main(", 6)
     common = ["--max-tokens", "6", "--ignore-eos", "--max-model-len", "256"]
@@ -108,6 +110,7 @@ class _Reader(threading.Thread):
         raise AssertionError(f"not seen (exit {proc.poll()}): {self.text[-2000:]!r}")
 
 
+@pytest.mark.slow  # end to end: starts soar processes
 def test_ctrl_c_in_chat_stops_the_reply_not_the_session(tiny_model_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "soarllm.cli.main", "chat", str(tiny_model_dir), "--max-tokens",
@@ -143,6 +146,7 @@ def test_ctrl_c_in_chat_stops_the_reply_not_the_session(tiny_model_dir):
             proc.wait()
 
 
+@pytest.mark.slow  # end to end: starts soar processes
 def test_bench_offline_shows_progress_to_the_last_token(tiny_model_dir, capsys):
     assert main(["bench", "offline", str(tiny_model_dir), "--max-model-len", "256",
                  "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
@@ -153,6 +157,7 @@ def test_bench_offline_shows_progress_to_the_last_token(tiny_model_dir, capsys):
     assert "bench offline" in err and f"{total}/{total} [" in err
 
 
+@pytest.mark.slow  # end to end: starts soar processes
 def test_eval_ppl_and_humaneval_show_progress(tiny_model_dir, capsys):
     assert main(["eval", "ppl", str(tiny_model_dir), "--max-model-len", "256", "--corpus",
                  "stdlib", "--max-tokens", "300", "--window", "128", "--stride", "64",
@@ -166,6 +171,7 @@ def test_eval_ppl_and_humaneval_show_progress(tiny_model_dir, capsys):
     assert "running tests" in err and "2/2 [" in err
 
 
+@pytest.mark.slow  # end to end: starts soar processes
 def test_vllm_flags_run(tiny_model_dir):
     proc = soar("generate", str(tiny_model_dir), "x", "--max-tokens", "2", "--max-model-len",
                 "128", "--device", "cpu", "--trust-remote-code", "--enforce-eager",

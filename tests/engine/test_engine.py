@@ -177,6 +177,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     assert llm.generate(prompt, other_seed)[0].outputs[0].token_ids != alone
 
 
+@pytest.mark.slow  # end to end: a soar chat process
 def test_soar_chat_streams_answers(tiny_llama_dir):
     """Two turns of `soar chat`: each streamed reply is transformers' greedy reply to the whole
     conversation so far (its chat template, its argmax), and the next prompt follows it."""

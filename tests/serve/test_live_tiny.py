@@ -111,6 +111,7 @@ async def _stream_chat(http: httpx.AsyncClient, prompt: str, max_tokens: int,
     raise AssertionError("the stream ended without [DONE]")
 
 
+@pytest.mark.slow  # end to end: load / shutdown of a live server
 def test_load_200_concurrent_streams_with_cancellations(tiny_server):
     base = tiny_server.base_url
     # reference outputs, one request at a time
@@ -145,6 +146,7 @@ def test_load_200_concurrent_streams_with_cancellations(tiny_server):
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+@pytest.mark.slow  # end to end: load / shutdown of a live server
 def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
     """SIGTERM while two streams run: new connections are refused, the short stream ends with
     all its tokens, the long one ends either complete or cut off when the grace period runs out

@@ -117,8 +117,9 @@ def test_wrong_or_edited_prediction_changes_nothing(plain, spec):
 
 @pytest.mark.parametrize("extra", [
     {},
-    {"top_k": 5, "top_p": 0.8},
-    {"min_p": 0.05, "repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.3},
+    pytest.param({"top_k": 5, "top_p": 0.8}, marks=pytest.mark.slow),
+    pytest.param({"min_p": 0.05, "repetition_penalty": 1.3, "presence_penalty": 0.5,
+                  "frequency_penalty": 0.3}, marks=pytest.mark.slow),
     {"temperature": 0.5, "min_tokens": 30, "logprobs": 2},
 ])
 def test_seeded_sampling_is_identical_with_speculation(plain, spec, extra):

@@ -70,6 +70,7 @@ class _Group:
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
+        spec_config = SpeculativeConfig.parse(args.speculative_config)  # refused before loading
         self.executor = make_executor(args)
         self.model_name = args.model
         self.max_model_len = self.executor.max_model_len
@@ -92,8 +93,7 @@ class LLMEngine:
         )
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.speculator = Speculator(SpeculativeConfig.parse(args.speculative_config),
-                                     self.max_model_len)
+        self.speculator = Speculator(spec_config, self.max_model_len)
         self.groups: dict[str, _Group] = {}
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._failures: dict[str, RequestFailedError] = {}  # request id -> why it failed
