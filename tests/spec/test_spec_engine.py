@@ -237,3 +237,26 @@ def test_bench_report_shows_acceptance(spec):
                           "total_token_throughput": 1.0},
            "latency_runs": [], "speculative_decoding": rep}
     assert "mean acceptance length" in render_offline(doc)
+
+
+def test_drafts_never_preempt_another_request():
+    from soarllm.config import SchedulerConfig
+    from soarllm.engine.kv_cache_manager import KVCacheManager
+    from soarllm.engine.request import Request
+    from soarllm.engine.scheduler import Scheduler
+
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                      max_model_len=64, enable_chunked_prefill=True), kv)
+    a = Request("a", list(range(1, 12)), SamplingParams(max_tokens=20), set())
+    b = Request("b", list(range(20, 31)), SamplingParams(max_tokens=20), set())
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()  # both prompts: 11 tokens = 3 blocks each, the whole pool
+    sched.update_after_step(out)
+    a.append_token(5)
+    b.append_token(6)
+    a.spec_token_ids = [7, 8, 9, 10, 11, 12]  # would need 2 more blocks
+    out = sched.schedule()
+    assert sched.num_preemptions == 0 and out.preempted_req_ids == []
+    assert out.spec_token_ids == {} and out.num_scheduled_tokens == {"a": 1, "b": 1}

@@ -50,6 +50,10 @@ class Scheduler:
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, n):
+                if req.spec_token_ids:  # drafts never cost another request its blocks
+                    req.spec_token_ids = []
+                    n = min(req.num_tokens - req.num_computed_tokens, budget)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_req_ids.append(victim.request_id)
