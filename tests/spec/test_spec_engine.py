@@ -13,6 +13,8 @@ import pytest
 
 from soarllm import LLM, SamplingParams
 from soarllm.errors import ConfigError, InvalidRequestError
+from tests.engine.test_engine import _assert_pool_free as _pool_free
+from tests.engine.test_engine import _ids
 
 ALWAYS = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
 
@@ -25,16 +27,6 @@ def _prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
         base = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 12))]
         out.append(base * rng.randint(2, 4) if i % 3 else base + base[:3])
     return out
-
-
-def _ids(outs):
-    return [o.outputs[0].token_ids for o in outs]
-
-
-def _pool_free(llm):
-    s = llm.llm_engine.get_stats()
-    assert s.num_free_blocks == s.num_total_blocks
-    assert s.num_running == s.num_waiting == 0
 
 
 @pytest.fixture(scope="module")
