@@ -270,20 +270,25 @@ def test_api_key_guards_everything_but_health(public_metrics):
     try:
         get = lambda path, **kw: httpx.get(srv.base_url + path, **kw)  # noqa: E731
         assert get("/health").status_code == 200
-        for path in ("/docs", "/openapi.json", "/redoc", "/version", "/v1/models", "/info", "/"):
+        for path in ("/docs", "/openapi.json", "/redoc", "/version", "/v1/models", "/info",
+                     "/v1/usage"):
             r = get(path)
             assert r.status_code == 401, path
-            assert get(path, headers=key).status_code in (200, 307), path
+            assert get(path, headers=key).status_code == 200, path
+        # the playground page opens without a key (it holds no data); TGI's POST / does not
+        assert get("/").status_code == 200
+        assert httpx.post(srv.base_url + "/", json={"inputs": "a"}).status_code == 401
         assert get("/metrics").status_code == (200 if public_metrics else 401)
         assert get("/metrics", headers=key).status_code == 200
     finally:
         srv.stop()
 
 
-def test_get_root_points_to_the_docs(server):
+def test_get_root_is_the_playground_page(server):
     r = httpx.get(server.base_url + "/")
-    assert r.status_code == 307 and r.headers["location"] == "/docs"
-    assert httpx.get(server.base_url + "/", follow_redirects=True).status_code == 200
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'data-role="prompt"' in r.text and "{{nonce}}" not in r.text
+    assert "script-src 'nonce-" in r.headers["content-security-policy"]
 
 
 def test_cors_for_allowed_origins_only():

@@ -26,6 +26,16 @@ def port_number(text: str) -> int:
     return port
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP (OpenAI and TGI APIs, /metrics)",
@@ -37,9 +47,23 @@ def register(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on")
-    g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on the API routes "
-                   "(default: $SOARLLM_API_KEY; unset: no auth)")
+    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on the API routes; repeat it for "
+                   "several keys, named key-1, key-2, ... in usage reports (default: "
+                   "$SOARLLM_API_KEY; no key at all: no auth)")
+    g.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help="more keys, one a line: NAME:KEY (usage reports and metrics show NAME, "
+                   "never the key) or a bare KEY; '#' starts a comment line")
+    g.add_argument("--admin-api-key", action="append", default=None, metavar="KEY",
+                   help="a key that may also read every key's usage at GET /v1/usage "
+                   "(named admin-1, ...); repeatable")
+    g.add_argument("--rate-limit-rpm", type=positive_int, default=None, metavar="N",
+                   help="at most N requests per key in any 60 s (sliding window); over it: "
+                   "429 + Retry-After (default: no limit)")
+    g.add_argument("--rate-limit-tpm", type=positive_int, default=None, metavar="N",
+                   help="at most N tokens per key in any 60 s, counted as prompt + n x "
+                   "max_tokens at admission and corrected to the tokens generated when a "
+                   "request ends (default: no limit)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use (default: the model argument)")
     add_chat_template_arg(g)
@@ -75,8 +99,12 @@ def server_config_from(args: argparse.Namespace):
     from soarllm.serve.config import ServerConfig
 
     template = getattr(args, "chat_template", None)
+    api_keys = list(args.api_key or [])
     return ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key,
+        host=args.host, port=args.port, api_key=api_keys[0] if api_keys else None,
+        more_api_keys=api_keys[1:], api_keys_file=args.api_keys_file,
+        admin_api_keys=list(args.admin_api_key or []),
+        rate_limit_rpm=args.rate_limit_rpm, rate_limit_tpm=args.rate_limit_tpm,
         served_model_names=list(args.served_model_name or []), max_waiting=args.max_waiting,
         shutdown_timeout_s=args.shutdown_timeout, max_body_bytes=args.max_request_bytes,
         log_level=args.log_level, access_log=args.access_log,
@@ -118,6 +146,7 @@ def check_port(host: str, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     config = server_config_from(args)
+    config.api_keys()  # an unreadable keys file or a repeated key fails before the model loads
     engine_args = engine_args_from(args)
     from soarllm.serve.server import run_server
 

@@ -2,8 +2,9 @@
 
 Everything the routes share lives on ``app.state.soar`` (a ServerState); the app starts the engine
 thread when it starts and stops it when it stops (uvicorn has by then let in-flight requests end).
-With an API key every route but /health needs it (and /metrics too unless ``public_metrics``);
-``allowed_origins`` turns on CORS for browser clients.
+With API keys every route but /health and the playground page (GET /) needs one (and /metrics
+too unless ``public_metrics``); usage and rate limits are kept per key (usage.py,
+rate_limit.py); ``allowed_origins`` turns on CORS for browser clients.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from soarllm.serve.config import ServerConfig
 from soarllm.serve.errors import install_error_handlers
 from soarllm.serve.metrics import ServerMetrics
 from soarllm.serve.openapi import ServedLimits, install_openapi
+from soarllm.serve.rate_limit import RateLimiter
 from soarllm.serve.routes import openai_router, ops_router, tgi_router
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import ClientDisconnected
 from soarllm.serve.tokenization import TokenizerWorkers
+from soarllm.serve.usage import ANONYMOUS, UsageLedger
 
 # 499: the client closed the connection before the response (nobody reads it; logs do)
 CLIENT_CLOSED_REQUEST = 499
@@ -37,11 +40,14 @@ CLIENT_CLOSED_REQUEST = 499
 def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     names = list(config.served_model_names) or [engine.model_name]
-    metrics = ServerMetrics(names[0], lambda: engine.stats)
+    api_keys = config.api_keys()
+    usage = UsageLedger([k.name for k in api_keys] or [ANONYMOUS])
+    metrics = ServerMetrics(names[0], lambda: engine.stats, usage=usage)
     tokenizers = TokenizerWorkers(engine.tokenizer, engine.max_model_len,
                                   config.tokenizer_workers)
     state = ServerState(engine=engine, config=config, metrics=metrics, model_names=names,
-                        tokenizers=tokenizers)
+                        tokenizers=tokenizers, usage=usage,
+                        limiter=RateLimiter(config.rate_limit_rpm, config.rate_limit_tpm))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,9 +81,8 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fas
     app.include_router(ops_router)
     # outermost last: access log -> CORS -> auth -> body size limit -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
-    api_key = config.resolved_api_key()
-    if api_key:
-        app.add_middleware(BearerAuthMiddleware, api_key=api_key,
+    if api_keys:
+        app.add_middleware(BearerAuthMiddleware, keys=api_keys,
                            protected=protected_paths(public_metrics=config.public_metrics))
     if config.allowed_origins:
         # CORS answers preflights before auth, and its headers reach 401s too

@@ -4,8 +4,45 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from soarllm.errors import ConfigError
 
 API_KEY_ENV = "SOARLLM_API_KEY"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One key clients may send. Reports and metrics show ``name``, never ``secret``."""
+
+    name: str
+    secret: str = field(repr=False)
+    admin: bool = False  # may read every key's usage at GET /v1/usage
+
+
+def read_api_keys_file(path: str) -> list[ApiKey]:
+    """One key a line: ``NAME:KEY`` (the name is what reports show) or a bare ``KEY`` (named
+    ``PATH-line-N``); blank lines and lines starting with ``#`` are skipped. A bare key that holds
+    a ``:`` must be written ``NAME:KEY``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"--api-keys-file {path}: cannot read it ({e.strerror}); give a "
+                          "readable file with one key (or NAME:KEY) a line") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, secret = line.partition(":")
+        if not sep:
+            name, secret = f"{Path(path).name}-line-{number}", line
+        name, secret = name.strip(), secret.strip()
+        if not name or not secret:
+            raise ConfigError(f"--api-keys-file {path}, line {number}: write NAME:KEY with a "
+                              "non-empty name and key, or a bare KEY")
+        keys.append(ApiKey(name, secret))
+    return keys
 
 
 @dataclass
@@ -26,10 +63,38 @@ class ServerConfig:
     default_max_tokens: int | None = None  # chat requests without max_tokens; None: to the context
     tokenizer_workers: int = 2  # threads that tokenize prompts off the event loop
     chat_template: str | None = None  # replaces the model's chat template (--chat-template)
+    more_api_keys: list[str] = field(default_factory=list)  # further --api-key values
+    api_keys_file: str | None = None  # NAME:KEY lines (--api-keys-file)
+    admin_api_keys: list[str] = field(default_factory=list)  # keys that see all usage
+    rate_limit_rpm: int | None = None  # requests per minute per key; None: no limit
+    rate_limit_tpm: int | None = None  # tokens per minute per key; None: no limit
 
     def resolved_api_key(self) -> str | None:
-        key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
-        return key or None
+        """A key the server needs (the first), or None when it needs none."""
+        keys = self.api_keys()
+        return keys[0].secret if keys else None
+
+    def api_keys(self) -> list[ApiKey]:
+        """Every key clients may send: --api-key values (or $SOARLLM_API_KEY) named key-1,
+        key-2, ...; the --api-keys-file's; --admin-api-key values named admin-1, ..."""
+        first = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
+        plain = [k for k in [first or "", *self.more_api_keys] if k]
+        keys = [ApiKey(f"key-{i}", k) for i, k in enumerate(plain, 1)]
+        if self.api_keys_file:
+            keys += read_api_keys_file(self.api_keys_file)
+        keys += [ApiKey(f"admin-{i}", k, admin=True)
+                 for i, k in enumerate(self.admin_api_keys, 1)]
+        names = [k.name for k in keys]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"API key name(s) {', '.join(twice)} are given twice; give every "
+                              "key its own name (--api-keys-file NAME:KEY)")
+        secrets = [k.secret for k in keys]
+        if len(set(secrets)) != len(secrets):
+            same = [k.name for k in keys if secrets.count(k.secret) > 1]
+            raise ConfigError(f"the keys named {', '.join(same)} are the same secret; give "
+                              "each name its own key")
+        return keys
 
 
 def engine_threads_for(requested: int | None, device: str) -> int | None:

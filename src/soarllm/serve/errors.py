@@ -80,8 +80,9 @@ def error_response(path: str, status: int, message: str, error_type: str,
 
 def soar_error_response(path: str, exc: SoarError) -> JSONResponse:
     headers = None
-    if isinstance(exc, OverloadedError):
-        headers = {"Retry-After": str(exc.retry_after)}
+    retry_after = getattr(exc, "retry_after", None)  # 503 overloaded, 429 rate limited
+    if retry_after is not None:
+        headers = {"Retry-After": str(retry_after)}
     if exc.status_code >= 500 and not isinstance(exc, OverloadedError):
         logger.error("request failed: %s", exc.message)
     return error_response(path, exc.status_code, exc.message, exc.error_type, exc.param, headers)

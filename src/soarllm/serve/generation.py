@@ -1,5 +1,6 @@
-"""From an API request to engine requests and back: admission (--max-waiting), one tracked engine
-request per prompt, per-request metrics, and reading several engine requests as one stream.
+"""From an API request to engine requests and back: admission (--max-waiting, then the caller's
+rate limits), one tracked engine request per prompt, per-request metrics and per-key usage, and
+reading several engine requests as one stream.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,9 @@ from soarllm.engine.async_engine import RequestStream
 from soarllm.errors import OverloadedError
 from soarllm.outputs import RequestOutput
 from soarllm.sampling_params import SamplingParams
+from soarllm.serve.rate_limit import Grant, RateLimitExceeded
 from soarllm.serve.state import ServerState
+from soarllm.serve.usage import caller
 
 
 def new_request_id(prefix: str) -> str:
@@ -34,8 +37,11 @@ class TrackedRequest:
     """One engine request: its output stream plus the metrics it records as outputs arrive."""
 
     def __init__(self, state: ServerState, stream: RequestStream, arrival: float,
-                 num_prompt_tokens: int):
+                 num_prompt_tokens: int, key_name: str | None = None,
+                 on_end: Callable[[int], None] | None = None):
         self._state = state
+        self._key_name = key_name  # charged with the tokens generated
+        self._on_end = on_end  # called once with prompt + generated tokens
         self._stream = stream
         self.request_id = stream.request_id
         self.arrival = arrival
@@ -68,6 +74,8 @@ class TrackedRequest:
                 metrics.observe_tokens(new_tokens, now - (self.last_token_time or now))
             self.last_token_time = now
             self.num_generated += new_tokens
+            if self._key_name is not None:
+                self._state.usage.add_completion_tokens(self._key_name, new_tokens)
         if output.finished:
             self.final = output
             reason = output.outputs[0].finish_reason if output.outputs else None
@@ -84,6 +92,8 @@ class TrackedRequest:
         self._state.metrics.observe_finished(
             reason, now - self.arrival, self.num_prompt_tokens, self.num_generated, tpot
         )
+        if self._on_end is not None:
+            self._on_end(self.num_prompt_tokens + self.num_generated)
 
     async def collect(self) -> RequestOutput:
         """Run to the end; return the last (cumulative) output."""
@@ -112,6 +122,21 @@ def check_admission(state: ServerState) -> None:
         )
 
 
+def check_rate_limits(state: ServerState, key_name: str, prompts: list[PromptInput],
+                      params: SamplingParams) -> Grant | None:
+    """The caller's rpm / tpm limits; tokens reserved per prompt as prompt + n x max_tokens."""
+    if not state.limiter.enabled:
+        return None
+    costs = [len(p.token_ids) + params.n * (
+        params.max_tokens or max(1, state.max_model_len - len(p.token_ids))) for p in prompts]
+    try:
+        return state.limiter.admit(key_name, costs)
+    except RateLimitExceeded as e:
+        state.usage.add_rate_limited(key_name, e.limit)
+        state.metrics.observe_rejected("rate_limited")
+        raise
+
+
 async def submit(
     state: ServerState, request_id: str, prompts: list[PromptInput], params: SamplingParams,
     coalesce: bool = True,
@@ -124,6 +149,8 @@ async def submit(
     # Admission and submission in one synchronous block: no other request can be admitted
     # between the check and the moment these count as queued.
     check_admission(state)
+    key_name = caller().name
+    grant = check_rate_limits(state, key_name, prompts, params)
     submitted: list[tuple[Any, Any]] = []
     try:
         for rid, prompt in zip(ids, prompts):
@@ -132,6 +159,8 @@ async def submit(
     except BaseException:
         for stream, _ in submitted:
             stream.close()
+        if grant is not None:
+            grant.refund()
         raise
     adds = [asyncio.ensure_future(state.engine.wait_accepted(stream, accepted))
             for stream, accepted in submitted]
@@ -142,15 +171,21 @@ async def submit(
             a.cancel()
         for stream, _ in submitted:
             stream.close()
+        if grant is not None:
+            grant.refund()
         raise
     errors = [a.exception() for a in adds if a.exception() is not None]
     if errors:
         for a in adds:
             if a.exception() is None:
                 a.result().close()
+        if grant is not None:
+            grant.refund()
         raise errors[0]
-    return [TrackedRequest(state, a.result(), arrival, len(p.token_ids))
-            for a, p in zip(adds, prompts)]
+    state.usage.add_request(key_name, sum(len(p.token_ids) for p in prompts))
+    return [TrackedRequest(state, a.result(), arrival, len(p.token_ids), key_name,
+                           (lambda used, i=i: grant.settle(i, used)) if grant else None)
+            for i, (a, p) in enumerate(zip(adds, prompts))]
 
 
 async def interleave(

@@ -3,6 +3,8 @@
 Request metrics (finish reasons, TTFT, TPOT, end-to-end latency, token counters) are observed by
 the serving layer as outputs reach each request; engine gauges (running / waiting requests, KV
 cache usage, prefix-cache hits) are read from the engine's latest stats when /metrics is scraped.
+Per-API-key usage (requests, prompt and generated tokens, rate-limit refusals) is read from the
+server's UsageLedger at scrape time, labelled by key name (never the key itself).
 Every metric lives in a registry owned by one ServerMetrics, so two apps never share state.
 """
 
@@ -20,6 +22,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from soarllm.serve.usage import UsageLedger
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -94,8 +98,40 @@ class _EngineStatsCollector(Collector):
                         spec.mean_acceptance_length)
 
 
+class _UsageCollector(Collector):
+    """Per-key counters from the UsageLedger, labelled ``key_name``."""
+
+    def __init__(self, usage: UsageLedger):
+        self._usage = usage
+
+    def collect(self) -> Iterator[Any]:
+        snapshot = self._usage.snapshot()
+        families = {
+            "requests": CounterMetricFamily(
+                "soar:api_key_requests", "Requests that reached the engine, by API key name.",
+                labels=["key_name"]),
+            "prompt_tokens": CounterMetricFamily(
+                "soar:api_key_prompt_tokens", "Prompt tokens of those requests, by API key name.",
+                labels=["key_name"]),
+            "completion_tokens": CounterMetricFamily(
+                "soar:api_key_generation_tokens", "Tokens generated, by API key name.",
+                labels=["key_name"]),
+        }
+        limited = CounterMetricFamily(
+            "soar:api_key_rate_limited", "Requests refused with 429, by API key name and limit.",
+            labels=["key_name", "limit"])
+        for name, u in snapshot.items():
+            for field_name, family in families.items():
+                family.add_metric([name], getattr(u, field_name))
+            for limit, n in u.rate_limited.items():
+                limited.add_metric([name, limit], n)
+        yield from families.values()
+        yield limited
+
+
 class ServerMetrics:
-    def __init__(self, model_name: str, get_engine_stats: Callable[[], Any] | None = None):
+    def __init__(self, model_name: str, get_engine_stats: Callable[[], Any] | None = None,
+                 usage: UsageLedger | None = None):
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r, m = self.registry, ["model_name"]
@@ -133,6 +169,8 @@ class ServerMetrics:
             m + ["reason"], registry=r)
         if get_engine_stats is not None:
             r.register(_EngineStatsCollector(get_engine_stats, model_name))
+        if usage is not None:
+            r.register(_UsageCollector(usage))
 
     # -- observation helpers used by the serving layer -------------------------------------------
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from soarllm import __version__
 from soarllm.errors import InvalidRequestError
 from soarllm.serve import openai_chat, openai_completions, tgi
 from soarllm.serve.metrics import CONTENT_TYPE
+from soarllm.serve.playground import playground_response
 from soarllm.serve.prompts import chat_input, text_input
 from soarllm.serve.protocol_openai import (
     ChatCompletionRequest,
@@ -34,9 +35,10 @@ from soarllm.serve.protocol_tgi import (
 from soarllm.serve.request_fields import PromptText, TokenizerId
 from soarllm.serve.routing import SoarRoute
 from soarllm.serve.state import ServerState, get_state
+from soarllm.serve.usage import caller, usage_report
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
 }
 _SSE = {"text/event-stream": {}}
 
@@ -82,6 +84,15 @@ async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
     return ModelList(data=[_card(state, n) for n in state.model_names])
 
 
+@openai_router.get("/usage")
+async def usage(state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Requests and tokens per API key since the server started: the caller's own key, or every
+    key for an admin key (--admin-api-key) or on a server without keys."""
+    limiter = state.limiter
+    return usage_report(state.usage, caller(), {"rpm": limiter.rpm, "tpm": limiter.tpm},
+                        limiter.used if limiter.enabled else None)
+
+
 @openai_router.get("/models/{model:path}", response_model=ModelCard)
 async def retrieve_model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
     return _card(state, state.check_model(model or "?"))
@@ -90,7 +101,7 @@ async def retrieve_model(model: str, state: ServerState = Depends(get_state)) ->
 # -- TGI ------------------------------------------------------------------------------------
 
 _TGI_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": "TGI error: {error, error_type}"} for code in (401, 413, 422, 503)
+    code: {"description": "TGI error: {error, error_type}"} for code in (401, 413, 422, 429, 503)
 }
 tgi_router = APIRouter(tags=["tgi"], responses=_TGI_ERRORS, route_class=SoarRoute)
 
@@ -137,9 +148,9 @@ ops_router = APIRouter(tags=["operations"], route_class=SoarRoute)
 
 
 @ops_router.get("/", include_in_schema=False)
-async def root() -> RedirectResponse:
-    """Browsers landing on the server get the API reference (until a playground exists)."""
-    return RedirectResponse("/docs", status_code=307)
+async def root() -> Response:
+    """The playground: a chat page that talks to this server's API (static, no key needed)."""
+    return playground_response()
 
 
 @ops_router.get("/health", responses={503: {"description": "the engine is not running"}})

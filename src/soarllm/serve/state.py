@@ -12,7 +12,9 @@ from soarllm.engine.async_engine import AsyncLLMEngine
 from soarllm.errors import ModelNotFoundError
 from soarllm.serve.config import ServerConfig
 from soarllm.serve.metrics import ServerMetrics
+from soarllm.serve.rate_limit import RateLimiter
 from soarllm.serve.tokenization import TokenizerWorkers
+from soarllm.serve.usage import UsageLedger
 
 
 @dataclass
@@ -23,6 +25,8 @@ class ServerState:
     model_names: list[str]
     tokenizers: TokenizerWorkers
     started: float = field(default_factory=time.time)
+    usage: UsageLedger = field(default_factory=UsageLedger)  # per API key
+    limiter: RateLimiter = field(default_factory=RateLimiter)  # per-key rpm / tpm
 
     @property
     def tokenizer(self) -> Any:
