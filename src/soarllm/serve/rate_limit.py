@@ -52,7 +52,8 @@ class _Window:
     total: int = 0
 
     def prune(self, now: float) -> None:
-        while self.entries and self.entries[0].time <= now - WINDOW_S:
+        # the same sum as wait_for's, so an entry leaves exactly when Retry-After says
+        while self.entries and self.entries[0].time + WINDOW_S <= now:
             e = self.entries.popleft()
             e.expired = True
             self.total -= e.cost
@@ -138,20 +139,24 @@ class RateLimiter:
             checks.append(("requests", self.rpm, 1))
         if self.tpm is not None:
             checks.append(("tokens", self.tpm, cost))
+        hit = []  # (seconds to wait, limit, its value, used in the window, this request's need)
         for limit, value, amount in checks:
             window = self._window(key, limit)
             window.prune(now)
             wait = window.wait_for(now, value, amount)
             if wait > 0:
-                retry = max(1, math.ceil(wait))
-                used = window.total
-                unit = "requests" if limit == "requests" else "tokens"
-                raise RateLimitExceeded(
-                    f"rate limit reached for {unit} per minute: this key used {used} of its "
-                    f"{value} {unit} in the last 60 s"
-                    + (f" and this request needs {amount}" if limit == "tokens" else "")
-                    + f"; retry in {retry} s", limit=limit, retry_after=retry,
-                )
+                hit.append((wait, limit, value, window.total, amount))
+        if hit:
+            # Retry-After covers every limit that was hit: by then the request fits them all
+            retry = max(1, math.ceil(max(h[0] for h in hit)))
+            parts = [f"{limit} per minute: this key used {used} of its {value} {limit} in the "
+                     f"last 60 s" + (f" and this request needs {amount}"
+                                     if limit == "tokens" else "")
+                     for _, limit, value, used, amount in hit]
+            raise RateLimitExceeded(
+                f"rate limit reached for {'; and for '.join(parts)}; retry in {retry} s",
+                limit=max(hit)[1], retry_after=retry,
+            )
         request = self._window(key, "requests").add(now, 1) if self.rpm is not None else None
         tokens = ([self._window(key, "tokens").add(now, c) for c in token_costs]
                   if self.tpm is not None else [])
