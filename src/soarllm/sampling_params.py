@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from soarllm.errors import InvalidRequestError
 
@@ -18,6 +20,81 @@ MAX_ABS_PENALTY = 2.0  # presence_penalty and frequency_penalty in [-2, 2]
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_SPECULATIVE_TOKENS = 16
+MAX_GUIDED_CHOICES = 1024
+
+
+@dataclass
+class StructuredOutputParams:
+    """Constrained decoding: exactly one of these is set, and every token the request samples
+    keeps its output a prefix of a string the constraint accepts; the request stops (finish reason
+    "stop") once nothing can follow. Enforced by the engine's grammar engine (llguidance), which
+    refuses what it cannot enforce (naming the keyword) when the request is added.
+
+    - ``json``: a JSON schema (a dict, or its JSON text); ``json_object``: any JSON object.
+    - ``regex``: the whole output matches it (Rust regex syntax: no look-around, no backrefs).
+    - ``choice``: the output is one of these strings.
+    - ``grammar``: a context-free grammar in Lark syntax (``start: ...``) or GBNF/EBNF
+      (``root ::= ...``).
+
+    With a constraint, min_tokens bans on EOS and stop tokens do not apply (the grammar decides
+    where the output may end) and the request never speculates.
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text (JSON schemas and choice lists serialized canonically): with
+        ``kind``, the key of a compiled-grammar cache."""
+        kind = self.kind
+        if kind == "json_object":
+            return ""
+        value = getattr(self, kind)
+        if kind == "json" and isinstance(value, str):
+            try:  # the same schema as a dict or as text: one key
+                value = json.loads(value)
+            except ValueError:
+                return value
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+    def validate(self) -> None:
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(msg, param="structured_outputs")
+
+        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            set_.append("json_object")
+        if len(set_) != 1:
+            raise bad("structured output takes exactly one of json, json_object, regex, choice "
+                      f"and grammar; got {', '.join(set_) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise bad("a json schema must be an object (or its JSON text)")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise bad(f"{name} must be a non-empty string")
+        if self.choice is not None:
+            if not self.choice or len(self.choice) > MAX_GUIDED_CHOICES:
+                raise bad(f"choice must list 1 to {MAX_GUIDED_CHOICES} strings")
+            if any(not isinstance(c, str) or not c for c in self.choice):
+                raise bad("choice must list non-empty strings")
 
 
 @dataclass
@@ -45,6 +122,8 @@ class SamplingParams:
     prediction: str | list[int] | None = None
     # Draft tokens per step for this request (0: no speculation; None: the engine's setting).
     num_speculative_tokens: int | None = None
+    # Constrained decoding (JSON schema, regex, choice, grammar); None: free text.
+    structured_outputs: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +178,12 @@ class SamplingParams:
                       f"[0, {MAX_SPECULATIVE_TOKENS}] (0: no speculation), got {k!r}")
         if self.prediction is not None and not isinstance(self.prediction, (str, list)):
             raise bad("prediction", "prediction must be a string or a list of token ids")
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputParams):
+                raise bad("structured_outputs", "structured_outputs must be a "
+                          "StructuredOutputParams")
+            so.validate()
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"seed must be an integer, got {self.seed!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):

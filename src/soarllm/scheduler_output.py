@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from soarllm.sampling_params import SamplingParams
 
 
@@ -48,6 +50,18 @@ class SchedulerOutput:
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    # Structured output: the requests that sample this step under a grammar, and the tokens each
+    # may sample, packed: int32 [len(grammar_req_ids), ceil(V / 32)], bit j of word w allows
+    # token 32 * w + j (row i belongs to grammar_req_ids[i]); None when no request has a grammar.
+    grammar_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: np.ndarray | None = None
+
+    def grammar_of(self, req_id: str) -> tuple[list[str], np.ndarray | None]:
+        """The grammar fields of a step reduced to ``req_id`` (its row, if it has one)."""
+        if req_id not in self.grammar_req_ids:
+            return [], None
+        i = self.grammar_req_ids.index(req_id)
+        return [req_id], self.grammar_bitmask[i : i + 1]
 
     @property
     def total_num_scheduled_tokens(self) -> int:

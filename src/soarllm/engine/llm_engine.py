@@ -34,6 +34,7 @@ from soarllm.sampling_params import SamplingParams
 from soarllm.scheduler_output import SchedulerOutput
 from soarllm.spec.config import SpeculativeConfig
 from soarllm.spec.speculator import SpecStats, Speculator
+from soarllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.speculator = Speculator(spec_config, self.max_model_len)
+        self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
+                                                  self.eos_token_ids)
         self.groups: dict[str, _Group] = {}
         self._by_id: dict[str, tuple[_Group, int]] = {}
         self._failures: dict[str, RequestFailedError] = {}  # request id -> why it failed
@@ -167,6 +170,7 @@ class LLMEngine:
                 )
             for c in children:
                 c.prediction_token_ids = pred_ids
+        self.structured.add_requests([c.request_id for c in children], params)  # compiles
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params) for _ in children]
         group = _Group(request_id, text, children, detoks)
         self.groups[request_id] = group
@@ -186,6 +190,7 @@ class LLMEngine:
                     self.scheduler.finish(c, RequestStatus.FINISHED_ABORTED)
                 self._by_id.pop(c.request_id, None)
                 self.speculator.forget(c.request_id)
+                self.structured.remove(c.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -234,6 +239,7 @@ class LLMEngine:
         for req in scheduled:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        self.structured.fill_bitmask(so, scheduled)
         t1 = time.perf_counter()
         result = self._execute_contained(so, scheduled)
         t2 = time.perf_counter()
@@ -279,6 +285,7 @@ class LLMEngine:
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
                     self.speculator.forget(c.request_id)
+                self.structured.remove(c.request_id)
         phases = self.executor.phases
         if phases is not None:
             phases.add("schedule", t1 - t0)
@@ -365,12 +372,15 @@ class LLMEngine:
         the runner's copy half-updated); the first one also carries the step's finished and
         preempted ids."""
         rid = req.request_id
+        grammar_req_ids, grammar_bitmask = so.grammar_of(rid)
         return SchedulerOutput(
             new_reqs=[new_request_data(req, self.kv.block_ids(rid))],
             num_scheduled_tokens={rid: so.num_scheduled_tokens[rid]},
             spec_token_ids={rid: so.spec_token_ids[rid]} if rid in so.spec_token_ids else {},
             finished_req_ids=so.finished_req_ids if first else [],
             preempted_req_ids=so.preempted_req_ids if first else [],
+            grammar_req_ids=grammar_req_ids,
+            grammar_bitmask=grammar_bitmask,
         )
 
     def _preempt_readers_of(self, so: SchedulerOutput, scheduled: list[Request],
@@ -416,6 +426,7 @@ class LLMEngine:
     def _append(self, req: Request, detok: IncrementalDetokenizer, tok: int,
                 lp: TokenLogprobs | None, now: float) -> None:
         req.append_token(tok)
+        grammar_done = self.structured.accept_token(req.request_id, tok)
         if lp is not None:
             for tid, entry in lp.items():
                 entry.decoded_token = self.tokenizer.decode([tid])
@@ -433,6 +444,8 @@ class LLMEngine:
         elif past_min and tok in p.stop_token_ids:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok
         elif past_min and not p.ignore_eos and tok in req.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif grammar_done:  # structured output: the grammar allows nothing more
             status = RequestStatus.FINISHED_STOPPED
         elif (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens) or (
             req.num_tokens >= self.max_model_len

@@ -29,7 +29,7 @@ from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
 from soarllm.profiling import StepPhases
 from soarllm.quant.config import get_quant_config
-from soarllm.sample.metadata import build_sampling_metadata
+from soarllm.sample.metadata import add_grammar_bitmask, build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
 from soarllm.sample.verifier import num_accepted
 from soarllm.scheduler_output import SchedulerOutput
@@ -252,6 +252,9 @@ class ModelRunner:
         if len(sample_idx):
             md = build_sampling_metadata(b, rows[sample_idx][sample_req], logits.shape[-1], dev,
                                          offsets=sample_off)
+            if so.grammar_bitmask is not None:
+                add_grammar_bitmask(md, [ids[i] for i in sample_idx.tolist()], per_req,
+                                    so.grammar_req_ids, so.grammar_bitmask, dev)
             sampled = self.sampler(logits[len(logits_rows) - len(sample_flat) :], md)
             j = 0
             for i, count in zip(sample_idx.tolist(), per_req.tolist()):

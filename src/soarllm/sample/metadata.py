@@ -34,6 +34,10 @@ class SamplingMetadata:
     banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) -> -inf
     seeds: dict[int, int] = field(default_factory=dict)  # row -> generator seed
     num_logprobs: list[int] = field(default_factory=list)  # per row; -1: none
+    # Structured output: the rows sampled under a grammar and their packed allowed-token masks
+    # (int32 [G, ceil(V' / 32)], bit j of word w allows token 32 * w + j); None when no row has one.
+    grammar_rows: torch.Tensor | None = None  # [G] int64 rows of the batch
+    grammar_bitmask: torch.Tensor | None = None  # [G, W] int32
 
     @property
     def wants_logprobs(self) -> bool:
@@ -81,6 +85,8 @@ def build_sampling_metadata(batch, rows: np.ndarray, vocab_size: int,
     for i in np.nonzero(out_len < batch.min_tokens[rows])[0].tolist():
         r = int(rows[i])
         p = batch.params[r]
+        if p.structured_outputs is not None:
+            continue  # the grammar decides where the output may end
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(batch.eos_token_ids[r]))
         if banned:
             md.banned.append((i, sorted(banned)))
@@ -117,3 +123,27 @@ def _add_penalties(md: SamplingMetadata, batch, rows: np.ndarray, offsets: np.nd
     md.seen_mask = (seen[:, :vocab_size] > 0).to(device)
     md.output_counts = counts[:, :vocab_size].to(device)
 
+
+
+def add_grammar_bitmask(md: SamplingMetadata, entry_req_ids: list[str], per_req: np.ndarray,
+                        grammar_req_ids: list[str], bitmask: np.ndarray,
+                        device: str | torch.device = "cpu") -> None:
+    """Attach the step's grammar masks to the sampled rows they belong to.
+
+    ``entry_req_ids[i]`` samples ``per_req[i]`` consecutive rows (1, or 1 + k when verifying k
+    drafts); row ``k`` of ``bitmask`` masks the one sampled row of ``grammar_req_ids[k]``.
+    """
+    first_row = np.cumsum(per_req) - per_req
+    where = {rid: i for i, rid in enumerate(entry_req_ids)}
+    rows, masks = [], []
+    for k, rid in enumerate(grammar_req_ids):
+        i = where.get(rid)
+        if i is None:
+            raise RuntimeError(f"request {rid} has a grammar mask but samples nothing this step")
+        if per_req[i] != 1:
+            raise RuntimeError(f"request {rid} has a grammar and must not verify drafts")
+        rows.append(int(first_row[i]))
+        masks.append(k)
+    if rows:
+        md.grammar_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        md.grammar_bitmask = torch.from_numpy(np.ascontiguousarray(bitmask[masks])).to(device)

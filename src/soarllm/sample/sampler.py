@@ -1,8 +1,9 @@
 """Logits -> next tokens for a batch of rows, with the parameters of a SamplingMetadata.
 
-Order: penalties and min_tokens bans act on the raw logits; logprobs are reported from the raw model
-distribution (before penalties and temperature), and only for rows that ask; then greedy rows take
-the argmax (an all-greedy batch stops there), and sampled rows divide by their temperature, keep
+Order: penalties and min_tokens bans act on the raw logits; then the grammar masks of structured
+output set every token a row's grammar does not allow to -inf (one masked_fill over the rows that
+have a mask); logprobs are reported from the raw model distribution (before penalties, grammar
+masks and temperature), and only for rows that ask; then greedy rows take the argmax (an all-greedy batch stops there), and sampled rows divide by their temperature, keep
 only tokens allowed by every one of top-k, top-p and min-p (each computed on the temperature-scaled
 distribution) and draw.
 
@@ -51,6 +52,7 @@ class Sampler:
         lp_rows = [i for i, k in enumerate(md.num_logprobs) if k >= 0]
         raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
         logits = apply_penalties(logits, md)
+        logits = apply_grammar_bitmask(logits, md)
         token_ids = logits.argmax(dim=-1)
         if not md.all_greedy:
             rows = torch.nonzero(~md.greedy).squeeze(1)
@@ -91,6 +93,23 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits[rows] = sub
     for row, ids in md.banned:
         logits[row, ids] = float("-inf")
+    return logits
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed int32 [G, W] masks -> bool [G, vocab_size]: bit j of word w is token 32 * w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Tokens the grammar of a row does not allow get -inf, in place on the rows that have one."""
+    if md.grammar_rows is None:
+        return logits
+    rows = md.grammar_rows
+    allowed = unpack_bitmask(md.grammar_bitmask, logits.shape[-1])
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits
 
 

@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from soarllm.outputs import CompletionOutput
 from soarllm.sampling_params import (
     MAX_ABS_PENALTY,
+    MAX_GUIDED_CHOICES,
     MAX_LOGPROBS,
     MAX_N,
     MAX_REPETITION_PENALTY,
@@ -98,7 +99,28 @@ class Prediction(StrictModel):
         return "".join(part.text for part in self.content)
 
 
-class _CommonSampling(SamplingExtensions):
+_ONE_CONSTRAINT = ("at most one of response_format, guided_json, guided_regex, guided_choice and "
+                   "guided_grammar; it must be one the grammar engine (llguidance) can enforce")
+
+
+class GuidedDecoding(StrictModel):
+    """vLLM's structured-output fields (``extra_body``): the output is constrained to match."""
+
+    guided_json: dict[str, Any] | Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="a JSON schema (object or its JSON text) the output must validate "
+        f"against; {_ONE_CONSTRAINT}")
+    guided_regex: str | None = Field(
+        None, min_length=1, description="a regex the whole output must match (Rust regex "
+        f"syntax: no look-around or backreferences); {_ONE_CONSTRAINT}")
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_GUIDED_CHOICES,
+        description=f"the output is one of these strings; {_ONE_CONSTRAINT}")
+    guided_grammar: str | None = Field(
+        None, min_length=1, description="a context-free grammar the output must match: Lark "
+        f"(start: ...) or GBNF (root ::= ...); {_ONE_CONSTRAINT}")
+
+
+class _CommonSampling(SamplingExtensions, GuidedDecoding):
     model: str | None = Field(None, max_length=1000,
                               description="a served model name (GET /v1/models); null or '': "
                               "the first")
@@ -250,6 +272,34 @@ class ChatMessage(StrictModel):
         return content
 
 
+class JsonSchemaFormat(StrictModel):
+    name: str = Field(max_length=64, description="the schema's name")
+    description: str | None = Field(None, max_length=10_000)
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="the JSON schema the reply validates against (null: "
+        "any JSON object); it must be one the grammar engine (llguidance) can enforce")
+    strict: bool | None = Field(None, description="the schema is always enforced")
+
+
+class ResponseFormatText(StrictModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(StrictModel):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJsonSchema(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+    Field(discriminator="type"),
+]
+
+
 class ChatCompletionRequest(_CommonSampling):
     messages: list[ChatMessage] = Field(
         min_length=1, description="rendered with the model's chat template; the conversation "
@@ -261,7 +311,9 @@ class ChatCompletionRequest(_CommonSampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description="only with logprobs=true")
-    response_format: neutral_only(None, {"type": "text"}) = None
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object: the reply is a JSON object; json_schema: it validates "
+        f"against the schema; {_ONE_CONSTRAINT}")
     tools: neutral_only(None, []) = None
     tool_choice: neutral_only(None, "none", "auto") = None
     parallel_tool_calls: bool | None = None

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from soarllm.errors import InvalidRequestError
-from soarllm.sampling_params import SamplingParams
+from soarllm.sampling_params import SamplingParams, StructuredOutputParams
 from soarllm.serve.protocol_openai import ChatCompletionRequest, CompletionRequest
 from soarllm.serve.protocol_tgi import DEFAULT_MAX_NEW_TOKENS, TGIParameters
+from soarllm.structured_output import check_structured_output
 
 _SEED_MOD = 2**63  # engines seed torch generators with non-negative 63-bit ints
 
@@ -21,6 +22,34 @@ def _extensions(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any
         if value is not None:
             kw[name] = value
     return kw
+
+
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest
+                       ) -> StructuredOutputParams | None:
+    """response_format (chat) or one of vLLM's guided_* fields -> StructuredOutputParams, checked
+    (tokenizer-free) to be enforceable; a 400 naming the field otherwise."""
+    found: list[tuple[str, StructuredOutputParams]] = []
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", StructuredOutputParams(json_object=True)))
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_
+        found.append(("response_format", StructuredOutputParams(json=schema) if schema is not None
+                      else StructuredOutputParams(json_object=True)))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, name)
+        if value is not None:
+            found.append((name, StructuredOutputParams(**{key: value})))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise InvalidRequestError(
+            "send only one of response_format, guided_json, guided_regex, guided_choice and "
+            f"guided_grammar; got {', '.join(name for name, _ in found)}", param=found[1][0])
+    name, params = found[0]
+    check_structured_output(params, param=name)
+    return params
 
 
 def _common(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
@@ -37,6 +66,7 @@ def _common(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=None if req.seed is None else req.seed % _SEED_MOD,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        structured_outputs=structured_outputs(req),
     )
     return kw  # a `prediction` is tokenized by the route, on the tokenizer pool
 

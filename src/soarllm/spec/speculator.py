@@ -75,7 +75,7 @@ class Speculator:
     # -- before a step ------------------------------------------------------------------------
 
     def _method_of(self, req: Request) -> str | None:
-        if req.params.num_speculative_tokens == 0:
+        if req.params.num_speculative_tokens == 0 or req.params.structured_outputs is not None:
             return None
         if req.prediction_token_ids:
             return "reference"
