@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from soarllm import __version__
 from soarllm.errors import InvalidRequestError
-from soarllm.serve import openai_chat, openai_completions, tgi
+from soarllm.serve import infill, openai_chat, openai_completions, tgi
 from soarllm.serve.metrics import CONTENT_TYPE
 from soarllm.serve.playground import playground_response
 from soarllm.serve.prompts import chat_input, text_input
+from soarllm.serve.protocol_infill import InfillRequest, InfillResponse
 from soarllm.serve.protocol_openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -151,6 +152,18 @@ ops_router = APIRouter(tags=["operations"], route_class=SoarRoute)
 async def root() -> Response:
     """The playground: a chat page that talks to this server's API (static, no key needed)."""
     return playground_response()
+
+
+@ops_router.post(
+    "/infill", response_model=InfillResponse, tags=["llama.cpp"],
+    responses={**_ERRORS,
+               200: {"content": _SSE, "description": "JSON, or SSE events with stream=true"}},
+)
+async def infill_route(body: InfillRequest, request: Request,
+                       state: ServerState = Depends(get_state)) -> Any:
+    """Code infilling (fill-in-the-middle) as llama.cpp's server answers it; needs a model with
+    FIM tokens (a 400 says so otherwise)."""
+    return _json(await infill.create_infill(state, body, request))
 
 
 @ops_router.get("/health", responses={503: {"description": "the engine is not running"}})

@@ -1,0 +1,211 @@
+"""POST /infill (llama.cpp's code-infill endpoint) without a real model: the prompt layouts of
+llama.cpp's server README, written out here as text and compared token for token with what the
+engine received (the fake engine's tokenizer spells every byte as one token, so the expected ids
+are those of the expected text); truncation to the context by hand-derived counts; the response
+and stream shapes; refusals. The real refusal for a model without FIM tokens runs on the tiny
+random model's server; tests/model/test_qwen_coder_serve.py runs a real infill."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from soarllm.serve.config import ServerConfig
+from tests.serve.conftest import API_KEY, start_thread_server
+from tests.serve.fake_engine import FakeEngine
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PREFIX = "def area(r):\n    "
+SUFFIX = "\n    return a\n"
+
+
+def _server(fake: FakeEngine):
+    return start_thread_server(fake, ServerConfig(api_key=API_KEY, access_log=False,
+                                                  served_model_names=["fake-model"]))
+
+
+@pytest.fixture(scope="module")
+def fake_srv():
+    srv = _server(FakeEngine(step_time=0.0, max_model_len=512))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def repo_srv():
+    """A tokenizer that also has StarCoder2's repo-level tokens."""
+    fake = FakeEngine(step_time=0.0, max_model_len=512)
+    fake.tokenizer.add_special_tokens({"additional_special_tokens": ["<reponame>", "<file_sep>"]},
+                                      replace_extra_special_tokens=False)
+    fake.vocab_size = len(fake.tokenizer)
+    srv = _server(fake)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def short_srv():
+    srv = _server(FakeEngine(step_time=0.0, max_model_len=64))
+    yield srv
+    srv.stop()
+
+
+def _post(srv, body: dict, **kw) -> httpx.Response:
+    return httpx.post(srv.base_url + "/infill", json=body, headers=AUTH, timeout=60, **kw)
+
+
+def _sent(srv) -> str:
+    """The prompt the engine got, as text with the special tokens spelled out."""
+    return srv.fake.tokenizer.decode(srv.fake.last_prompt_ids)
+
+
+def _ids(srv, text: str) -> list[int]:
+    return srv.fake.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_prompt_layout_without_repo_tokens(fake_srv):
+    r = _post(fake_srv, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "a = 3.14 *",
+                         "input_extra": [{"filename": "util.py", "text": "PI = 3.14\n"}],
+                         "n_predict": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    # README: "[input_extra]<FIM_PRE>[input_prefix]<FIM_SUF>[input_suffix]<FIM_MID>", each
+    # extra chunk after a snippet line; `prompt` ends the prefix (llama.cpp's code)
+    want = ("\n\n--- snippet ---\n\nPI = 3.14\n<fim_prefix>" + PREFIX + "a = 3.14 *"
+            + "<fim_suffix>" + SUFFIX + "<fim_middle>")
+    assert fake_srv.fake.last_prompt_ids == _ids(fake_srv, want)
+    out = r.json()
+    assert out["tokens_evaluated"] == len(_ids(fake_srv, want))
+    assert out["prompt"] == want and out["truncated"] is False
+
+
+def test_prompt_layout_with_repo_tokens(repo_srv):
+    extra = [{"filename": "util.py", "text": "PI = 3.14\n"}, {"filename": "b.py", "text": "B = 2\n"}]
+    r = _post(repo_srv, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": extra,
+                         "n_predict": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    # README's repo-level pattern (arXiv:2409.12186)
+    want = ("<reponame>myproject\n<file_sep>util.py\nPI = 3.14\n<file_sep>b.py\nB = 2\n"
+            "<file_sep>filename\n<fim_prefix>" + PREFIX + "<fim_suffix>" + SUFFIX + "<fim_middle>")
+    assert repo_srv.fake.last_prompt_ids == _ids(repo_srv, want)
+
+
+def test_prefix_and_suffix_truncated_around_the_cursor(short_srv):
+    prefix = "".join(chr(ord("a") + i % 26) for i in range(200))
+    suffix = "".join(chr(ord("A") + i % 26) for i in range(200))
+    r = _post(short_srv, {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 8,
+                          "input_extra": [{"text": "never fits"}], "temperature": 0})
+    assert r.status_code == 200, r.text
+    # 64 - 8 reserved = 56 prompt tokens; 3 FIM tokens leave 53: a quarter (13) for the start of
+    # the suffix, the other 40 for the end of the prefix, nothing for the extra file
+    want = "<fim_prefix>" + prefix[-40:] + "<fim_suffix>" + suffix[:13] + "<fim_middle>"
+    assert short_srv.fake.last_prompt_ids == _ids(short_srv, want)
+    assert len(short_srv.fake.last_prompt_ids) == 56
+    assert r.json()["truncated"] is True
+
+
+def test_extra_context_keeps_its_end(short_srv):
+    text = "".join(str(i % 10) for i in range(100))
+    r = _post(short_srv, {"input_prefix": "p", "input_suffix": "s", "n_predict": 8,
+                          "input_extra": [{"filename": "x.py", "text": text}], "temperature": 0})
+    assert r.status_code == 200, r.text
+    # 56 - 3 FIM tokens - 2 (prefix, suffix) = 51 tokens of "--- snippet ---" + text, its end
+    full = "\n\n--- snippet ---\n\n" + text
+    want = full[-51:] + "<fim_prefix>p<fim_suffix>s<fim_middle>"
+    assert short_srv.fake.last_prompt_ids == _ids(short_srv, want)
+    assert r.json()["truncated"] is True
+
+
+def test_nothing_fits_is_refused(short_srv):
+    r = _post(short_srv, {"input_prefix": "x", "prompt": "y" * 60, "n_predict": 4})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert "maximum context length" in error["message"] and error["param"] == "prompt"
+    r = _post(short_srv, {"input_prefix": "x", "n_predict": 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n_predict"
+
+
+def test_response_shape_and_stop_types(fake_srv):
+    # the fake engine's greedy text is " w0 w1 w2 ..." one byte per token
+    r = _post(fake_srv, {"input_prefix": PREFIX, "n_predict": 6, "temperature": 0,
+                         "return_tokens": True})
+    out = r.json()
+    assert out["content"] == " w0 w1" and out["stop"] is True and out["model"] == "fake-model"
+    assert out["stop_type"] == "limit" and out["tokens_predicted"] == 6
+    assert fake_srv.fake.tokenizer.decode(out["tokens"]) == out["content"]
+    assert out["has_new_line"] is False and out["timings"]["predicted_n"] == 6
+    r = _post(fake_srv, {"input_prefix": PREFIX, "n_predict": 20, "temperature": 0,
+                         "stop": ["w2"]})
+    out = r.json()
+    assert (out["content"], out["stop_type"], out["stopping_word"]) == (" w0 w1 ", "word", "w2")
+    assert out["tokens"] == []  # only with return_tokens
+
+
+def test_stream_joins_to_the_whole_answer(fake_srv):
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 7, "temperature": 0,
+            "return_tokens": True}
+    whole = _post(fake_srv, body).json()
+    with httpx.stream("POST", fake_srv.base_url + "/infill", json={**body, "stream": True},
+                      headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    lines = [ln for ln in raw.split("\n") if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert "[DONE]" not in raw  # llama.cpp's own (non-OpenAI) streams end with stop: true
+    events = [json.loads(ln[len("data: "):]) for ln in lines]
+    assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
+    assert "".join(e["content"] for e in events) == whole["content"]
+    assert [t for e in events for t in e["tokens"]] == whole["tokens"]
+    assert [e["tokens_predicted"] for e in events[:-1]] == list(range(1, 8))
+    last = events[-1]
+    assert last["content"] == "" and last["stop_type"] == "limit"
+    assert last["tokens_predicted"] == 7 and last["tokens_evaluated"] == whole["tokens_evaluated"]
+
+
+def test_seeded_sampling_is_reproducible(fake_srv):
+    body = {"input_prefix": PREFIX, "n_predict": 8, "temperature": 0.8, "seed": 42}
+    a, b = _post(fake_srv, body).json(), _post(fake_srv, body).json()
+    assert a["content"] == b["content"]
+    assert a["content"] != _post(fake_srv, {**body, "seed": 43}).json()["content"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input_prefix": "x", "samplers": ["top_k"]}, "samplers"),  # llama.cpp options not served
+    ({"input_prefix": "x", "n_predict": 0}, "n_predict"),
+    ({"input_prefix": "x", "temperature": -1}, "temperature"),
+    ({"input_prefix": "x", "seed": -2}, "seed"),
+    ({"input_prefix": 3}, "input_prefix"),
+    ({"input_extra": [{"filename": "a.py", "content": "x"}]}, "input_extra"),
+    ({"input_prefix": "x", "model": "other"}, "model"),
+])
+def test_bad_requests_name_the_field(fake_srv, body, param):
+    r = _post(fake_srv, body)
+    assert r.status_code in (400, 404), r.text
+    error = r.json()["error"]
+    assert param in (error["param"] or "") or param in error["message"], error
+
+
+def test_needs_an_api_key(fake_srv):
+    r = httpx.post(fake_srv.base_url + "/infill", json={"input_prefix": "x"}, timeout=60)
+    assert r.status_code == 401
+
+
+def test_model_without_fim_tokens_is_refused(tiny_server, tiny_model_dir):
+    """The tiny random model's tokenizer has no FIM tokens (transformers' reading of it says
+    so): the real server refuses /infill with a 400 that names the fix."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(str(tiny_model_dir)).get_vocab()
+    assert not [t for t in vocab if "fim" in t.lower()]
+    r = httpx.post(tiny_server.base_url + "/infill", timeout=60,
+                   json={"input_prefix": "def f():\n    ", "input_suffix": "\n", "n_predict": 4})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "fill-in-the-middle" in error["message"]
+    assert "qwen2.5-coder-0.5b-instruct" in error["message"] and error["param"] == "model"
+    # the server is unharmed: an ordinary completion still runs
+    ok = httpx.post(tiny_server.base_url + "/v1/completions", timeout=60,
+                    json={"prompt": "def", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
