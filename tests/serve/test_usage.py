@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from soarllm.errors import ConfigError
 from soarllm.serve.config import ServerConfig
-from tests.serve.conftest import REPO, free_port, start_soar_serve
+from tests.serve.conftest import REPO, free_port, start_soar_serve, start_thread_server
+from tests.serve.fake_engine import FakeEngine
 
 SECRETS = {"alice": "sk-alice-0001", "bob": "sk-bob:with-colon-0002"}
 PLAIN_KEY = "sk-plain-0003"
@@ -141,3 +142,17 @@ def test_a_bad_keys_file_stops_soar_serve_before_the_model_loads(tmp_path):
     assert run.returncode != 0
     assert "--api-keys-file" in run.stderr and "cannot read it" in run.stderr
     assert "usage:" not in run.stderr and "no-such-model" not in run.stderr
+
+
+def test_without_keys_everything_is_charged_to_anonymous():
+    srv = start_thread_server(FakeEngine(), ServerConfig(api_key="", access_log=False))
+    try:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=srv.engine.model_name, prompt="a b c", max_tokens=3)
+        report = httpx.get(srv.base_url + "/v1/usage").json()
+        assert [d["key_name"] for d in report["data"]] == ["anonymous"]
+        (line,) = report["data"]
+        assert (line["requests"], line["prompt_tokens"], line["completion_tokens"]) == (
+            1, r.usage.prompt_tokens, r.usage.completion_tokens)
+    finally:
+        srv.stop()
