@@ -25,6 +25,7 @@ CROSS_FIELD_REFUSALS = (
     "max_tokens and max_completion_tokens disagree",
     "min_tokens must be in [0, max_tokens]",
     "'suffix' needs a text prompt",  # fill-in-the-middle with token ids
+    "/infill needs a model with fill-in-the-middle tokens",  # the model's, not the body's, rule
 )
 # Statuses that say nothing about the request's shape (credentials, unknown model, load).
 _NOT_ABOUT_THE_SHAPE = frozenset({401, 403, 404, 409, 429, 503})
