@@ -1,10 +1,9 @@
 """Per-API-key usage: requests, prompt tokens and completion tokens since the server started.
 
-The auth middleware names the caller's key for the duration of one HTTP request
-(``caller_key``, a context variable: request-scoped, not shared state); the serving layer charges
-that name as requests are admitted and tokens are generated. Without keys every request is
-charged to ``anonymous``. Counted are requests that reached the engine (completions, chat, /infill,
-TGI):
+The auth middleware names the caller's key for the duration of one HTTP request (``caller()``,
+a context variable: request-scoped, not shared state); the serving layer charges that name as
+requests are admitted and tokens are generated. Without keys every request is charged to
+``anonymous``. Counted are requests that reached the engine (completions, chat, /infill, TGI):
 their prompt tokens once each (as the responses' ``usage`` counts them) and every token the
 engine generated for them, aborted requests included; refusals by the rate limiter are counted
 apart, by limit. ``/metrics`` exports the same numbers labelled by key name, and
