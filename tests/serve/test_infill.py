@@ -12,6 +12,7 @@ import json
 import httpx
 import pytest
 
+from soarllm.sampling_params import MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_K
 from soarllm.serve.config import ServerConfig
 from tests.serve.conftest import API_KEY, start_thread_server
 from tests.serve.fake_engine import FakeEngine
@@ -185,6 +186,32 @@ def test_bad_requests_name_the_field(fake_srv, body, param):
     assert r.status_code in (400, 404), r.text
     error = r.json()["error"]
     assert param in (error["param"] or "") or param in error["message"], error
+
+
+B = {"input_prefix": "x", "n_predict": 2}
+
+
+@pytest.mark.parametrize("body", [
+    {**B, "n_predict": -1}, {**B, "n_predict": 0}, {**B, "n_predict": -2},
+    {**B, "seed": -1}, {**B, "seed": -2}, {**B, "seed": 2**32 - 1}, {**B, "seed": 2**32},
+    {**B, "top_p": 0}, {**B, "top_p": 1}, {**B, "top_k": MAX_TOP_K}, {**B, "top_k": MAX_TOP_K + 1},
+    {**B, "temperature": MAX_TEMPERATURE}, {**B, "temperature": MAX_TEMPERATURE + 0.5},
+    {**B, "repeat_penalty": 0}, {**B, "min_p": 1}, {**B, "min_p": 1.5},
+    {**B, "stop": [""]}, {**B, "stop": ["a"] * MAX_STOP_STRINGS},
+    {**B, "stop": ["a"] * (MAX_STOP_STRINGS + 1)}, {**B, "input_extra": [{}]},
+    {**B, "input_extra": [{"text": "a", "lines": 3}]}, {**B, "cache_prompt": False},
+    {**B, "stream": "yes"}, {"n_predict": 2},
+])
+def test_the_schema_says_what_the_server_enforces(fake_srv, body):
+    """jsonschema_rs reading the published schema and the server agree on every bound."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    published = httpx.get(fake_srv.base_url + "/openapi.json", headers=AUTH, timeout=30).json()
+    ref = published["paths"]["/infill"]["post"]["requestBody"]["content"]["application/json"]
+    validator = jsonschema_rs.Draft202012Validator(
+        {**ref["schema"], "components": published["components"]})
+    r = _post(fake_srv, body)
+    assert r.status_code < 500, r.text
+    assert (r.status_code < 400) == validator.is_valid(body), (r.status_code, r.text)
 
 
 def test_needs_an_api_key(fake_srv):
