@@ -1,20 +1,32 @@
-"""The registry code model (Qwen2.5-Coder-0.5B-Instruct, a qwen2 GGUF): our greedy continuations
-equal transformers' greedy `generate` on the same dequantized GGUF weights, token for token, for
-raw code, a chat turn and a hand-built fill-in-the-middle prompt, batched together."""
+"""The registry code model (Qwen2.5-Coder-0.5B-Instruct, a qwen2 GGUF) against transformers'
+greedy `generate` on the same dequantized GGUF weights (loaded once for the module):
+
+- in process: our greedy continuations of raw code, a chat turn and a hand-built FIM prompt,
+  batched together, equal transformers' token for token;
+- over HTTP (`soar serve`, float32, unquantized): `suffix` on /v1/completions through the official
+  `openai` client, and /infill (whole and streamed), each equal to transformers' greedy
+  continuation of the prompt written out here from Qwen's FIM format and llama.cpp's /infill
+  layout (never with our own prompt builders).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 
 from soarllm import LLM, SamplingParams
+from tests.serve.conftest import start_soar_serve
 
 pytestmark = pytest.mark.model
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 N_TOKENS = 24  # 0.5B on two CPU cores: a few short generations
+N_FIM = 20
 RAW = [
     "def fib(n):",
     'def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same backwards."""\n',
@@ -71,3 +83,68 @@ def test_greedy_matches_transformers(qwen_path, hf_reference):
     for ids, out in zip(prompts, outs):
         want = hf_greedy(model, ids, N_TOKENS)
         assert out.outputs[0].token_ids == want, tok.decode(ids)
+
+
+# -- over HTTP -------------------------------------------------------------------------------
+
+# A HumanEval-like function (HumanEval/0's signature and docstring) with its body missing.
+PREFIX = (
+    "from typing import List\n\n\n"
+    "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+    '    """ Check if in given list of numbers, are any two numbers closer to each other than\n'
+    '    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n'
+    '    """\n'
+)
+SUFFIX = "    return False\n\n\nprint(has_close_elements([1.0, 2.8, 3.0], 0.3))\n"
+
+
+@pytest.fixture(scope="module")
+def qwen_server(qwen_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("qwen-serve") / "server.log"
+    srv = start_soar_serve(MODEL, "--quantization", "none", "--max-model-len", "1024",
+                           "--no-access-log", log_path=log, startup_timeout=600)
+    yield srv
+    srv.stop()
+
+
+def test_fim_suffix_with_the_openai_client(qwen_server, hf_reference):
+    tok, model = hf_reference
+    # Qwen2.5-Coder's prefix-suffix-middle format, built by hand
+    ids = tok.encode(f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>",
+                     add_special_tokens=False)
+    want = hf_greedy(model, ids, N_FIM)
+    client = openai.OpenAI(base_url=qwen_server.base_url + "/v1", api_key="unused",
+                           max_retries=0, timeout=600)
+    r = client.completions.create(model=MODEL, prompt=PREFIX, suffix=SUFFIX, max_tokens=N_FIM,
+                                  temperature=0)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == N_FIM
+    assert r.choices[0].text == tok.decode(want)
+    assert "for " in r.choices[0].text  # a loop over the numbers: the model filled the body
+
+
+def test_infill_like_llama_cpp(qwen_server, hf_reference):
+    tok, model = hf_reference
+    extra = [{"filename": "geometry.py", "text": "def distance(a, b):\n    return abs(a - b)\n"}]
+    # llama.cpp's repo-level layout for a vocabulary with <|repo_name|> and <|file_sep|>
+    want_prompt = ("<|repo_name|>myproject\n<|file_sep|>geometry.py\n" + extra[0]["text"]
+                   + "<|file_sep|>filename\n<|fim_prefix|>" + PREFIX + "<|fim_suffix|>" + SUFFIX
+                   + "<|fim_middle|>")
+    ids = tok.encode(want_prompt, add_special_tokens=False)
+    want = hf_greedy(model, ids, N_FIM)
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": extra,
+            "n_predict": N_FIM, "temperature": 0, "return_tokens": True}
+    r = httpx.post(qwen_server.base_url + "/infill", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["prompt"] == want_prompt and out["tokens_evaluated"] == len(ids)
+    assert out["tokens"] == want
+    assert out["content"] == tok.decode(want)
+    assert (out["stop"], out["stop_type"], out["tokens_predicted"]) == (True, "limit", N_FIM)
+    # streamed: llama.cpp's SSE events, joined, are the same answer (a prefix-cache hit now)
+    with httpx.stream("POST", qwen_server.base_url + "/infill", json={**body, "stream": True},
+                      timeout=600) as s:
+        events = [json.loads(line[len("data: "):]) for line in s.iter_lines() if line]
+    assert events[-1]["stop"] is True and not any(e["stop"] for e in events[:-1])
+    assert "".join(e["content"] for e in events) == out["content"]
+    assert events[-1]["tokens_cached"] > 0
