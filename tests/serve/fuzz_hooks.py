@@ -26,6 +26,8 @@ CROSS_FIELD_REFUSALS = (
     "min_tokens must be in [0, max_tokens]",
     "'suffix' needs a text prompt",  # fill-in-the-middle with token ids
     "/infill needs a model with fill-in-the-middle tokens",  # the model's, not the body's, rule
+    "send only one of response_format, guided_json",  # one structured-output constraint
+    "cannot be enforced",  # a schema / regex / grammar the grammar engine cannot enforce
 )
 # Statuses that say nothing about the request's shape (credentials, unknown model, load).
 _NOT_ABOUT_THE_SHAPE = frozenset({401, 403, 404, 409, 429, 503})

@@ -76,8 +76,11 @@ def test_completions_bad_input(client, body, words, param):
     ({**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, ["image_url"], None),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),
-    ({**CHAT, "response_format": {"type": "json_object"}}, ["response_format"],
-     "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}}},
+     ["cannot be enforced", "not"], "response_format"),
+    ({**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a"},
+     ["only one of"], "guided_regex"),
     ({**CHAT, "top_logprobs": 3}, ["logprobs"], "top_logprobs"),
     ({**CHAT, "max_completion_tokens": 0}, ["max_completion_tokens"], "max_completion_tokens"),
     ({**CHAT, "max_tokens": None, "max_completion_tokens": 10**9}, ["context length"], None),

@@ -35,7 +35,7 @@ VLLM_FLAGS: dict[str, str] = {
     "--max-seq-len-to-capture": "soarllm captures no CUDA graphs; leave it out",
     "--num-scheduler-steps": "soarllm schedules every step; leave it out",
     "--disable-custom-all-reduce": "soarllm runs a model on one device; leave it out",
-    "--guided-decoding-backend": "structured output is not supported yet",
+    "--guided-decoding-backend": "structured output always uses llguidance; leave it out",
     "--generation-config": "sampling defaults come from the request",
     "--override-generation-config": "sampling defaults come from the request",
     "--hf-overrides": "use the Python API: LLM(..., hf_overrides={...})",
