@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "src/soarllm/sample/sampler.py"
 METADATA = "src/soarllm/sample/metadata.py"
 SAMPLER_TESTS = "tests/sample/test_sampler.py"
+STRUCTURED_TESTS = "tests/structured/test_sampler_masks.py"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class Mutant:
 
 def _t(*names: str) -> tuple[str, ...]:
     return tuple(f"{SAMPLER_TESTS}::{n}" for n in names)
+
+
+def _s(*names: str) -> tuple[str, ...]:
+    return tuple(f"{STRUCTURED_TESTS}::{n}" for n in names)
 
 
 MUTANTS: list[Mutant] = [
@@ -142,6 +147,35 @@ MUTANTS: list[Mutant] = [
         "np.nonzero(out_len < batch.min_tokens[rows])",
         "np.nonzero(out_len <= batch.min_tokens[rows])",
         _t("test_min_tokens_bans_eos"),
+    ),
+    # --- structured output: grammar masks in the sampler (issue #14) ---
+    Mutant(  # the grammar mask is never applied
+        "grammar-mask-ignored", SAMPLER,
+        "logits = apply_grammar_bitmask(logits, md)",
+        "logits = logits",
+        _s("test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched",
+           "test_sampling_follows_the_renormalised_allowed_distribution"),
+    ),
+    Mutant(  # bits read from the wrong end of each 32-bit word
+        "grammar-mask-bit-order", SAMPLER,
+        "bits = (bitmask.unsqueeze(-1) >> shifts) & 1",
+        "bits = (bitmask.unsqueeze(-1) >> (31 - shifts)) & 1",
+        _s("test_unpack_inverts_the_packing",
+           "test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched"),
+    ),
+    Mutant(  # a request's mask lands on the row after its own
+        "grammar-mask-wrong-row", METADATA,
+        "rows.append(int(first_row[i]))",
+        "rows.append(int(first_row[i]) + 1 if i + 1 < len(first_row) else int(first_row[i]))",
+        _s("test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched",
+           "test_each_request_masks_its_first_sampled_row_and_never_a_verification"),
+    ),
+    Mutant(  # logprobs reported from the masked distribution instead of the raw one
+        "grammar-logprobs-masked", SAMPLER,
+        "        logits = apply_penalties(logits, md)\n        logits = apply_grammar_bitmask(logits, md)\n",
+        "        logits = apply_penalties(logits, md)\n        logits = apply_grammar_bitmask(logits, md)\n"
+        "        if lp_rows:\n            raw_lp = torch.log_softmax(logits[lp_rows], dim=-1)\n",
+        _s("test_logprobs_are_the_raw_model_distribution"),
     ),
 ]
 
