@@ -74,6 +74,17 @@ def test_ending_with_eos_where_the_grammar_may_end(manager):
     assert manager.accept_token("r", EOS) is True
 
 
+def test_a_grammar_no_token_can_continue_stops_the_request(manager):
+    # "q" is in no token of the vocabulary: the mask allows only the end, which ends the request
+    manager.add_requests(["r"], _params(regex="aq"))
+    assert manager.accept_token("r", tok("a")[0]) is False
+    step = SchedulerOutput(num_scheduled_tokens={"r": 1})
+    manager.fill_bitmask(step, [decoding("r")])
+    assert np.nonzero(np.unpackbits(step.grammar_bitmask.view(np.uint8),
+                                    bitorder="little"))[0].tolist() == [EOS]
+    assert manager.accept_token("r", EOS) is True
+
+
 def test_a_disallowed_token_is_an_error(manager):
     manager.add_requests(["r"], _params(regex="a+b"))
     with pytest.raises(GrammarViolationError):

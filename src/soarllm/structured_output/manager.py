@@ -14,6 +14,7 @@ position.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,8 @@ import numpy as np
 from soarllm.sampling_params import SamplingParams
 from soarllm.scheduler_output import SchedulerOutput
 from soarllm.structured_output.compiler import DEFAULT_CACHE_SIZE, GrammarCompiler
+
+logger = logging.getLogger(__name__)
 
 
 class GrammarViolationError(RuntimeError):
@@ -60,6 +63,13 @@ class StructuredOutputManager:
         m = self._matchers.get(request_id)
         if m is None:
             return False
+        if m.is_stopped():
+            # Nothing may follow (the mask allowed only the end token): complete, or a dead end
+            # where no token of this vocabulary can continue the grammar. Either way: stop.
+            if not m.is_accepting():
+                logger.warning("request %s: its grammar cannot be continued with this "
+                               "model's tokens (%s); stopping it", request_id, m.stop_reason())
+            return True
         if not m.consume_token(token_id):
             raise GrammarViolationError(
                 f"token {token_id} does not satisfy the request's grammar: {m.get_error()}")
