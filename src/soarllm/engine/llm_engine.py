@@ -285,7 +285,7 @@ class LLMEngine:
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
                     self.speculator.forget(c.request_id)
-                self.structured.remove(c.request_id)
+                    self.structured.remove(c.request_id)
         phases = self.executor.phases
         if phases is not None:
             phases.add("schedule", t1 - t0)
