@@ -58,6 +58,7 @@ def test_json_schema_outputs_validate_at_temperature(llm):
     for text, reason in _texts(outs):
         assert reason == "stop", text
         jsonschema.validate(json.loads(text), SCHEMA)
+    assert llm.llm_engine.structured.num_requests == 0  # every sibling's matcher released
 
 
 def test_regex_and_choice_outputs_match(llm):
@@ -165,4 +166,4 @@ def test_an_unenforceable_schema_is_refused_and_nothing_is_left(llm, schema, wor
     with pytest.raises(InvalidRequestError, match=word):
         llm.generate(["a", "b"], SamplingParams(structured_outputs=SO(json=schema)))
     assert not llm.llm_engine.has_unfinished_requests()
-    assert not llm.llm_engine.structured._matchers
+    assert llm.llm_engine.structured.num_requests == 0

@@ -54,6 +54,11 @@ class StructuredOutputManager:
         for i, rid in enumerate(request_ids):
             self._matchers[rid] = matcher if i == 0 else matcher.deep_copy()
 
+    @property
+    def num_requests(self) -> int:
+        """Sequences holding a matcher (finished and aborted ones are released)."""
+        return len(self._matchers)
+
     def has_grammar(self, request_id: str) -> bool:
         return request_id in self._matchers
 
