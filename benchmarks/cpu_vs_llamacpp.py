@@ -66,12 +66,14 @@ def llama_batched(bin_dir: Path, gguf: str, threads: int, batches: list[int],
     return best
 
 
-def soar_offline(gguf: str, dtype: str, batches: list[int], repeats: int) -> dict[str, float]:
+def soar_offline(gguf: str, dtype: str, batches: list[int], repeats: int,
+                 enforce_eager: bool = False) -> dict[str, float]:
     import numpy as np
 
     from soarllm import LLM, SamplingParams
 
-    llm = LLM(gguf, dtype=dtype, enable_prefix_caching=False, max_num_seqs=max(batches))
+    llm = LLM(gguf, dtype=dtype, enable_prefix_caching=False, max_num_seqs=max(batches),
+              enforce_eager=enforce_eager)
     rng = np.random.default_rng(0)
     vocab = llm.get_tokenizer().vocab_size
 
@@ -134,7 +136,8 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m-instruct", help="registry name or .gguf file")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--dtypes", default="bfloat16,bfloat16:eager,float32",
+                   help="soarllm rows: dtypes, ':eager' for the uncompiled model step")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-http", dest="http", action="store_false")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu_vs_llamacpp")
@@ -154,8 +157,10 @@ def main() -> int:
         if b != 1:
             llama[f"decode_b{b}"] = v
     table["llama.cpp"] = llama
-    for dtype in args.dtypes.split(","):
-        table[f"soarllm {dtype}"] = soar_offline(gguf, dtype, batches, args.repeats)
+    for spec in args.dtypes.split(","):
+        dtype, _, mode = spec.partition(":")
+        name = f"soarllm {dtype}" + (" eager" if mode == "eager" else "")
+        table[name] = soar_offline(gguf, dtype, batches, args.repeats, enforce_eager=mode == "eager")
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"model": gguf, "threads": args.threads, "table": table}
     if args.http:

@@ -3,9 +3,14 @@ the tests; a developer's cache is reused)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Engines run eagerly in the suite (and in the servers it starts, which inherit the environment):
+# compiling every tiny engine would take minutes. tests/model/test_compile.py compiles on purpose.
+os.environ.setdefault("SOARLLM_ENFORCE_EAGER", "1")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

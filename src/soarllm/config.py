@@ -75,6 +75,10 @@ class EngineArgs:
     # Speculative decoding (vLLM's names): {"method": "ngram", "num_speculative_tokens": 4, ...},
     # a dict or its JSON text. None: only requests with a `prediction` speculate.
     speculative_config: dict[str, Any] | str | None = None
+    # Run the model eagerly instead of compiling it with torch.compile (vLLM's name). The default
+    # comes from SOARLLM_ENFORCE_EAGER=1 when set (the test suite sets it: compiling every tiny
+    # engine would cost minutes).
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("SOARLLM_ENFORCE_EAGER") == "1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

@@ -1,14 +1,13 @@
 """Command-line flags for EngineArgs, shared by every subcommand that builds an engine.
 
 The flags keep vLLM's names; vLLM's --gpu-memory-utilization is mapped onto --kv-cache-memory,
---trust-remote-code and --enforce-eager are accepted. No import here loads torch: `soar serve`
+--trust-remote-code is accepted. No import here loads torch: `soar serve`
 checks its port before anything heavy is imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 
 from soarllm.cli.parser import SoarParser, add_model_argument
@@ -64,8 +63,9 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
     v.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; soarllm never runs code from a "
                    "checkpoint, so it changes nothing")
-    v.add_argument("--enforce-eager", action="store_true",
-                   help="accepted for vLLM compatibility: run the model without compilation")
+    v.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run the model eagerly, without torch.compile: a start without the "
+                   "compile warm-up, slower steps")
     parser.post_parse.append(_map_vllm_names)
 
 
@@ -86,9 +86,6 @@ def engine_args_from(args: argparse.Namespace):
     from soarllm.config import EngineArgs
 
     names = {f.name for f in fields(EngineArgs)}
-    if getattr(args, "enforce_eager", False) and "enforce_eager" not in names:
-        print("[soar] --enforce-eager: soarllm runs the model eagerly already; nothing to turn "
-              "off", file=sys.stderr)
     ea = EngineArgs(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     check_kv_cache_memory(ea)
     if ea.speculative_config is not None:

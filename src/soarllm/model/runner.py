@@ -22,6 +22,8 @@ import torch
 from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, parse_memory
 from soarllm.errors import ConfigError
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
+from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
+from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
 from soarllm.model.loader import Checkpoint, load_checkpoint
 from soarllm.model.loader.memory import release_free_heap
@@ -96,6 +98,8 @@ class ModelRunner:
         self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len, self.block_size)
         self.phases: StepPhases | None = None  # attach one to time the step's phases
         self.kv_caches: list[torch.Tensor] = []
+        # the decoder stack the runner calls: compiled after warm-up, else the module itself
+        self.backbone = self.model.model
 
     # -- KV cache ------------------------------------------------------------------------------
 
@@ -138,6 +142,36 @@ class ModelRunner:
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(m.num_layers)]
+        self.compile_and_warm_up()
+
+    # -- compilation ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def compile_and_warm_up(self) -> None:
+        """Compile the decoder stack and run it once per warm-up size, so no request pays for
+        compilation; any compile failure leaves the runner eager (with a warning), never broken."""
+        compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager)
+        if compiled is None:
+            return
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        try:
+            for size in tqdm(WARMUP_SIZES, desc="compiling the model step", unit="graph",
+                             leave=False, disable=None):
+                meta = _warmup_metadata(size, self.device)
+                with set_forward_context(meta, self.backend):
+                    compiled(torch.zeros(size, dtype=torch.long, device=self.device),
+                             meta.positions, self.kv_caches)
+        except Exception as e:  # an inductor/compiler failure must not take the engine down
+            logger.warning("torch.compile failed (%s: %s); running the model eagerly",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return
+        finally:
+            for cache in self.kv_caches:  # the warm-up wrote block 0: leave it as allocated
+                cache[:, 0].zero_()
+        self.backbone = compiled
+        logger.info("model step compiled in %.1fs", time.perf_counter() - t0)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -230,7 +264,8 @@ class ModelRunner:
         )
         input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
         t_forward = time.perf_counter()
-        hidden = self.model(input_t, meta.positions, self.kv_caches, meta)
+        with set_forward_context(meta, self.backend):
+            hidden = self.backbone(input_t, meta.positions, self.kv_caches)
         out = RunnerOutput()
         if len(logits_rows):
             logits = self.model.compute_logits(hidden[meta.logits_indices])
@@ -271,3 +306,20 @@ class ModelRunner:
         if self.phases is not None:
             self.phases.add("sample", time.perf_counter() - t_sample)
         return out
+
+
+def _warmup_metadata(num_tokens: int, device: str) -> AttentionMetadata:
+    """``num_tokens`` one-token decodes at position 0, all in slot 0 of block 0."""
+    zeros = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    return AttentionMetadata(
+        positions=zeros,
+        query_start_loc=torch.arange(num_tokens + 1, device=device),
+        seq_lens=torch.ones(num_tokens, dtype=torch.long, device=device),
+        slot_mapping=zeros,
+        block_tables=torch.zeros(num_tokens, 1, dtype=torch.long, device=device),
+        logits_indices=torch.arange(num_tokens, device=device),
+        num_decodes=num_tokens,
+        query_lens_cpu=[1] * num_tokens,
+        query_start_loc_cpu=list(range(num_tokens + 1)),
+        seq_lens_cpu=[1] * num_tokens,
+    )

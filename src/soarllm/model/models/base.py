@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from soarllm.kernels.attention import ReferenceAttentionBackend
 from soarllm.model.layers.linear import Linear
 from soarllm.quant.base import QuantizationConfig, UnquantizedMethod, default_weight_loader
 
@@ -35,8 +36,10 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config, dtype, quant_config: QuantizationConfig | None = None):
+    def __init__(self, config, dtype, quant_config: QuantizationConfig | None = None, backend=None):
         super().__init__()
+        # what forward(..., meta) attends with; the runner passes its own in the forward context
+        self.attn_backend = backend if backend is not None else ReferenceAttentionBackend()
         self.config = config
         self.dtype = dtype
         self.quant_config = quant_config

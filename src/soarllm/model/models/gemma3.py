@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from soarllm.kernels.attention import AttentionMetadata
+from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.activation import ACT_AND_MUL
+from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.model.layers.norm import RMSNorm
 from soarllm.model.layers.rotary import RotaryEmbedding
@@ -65,20 +68,20 @@ class Gemma3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.rotary_emb = [rotary_emb]
         self.layer_type = layer_type
-        self.sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
-        self.softcap = getattr(config, "attn_logit_softcapping", None)
-        self.backend = backend
+        self.attn = Attention(
+            self.scale,
+            config.sliding_window if layer_type == "sliding_attention" else None,
+            getattr(config, "attn_logit_softcapping", None),
+        )
 
-    def forward(self, ropes, x, kv_cache, meta):
+    def forward(self, ropes, x, kv_cache):
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb[0].apply(ropes[self.layer_type], q, k)
-        o = self.backend.forward(
-            q, k, v, kv_cache, meta, self.scale, self.sliding_window, self.softcap
-        )
+        o = self.attn(q, k, v, kv_cache)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -109,8 +112,8 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
 
-    def forward(self, ropes, x, kv_cache, meta):
-        attn = self.self_attn(ropes, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, ropes, x, kv_cache):
+        attn = self.self_attn(ropes, self.input_layernorm(x), kv_cache)
         h = x + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -133,25 +136,26 @@ class Gemma3Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, offset=1.0)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
+    def forward(self, input_ids, positions, kv_caches):
         h = self.embed_tokens(input_ids)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         ropes = {t: rope.lookup(positions, h.dtype) for t, rope in self.rotary.items()}
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(ropes, h, cache, meta)
+            h = layer(ropes, h, cache)
         return self.norm(h)
 
 
 class Gemma3ForCausalLM(DecoderForCausalLM):
     def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
-        super().__init__(config, dtype, quant_config)
+        super().__init__(config, dtype, quant_config, backend)
         self.model = Gemma3Model(config, dtype, backend, quant_config)
         self.build_lm_head(self.model.embed_tokens)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        with set_forward_context(meta, self.attn_backend):
+            return self.model(input_ids, positions, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

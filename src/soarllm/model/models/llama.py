@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from soarllm.kernels.attention import AttentionMetadata
+from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.activation import ACT_AND_MUL
+from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.model.layers.norm import RMSNorm
 from soarllm.model.layers.rotary import RotaryEmbedding, rope_parameters
@@ -48,10 +50,9 @@ class LlamaAttention(nn.Module):
             prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = [rotary_emb]  # a list keeps the shared module out of submodules
-        self.sliding_window = _sliding_window(config, layer_idx)
-        self.backend = backend
+        self.attn = Attention(self.scale, _sliding_window(config, layer_idx))
 
-    def forward(self, rope, x, kv_cache, meta: AttentionMetadata):
+    def forward(self, rope, x, kv_cache):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -59,7 +60,7 @@ class LlamaAttention(nn.Module):
         qk = self.rotary_emb[0].rotate(rope, qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d))
         q, k = qk[:, :nq], qk[:, nq:]
         v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
-        o = self.backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        o = self.attn(q, k, v, kv_cache)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -102,8 +103,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, rope, x, kv_cache, meta):
-        h = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, rope, x, kv_cache):
+        h = x + self.self_attn(rope, self.input_layernorm(x), kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -126,19 +127,20 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
+    def forward(self, input_ids, positions, kv_caches):
         h = self.embed_tokens(input_ids)
         rope = self.rotary_emb.lookup(positions, h.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(rope, h, cache, meta)
+            h = layer(rope, h, cache)
         return self.norm(h)
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
     def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
-        super().__init__(config, dtype, quant_config)
+        super().__init__(config, dtype, quant_config, backend)
         self.model = LlamaModel(config, dtype, backend, quant_config)
         self.build_lm_head(self.model.embed_tokens)
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        with set_forward_context(meta, self.attn_backend):
+            return self.model(input_ids, positions, kv_caches)

@@ -1,0 +1,76 @@
+"""Compiling the model step with torch.compile (inductor), and warming it up.
+
+What is compiled is the decoder stack between the embedding lookup and the final norm, for any
+number of tokens: one graph for a single token (a batch-1 decode, the latency case) and one with a
+symbolic token count for everything else, so the mix of decodes and prefill chunks a step carries
+never triggers a recompilation after warm-up. Attention stays outside the fused code as the
+``soarllm::attention`` custom op (see model/layers/attention.py), reading the step's metadata from
+the forward context: the compiled graph sees only tensors.
+
+Inductor's on-disk caches (FX graph and AOTAutograd caches) live under ``$SOARLLM_HOME/compile``,
+so a second start of the same model loads the compiled code instead of compiling it again.
+``enforce_eager`` turns compilation off; on CPU without a C++ compiler the engine runs eagerly
+after one warning line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Token counts the warm-up runs: 1 compiles the static single-token graph, 2 the dynamic one that
+# serves every other count.
+WARMUP_SIZES = (1, 2)
+
+
+def compile_cache_dir() -> str:
+    from soarllm.hub import home
+
+    return str(home() / "compile")
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor's CPU backend would use, or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def configure_inductor() -> None:
+    """Caches under $SOARLLM_HOME; settings that suit an inference step."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(compile_cache_dir(), "inductor"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.autotune_local_cache = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+
+
+def compile_backbone(backbone: torch.nn.Module, device: str,
+                     enforce_eager: bool) -> Callable | None:
+    """A compiled callable for ``backbone(input_ids, positions, kv_caches)``, or None to run
+    eagerly (asked for, or not possible here)."""
+    if enforce_eager:
+        return None
+    if device == "cpu" and cxx_compiler() is None:
+        logger.warning("no C++ compiler found (g++/clang++): running the model eagerly; install "
+                       "one (e.g. apt install g++) for the compiled CPU path")
+        return None
+    configure_inductor()
+    compiled = torch.compile(backbone, fullgraph=True, dynamic=False)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        if input_ids.shape[0] > 1:
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        return compiled(input_ids, positions, kv_caches)
+
+    return forward

@@ -1,0 +1,49 @@
+"""The attention layer: one paged-attention call per decoder layer, through the step's backend.
+
+Models hand it rotated q, k, v and their layer's KV cache; the step's metadata and the backend come
+from the forward context. Eagerly it calls the backend directly. Under ``torch.compile`` it goes
+through the custom op ``soarllm::attention``, which the compiler keeps as one opaque call (vLLM's
+piecewise idea): everything between two attention calls is fused and compiled, attention itself
+stays the backend's code, and the compiled graph never sees the metadata. The op's arguments are
+tensors and the layer's constants only, so structurally identical layers compile to one region.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from soarllm.model.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(self, scale: float, sliding_window: int | None = None,
+                 softcap: float | None = None):
+        super().__init__()
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; writes k, v into ``kv_cache``."""
+        if torch.compiler.is_compiling():
+            return torch.ops.soarllm.attention(q, k, v, kv_cache, self.scale, self.sliding_window,
+                                               self.softcap)
+        return _attend(q, k, v, kv_cache, self.scale, self.sliding_window, self.softcap)
+
+
+def _attend(q, k, v, kv_cache, scale, sliding_window, softcap):
+    ctx = get_forward_context()
+    return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, scale, sliding_window, softcap)
+
+
+@torch.library.custom_op("soarllm::attention", mutates_args=("kv_cache",))
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    return _attend(q, k, v, kv_cache, scale, sliding_window, softcap)
+
+
+@_attention_op.register_fake
+def _(q, k, v, kv_cache, scale, sliding_window, softcap):
+    return torch.empty_like(q)

@@ -1,0 +1,108 @@
+"""The compiled model step (torch.compile, inductor) against the eager one on the same weights:
+identical greedy tokens in float32 across batch sizes, chunked prefill, preemption and prefix hits;
+no recompilation after warm-up; and eager fallbacks that never break the engine."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from soarllm import LLM, SamplingParams
+from soarllm.model import compilation
+from tests.tiny import make_tiny_model
+
+pytestmark = pytest.mark.slow  # each compiled engine spends tens of seconds in inductor
+
+
+def _prompts(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _params(n: int) -> list[SamplingParams]:
+    # different lengths: requests finish one after another, so the batch shrinks step by step
+    return [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
+
+
+def _ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_llama_dir):
+    # chunked prefill with a small budget, a KV cache too small for the whole batch (preemption),
+    # prefix caching on: the compiled step sees every kind of flat batch
+    before = counters["stats"]["unique_graphs"]
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enforce_eager=False,
+              max_num_batched_tokens=24, num_gpu_blocks_override=48, max_model_len=128)
+    runner = llm.llm_engine.executor.runner
+    assert runner.backbone is not runner.model.model, "the warm-up fell back to eager"
+    assert counters["stats"]["unique_graphs"] - before == len(compilation.WARMUP_SIZES)
+    return llm
+
+
+def test_compiled_equals_eager_across_batch_sizes_chunking_and_preemption(eager, compiled):
+    vocab = eager.llm_engine.vocab_size
+    prompts = _prompts(vocab, 13, 3, 70, seed=0)
+    params = _params(len(prompts))
+    want = _ids(eager.generate(prompts, params))
+    assert _ids(compiled.generate(prompts[:1], params[:1])) == want[:1]  # batch 1
+    assert _ids(compiled.generate(prompts, params)) == want
+    assert compiled.llm_engine.get_stats().num_preemptions > 0
+
+
+def test_compiled_prefix_hit_equals_eager(eager, compiled):
+    shared = _prompts(eager.llm_engine.vocab_size, 1, 40, 40, seed=1)[0]
+    a, b = shared + [5, 6, 7], shared + [8, 9]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = _ids(eager.generate([b], params))
+    compiled.generate([a], params)
+    out = compiled.generate([b], params)
+    assert out[0].num_cached_tokens > 0
+    assert _ids(out) == want
+
+
+def test_no_recompilation_after_warm_up(compiled):
+    before = dict(counters["stats"])
+    prompts = _prompts(compiled.llm_engine.vocab_size, 9, 1, 50, seed=2)
+    compiled.generate(prompts, _params(len(prompts)))
+    compiled.generate(prompts[:2], _params(2))
+    assert counters["stats"]["unique_graphs"] == before["unique_graphs"]
+
+
+def test_no_cxx_compiler_runs_eagerly_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(compilation, "cxx_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="soarllm.model.compilation"):
+        assert compilation.compile_backbone(torch.nn.Identity(), "cpu", enforce_eager=False) is None
+    assert len(caplog.records) == 1 and "C++ compiler" in caplog.records[0].getMessage()
+
+
+def test_a_failing_compile_leaves_the_engine_eager_and_working(eager, monkeypatch, caplog):
+    runner = eager.llm_engine.executor.runner
+    prompts = _prompts(eager.llm_engine.vocab_size, 3, 5, 30, seed=3)
+    want = _ids(eager.generate(prompts, _params(3)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(runner.args, "enforce_eager", False)
+    monkeypatch.setattr("soarllm.model.runner.compile_backbone", lambda *a: broken)
+    with caplog.at_level(logging.WARNING, logger="soarllm.model.runner"):
+        runner.compile_and_warm_up()
+    assert "running the model eagerly" in caplog.text
+    assert runner.backbone is runner.model.model
+    assert _ids(eager.generate(prompts, _params(3))) == want
