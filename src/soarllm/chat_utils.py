@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from soarllm.errors import ConfigError, InvalidRequestError
@@ -35,7 +36,13 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        for key in ("name", "tool_call_id"):
+            if m.get(key):
+                message[key] = m[key]
+        if m.get("tool_calls"):
+            message["tool_calls"] = [_template_tool_call(c) for c in m["tool_calls"]]
+        clean.append(message)
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError(
             "this model has no chat template; use the completions API with a plain prompt "
@@ -45,6 +52,41 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return tokenizer.apply_chat_template(
         clean, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
+
+
+def _template_tool_call(call: dict) -> dict:
+    """An OpenAI tool call as chat templates read it: arguments as an object (templates write
+    ``arguments | tojson``), the JSON text kept where it is not an object."""
+    call = dict(call)
+    function = dict(call.get("function") or {})
+    args = function.get("arguments")
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            function["arguments"] = parsed
+    call["function"] = function
+    return call
+
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "soar_probe_tool_7d1c", "description": "probe",
+    "parameters": {"type": "object", "properties": {}}}}
+
+
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the chat template writes the tools it is given into the prompt (rendered once
+    with a probe tool, whose name must show up)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that fails on tools has no usable tool support
+        return False
+    return isinstance(text, str) and _PROBE_TOOL["function"]["name"] in text
 
 
 def load_chat_template(value: str) -> str:

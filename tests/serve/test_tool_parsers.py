@@ -42,6 +42,8 @@ CASES = [
      []),
     ("hermes", "<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
     ("hermes", 'No tools needed: {"name": "x"}', 'No tools needed: {"name": "x"}', []),
+    ("hermes", 'Calling.\n<tool_call>\n{"name": "get_wea', "Calling.", []),  # cut: dropped
+    ("hermes", '<tool_call>', None, []),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": '
      '"celsius"}}', None, [("get_weather", WEATHER)]),
     ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
@@ -51,6 +53,7 @@ CASES = [
     ("llama3_json", "The weather in Paris is mild {not a call}.",
      "The weather in Paris is mild {not a call}.", []),
     ("llama3_json", '{"answer": 42, "name": 7}', '{"answer": 42, "name": 7}', []),
+    ("llama3_json", '{"answer": [4, 2', '{"answer": [4, 2', []),  # cut JSON: content
     ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
      '"celsius"}}]</s>', None, [("get_weather", WEATHER)]),
     ("mistral", 'Checking. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", '

@@ -67,6 +67,11 @@ def register(sub) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use (default: the model argument)")
     add_chat_template_arg(g)
+    g.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   choices=["hermes", "llama3_json", "mistral"],
+                   help="how the model writes tool calls: hermes (Hermes/Qwen <tool_call>), "
+                   "llama3_json (Llama 3 JSON), mistral ([TOOL_CALLS]); default: found from the "
+                   "chat template")
     g.add_argument("--max-waiting", type=int, default=None,
                    help="answer 503 + Retry-After once this many requests wait in the engine "
                    "(default: no limit)")
@@ -112,6 +117,7 @@ def server_config_from(args: argparse.Namespace):
         allowed_origins=list(args.allowed_origins or []),
         default_max_tokens=args.default_max_tokens,
         chat_template=load_chat_template(template) if template is not None else None,
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
 
 

@@ -63,6 +63,8 @@ class ServerConfig:
     default_max_tokens: int | None = None  # chat requests without max_tokens; None: to the context
     tokenizer_workers: int = 2  # threads that tokenize prompts off the event loop
     chat_template: str | None = None  # replaces the model's chat template (--chat-template)
+    # the model's tool-call syntax (serve/tool_parsers); None: found from the chat template
+    tool_call_parser: str | None = None
     more_api_keys: list[str] = field(default_factory=list)  # further --api-key values
     api_keys_file: str | None = None  # NAME:KEY lines (--api-keys-file)
     admin_api_keys: list[str] = field(default_factory=list)  # keys that see all usage

@@ -7,6 +7,7 @@ before any tokenizing, then run the tokenizer on the worker threads (serve/token
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from soarllm.chat_utils import render_chat
@@ -33,11 +34,14 @@ async def completion_inputs(
     return await workers.run(completion_prompts, state.tokenizer, prompt, suffix, model_name)
 
 
-async def chat_input(state: ServerState, messages: list[ChatMessage]) -> PromptInput:
+async def chat_input(state: ServerState, messages: list[ChatMessage],
+                     tools: list[dict[str, Any]] | None = None) -> PromptInput:
     """chat_prompt on a worker thread, after refusing conversations too long to fit."""
-    state.tokenizers.check_chars(sum(_message_chars(m) for m in messages), "messages",
-                                 "the conversation")
-    return await state.tokenizers.run(chat_prompt, state.tokenizer, messages)
+    chars = sum(_message_chars(m) for m in messages)
+    if tools:
+        chars += len(json.dumps(tools))
+    state.tokenizers.check_chars(chars, "messages", "the conversation")
+    return await state.tokenizers.run(chat_prompt, state.tokenizer, messages, tools)
 
 
 async def text_input(state: ServerState, text: str, param: str,
@@ -54,11 +58,12 @@ async def prediction_input(state: ServerState, text: str) -> list[int]:
 
 
 def _message_chars(m: ChatMessage) -> int:
+    calls = sum(len(c.function.arguments) for c in m.tool_calls or [])
     if isinstance(m.content, str):
-        return len(m.content)
+        return len(m.content) + calls
     if isinstance(m.content, list):
-        return sum(len(p.text) for p in m.content if isinstance(p, TextContentPart))
-    return 0
+        return sum(len(p.text) for p in m.content if isinstance(p, TextContentPart)) + calls
+    return calls
 
 
 def _items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -125,22 +130,30 @@ def fim_prompt(tokenizer: Any, prefix: str | list[int], suffix: str,
     return PromptInput(ids, prefix)
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> PromptInput:
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage],
+                tools: list[dict[str, Any]] | None = None) -> PromptInput:
+    """``tools``: OpenAI's tool objects, given to the template (the caller has checked that
+    the template writes them)."""
     if not messages:
         raise InvalidRequestError(
             "messages is empty; send at least one message, e.g. "
             '[{"role": "user", "content": "Hello"}]', param="messages",
         )
     plain: list[dict[str, Any]] = []
-    for m in messages:  # the request model admits text parts only and no tool messages
+    for m in messages:  # the request model admits text parts only
         content = m.content
         if isinstance(content, list):
             content = "".join(p.text for p in content if isinstance(p, TextContentPart))
         message: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name:
             message["name"] = m.name
+        if m.tool_calls:  # earlier calls of the assistant, rendered by the template
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
         plain.append(message)
-    text = render_chat(tokenizer, plain, add_generation_prompt=True)
+    kwargs = {"tools": tools} if tools else {}
+    text = render_chat(tokenizer, plain, add_generation_prompt=True, **kwargs)
     return PromptInput(encode(tokenizer, text, add_special_tokens=False), text)
 
 

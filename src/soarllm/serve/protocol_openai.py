@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from soarllm.outputs import CompletionOutput
@@ -237,25 +237,42 @@ class CompletionResponse(BaseModel):
 # -- /v1/chat/completions -------------------------------------------------------------------------
 
 
-_TOOL_ROLES = ("tool", "function")
+MAX_TOOLS = 128  # functions in one request (OpenAI's limit)
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCall(StrictModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class MessageToolCall(StrictModel):
+    """A call the assistant made earlier in the conversation (sent back with its result)."""
+
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: PromptText | list[TextContentPart] | None = None
     name: str | None = Field(None, max_length=256)
-    tool_calls: neutral_only(None, []) = None
-    tool_call_id: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, description="an assistant message's calls; rendered by the chat template")
+    tool_call_id: str | None = Field(
+        None, max_length=256, description="a tool message: the id of the call it answers")
     function_call: neutral_only(None) = None
     refusal: str | None = None
 
     @field_validator("role", mode="before")
     @classmethod
-    def _no_tool_roles(cls, role: Any) -> Any:
-        if role in _TOOL_ROLES:
+    def _no_function_role(cls, role: Any) -> Any:
+        if role == "function":
             raise PydanticCustomError(
-                "unsupported_role", "tool and function calling are not supported by this "
-                "server, so there are no {role} messages", {"role": repr(role)})
+                "unsupported_role", "'function' messages (the legacy function-calling API) are "
+                "not supported; send the result as a 'tool' message with the call's "
+                "tool_call_id", {})
         return role
 
     @field_validator("content", mode="before")
@@ -300,7 +317,42 @@ ResponseFormat = Annotated[
 ]
 
 
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN,
+                      description="letters, digits, _ and -; at most 64 characters")
+    description: str | None = Field(None, max_length=100_000)
+    parameters: dict[str, Any] | None = Field(
+        None, description="the arguments' JSON schema (null: no arguments)")
+    strict: bool | None = Field(None, description="forced calls always follow the schema")
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# tool_choice "required" or a named function needs tools (what the schema can say of it)
+_FORCED_CALL_NEEDS_TOOLS = {
+    "if": {"required": ["tool_choice"],
+           "properties": {"tool_choice": {"anyOf": [{"const": "required"},
+                                                    {"type": "object"}]}}},
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+}
+
+
 class ChatCompletionRequest(_CommonSampling):
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra=_FORCED_CALL_NEEDS_TOOLS)
+
     messages: list[ChatMessage] = Field(
         min_length=1, description="rendered with the model's chat template; the conversation "
         "plus max_completion_tokens must fit the context length")
@@ -314,9 +366,17 @@ class ChatCompletionRequest(_CommonSampling):
     response_format: ResponseFormat | None = Field(
         None, description="json_object: the reply is a JSON object; json_schema: it validates "
         f"against the schema; {_ONE_CONSTRAINT}")
-    tools: neutral_only(None, []) = None
-    tool_choice: neutral_only(None, "none", "auto") = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(
+        None, max_length=MAX_TOOLS, description="functions the model may call; they go "
+        "through the chat template, so a model whose template has no tool support needs "
+        'tool_choice "none"')
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"none": no call; "auto" (the default with tools): the model may '
+        'call; "required" or a named function: the reply is a call, its arguments valid under '
+        "the function's parameters; the last two need tools and no response_format / guided_*"
+        " field (a named function must be one of the tools)")
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: at most one call per reply (default: any number)")
     functions: neutral_only(None, []) = None
     function_call: neutral_only(None, "none", "auto") = None
     store: neutral_only(None, False) = None
@@ -346,17 +406,24 @@ class ChatChoiceLogprobs(BaseModel):
     refusal: list[ChatLogprobEntry] | None = None
 
 
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -1,4 +1,5 @@
-"""API request fields -> SamplingParams, for the OpenAI and TGI routes."""
+"""API request fields -> SamplingParams, for the OpenAI and TGI routes (a forced tool call's
+grammar included)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from soarllm.errors import InvalidRequestError
 from soarllm.sampling_params import SamplingParams, StructuredOutputParams
 from soarllm.serve.protocol_openai import ChatCompletionRequest, CompletionRequest
 from soarllm.serve.protocol_tgi import DEFAULT_MAX_NEW_TOKENS, TGIParameters
+from soarllm.serve.tool_parsers.request import ToolRequest
 from soarllm.structured_output import check_structured_output
 
 _SEED_MOD = 2**63  # engines seed torch generators with non-negative 63-bit ints
@@ -94,10 +96,22 @@ def completion_params(req: CompletionRequest, max_tokens: int | None) -> Samplin
 
 
 def chat_params(req: ChatCompletionRequest, default_max_tokens: int | None = None,
-                room: int | None = None) -> SamplingParams:
+                room: int | None = None, tools: ToolRequest | None = None) -> SamplingParams:
     """``default_max_tokens`` (the server's --default-max-tokens) applies when the request sets
-    neither max_tokens nor max_completion_tokens, capped to the ``room`` the prompt leaves."""
+    neither max_tokens nor max_completion_tokens, capped to the ``room`` the prompt leaves.
+    ``tools`` (tool_parsers/request.py): a forced call's grammar becomes the request's
+    structured output, and a parser whose markers are special tokens keeps them in the text."""
     kw = _common(req)
+    if tools is not None:
+        if tools.grammar is not None:
+            if kw["structured_outputs"] is not None:
+                raise InvalidRequestError(
+                    "send either a forced tool_choice (\"required\" or a named function) or "
+                    "response_format / guided_*, not both: the reply cannot be a call and "
+                    "follow another format", param="tool_choice")
+            kw["structured_outputs"] = tools.grammar
+        if tools.parser.needs_special_tokens and req.skip_special_tokens is None:
+            kw["skip_special_tokens"] = False
     if req.max_completion_tokens is not None and req.max_tokens is not None \
             and req.max_completion_tokens != req.max_tokens:
         raise InvalidRequestError(

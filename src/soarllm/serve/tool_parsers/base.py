@@ -18,7 +18,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from soarllm.structured_output.grammar import JSON_DEFAULTS
+# how a forced call's arguments are written (llguidance's JSON options)
+CALL_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,14 @@ class FunctionSpec:
     parameters: dict[str, Any] | None = None
 
     def schema(self) -> dict[str, Any]:
-        """The arguments' schema for llguidance (an object when the tool declares none), with
-        the structured-output whitespace bound unless the schema sets its own."""
-        schema = dict(self.parameters) if self.parameters else {"type": "object"}
-        schema.setdefault("x-guidance", dict(JSON_DEFAULTS))
+        """The arguments' schema for llguidance. The JSON is written as chat templates show
+        calls to the model (Python's json.dumps / Jinja's tojson: ", " and ": ", no other
+        whitespace) unless the schema sets its own "x-guidance" options: a forced call cannot
+        wander in whitespace. A tool without parameters takes none (OpenAI: "an empty parameter
+        list"): its arguments are ``{}``."""
+        schema = dict(self.parameters) if self.parameters else {
+            "type": "object", "properties": {}, "additionalProperties": False}
+        schema.setdefault("x-guidance", dict(CALL_JSON_FORMAT))
         return schema
 
 

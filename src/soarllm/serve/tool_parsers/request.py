@@ -30,7 +30,7 @@ from soarllm.sampling_params import StructuredOutputParams
 from soarllm.serve.protocol_openai import ChatCompletionRequest
 from soarllm.serve.tool_parsers import TOOL_PARSERS, detect_tool_parser, get_tool_parser
 from soarllm.serve.tool_parsers.base import FunctionSpec, ToolParser
-from soarllm.structured_output.grammar import JSON_DEFAULTS, check_structured_output, limits
+from soarllm.structured_output.grammar import check_structured_output, limits
 
 FORCED_NEEDS_TOOLS = "needs tools"
 _HOW_SCHEMA = ("remove or rewrite the keyword it names (llguidance supports most of JSON Schema; "
@@ -109,8 +109,7 @@ def tool_request(req: ChatCompletionRequest, tokenizer: Any, parser_name: str | 
 def _check_schema(spec: FunctionSpec, index: int) -> None:
     where = f"tools[{index}].function.parameters"
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema(),
-                                                                defaults=JSON_DEFAULTS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema())
     except ValueError as e:
         raise InvalidRequestError(f"{where} cannot be enforced: {_one_line(str(e))}; "
                                   f"{_HOW_SCHEMA}", param="tools") from None

@@ -9,7 +9,8 @@ or for formats without one any other text).
 The content is the text outside the calls, without the whitespace that touches a block (held back
 until non-space text follows). A call is announced (index, id, name) as soon as its name is
 complete, then its arguments follow as they arrive. Text that only looked like a call (a block
-whose object has no name, or is not JSON) goes to the content as written. With ``max_calls``,
+whose object has no name, or is not JSON) goes to the content as written; a call cut before its
+name was complete (the reply ended) is dropped. With ``max_calls``,
 calls past that many are dropped (``parallel_tool_calls=false``).
 """
 
@@ -46,6 +47,7 @@ class ToolCallStream:
         self.num_calls = 0
         self.current: int | None = None  # index of the call being streamed
         self.suppressed = False  # the current object is a call past max_calls
+        self.marked = False  # the current block began with the start marker
         self.args_sent = 0
         self._out: list[Event] = []
 
@@ -65,9 +67,10 @@ class ToolCallStream:
         block)."""
         if self.state == "text":
             self._flush_text(final=True)
-        elif self.state == "open" or (self.state == "object" and self.current is None
-                                       and not self.suppressed):
-            self._content(self.replay)  # markup that never became a call
+        elif self.state == "object" and self.current is None and not self.suppressed \
+                and not self.marked:
+            self._content(self.replay)  # unmarked JSON (llama3_json) that never became a call
+        # else: a call cut before its name, after its start marker: markup, dropped
         self.state, self.replay = "text", ""
         return self._take()
 
@@ -135,13 +138,14 @@ class ToolCallStream:
             if fmt.bare_json_at_start and ch == "{":
                 self.pending = ""  # leading whitespace
                 self._begin_object()
+                self.marked = False
                 self.replay = ch
                 self._object_char(ch)
                 return
         self.pending += ch
         if fmt.start and self.pending.endswith(fmt.start):
             self._content(self.pending[:-len(fmt.start)].rstrip(_WS))
-            self.pending, self.replay = "", fmt.start
+            self.pending, self.replay, self.marked = "", fmt.start, True
             if fmt.open:
                 self.state, self.expect = "open", ""
             else:
