@@ -69,6 +69,9 @@ class EngineArgs:
     # KV cache size: bytes (int or "4GiB") or a fraction (0 < x <= 1) of free memory.
     kv_cache_memory: float | int | str | None = None
     num_gpu_blocks_override: int | None = None
+    # KV cache storage (vLLM's name): "auto" = the model dtype, "int8" = int8 with one scale per
+    # token and KV head (about half the memory of bfloat16)
+    kv_cache_dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
     hf_overrides: dict[str, Any] = field(default_factory=dict)

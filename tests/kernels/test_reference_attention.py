@@ -2,7 +2,9 @@
 its keys/values position by position from the block table, and softmax(q k^T * scale) v in float64.
 
 Covers decodes of mixed context lengths (several gather buckets), bfloat16 (grouped matmul path) and
-float32 (SDPA path), sliding windows, and prefill chunks on cached context mixed into the same batch.
+float32 (SDPA path), sliding windows, and prefill chunks on cached context mixed into the same batch;
+and the int8 KV cache, against the same oracle on keys/values quantized here in numpy (symmetric,
+one scale per token and head: max |x| / 127).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, ReferenceAttentionBackend
 
 HQ, HKV, D, BS = 6, 2, 16, 4
@@ -36,16 +39,27 @@ def _oracle(q, keys, values, scale, window):
     return out
 
 
+def _int8_round_trip(x: np.ndarray) -> np.ndarray:
+    """What an int8 cache gives back for x [..., D], computed in float32 like the cache does."""
+    x = x.astype(np.float32)
+    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-8)) / np.float32(127)
+    return np.clip(np.round(x / scale), -127, 127).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
-def test_mixed_batch_matches_naive_oracle(dtype, window):
+def test_mixed_batch_matches_naive_oracle(dtype, window, kv):
     g = torch.Generator().manual_seed(0)
     # 12 decodes with spread-out context lengths (several buckets), then two prefill chunks.
     ctx_lens = [3, 4, 6, 9, 11, 12, 17, 20, 25, 31, 40, 57]
     chunks = [(7, 0), (5, 13)]  # (new tokens, cached tokens before them)
     reqs = [(1, c - 1) for c in ctx_lens] + chunks
     num_blocks = sum(math.ceil((n + c) / BS) for n, c in reqs) + 3
-    cache = torch.zeros(2, num_blocks, BS, HKV, D, dtype=dtype)
+    int8 = kv == "int8"
+    cache = (torch.zeros(2, num_blocks, BS, HKV, D + kv_quant.SCALE_BYTES, dtype=torch.int8)
+             if int8 else torch.zeros(2, num_blocks, BS, HKV, D, dtype=dtype))
+    store = kv_quant.quantize if int8 else (lambda x: x)
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, slots, positions, qsl, seq_lens, new_k, new_v, olds = [], [], [], [0], [], [], [], []
     for n, cached in reqs:
@@ -55,8 +69,8 @@ def test_mixed_batch_matches_naive_oracle(dtype, window):
         keys = torch.randn(total, HKV, D, generator=g).to(dtype)
         vals = torch.randn(total, HKV, D, generator=g).to(dtype)
         for p in range(cached):  # earlier steps wrote these
-            cache[0, blocks[p // BS], p % BS] = keys[p]
-            cache[1, blocks[p // BS], p % BS] = vals[p]
+            cache[0, blocks[p // BS], p % BS] = store(keys[p])
+            cache[1, blocks[p // BS], p % BS] = store(vals[p])
         for p in range(cached, total):
             slots.append(blocks[p // BS] * BS + p % BS)
             positions.append(p)
@@ -79,8 +93,9 @@ def test_mixed_batch_matches_naive_oracle(dtype, window):
     for _layer in range(2):  # a second layer reuses the per-step decode plan
         out = backend.forward(q, torch.cat(new_k), torch.cat(new_v), cache, meta, scale, window)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
+    seen = _int8_round_trip if int8 else (lambda x: x)
     for i, (keys, vals) in enumerate(olds):
         s, e = qsl[i], qsl[i + 1]
-        want = _oracle(q[s:e].float().numpy(), keys.float().numpy(), vals.float().numpy(), scale,
-                       window)
+        want = _oracle(q[s:e].float().numpy(), seen(keys.float().numpy()),
+                       seen(vals.float().numpy()), scale, window)
         np.testing.assert_allclose(out[s:e].float().numpy(), want, atol=tol, rtol=tol)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from soarllm.kernels import kv_quant
+
 
 @dataclass
 class AttentionMetadata:
@@ -49,11 +51,19 @@ class AttentionMetadata:
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
-    """Store new keys/values [T, H_kv, D] into their slots of the paged cache."""
+    """Store new keys/values [T, H_kv, D] into their slots of the paged cache (quantized first when
+    the cache is int8, see kernels/kv_quant.py)."""
     num_blocks, block_size, h, d = kv_cache.shape[1:]
     flat = kv_cache.view(2, num_blocks * block_size, h, d)
+    if kv_quant.is_quantized(kv_cache):
+        k, v = kv_quant.quantize(k), kv_quant.quantize(v)
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def _readable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered cache entries as attention reads them: dequantized from an int8 cache."""
+    return kv_quant.dequantize(x, dtype) if kv_quant.is_quantized(x) else x
 
 
 def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
@@ -121,10 +131,11 @@ class ReferenceAttentionBackend:
             s, e = starts[i], starts[i + 1]
             qlen, ctx = e - s, meta.seq_lens_cpu[i]
             custom = meta.custom_masks[i] if meta.custom_masks is not None else None
-            if ctx == qlen and custom is None:
+            if ctx == qlen and custom is None and not kv_quant.is_quantized(kv_cache):
                 kk, vv = k[s:e], v[s:e]  # nothing cached before: use the new keys directly
             else:
                 kk, vv = _gather(kv_cache, meta.block_tables[i], ctx)
+                kk, vv = _readable(kk, q.dtype), _readable(vv, q.dtype)
             mask = custom
             if mask is None:
                 qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
@@ -150,8 +161,8 @@ class ReferenceAttentionBackend:
         flat = kv_cache.view(2, num_blocks, block_size * h * d)
         for ids, length, valid, rows in _decode_plan(meta, nd, block_size, sliding_window):
             shape = (ids.shape[0], ids.shape[1] * block_size, h, d)
-            kk = flat[0].index_select(0, ids.reshape(-1)).view(shape)[:, :length]
-            vv = flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length]
+            kk = _readable(flat[0].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
+            vv = _readable(flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
             qq = q[rows]  # [groups, rows per group, Hq, D]
             if q.dtype == torch.float32 or softcap is not None:
                 o = _sdpa(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),

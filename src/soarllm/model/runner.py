@@ -21,6 +21,7 @@ import torch
 
 from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, parse_memory
 from soarllm.errors import ConfigError
+from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
 from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
 from soarllm.model.forward_context import set_forward_context
@@ -94,6 +95,9 @@ class ModelRunner:
                 f"({max_pos}); lower max_model_len"
             )
         self.block_size = args.block_size
+        # KV cache: the model dtype, or int8 with per-token-head scales (kernels/kv_quant.py)
+        self.kv_cache_dtype = kv_quant.parse_kv_cache_dtype(args.kv_cache_dtype)
+        self.kv_dtype = torch.int8 if self.kv_cache_dtype == "int8" else self.dtype
         self.sampler = Sampler()
         self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len, self.block_size)
         self.phases: StepPhases | None = None  # attach one to time the step's phases
@@ -105,8 +109,9 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         m = self.model
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * d * elem
 
     def determine_num_blocks(self) -> int:
         if self.args.num_gpu_blocks_override:
@@ -140,8 +145,9 @@ class ModelRunner:
         page as blocks are first used, instead of writing gigabytes of zeros at start-up.
         """
         m = self.model
-        shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(m.num_layers)]
+        d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
+        shape = (2, num_blocks, self.block_size, m.num_kv_heads, d)
+        self.kv_caches = [_zeros(shape, self.kv_dtype, self.device) for _ in range(m.num_layers)]
         self.compile_and_warm_up()
 
     # -- compilation ---------------------------------------------------------------------------
