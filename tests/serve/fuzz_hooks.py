@@ -28,6 +28,11 @@ CROSS_FIELD_REFUSALS = (
     "/infill needs a model with fill-in-the-middle tokens",  # the model's, not the body's, rule
     "send only one of response_format, guided_json",  # one structured-output constraint
     "cannot be enforced",  # a schema / regex / grammar the grammar engine cannot enforce
+    "has no tool support in its chat template",  # tools: the model's rule, not the body's
+    "in no tool-call syntax this server recognizes",  # tools: the model's template again
+    "which is not in tools",  # a named tool_choice must be one of the tools
+    "twice; give each function its own name",  # tools with one name twice
+    "not both: the reply cannot be a call",  # a forced call and response_format / guided_*
 )
 # Statuses that say nothing about the request's shape (credentials, unknown model, load).
 _NOT_ABOUT_THE_SHAPE = frozenset({401, 403, 404, 409, 429, 503})

@@ -195,7 +195,7 @@ FUNCTIONS = [
 @pytest.fixture(scope="module")
 def bpe_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer trained on the json module's source, with Mistral's
-    [TOOL_CALLS] among its special tokens."""
+    [TOOL_CALLS] among its special tokens and Qwen's <tool_call> tags as added tokens."""
     import json as json_module
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -208,8 +208,10 @@ def bpe_tokenizer(tmp_path_factory):
         [inspect.getsource(json_module)],
         trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", "[TOOL_CALLS]"],
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
                                    additional_special_tokens=["[TOOL_CALLS]"])
+    fast.add_tokens(["<tool_call>", "</tool_call>"])  # added, not special: as in Qwen 2.5
+    return fast
 
 
 def _walk(matcher: llguidance.LLMatcher, n_vocab: int, eos: int, rng: random.Random,

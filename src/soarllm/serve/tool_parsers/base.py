@@ -132,6 +132,18 @@ class ToolParser(ABC):
 
     # -- forcing a call (tool_choice "required" or a named function) ----------------------
 
+    def marker(self, text: str) -> str:
+        """A marker of the format in Lark: the token itself (llguidance's ``<[id]>``) when the
+        tokenizer has ``text`` as one added token, since llguidance never matches an added
+        token against text (Qwen's ``<tool_call>``, Mistral's ``[TOOL_CALLS]``); else the
+        text."""
+        tok = self.tokenizer
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        for token_id, token in added.items():
+            if str(token) == text:
+                return f"<[{token_id}]>"
+        return lark_literal(text)
+
     @abstractmethod
     def call_rule(self, function: FunctionSpec, args_rule: str) -> str:
         """The Lark expression of one call of ``function`` (arguments: rule ``args_rule``)."""

@@ -23,5 +23,6 @@ class HermesToolParser(ToolParser):
         return "<tool_call>" in template
 
     def call_rule(self, function: FunctionSpec, args_rule: str) -> str:
-        head = '<tool_call>\n{"name": ' + json.dumps(function.name) + ', "arguments": '
-        return f"{lark_literal(head)} {args_rule} {lark_literal(chr(125) + chr(10) + '</tool_call>')}"
+        head = '\n{"name": ' + json.dumps(function.name) + ', "arguments": '
+        return (f"{self.marker('<tool_call>')} {lark_literal(head)} {args_rule} "
+                f"{lark_literal(chr(125) + chr(10))} {self.marker('</tool_call>')}")

@@ -36,17 +36,6 @@ class MistralToolParser(ToolParser):
         head = '{"name": ' + json.dumps(function.name) + ', "arguments": '
         return f"{lark_literal(head)} {args_rule} {lark_literal('}')}"
 
-    def _marker_rule(self) -> str:
-        """The special token by id (llguidance's ``<[id]>``: a special token is never matched by
-        text); its text where the tokenizer has no such token."""
-        tok = self.tokenizer
-        if tok is not None:
-            ids = tok.convert_tokens_to_ids([_MARKER])
-            unk = getattr(tok, "unk_token_id", None)
-            if ids and isinstance(ids[0], int) and ids[0] != unk:
-                return f"<[{ids[0]}]>"
-        return lark_literal(_MARKER)
-
     def block_grammar(self, call: str, parallel: bool) -> str:
         more = f' (", " {call})*' if parallel else ""
-        return f'start: {self._marker_rule()} "[" {call}{more} "]"'
+        return f'start: {self.marker(_MARKER)} "[" {call}{more} "]"'
