@@ -17,6 +17,14 @@ surroundings win: the prefix keeps its end and the suffix its start (3:1 when bo
 then the extra files fill what is left, keeping their end; ``truncated`` says so. The answer is
 llama.cpp's shape (content, stop, stop_type, tokens_predicted, ...), whole or streamed as
 ``data: {"content": ...}`` events whose last one has ``stop: true`` and the totals.
+
+What llama.cpp's editor plugins (llama.vim, llama.vscode) send on every request works as in
+llama.cpp's server (tools/server): ``n_indent`` and ``t_max_predict_ms`` are stop rules checked
+as text arrives (``indent_cut``, ``time_limit_reached``), both ending with stop_type "limit";
+``samplers`` switches off the samplers it leaves out (``sampler_overrides``);
+``response_fields`` keeps only the fields named, "a/b" paths flattened under their own key
+(``select_fields``); ``id_slot`` and ``t_max_prompt_ms`` (not enforced by llama.cpp either) are
+accepted and ignored.
 """
 
 from __future__ import annotations
@@ -24,19 +32,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from soarllm.errors import ContextLengthError, InvalidRequestError, SoarError
 from soarllm.model.tokenizer import fim_tokens
-from soarllm.outputs import CompletionOutput, RequestOutput
+from soarllm.outputs import CompletionOutput
 from soarllm.serve.generation import PromptInput, TrackedRequest, close_all, new_request_id, submit
 from soarllm.serve.prompts import encode
-from soarllm.serve.protocol_infill import InfillRequest, InfillResponse, InfillTimings, StopType
+from soarllm.serve.protocol_infill import (
+    SAMPLER_ALIASES,
+    InfillRequest,
+    InfillResponse,
+    InfillTimings,
+    StopType,
+)
 from soarllm.serve.sampling import build
 from soarllm.serve.state import ServerState
 from soarllm.serve.streaming import SSEResponse, sse_event, stream_error_payload, until_disconnect
@@ -131,6 +145,102 @@ def _budget(state: ServerState, n_predict: int) -> int:
     return length - reserve
 
 
+# -- llama.cpp's options for editor plugins ---------------------------------------------------
+
+def indent_cut(text: str, n_indent: int, start: int = 0) -> int | None:
+    """llama.cpp's ``n_indent`` rule: the length to cut ``text`` to, or None while it holds.
+
+    Every line after the first must start with at least ``n_indent`` spaces or tabs. The first
+    line that starts with fewer and has any other character after them (its own newline counts,
+    as in llama.cpp) ends the answer: the content keeps that line's newline and indentation and
+    loses the rest (llama.cpp erases from where the line's text begins). ``start``: an offset
+    before which the lines are known to hold (to scan only new text)."""
+    if n_indent <= 0:
+        return None
+    nl = text.find("\n", start)
+    while nl >= 0:
+        pos = nl + 1
+        while pos < len(text) and text[pos] in " \t":
+            pos += 1
+        if pos >= len(text):
+            return None  # the line has no text yet
+        if pos - (nl + 1) < n_indent:
+            return pos
+        nl = text.find("\n", nl + 1)
+    return None
+
+
+def time_limit_reached(new_text: str, elapsed_ms: float, t_max_predict_ms: int) -> bool:
+    """llama.cpp's ``t_max_predict_ms`` rule: stop at a token whose text has a newline once more
+    than ``t_max_predict_ms`` have passed since the first generated token (off when <= 0)."""
+    return t_max_predict_ms > 0 and "\n" in new_text and elapsed_ms > t_max_predict_ms
+
+
+def sampler_overrides(samplers: list[str] | None) -> dict[str, Any]:
+    """The sampling options that llama.cpp's ``samplers`` list switches off by leaving them out
+    (llama.cpp builds its chain from the list alone). The engine applies the others in its own
+    fixed order (penalties, top_k, top_p, min_p, temperature); infill and the samplers whose
+    options this endpoint does not take (dry, typ_p, top_n_sigma, xtc, adaptive_p) change
+    nothing."""
+    if samplers is None:
+        return {}
+    chosen = {SAMPLER_ALIASES[name] for name in samplers}
+    off: dict[str, Any] = {}
+    if "penalties" not in chosen:
+        off.update(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    if "top_k" not in chosen:
+        off["top_k"] = 0
+    if "top_p" not in chosen:
+        off["top_p"] = 1.0
+    if "min_p" not in chosen:
+        off["min_p"] = 0.0
+    if "temperature" not in chosen:
+        off["temperature"] = 1.0  # llama.cpp then samples the distribution as it is
+    return off
+
+
+def select_fields(paths: list[str], body: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's ``response_fields``: each path's value under the path itself as key ("a/b":
+    field b of object a); a path that leads nowhere is left out."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        node: Any = body
+        for key in path.split("/"):
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            out[path] = node
+    return out
+
+
+class StopRules:
+    """n_indent and t_max_predict_ms applied to one answer as its text grows."""
+
+    def __init__(self, req: InfillRequest, clock: Callable[[], float] = time.time):
+        self.n_indent = req.n_indent
+        self.t_max_predict_ms = req.t_max_predict_ms
+        self.clock = clock
+        self._checked = 0  # the lines before this offset keep the indentation
+
+    @property
+    def active(self) -> bool:
+        return self.n_indent > 0 or self.t_max_predict_ms > 0
+
+    def check(self, text: str, new_text: str, first_token_time: float | None) -> int | None:
+        """The length to cut the answer to when a rule ends it here, else None."""
+        cut = indent_cut(text, self.n_indent, self._checked)
+        if cut is not None:
+            return cut
+        self._checked = max(self._checked, text.rfind("\n"))
+        if first_token_time is not None and time_limit_reached(
+                new_text, (self.clock() - first_token_time) * 1000.0, self.t_max_predict_ms):
+            return len(text)
+        return None
+
+
+# -- the endpoint -----------------------------------------------------------------------------
+
 async def create_infill(state: ServerState, req: InfillRequest,
                         raw: Request) -> Response | InfillResponse:
     model = state.check_model(req.model)
@@ -143,24 +253,30 @@ async def create_infill(state: ServerState, req: InfillRequest,
         )
     prompt = await state.tokenizers.run(infill_prompt, state.tokenizer, req,
                                         _budget(state, req.n_predict), model)
-    params = build({
+    options = {
         "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
         "min_p": req.min_p, "repetition_penalty": req.repeat_penalty,
         "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+    }
+    params = build({
+        **options, **sampler_overrides(req.samplers),
         "seed": None if req.seed == -1 else req.seed, "stop": list(req.stop),
         "ignore_eos": req.ignore_eos, "max_tokens": None if req.n_predict == -1 else req.n_predict,
     }, rename={"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"})
     tracked = (await submit(state, new_request_id("infill"),
                             [PromptInput(prompt.token_ids, prompt.text)], params,
                             coalesce=not req.stream))[0]
-    view = _InfillView(req, model, prompt)
+    view = _InfillView(req, model, prompt, StopRules(req))
     if req.stream:
         return SSEResponse(view.stream(tracked), on_close=lambda: close_all([tracked]))
     try:
-        final = await until_disconnect(raw, tracked.collect())
+        answer = await until_disconnect(raw, view.run(tracked))
     finally:
         tracked.close()
-    return view.response(final, tracked)
+    response = view.response(answer, tracked)
+    if req.response_fields:
+        return JSONResponse(select_fields(req.response_fields, response.model_dump(mode="json")))
+    return response
 
 
 def stop_type(c: CompletionOutput) -> tuple[StopType, str]:
@@ -172,44 +288,88 @@ def stop_type(c: CompletionOutput) -> tuple[StopType, str]:
     return "none", ""
 
 
+@dataclass
+class _Answer:
+    text: str
+    token_ids: list[int]
+    stop_type: StopType
+    stopping_word: str
+    num_cached: int
+
+
+@dataclass
+class _Delta:
+    text: str
+    token_ids: list[int]
+    num_generated: int
+
+
 class _InfillView:
-    def __init__(self, req: InfillRequest, model: str, prompt: InfillPrompt):
+    def __init__(self, req: InfillRequest, model: str, prompt: InfillPrompt, rules: StopRules):
         self.req = req
         self.model = model
         self.prompt = prompt
+        self.rules = rules
+        self.answer: _Answer | None = None
 
     def _tokens(self, ids: list[int]) -> list[int]:
         return list(ids) if self.req.return_tokens else []
 
-    def response(self, final: RequestOutput, tracked: TrackedRequest) -> InfillResponse:
-        c = final.outputs[0]
-        kind, word = stop_type(c)
+    async def deltas(self, tracked: TrackedRequest) -> AsyncIterator[_Delta]:
+        """The answer's new text and tokens as they come, cut by the stop rules; ``answer`` is
+        set at the end. A rule that ends the answer aborts the engine request."""
+        sent = 0
+        async for out in tracked:
+            c = out.outputs[0]
+            cut = None
+            if self.rules.active and (c.delta_text or c.delta_token_ids):
+                cut = self.rules.check(c.text, c.delta_text, tracked.first_token_time)
+            text = c.text if cut is None else c.text[:cut]
+            if text[sent:] or c.delta_token_ids:
+                yield _Delta(text[sent:], list(c.delta_token_ids), len(c.token_ids))
+            sent = len(text)
+            if cut is not None:
+                tracked.close()
+                self.answer = _Answer(text, list(c.token_ids), "limit", "",
+                                      out.num_cached_tokens)
+                return
+            if out.finished:
+                kind, word = stop_type(c)
+                self.answer = _Answer(c.text, list(c.token_ids), kind, word,
+                                      out.num_cached_tokens)
+
+    async def run(self, tracked: TrackedRequest) -> _Answer:
+        async for _ in self.deltas(tracked):
+            pass
+        if self.answer is None:
+            raise RuntimeError(f"request {tracked.request_id} ended without a final output")
+        return self.answer
+
+    def response(self, a: _Answer, tracked: TrackedRequest) -> InfillResponse:
         return InfillResponse(
-            content=c.text, tokens=self._tokens(c.token_ids), stop=True, model=self.model,
-            tokens_predicted=len(c.token_ids), tokens_evaluated=len(self.prompt.token_ids),
-            tokens_cached=final.num_cached_tokens, prompt=self.prompt.text,
-            has_new_line="\n" in c.text, truncated=self.prompt.truncated, stop_type=kind,
-            stopping_word=word, timings=_timings(tracked, len(c.token_ids)),
+            content=a.text, tokens=self._tokens(a.token_ids), stop=True, model=self.model,
+            tokens_predicted=len(a.token_ids), tokens_evaluated=len(self.prompt.token_ids),
+            tokens_cached=a.num_cached, prompt=self.prompt.text,
+            has_new_line="\n" in a.text, truncated=self.prompt.truncated, stop_type=a.stop_type,
+            stopping_word=a.stopping_word,
+            timings=_timings(tracked, len(a.token_ids), a.num_cached),
         )
 
-    def _chunk(self, content: str, ids: list[int], predicted: int) -> bytes:
-        return sse_event({"index": 0, "content": content, "tokens": self._tokens(ids),
-                          "stop": False, "tokens_predicted": predicted,
+    def _chunk(self, d: _Delta) -> bytes:
+        return sse_event({"index": 0, "content": d.text, "tokens": self._tokens(d.token_ids),
+                          "stop": False, "tokens_predicted": d.num_generated,
                           "tokens_evaluated": len(self.prompt.token_ids)})
 
     async def stream(self, tracked: TrackedRequest) -> AsyncIterator[bytes]:
         try:
-            final = None
-            async for out in tracked:
-                c = out.outputs[0]
-                if c.delta_text or c.delta_token_ids:
-                    yield self._chunk(c.delta_text, c.delta_token_ids, len(c.token_ids))
-                if out.finished:
-                    final = out
-            if final is not None:
-                last = self.response(final, tracked).model_dump()
+            async for d in self.deltas(tracked):
+                yield self._chunk(d)
+            if self.answer is not None:
+                last = self.response(self.answer, tracked).model_dump(mode="json")
                 last["content"] = ""  # streamed already, as llama.cpp's last event does
                 last["tokens"] = []
+                if self.req.response_fields:
+                    last = select_fields(self.req.response_fields, last)
                 yield sse_event(last)
         except SoarError as e:
             yield sse_event(stream_error_payload(e))
@@ -223,15 +383,18 @@ class _InfillView:
             tracked.close()
 
 
-def _timings(tracked: TrackedRequest, predicted: int) -> InfillTimings:
+def _timings(tracked: TrackedRequest, predicted: int, cached: int) -> InfillTimings:
     first = tracked.first_token_time
     last = tracked.last_token_time or time.time()
     prompt_ms = ((first or last) - tracked.arrival) * 1000.0
+    computed = max(0, tracked.num_prompt_tokens - cached)  # llama.cpp's prompt_n
     predicted_ms = (last - first) * 1000.0 if first is not None else 0.0
     steps = predicted - 1  # the first token comes with the prompt
     per_token = predicted_ms / steps if steps > 0 else None
     return InfillTimings(
-        prompt_n=tracked.num_prompt_tokens, prompt_ms=prompt_ms, predicted_n=predicted,
-        predicted_ms=predicted_ms, predicted_per_token_ms=per_token,
+        cache_n=cached, prompt_n=computed, prompt_ms=prompt_ms,
+        prompt_per_token_ms=prompt_ms / computed if computed else None,
+        prompt_per_second=1000.0 * computed / prompt_ms if prompt_ms > 0 else None,
+        predicted_n=predicted, predicted_ms=predicted_ms, predicted_per_token_ms=per_token,
         predicted_per_second=1000.0 / per_token if per_token else None,
     )

@@ -3,8 +3,10 @@
 The fields are llama.cpp's (tools/server/README.md): the code around the cursor
 (``input_prefix``, ``input_suffix``), other files for context (``input_extra``), the text just
 before the cursor (``prompt``), and the ``/completion`` sampling options with llama.cpp's
-defaults. Options of llama.cpp that this server does not implement are not declared, so a request
-that sends one is refused with a 400 naming it (StrictModel).
+defaults, plus the options llama.cpp's editor plugins (llama.vim, llama.vscode) send on every
+request: ``n_indent``, ``t_max_predict_ms``, ``t_max_prompt_ms``, ``samplers``,
+``response_fields``, ``id_slot``. Options of llama.cpp that this server does not implement are
+not declared, so a request that sends one is refused with a 400 naming it (StrictModel).
 """
 
 from __future__ import annotations
@@ -20,9 +22,29 @@ from soarllm.sampling_params import (
     MAX_TEMPERATURE,
     MAX_TOP_K,
 )
-from soarllm.serve.request_fields import NEW_TOKENS, PromptText, StrictModel, served_limit
+from soarllm.serve.request_fields import (
+    NEW_TOKENS,
+    PromptText,
+    StrictModel,
+    neutral_only,
+    served_limit,
+)
 
 MAX_EXTRA_CHUNKS = 1024
+MAX_RESPONSE_FIELDS = 256
+INT32_MAX = 2**31 - 1
+
+# llama.cpp's sampler names (common/sampling.cpp): the canonical ones, their kebab-case and
+# underscore-free spellings, and three aliases, mapped to the canonical name.
+SAMPLER_NAMES = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc",
+                 "temperature", "infill", "adaptive_p")
+SAMPLER_ALIASES = {
+    **{n: n for n in SAMPLER_NAMES},
+    **{n.replace("_", "-"): n for n in SAMPLER_NAMES if "_" in n},
+    **{n.replace("_", ""): n for n in SAMPLER_NAMES if "_" in n},
+    "nucleus": "top_p", "temp": "temperature", "typ": "typ_p",
+}
+SamplerName = Literal[tuple(SAMPLER_ALIASES)]  # type: ignore[valid-type]
 
 StopType = Literal["none", "eos", "limit", "word"]
 
@@ -66,11 +88,45 @@ class InfillRequest(StrictModel):
     return_tokens: bool = Field(False, description="list the generated token ids in `tokens`")
     cache_prompt: bool = Field(True, description="accepted for compatibility: this server "
                                "always reuses cached prompt prefixes (the output is the same)")
+    # -- what llama.cpp's editor plugins send (llama.vim, llama.vscode) ----------------------
+    id_slot: int = Field(-1, ge=-1, le=INT32_MAX, description="accepted and ignored: this "
+                         "server has no slots (every request may reuse any cached prefix)")
+    n_indent: int = Field(0, ge=0, le=INT32_MAX, description="minimum indentation (spaces and "
+                          "tabs) of the generated lines after the first: once a line starts "
+                          "with less and has other text, generation stops and the content is "
+                          "cut where that line's text begins (stop_type \"limit\"); 0: off")
+    t_max_predict_ms: int = Field(-1, ge=-1, le=INT32_MAX, description="once this many ms "
+                                  "have passed since the first generated token, stop at the "
+                                  "next token that contains a newline (stop_type \"limit\"); "
+                                  "-1 or 0: no limit")
+    t_max_prompt_ms: int = Field(-1, ge=-1, le=INT32_MAX, description="accepted and not "
+                                 "enforced, as in llama.cpp's server (a TODO there)")
+    samplers: list[SamplerName] | None = Field(  # type: ignore[valid-type]
+        None, max_length=64, description="llama.cpp's sampler names; only the samplers listed "
+        "are applied (a sampler left out is off: top_k 0, top_p 1, min_p 0, temperature 1, no "
+        "penalties), always in this server's fixed order (penalties, top_k, top_p, min_p, "
+        "temperature), whatever the list's order. dry, typ_p, top_n_sigma, xtc and adaptive_p "
+        "are accepted and off (their options are not served: off at llama.cpp's defaults too); "
+        "infill (llama.cpp's end-of-middle heuristic) is accepted and not applied. null: all")
+    response_fields: list[str] = Field(
+        default_factory=list, max_length=MAX_RESPONSE_FIELDS, description="return only these "
+        "fields of the whole answer (or of a stream's last event); \"a/b\" takes field b of "
+        "object a, returned under the key \"a/b\"; a field that does not exist is left out. "
+        "[]: all fields")
+    n_probs: neutral_only(0) = Field(  # type: ignore[valid-type]
+        0, description="not served on /infill: token probabilities are on /v1/completions "
+        "(logprobs)")
 
 
 class InfillTimings(BaseModel):
+    """llama.cpp's timings: ``prompt_n`` counts the prompt tokens computed (``cache_n`` the ones
+    found in the prefix cache)."""
+
+    cache_n: int
     prompt_n: int
     prompt_ms: float
+    prompt_per_token_ms: float | None
+    prompt_per_second: float | None
     predicted_n: int
     predicted_ms: float
     predicted_per_token_ms: float | None
