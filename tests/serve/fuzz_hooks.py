@@ -26,6 +26,7 @@ CROSS_FIELD_REFUSALS = (
     "min_tokens must be in [0, max_tokens]",
     "'suffix' needs a text prompt",  # fill-in-the-middle with token ids
     "/infill needs a model with fill-in-the-middle tokens",  # the model's, not the body's, rule
+    "n_cmpl > 1 is served only with stream=false",  # /infill: several completions, one stream
     "send only one of response_format, guided_json",  # one structured-output constraint
     "cannot be enforced",  # a schema / regex / grammar the grammar engine cannot enforce
     "has no tool support in its chat template",  # tools: the model's rule, not the body's

@@ -251,6 +251,10 @@ async def create_infill(state: ServerState, req: InfillRequest,
             f"{state.max_model_len} tokens with any prompt; lower it or send -1",
             param="n_predict",
         )
+    if req.stream and req.n_cmpl > 1:
+        raise InvalidRequestError(
+            "n_cmpl > 1 is served only with stream=false; send stream=false or n_cmpl=1",
+            param="n_cmpl")
     prompt = await state.tokenizers.run(infill_prompt, state.tokenizer, req,
                                         _budget(state, req.n_predict), model)
     options = {
@@ -260,23 +264,25 @@ async def create_infill(state: ServerState, req: InfillRequest,
     }
     params = build({
         **options, **sampler_overrides(req.samplers),
-        "seed": None if req.seed == -1 else req.seed, "stop": list(req.stop),
+        "n": req.n_cmpl, "seed": None if req.seed == -1 else req.seed, "stop": list(req.stop),
         "ignore_eos": req.ignore_eos, "max_tokens": None if req.n_predict == -1 else req.n_predict,
     }, rename={"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"})
     tracked = (await submit(state, new_request_id("infill"),
                             [PromptInput(prompt.token_ids, prompt.text)], params,
-                            coalesce=not req.stream))[0]
-    view = _InfillView(req, model, prompt, StopRules(req))
+                            # the stop rules see every step (the token where one fires)
+                            coalesce=not (req.stream or StopRules(req).active)))[0]
+    view = _InfillView(req, model, prompt)
     if req.stream:
         return SSEResponse(view.stream(tracked), on_close=lambda: close_all([tracked]))
     try:
-        answer = await until_disconnect(raw, view.run(tracked))
+        answers = await until_disconnect(raw, view.run(tracked))
     finally:
         tracked.close()
-    response = view.response(answer, tracked)
-    if req.response_fields:
-        return JSONResponse(select_fields(req.response_fields, response.model_dump(mode="json")))
-    return response
+    responses = [view.response(a, tracked) for a in answers]
+    if len(responses) == 1 and not req.response_fields:
+        return responses[0]
+    bodies = [view.shape(r.model_dump(mode="json")) for r in responses]
+    return JSONResponse(bodies[0] if len(bodies) == 1 else bodies)
 
 
 def stop_type(c: CompletionOutput) -> tuple[StopType, str]:
@@ -290,6 +296,7 @@ def stop_type(c: CompletionOutput) -> tuple[StopType, str]:
 
 @dataclass
 class _Answer:
+    index: int
     text: str
     token_ids: list[int]
     stop_type: StopType
@@ -299,55 +306,65 @@ class _Answer:
 
 @dataclass
 class _Delta:
+    index: int
     text: str
     token_ids: list[int]
     num_generated: int
 
 
 class _InfillView:
-    def __init__(self, req: InfillRequest, model: str, prompt: InfillPrompt, rules: StopRules):
+    def __init__(self, req: InfillRequest, model: str, prompt: InfillPrompt):
         self.req = req
         self.model = model
         self.prompt = prompt
-        self.rules = rules
-        self.answer: _Answer | None = None
+        self.answers: dict[int, _Answer] = {}
 
     def _tokens(self, ids: list[int]) -> list[int]:
         return list(ids) if self.req.return_tokens else []
 
-    async def deltas(self, tracked: TrackedRequest) -> AsyncIterator[_Delta]:
-        """The answer's new text and tokens as they come, cut by the stop rules; ``answer`` is
-        set at the end. A rule that ends the answer aborts the engine request."""
-        sent = 0
-        async for out in tracked:
-            c = out.outputs[0]
-            cut = None
-            if self.rules.active and (c.delta_text or c.delta_token_ids):
-                cut = self.rules.check(c.text, c.delta_text, tracked.first_token_time)
-            text = c.text if cut is None else c.text[:cut]
-            if text[sent:] or c.delta_token_ids:
-                yield _Delta(text[sent:], list(c.delta_token_ids), len(c.token_ids))
-            sent = len(text)
-            if cut is not None:
-                tracked.close()
-                self.answer = _Answer(text, list(c.token_ids), "limit", "",
-                                      out.num_cached_tokens)
-                return
-            if out.finished:
-                kind, word = stop_type(c)
-                self.answer = _Answer(c.text, list(c.token_ids), kind, word,
-                                      out.num_cached_tokens)
+    def shape(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer as the request's response_fields ask for it."""
+        return select_fields(self.req.response_fields, body) if self.req.response_fields else body
 
-    async def run(self, tracked: TrackedRequest) -> _Answer:
+    async def deltas(self, tracked: TrackedRequest) -> AsyncIterator[_Delta]:
+        """Each completion's new text and tokens as they come, cut by the stop rules; a
+        completion's ``answers`` entry is set when it ends. Once a rule has ended every
+        completion, the engine request is aborted."""
+        rules = [StopRules(self.req) for _ in range(self.req.n_cmpl)]
+        sent = [0] * self.req.n_cmpl
+        async for out in tracked:
+            for c in out.outputs:
+                i = c.index
+                if i in self.answers:
+                    continue  # cut by a rule already
+                cut = None
+                if rules[i].active and (c.delta_text or c.delta_token_ids):
+                    cut = rules[i].check(c.text, c.delta_text, tracked.first_token_time)
+                text = c.text if cut is None else c.text[:cut]
+                if text[sent[i]:] or c.delta_token_ids:
+                    yield _Delta(i, text[sent[i]:], list(c.delta_token_ids), len(c.token_ids))
+                sent[i] = len(text)
+                if cut is not None:
+                    self.answers[i] = _Answer(i, text, list(c.token_ids), "limit", "",
+                                              out.num_cached_tokens)
+                elif c.finished:
+                    kind, word = stop_type(c)
+                    self.answers[i] = _Answer(i, c.text, list(c.token_ids), kind, word,
+                                              out.num_cached_tokens)
+            if len(self.answers) == self.req.n_cmpl:
+                tracked.close()  # a no-op when the engine finished it
+                return
+
+    async def run(self, tracked: TrackedRequest) -> list[_Answer]:
         async for _ in self.deltas(tracked):
             pass
-        if self.answer is None:
+        if len(self.answers) < self.req.n_cmpl:
             raise RuntimeError(f"request {tracked.request_id} ended without a final output")
-        return self.answer
+        return [self.answers[i] for i in range(self.req.n_cmpl)]
 
     def response(self, a: _Answer, tracked: TrackedRequest) -> InfillResponse:
         return InfillResponse(
-            content=a.text, tokens=self._tokens(a.token_ids), stop=True, model=self.model,
+            index=a.index, content=a.text, tokens=self._tokens(a.token_ids), stop=True, model=self.model,
             tokens_predicted=len(a.token_ids), tokens_evaluated=len(self.prompt.token_ids),
             tokens_cached=a.num_cached, prompt=self.prompt.text,
             has_new_line="\n" in a.text, truncated=self.prompt.truncated, stop_type=a.stop_type,
@@ -364,13 +381,11 @@ class _InfillView:
         try:
             async for d in self.deltas(tracked):
                 yield self._chunk(d)
-            if self.answer is not None:
-                last = self.response(self.answer, tracked).model_dump(mode="json")
+            if 0 in self.answers:
+                last = self.response(self.answers[0], tracked).model_dump(mode="json")
                 last["content"] = ""  # streamed already, as llama.cpp's last event does
                 last["tokens"] = []
-                if self.req.response_fields:
-                    last = select_fields(self.req.response_fields, last)
-                yield sse_event(last)
+                yield sse_event(self.shape(last))
         except SoarError as e:
             yield sse_event(stream_error_payload(e))
         except asyncio.CancelledError:

@@ -32,6 +32,7 @@ from soarllm.serve.request_fields import (
 
 MAX_EXTRA_CHUNKS = 1024
 MAX_RESPONSE_FIELDS = 256
+MAX_N_CMPL = 16
 INT32_MAX = 2**31 - 1
 
 # llama.cpp's sampler names (common/sampling.cpp): the canonical ones, their kebab-case and
@@ -113,6 +114,9 @@ class InfillRequest(StrictModel):
         "fields of the whole answer (or of a stream's last event); \"a/b\" takes field b of "
         "object a, returned under the key \"a/b\"; a field that does not exist is left out. "
         "[]: all fields")
+    n_cmpl: int = Field(1, ge=1, le=MAX_N_CMPL, description="completions to generate from "
+                        "the prompt; more than 1: the answer is a list of them (each with its "
+                        "index), as llama.cpp returns it. With stream=true only 1")
     n_probs: neutral_only(0) = Field(  # type: ignore[valid-type]
         0, description="not served on /infill: token probabilities are on /v1/completions "
         "(logprobs)")
