@@ -6,7 +6,8 @@ greedy `generate` on the same dequantized GGUF weights (loaded once for the modu
 - over HTTP (`soar serve`, float32, unquantized): `suffix` on /v1/completions through the official
   `openai` client, and /infill (whole and streamed), each equal to transformers' greedy
   continuation of the prompt written out here from Qwen's FIM format and llama.cpp's /infill
-  layout (never with our own prompt builders).
+  layout (never with our own prompt builders);
+- llama.vim's own FIM request body (autoload/llama.vim) answered with the fields it asks for.
 """
 
 from __future__ import annotations
@@ -148,3 +149,37 @@ def test_infill_like_llama_cpp(qwen_server, hf_reference):
     assert events[-1]["stop"] is True and not any(e["stop"] for e in events[:-1])
     assert "".join(e["content"] for e in events) == out["content"]
     assert events[-1]["tokens_cached"] > 0
+
+
+def test_infill_answers_llama_vim(qwen_server):
+    """The body llama.vim sends for a suggestion (autoload/llama.vim, field for field; sampled:
+    top_k, top_p and llama.cpp's infill sampler, which this server accepts and does not apply)
+    is answered with exactly the fields it asks for, and the suggestion keeps the body's
+    indentation (n_indent) line after line, as llama.cpp's rule leaves it."""
+    fields = ["content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
+              "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
+              "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated",
+              "tokens_cached"]
+    body = {
+        "id_slot": 0, "input_prefix": PREFIX, "input_suffix": SUFFIX,
+        "input_extra": [{"filename": "geometry.py", "text": "def distance(a, b):\n"
+                         "    return abs(a - b)\n"}],
+        "prompt": "    for ", "n_predict": 16, "stop": [], "n_indent": 4, "top_k": 40,
+        "top_p": 0.90, "samplers": ["top_k", "top_p", "infill"], "stream": False,
+        "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000,
+        "response_fields": fields,
+    }
+    r = httpx.post(qwen_server.base_url + "/infill", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert sorted(out) == sorted(fields)
+    assert 1 <= out["timings/predicted_n"] <= 16 and out["truncated"] is False
+    assert out["timings/prompt_n"] > 0 and out["timings/prompt_ms"] > 0
+    # every line after the first: indented by at least 4, except a last line cut where a
+    # shorter one began (its indentation only) or not yet holding any text
+    lines = out["content"].split("\n")
+    for line in lines[1:-1]:
+        assert len(line) - len(line.lstrip(" \t")) >= 4 and line.strip(), out["content"]
+    if len(lines) > 1:
+        last = lines[-1]
+        assert not last.strip() or len(last) - len(last.lstrip(" \t")) >= 4, out["content"]
