@@ -155,9 +155,12 @@ async def root() -> Response:
 
 
 @ops_router.post(
-    "/infill", response_model=InfillResponse, tags=["llama.cpp"],
+    "/infill", response_model=InfillResponse | list[InfillResponse] | dict[str, Any],
+    tags=["llama.cpp"],
     responses={**_ERRORS,
-               200: {"content": _SSE, "description": "JSON, or SSE events with stream=true"}},
+               200: {"content": _SSE, "description": "JSON (one answer; a list with n_cmpl > 1; "
+                     "only the asked fields with response_fields), or SSE events with "
+                     "stream=true"}},
 )
 async def infill_route(body: InfillRequest, request: Request,
                        state: ServerState = Depends(get_state)) -> Any:
