@@ -89,8 +89,17 @@ def test_greedy_tokens_match_the_dequantized_path(default_model_path, dtype):
         outs[q] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
         del llm
     same = sum(a == b for a, b in zip(outs[None], outs["none"]))
-    print(f"{dtype}: {same}/{len(PROMPTS)} prompts give the same {N_TOKENS} greedy tokens")
-    assert same >= 0.8 * len(PROMPTS)
+    agreed = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), N_TOKENS)
+              for a, b in zip(outs[None], outs["none"])]
+    print(f"{dtype}: {same}/{len(PROMPTS)} prompts give the same {N_TOKENS} greedy tokens; "
+          f"first difference at {agreed}")
+    if dtype == "float32":
+        assert same >= 0.8 * len(PROMPTS)
+    else:
+        # bfloat16 rounding moves near-ties between the two paths' different accumulation
+        # orders: most prompts agree whole, and the agreed prefixes cover most tokens
+        assert same > 0.5 * len(PROMPTS)
+        assert sum(agreed) >= 0.75 * N_TOKENS * len(PROMPTS)
 
 
 _RSS_SCRIPT = """
