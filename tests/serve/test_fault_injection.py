@@ -53,18 +53,17 @@ def _marker(llm, references: dict[str, list[int]], prompts: dict[str, list[int]]
 
 
 def _break_forward(monkeypatch, llm, when):
-    """Make the model's forward raise when ``when(input_ids)`` holds."""
-    model = llm.llm_engine.executor.runner.model
-    original = model.forward
+    """Make the model step (the decoder stack the runner calls) raise when ``when(input_ids)``
+    holds."""
+    runner = llm.llm_engine.executor.runner
+    original = runner.backbone
 
-    def forward(*args, **kwargs):
-        ids = next(a for a in [*args, *kwargs.values()]
-                   if isinstance(a, torch.Tensor) and not a.is_floating_point())
-        if when(ids):
+    def forward(input_ids, *args, **kwargs):
+        if when(input_ids):
             raise RuntimeError("injected forward failure")
-        return original(*args, **kwargs)
+        return original(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(runner, "backbone", forward)
 
 
 def _run(engine, requests: dict[str, list[int]]):
