@@ -29,12 +29,6 @@ logger = logging.getLogger(__name__)
 WARMUP_SIZES = (1, 2)
 
 
-def compile_cache_dir() -> str:
-    from soarllm.hub import home
-
-    return str(home() / "compile")
-
-
 def cxx_compiler() -> str | None:
     """The C++ compiler inductor's CPU backend would use, or None."""
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
@@ -44,8 +38,8 @@ def cxx_compiler() -> str | None:
 
 
 def configure_inductor() -> None:
-    """Caches under $SOARLLM_HOME; settings that suit an inference step."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(compile_cache_dir(), "inductor"))
+    """Settings that suit an inference step (the cache directory is set when soarllm is
+    imported, see soarllm/__init__.py)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
