@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from soarllm.kernels.attention import ReferenceAttentionBackend
+from soarllm.kernels.attention import AttentionMetadata, ReferenceAttentionBackend
+from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.linear import Linear
 from soarllm.quant.base import QuantizationConfig, UnquantizedMethod, default_weight_loader
 
@@ -60,6 +61,12 @@ class DecoderForCausalLM(nn.Module):
         )
         if self.head_shares_embedding:
             self.lm_head.weight = embedding.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """The decoder stack (``self.model``) with ``meta`` as the forward context; the runner
+        calls ``self.model`` itself (possibly compiled) under its own context."""
+        with set_forward_context(meta, self.attn_backend):
+            return self.model(input_ids, positions, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

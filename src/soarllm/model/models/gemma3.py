@@ -7,8 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soarllm.kernels.attention import AttentionMetadata
-from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.activation import ACT_AND_MUL
 from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.linear import Linear, MergedLinear
@@ -42,7 +40,7 @@ def _rope_params(config, layer_type: str) -> dict:
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb, quant_config=None,
+    def __init__(self, config, layer_type: str, dtype, rotary_emb, quant_config=None,
                  prefix: str = ""):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -100,11 +98,11 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_type: str, dtype, backend, rotary_emb, quant_config=None,
+    def __init__(self, config, layer_type: str, dtype, rotary_emb, quant_config=None,
                  prefix: str = ""):
         super().__init__()
         eps, h = config.rms_norm_eps, config.hidden_size
-        self.self_attn = Gemma3Attention(config, layer_type, dtype, backend, rotary_emb, quant_config,
+        self.self_attn = Gemma3Attention(config, layer_type, dtype, rotary_emb, quant_config,
                                          f"{prefix}.self_attn")
         self.mlp = Gemma3MLP(config, dtype, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
@@ -119,7 +117,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config, dtype, backend, quant_config=None):
+    def __init__(self, config, dtype, quant_config=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -131,7 +129,7 @@ class Gemma3Model(nn.Module):
         }
         self.rotary = nn.ModuleDict(ropes)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, t, dtype, backend, ropes[t], quant_config, f"model.layers.{i}")
+            Gemma3DecoderLayer(config, t, dtype, ropes[t], quant_config, f"model.layers.{i}")
             for i, t in enumerate(types)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, offset=1.0)
@@ -149,13 +147,9 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
     def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
         super().__init__(config, dtype, quant_config, backend)
-        self.model = Gemma3Model(config, dtype, backend, quant_config)
+        self.model = Gemma3Model(config, dtype, quant_config)
         self.build_lm_head(self.model.embed_tokens)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        with set_forward_context(meta, self.attn_backend):
-            return self.model(input_ids, positions, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soarllm.kernels.attention import AttentionMetadata
-from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.activation import ACT_AND_MUL
 from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.linear import Linear, MergedLinear
@@ -20,7 +18,7 @@ from soarllm.model.models.base import DecoderForCausalLM
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb: RotaryEmbedding,
+    def __init__(self, config, layer_idx: int, dtype, rotary_emb: RotaryEmbedding,
                  quant_config=None, prefix: str = ""):
         # rotary_emb is shared by every layer; the model looks cos/sin up once per step.
         super().__init__()
@@ -94,10 +92,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, dtype, backend, rotary_emb, quant_config=None,
+    def __init__(self, config, layer_idx: int, dtype, rotary_emb, quant_config=None,
                  prefix: str = ""):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, dtype, backend, rotary_emb,
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, rotary_emb,
                                         quant_config, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(config, dtype, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -109,7 +107,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, dtype, backend, quant_config=None):
+    def __init__(self, config, dtype, quant_config=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -121,7 +119,7 @@ class LlamaModel(nn.Module):
             rotary_dim=int(head_dim * getattr(config, "partial_rotary_factor", 1.0)),
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, dtype, backend, self.rotary_emb, quant_config,
+            LlamaDecoderLayer(config, i, dtype, self.rotary_emb, quant_config,
                               f"model.layers.{i}")
             for i in range(config.num_hidden_layers)
         )
@@ -138,9 +136,6 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(DecoderForCausalLM):
     def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
         super().__init__(config, dtype, quant_config, backend)
-        self.model = LlamaModel(config, dtype, backend, quant_config)
+        self.model = LlamaModel(config, dtype, quant_config)
         self.build_lm_head(self.model.embed_tokens)
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        with set_forward_context(meta, self.attn_backend):
-            return self.model(input_ids, positions, kv_caches)
