@@ -11,6 +11,11 @@ Inductor's on-disk caches (FX graph and AOTAutograd caches) live under ``$SOARLL
 so a second start of the same model loads the compiled code instead of compiling it again.
 ``enforce_eager`` turns compilation off; on CPU without a C++ compiler the engine runs eagerly
 after one warning line.
+
+On CUDA the stack is not compiled: the layers call hand-fused Triton kernels there (RMSNorm with
+the residual add, SiLU-and-mul, weight-only int4/int8 GEMV) and decode steps are captured as CUDA
+graphs (model/cuda_graph.py), which removes the launch overhead that compilation would otherwise
+address; a start then takes seconds instead of a compile of minutes (SGLang's default too).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def compile_backbone(backbone: torch.nn.Module, device: str,
                      enforce_eager: bool) -> Callable | None:
     """A compiled callable for ``backbone(input_ids, positions, kv_caches)``, or None to run
     eagerly (asked for, or not possible here)."""
-    if enforce_eager:
+    if enforce_eager or device.startswith("cuda"):
         return None
     if device == "cpu" and cxx_compiler() is None:
         logger.warning("no C++ compiler found (g++/clang++): running the model eagerly; install "

@@ -10,6 +10,7 @@ one-token rows of the same request at consecutive lengths, so it joins the batch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import mmap
@@ -24,9 +25,11 @@ from soarllm.errors import ConfigError
 from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
 from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
+from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
 from soarllm.model.loader import Checkpoint, load_checkpoint
+from soarllm.model.loader.dummy import RandomSource
 from soarllm.model.loader.memory import release_free_heap
 from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
@@ -71,6 +74,8 @@ class ModelRunner:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         self.checkpoint: Checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
+        if isinstance(self.checkpoint.source, RandomSource) and self.device != "cpu":
+            self.checkpoint.source = dataclasses.replace(self.checkpoint.source, device=self.device)
         config = self.checkpoint.config
         self.hf_config = config
         model_cls = resolve_model_class(config)
@@ -102,6 +107,7 @@ class ModelRunner:
         self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len, self.block_size)
         self.phases: StepPhases | None = None  # attach one to time the step's phases
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only)
         # the decoder stack the runner calls: compiled after warm-up, else the module itself
         self.backbone = self.model.model
 
@@ -149,6 +155,7 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, d)
         self.kv_caches = [_zeros(shape, self.kv_dtype, self.device) for _ in range(m.num_layers)]
         self.compile_and_warm_up()
+        self.capture_cuda_graphs()
 
     # -- compilation ---------------------------------------------------------------------------
 
@@ -178,6 +185,28 @@ class ModelRunner:
                 cache[:, 0].zero_()
         self.backbone = compiled
         logger.info("model step compiled in %.1fs", time.perf_counter() - t0)
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode steps as CUDA graphs (model/cuda_graph.py) where the device and the
+        attention backend allow; a failed capture leaves the runner uncaptured, with a warning."""
+        self.graphs = None
+        if (not self.device.startswith("cuda") or self.args.enforce_eager
+                or not getattr(self.backend, "supports_cuda_graphs", False)):
+            return
+        graphs = DecodeGraphs(self.backbone, self.backend, self.kv_caches,
+                              max_rows=self.args.max_num_seqs,
+                              max_blocks=self.input_batch.max_num_blocks, device=self.device)
+        try:
+            with torch.inference_mode():
+                graphs.capture()
+        except Exception as e:  # a capture failure must not take the engine down
+            logger.warning("CUDA graph capture failed (%s: %s); decode steps run uncaptured",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return
+        finally:
+            for cache in self.kv_caches:  # capture runs wrote nothing (slot -1), but be sure
+                cache[:, 0].zero_()
+        self.graphs = graphs
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -270,8 +299,13 @@ class ModelRunner:
         )
         input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
         t_forward = time.perf_counter()
-        with set_forward_context(meta, self.backend):
-            hidden = self.backbone(input_t, meta.positions, self.kv_caches)
+        graphs = self.graphs
+        if (graphs is not None and meta.num_decodes == len(input_ids)
+                and len(input_ids) <= graphs.max_size):
+            hidden = graphs.run(input_t, meta)  # every row a one-token decode: replay
+        else:
+            with set_forward_context(meta, self.backend):
+                hidden = self.backbone(input_t, meta.positions, self.kv_caches)
         out = RunnerOutput()
         if len(logits_rows):
             logits = self.model.compute_logits(hidden[meta.logits_indices])
