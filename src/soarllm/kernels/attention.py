@@ -257,6 +257,32 @@ def _buckets(lens: list[int], max_buckets: int = 4, min_size: int = 8) -> list[t
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
-def get_attention_backend(device: str) -> ReferenceAttentionBackend:
-    # Fast GPU backends (Triton) register here; the reference backend is the fallback and oracle.
-    return ReferenceAttentionBackend()
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+
+
+def get_attention_backend(device: str, name: str | None = None):
+    """The attention backend for ``device``: ``name`` None or "auto" picks Triton on CUDA where
+    triton is installed, else the reference backend (the oracle, every device); "reference" and
+    "triton" ask for one (Triton on CPU only under TRITON_INTERPRET=1, for tests)."""
+    from soarllm.errors import ConfigError
+    from soarllm.kernels.triton_utils import interpreter_enabled, triton_available
+
+    choice = (name or "auto").strip().lower()
+    if choice not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend={name!r} is not known; use one of "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
+    on_cuda = str(device).startswith("cuda")
+    if choice == "auto":
+        choice = "triton" if on_cuda and triton_available() else "reference"
+    if choice == "reference":
+        return ReferenceAttentionBackend()
+    if not triton_available():
+        raise ConfigError("attention_backend='triton' needs the triton package: install it "
+                          "(pip install triton) or use attention_backend='reference'")
+    if not on_cuda and not interpreter_enabled():
+        raise ConfigError(f"attention_backend='triton' runs on CUDA devices, not {device!r}: use "
+                          "'reference' or 'auto' there (or set TRITON_INTERPRET=1 to run the "
+                          "kernels in Triton's slow interpreter, for tests)")
+    from soarllm.kernels.triton_attention import TritonAttentionBackend
+
+    return TritonAttentionBackend()

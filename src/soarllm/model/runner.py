@@ -79,7 +79,7 @@ class ModelRunner:
         config = self.checkpoint.config
         self.hf_config = config
         model_cls = resolve_model_class(config)
-        self.backend = get_attention_backend(self.device)
+        self.backend = get_attention_backend(self.device, args.attention_backend)
         quant_config = get_quant_config(args.quantization, self.checkpoint, model_cls.packed_modules)
         with torch.device(self.device):
             self.model = model_cls(config, dtype=self.dtype, backend=self.backend,
