@@ -301,3 +301,87 @@ def test_matches_reference_backend(dtype):
     torch.testing.assert_close(b.cache, ref_cache, atol=0, rtol=0)
     tol = _tol(dtype)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-triton"), "llama")
+
+
+def test_engine_greedy_tokens_match_reference_backend(tiny_llama, monkeypatch):
+    """The whole engine with attention_backend="triton" (interpreted on CPU): the same greedy tokens
+    as the reference backend, over chunked prefills (later chunks attend to cached context), decodes,
+    and the verification of a predicted output."""
+    from soarllm import LLM, SamplingParams
+    from soarllm.kernels.triton_attention import TritonAttentionBackend
+
+    seen = {"verify": 0, "extend": 0, "decode": 0}
+    forward = TritonAttentionBackend.forward
+
+    def spy(self, q, k, v, kv_cache, meta, *args):
+        nd = meta.num_decodes
+        seen["decode"] += nd > 0
+        seen["verify"] += any(n > 1 for n in meta.decode_group_sizes_cpu or [])
+        seen["extend"] += any(meta.seq_lens_cpu[i] > meta.query_lens_cpu[i]
+                              for i in range(nd, meta.num_reqs))
+        return forward(self, q, k, v, kv_cache, meta, *args)
+
+    monkeypatch.setattr(TritonAttentionBackend, "forward", spy)
+    prompts = [
+        "def parse(self, args):\n    return self.parse(args)\n    return self.parse(",
+        "import json\nimport os\n",
+        "def parse(self, args):\n    return self.parse(args)\n    return",
+    ]
+    def run(name, predictions):
+        llm = LLM(str(tiny_llama), device=DEVICE, dtype="float32", attention_backend=name,
+                  max_num_seqs=4, max_num_batched_tokens=16, block_size=8)
+        assert llm.llm_engine.executor.runner.backend.name == name
+        sps = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prediction=p)
+               for p in predictions]
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, sps)]
+
+    plain = run("reference", [None] * len(prompts))
+    # a prediction (Predicted Outputs) makes the engine verify drafts: 1 + k decode rows of one
+    # request; one wrong token in it makes a verification reject some
+    predicted = list(plain[1])
+    predicted[4] = (predicted[4] + 1) % 100
+    predictions = [None, predicted, None]
+    outs = {name: run(name, predictions) for name in ("reference", "triton")}
+    assert outs["reference"] == plain
+    assert outs["triton"] == outs["reference"]
+    assert seen["decode"] and seen["extend"] and seen["verify"], seen
+
+
+def test_backend_selection(monkeypatch):
+    from soarllm.errors import ConfigError
+    from soarllm.kernels.attention import get_attention_backend
+
+    assert get_attention_backend("cpu").name == "reference"
+    assert get_attention_backend("cpu", "auto").name == "reference"
+    assert get_attention_backend("cpu", "Reference").name == "reference"
+    with pytest.raises(ConfigError, match="reference"):
+        get_attention_backend("cpu", "flash")
+    assert get_attention_backend("cuda", "reference").name == "reference"
+    assert get_attention_backend("cuda").name == "triton"  # auto on CUDA where triton imports
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_attention_backend("cpu", "triton").name == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        get_attention_backend("cpu", "triton")
+
+
+def test_engine_args_and_flag(monkeypatch):
+    from soarllm.cli.engine_args import engine_args_from
+    from soarllm.cli.main import build_parser
+    from soarllm.config import EngineArgs
+
+    monkeypatch.delenv("SOARLLM_ATTENTION_BACKEND", raising=False)
+    assert EngineArgs().attention_backend is None
+    monkeypatch.setenv("SOARLLM_ATTENTION_BACKEND", "reference")
+    assert EngineArgs().attention_backend == "reference"
+    ns = build_parser().parse_args(["generate", "m", "--attention-backend", "triton"])
+    assert engine_args_from(ns).attention_backend == "triton"
+    ns = build_parser().parse_args(["generate", "m"])
+    assert engine_args_from(ns).attention_backend == "reference"  # the environment's

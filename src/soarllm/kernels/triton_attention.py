@@ -18,6 +18,8 @@ from soarllm.kernels.triton import paged_attention as pa
 
 class TritonAttentionBackend:
     name = "triton"
+    # the decode path reads only device tensors and launches shape-determined grids
+    supports_cuda_graphs = True
 
     def forward(
         self,
