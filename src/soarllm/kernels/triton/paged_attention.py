@@ -76,10 +76,11 @@ def _write_kv_kernel(
         sdst = blk * stride_sb + off * stride_ss + h * stride_sh + HEAD_DIM // 4
         kf = k.to(tl.float32)
         vf = v.to(tl.float32)
-        k_scale = tl.maximum(tl.max(tl.abs(kf), axis=0), 1e-8) / 127.0
-        v_scale = tl.maximum(tl.max(tl.abs(vf), axis=0), 1e-8) / 127.0
-        kq = tl.minimum(tl.maximum(_round_half_even(kf / k_scale), -127.0), 127.0)
-        vq = tl.minimum(tl.maximum(_round_half_even(vf / v_scale), -127.0), 127.0)
+        # IEEE divisions (div_rn), like kv_quant.quantize in PyTorch
+        k_scale = tl.div_rn(tl.maximum(tl.max(tl.abs(kf), axis=0), 1e-8), 127.0)
+        v_scale = tl.div_rn(tl.maximum(tl.max(tl.abs(vf), axis=0), 1e-8), 127.0)
+        kq = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(kf, k_scale)), -127.0), 127.0)
+        vq = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(vf, v_scale)), -127.0), 127.0)
         tl.store(kc_ptr + dst + offs_d, kq.to(tl.int8), mask=store)
         tl.store(vc_ptr + dst + offs_d, vq.to(tl.int8), mask=store)
         tl.store(ks_ptr + sdst, k_scale, mask=slot >= 0)
@@ -95,6 +96,7 @@ def _cache_views(kv_cache: torch.Tensor):
     themselves when the cache is not quantized."""
     kc, vc = kv_cache[0], kv_cache[1]
     if kv_quant.is_quantized(kv_cache):
+        assert kv_cache.shape[-1] % 4 == 0, "int8 KV rows of D + 4 bytes need D % 4 == 0"
         f32 = kv_cache.view(torch.float32)
         return kc, vc, f32[0], f32[1], kv_cache.shape[-1] - kv_quant.SCALE_BYTES
     return kc, vc, kc, vc, kv_cache.shape[-1]
@@ -120,7 +122,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
         kc.stride(0), kc.stride(1), kc.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2),
         kv_cache.shape[2],
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), QUANT=kv_quant.is_quantized(kv_cache),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), QUANT=kv_quant.is_quantized(kv_cache),
     )
 
 
@@ -140,8 +142,10 @@ def _load_kv_tile(c_ptr, s_ptr, bt_row_ptr, offs_n, n_mask, offs_d, d_mask, kvh,
     if QUANT:
         srow = blk * stride_sb + off * stride_ss + kvh * stride_sh + HEAD_DIM // 4
         sc = tl.load(s_ptr + srow, mask=n_mask, other=0.0)
-        return (x.to(tl.float32) * sc[:, None]).to(OUT_DTYPE)
-    return x.to(OUT_DTYPE)
+        tile = (x.to(tl.float32) * sc[:, None]).to(OUT_DTYPE)
+    else:
+        tile = x.to(OUT_DTYPE)
+    return tile
 
 
 @triton.jit
@@ -149,8 +153,10 @@ def _dot(a, b, IEEE: tl.constexpr):
     # IEEE: float32 products (float32 inputs: no TF32; bfloat16 under the interpreter, whose
     # bfloat16 tl.dot is wrong in triton 3.6: the inputs are exact in float32)
     if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
 
 
 @triton.jit
@@ -278,8 +284,20 @@ def _ieee_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_enabled())
 
 
-def _block_n(head_dim: int) -> int:
-    return 64 if head_dim <= 128 else 32
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs dimensions of at least 16
+
+
+def _tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(query rows per prefill tile, keys per tile, pipeline stages) for one head size and dtype:
+    the key and value tiles of every stage stay within ~96 KiB of shared memory (an H100 has 227),
+    for head sizes up to 256 in float32."""
+    row = _block_d(head_dim) * torch.finfo(dtype).bits // 8  # bytes of one key row
+    if row <= 256:  # bfloat16/float16 up to D = 128, float32 up to 64
+        return 64, 64, 3
+    if row <= 512:
+        return 32, 32, 2
+    return 32, 16, 2
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -302,7 +320,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Te
     hkv, block_size = kv_cache.shape[3], kv_cache.shape[2]
     assert hd == d and hq % hkv == 0 and out.stride(-1) == 1 and block_tables.stride(-1) == 1
     group = hq // hkv
-    block_n = _block_n(d)
+    _, block_n, stages = _tiles(d, q.dtype)
     if num_splits is None:
         num_splits = num_decode_splits(b, hkv, block_tables.shape[1] * block_size)
     assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits: a power of two"
@@ -311,7 +329,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Te
         lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
-    block_d = triton.next_power_of_2(d)
+    block_d = _block_d(d)
     _decode_kernel[(b, hkv, num_splits)](
         q, kc, vc, ks, vs, block_tables, seq_lens,
         out, part, lse,
@@ -327,6 +345,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Te
         GROUP=group, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, QUANT=kv_quant.is_quantized(kv_cache),
         SOFTCAP=bool(softcap), WINDOW=sliding_window is not None, IEEE=_ieee_dot(q.dtype),
+        num_stages=stages,
     )
     if num_splits > 1:
         _combine_splits_kernel[(b, hq)](
@@ -458,8 +477,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     has_masks = masks is not None
     if not has_masks:
         mask_offsets, masks = q_lens, q_lens  # unused
-    block_m = 64 if d <= 128 else 32
-    block_n = _block_n(d)
+    block_m, block_n, stages = _tiles(d, q.dtype)
     grid = (triton.cdiv(max_q_len, block_m), r, hq)
     _prefill_kernel[grid](
         q, kc, vc, ks, vs, out, block_tables,
@@ -471,8 +489,9 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         block_size,
-        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d),
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_D=_block_d(d),
         BLOCK_N=block_n, QUANT=kv_quant.is_quantized(kv_cache), SOFTCAP=bool(softcap),
         WINDOW=sliding_window is not None, HAS_MASKS=has_masks, IEEE=_ieee_dot(q.dtype),
+        num_stages=stages,
     )
     return out
