@@ -1,0 +1,388 @@
+"""Weight-only quantized GEMM / GEMV (Triton): W8A16 and W4A16, dequantized in registers.
+
+Activations stay in the model dtype (bfloat16, float16 or float32); every product accumulates in
+float32. Two kernels per format:
+
+- ``M == 1`` (batch-1 decode): a GEMV that keeps a [rows, BLOCK_N] float32 accumulator of
+  elementwise products and reduces it once at the end (no tensor cores, no layout shuffles);
+- ``M > 1``: a tiled ``tl.dot`` kernel (BLOCK_M 16 for decode batches, larger for prefill).
+
+Both split K over a second grid axis when the output alone gives too few programs to fill the GPU;
+the float32 partial sums [SPLIT_K, M, N] are then added by one ``sum``. Grids and split counts
+depend only on shapes, so the launches are CUDA-graph capturable. The kernels are exposed as
+``torch.library`` custom ops (``soarllm::w4a16_gemm``, ``soarllm::w8a16_gemm``) so torch.compile
+treats them as opaque calls.
+
+CUDA weight layouts (made once by ``pack_w4`` / ``pack_w8`` when the layer is on a CUDA device):
+
+- W8A16: ``qweight`` int8 [K, N] (the transpose of the checkpoint's [N, K], so a tile's rows are
+  contiguous along N and loads coalesce), ``scales`` float32 [N]; w[n, k] = q[k, n] * scale[n].
+- W4A16: K is padded to a multiple of 128 (``PACK_K``). ``qweight`` int32 [K_pad / 8, N]; the
+  int32 at row ``16 t + j`` holds, in nibble ``i`` (bits 4i..4i+3), the 4-bit value of input
+  ``128 t + 16 i + j``: one shift and mask gives a [16, BLOCK_N] block of consecutive inputs, no
+  interleaving. ``scales`` and ``zeros`` are [K_pad / group, N] (bfloat16 for 16-bit models, as the
+  CPU kernel keeps them; float32 otherwise) and w = (q - 8) * scale + zero as in quant/w4a16.py.
+  (Folding the zero into zero - 8 * scale would save nothing and cost accuracy: both terms are
+  then several times larger than w, and their bfloat16 rounding errors do not cancel.) Padding
+  inputs have q = 0, scale = zero = 0.
+
+Integer-to-float conversion is done with the exponent trick: (q | 0x4B000000) read as a float32 is
+2**23 + q exactly, so one subtraction gives q, or q - 8 (conversion instructions are slow on GPUs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+PACK_K = 128  # W4 inputs per packed tile: 8 nibbles x 16 rows
+_SEG = 16  # W4 inputs per nibble plane of a tile (the tl.dot K of the W4 kernel)
+_W8_BLOCK_K = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts (plain PyTorch)
+
+
+def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+            scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA layout from unpacked values q [N, K] in [0, 16) and per-group scales / zeros [N, K/g]
+    (quant/w4a16.py's convention): (qweight int32 [K_pad/8, N], scales, zeros [K_pad/g, N])."""
+    n, k = q.shape
+    k_pad = triton.cdiv(k, PACK_K) * PACK_K
+    qt = torch.zeros((k_pad, n), dtype=torch.int64, device=q.device)
+    qt[:k] = q.t().to(torch.int64)
+    qt = qt.view(k_pad // PACK_K, 8, _SEG, n)
+    packed = torch.zeros((k_pad // PACK_K, _SEG, n), dtype=torch.int64, device=q.device)
+    for i in range(8):
+        packed |= qt[:, i] << (4 * i)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    groups = k_pad // group_size
+    s = torch.zeros((groups, n), dtype=torch.float32, device=q.device)
+    z = torch.zeros_like(s)
+    s[: k // group_size] = scales.float().t()
+    z[: k // group_size] = zeros.float().t()
+    return (packed.view(k_pad // 8, n).contiguous(), s.to(scale_dtype).contiguous(),
+            z.to(scale_dtype).contiguous())
+
+
+def w4_scale_dtype(params_dtype: torch.dtype) -> torch.dtype:
+    """Scales and zeros of the CUDA layout: bfloat16 for 16-bit models (a quarter of the bytes of
+    the weights at group 32, as float32 would be half), float32 for float32 models."""
+    return torch.float32 if params_dtype == torch.float32 else torch.bfloat16
+
+
+def unpack_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              in_features: int) -> torch.Tensor:
+    """The float32 weight [N, K] a packed W4 layout computes with (for tests and comparisons)."""
+    rows, n = qweight.shape
+    p = qweight.view(rows // _SEG, _SEG, n).to(torch.int64) & 0xFFFFFFFF
+    q = torch.stack([(p >> (4 * i)) & 0xF for i in range(8)], dim=1)  # [tiles, 8, 16, N]
+    q = q.reshape(rows * 8, n).float()
+    g = torch.arange(rows * 8, device=q.device) // group_size
+    w = (q - 8) * scales.float()[g] + zeros.float()[g]
+    return w[:in_features].t().contiguous()
+
+
+def pack_w8(qweight: torch.Tensor) -> torch.Tensor:
+    """CUDA layout of int8 [N, K]: its transpose [K, N], contiguous."""
+    return qweight.t().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, PLANE: tl.constexpr, GROUP: tl.constexpr):
+    """Dequantized float32 weights [16, BLOCK_N] of inputs 128 t + 16 PLANE + (0..15)."""
+    g = (t * 128 + PLANE * 16) // GROUP
+    s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    q8 = (((p >> (4 * PLANE)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return q8 * s[None, :] + z[None, :]  # q8 = q - 8: 2**23 + q minus 2**23 + 8
+
+
+@triton.jit
+def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, tiles_per_split,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    rows = tl.arange(0, 16)
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    t_start = pid_k * tiles_per_split
+    t_end = t_start + tiles_per_split  # splits divide the tiles evenly
+    for t in range(t_start, t_end):
+        p = tl.load(qw_ptr + (t * 16 + rows).to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=nmask[None, :], other=0)
+        for i in tl.static_range(8):
+            k = t * 128 + i * 16 + rows
+            xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            acc += _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, i, GROUP) * xk[:, None]
+    out = tl.sum(acc, axis=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(out_ptr + pid_k * N + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                    tiles_per_split,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    rows = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    t_start = pid_k * tiles_per_split
+    t_end = t_start + tiles_per_split  # splits divide the tiles evenly
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    for t in range(t_start, t_end):
+        p = tl.load(qw_ptr + (t * 16 + rows).to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=nmask[None, :], other=0)
+        for i in tl.static_range(8):
+            k = t * 128 + i * 16 + rows
+            xa = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+            w = _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, i, GROUP)
+            acc = tl.dot(xa, w.to(x_ptr.dtype.element_ty), acc=acc, input_precision=DOT_PRECISION)
+    _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid_k, SPLIT_K)
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid_k,
+                SPLIT_K: tl.constexpr):
+    mask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        base = out_ptr + pid_k.to(tl.int64) * M * N
+        tl.store(base + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _int8_to_float(q):
+    """int8 -> float32 exactly: 2**23 + (q + 128) built in the bits, minus 2**23 + 128."""
+    return ((q.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, K, k_per_split,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    rows = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = k_start + k_per_split  # splits divide the BLOCK_K steps evenly; k < K masks the tail
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rows
+        kmask = k < K
+        q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=kmask[:, None] & nmask[None, :], other=0)
+        w = _int8_to_float(q)
+        xk = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        acc += w * xk[:, None]
+    scale = tl.load(s_ptr + offs_n, mask=nmask, other=0.0)
+    out = tl.sum(acc, axis=0) * scale
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.store(out_ptr + pid_k * N + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _w8_gemm_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, k_per_split,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    rows = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = k_start + k_per_split  # splits divide the BLOCK_K steps evenly; k < K masks the tail
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rows
+        kmask = k < K
+        xa = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=kmask[:, None] & nmask[None, :], other=0)
+        w = _int8_to_float(q)
+        acc = tl.dot(xa, w.to(x_ptr.dtype.element_ty), acc=acc, input_precision=DOT_PRECISION)
+    scale = tl.load(s_ptr + offs_n, mask=nmask, other=0.0)
+    acc = acc * scale[None, :]
+    _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid_k, SPLIT_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+
+
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if not torch.cuda.is_available():
+        return 16  # the interpreter on CPU: any small count exercises split-K
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
+def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
+    """Power-of-2 split of the K loop so that about 4 programs per SM run, each >= 2 steps; it
+    divides the steps evenly (loop bounds stay plain, with no min)."""
+    target = 4 * _num_sms(device.index if device.type == "cuda" else None)
+    split = 1
+    while (split < 32 and programs * split < target and k_steps % (2 * split) == 0
+           and k_steps >= 4 * split):
+        split *= 2
+    return split
+
+
+def _gemm_config(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the tl.dot kernels by batch bucket."""
+    if m <= 16:
+        return 16, 64, 4
+    if m <= 64:
+        return 32, 64, 4
+    return 64, 64, 4
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _finish(ws: torch.Tensor, out: torch.Tensor, split: int) -> torch.Tensor:
+    return ws.sum(0).to(out.dtype) if split > 1 else out
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[1]
+    n_tiles = qweight.shape[0] // _SEG
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if m == 1:
+        block_n = 128
+        programs = triton.cdiv(n, block_n)
+        split = _split_k(programs, n_tiles, x.device)
+        tps = n_tiles // split
+        ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
+        _w4_gemv_kernel[(programs, split)](
+            x, qweight, scales, zeros, ws, n, k, tps,
+            GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split, num_warps=4,
+        )
+        return _finish(ws, out, split)
+    block_m, block_n, warps = _gemm_config(m)
+    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    split = _split_k(grid_mn[0] * grid_mn[1], n_tiles, x.device)
+    tps = n_tiles // split
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _w4_gemm_kernel[(*grid_mn, split)](
+        x, qweight, scales, zeros, ws, m, n, k, x.stride(0), out.stride(0), tps,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+        DOT_PRECISION=_precision(x), num_warps=warps,
+    )
+    return _finish(ws, out, split)
+
+
+def _w8a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[1]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if m == 1:
+        block_n, block_k = 128, _W8_BLOCK_K
+        programs = triton.cdiv(n, block_n)
+        steps = triton.cdiv(k, block_k)
+        split = _split_k(programs, steps, x.device)
+        kps = steps // split * block_k
+        ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
+        _w8_gemv_kernel[(programs, split)](
+            x, qweight, scales, ws, n, k, kps,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4,
+        )
+        return _finish(ws, out, split)
+    block_m, block_n, warps = _gemm_config(m)
+    block_k = 64
+    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    steps = triton.cdiv(k, block_k)
+    split = _split_k(grid_mn[0] * grid_mn[1], steps, x.device)
+    kps = steps // split * block_k
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _w8_gemm_kernel[(*grid_mn, split)](
+        x, qweight, scales, ws, m, n, k, x.stride(0), out.stride(0), kps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+        DOT_PRECISION=_precision(x), num_warps=warps,
+    )
+    return _finish(ws, out, split)
+
+
+# Custom ops: opaque to torch.compile (dynamo does not trace the launch code), graph-capturable.
+@torch.library.custom_op("soarllm::w4a16_gemm", mutates_args=())
+def _w4a16_gemm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _w4a16_gemm_impl(x, qweight, scales, zeros, group_size)
+
+
+@_w4a16_gemm_op.register_fake
+def _(x, qweight, scales, zeros, group_size):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+@torch.library.custom_op("soarllm::w8a16_gemm", mutates_args=())
+def _w8a16_gemm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _w8a16_gemm_impl(x, qweight, scales)
+
+
+@_w8a16_gemm_op.register_fake
+def _(x, qweight, scales):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T for a ``pack_w4`` layout; output [..., N] in x's dtype."""
+    rows = _as_rows(x)
+    if rows.shape[1] > qweight.shape[0] * 8:
+        raise ValueError(f"w4a16_gemm: x has {rows.shape[1]} inputs, the weight {qweight.shape[0] * 8}")
+    out = torch.ops.soarllm.w4a16_gemm(rows, qweight, scales, zeros, group_size)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], qweight.shape[1])
+
+
+def w8a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T for a ``pack_w8`` layout (int8 [K, N], float32 scales [N])."""
+    rows = _as_rows(x)
+    if rows.shape[1] != qweight.shape[0]:
+        raise ValueError(f"w8a16_gemm: x has {rows.shape[1]} inputs, the weight {qweight.shape[0]}")
+    out = torch.ops.soarllm.w8a16_gemm(rows, qweight, scales)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], qweight.shape[1])
