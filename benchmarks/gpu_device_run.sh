@@ -17,7 +17,7 @@ export SOARLLM_HOME=/tmp/soarllm-home
 } 2>&1 | tee "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-} \
-    tests/kernels tests/model/test_cuda_graph.py tests/engine/test_gpu_engine.py 2>&1 \
+    tests/kernels tests/kernels/test_cuda_graph_replay.py tests/engine/test_gpu_engine.py 2>&1 \
     | tee "$OUT/pytest.log" | tail -40
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

@@ -88,7 +88,8 @@ class DecodeGraphs:
         for size in tqdm(sorted(self.sizes, reverse=True), desc="capturing CUDA graphs",
                          unit="graph", leave=False, disable=None):
             self.graphs[size], self.outputs[size] = self._capture_one(size, pool)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (decode batch sizes up to %d) in %.1fs",
                     len(self.graphs), self.max_size, time.perf_counter() - t0)
 

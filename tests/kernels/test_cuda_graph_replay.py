@@ -1,19 +1,14 @@
 """CUDA-graph decode steps without a GPU: the static buffers, padding rows and replay bookkeeping of
 model/cuda_graph.py, with each "graph" replayed as an eager call on the static buffers. The Triton
-backend runs under the interpreter (tests/kernels/conftest.py's switch, set here too).
+backend runs under the interpreter (tests/kernels/conftest.py's switch and patches).
 
 Padding rows (slot -1, context 0) must neither write KV nor disturb the real rows, and a step's
 tokens must equal those of the reference backend run without graphs."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton", reason="Triton is a test dependency (interpreter on CPU)")
 
