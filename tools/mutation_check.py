@@ -151,17 +151,29 @@ MUTANTS: list[Mutant] = [
     # --- structured output: grammar masks in the sampler (issue #14) ---
     Mutant(  # the grammar mask is never applied
         "grammar-mask-ignored", SAMPLER,
-        "logits = apply_grammar_bitmask(logits, md)",
-        "logits = logits",
+        "logits, few = apply_grammar_bitmask(logits, md)",
+        "few = {}",
         _s("test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched",
            "test_sampling_follows_the_renormalised_allowed_distribution"),
     ),
-    Mutant(  # bits read from the wrong end of each 32-bit word
+    Mutant(  # bits read from the wrong end of each 32-bit word (tensor unpacking)
         "grammar-mask-bit-order", SAMPLER,
         "bits = (bitmask.unsqueeze(-1) >> shifts) & 1",
         "bits = (bitmask.unsqueeze(-1) >> (31 - shifts)) & 1",
+        _s("test_unpack_inverts_the_packing"),
+    ),
+    Mutant(  # bits read from the wrong end of each byte (numpy unpacking, CPU)
+        "grammar-mask-bit-order-numpy", SAMPLER,
+        'count=vocab_size, bitorder="little")',
+        'count=vocab_size, bitorder="big")',
         _s("test_unpack_inverts_the_packing",
            "test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched"),
+    ),
+    Mutant(  # a sparse grammar row draws over the wrong tokens (off by one in the allowed list)
+        "grammar-sparse-wrong-tokens", SAMPLER,
+        "few[r] = torch.nonzero(allowed[k]).squeeze(1)",
+        "few[r] = torch.nonzero(allowed[k]).squeeze(1) + 1",
+        _s("test_sampling_follows_the_renormalised_allowed_distribution"),
     ),
     Mutant(  # a request's mask lands on the row after its own
         "grammar-mask-wrong-row", METADATA,
@@ -172,8 +184,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(  # logprobs reported from the masked distribution instead of the raw one
         "grammar-logprobs-masked", SAMPLER,
-        "        logits = apply_penalties(logits, md)\n        logits = apply_grammar_bitmask(logits, md)\n",
-        "        logits = apply_penalties(logits, md)\n        logits = apply_grammar_bitmask(logits, md)\n"
+        "        logits = apply_penalties(logits, md)\n        logits, few = apply_grammar_bitmask(logits, md)\n",
+        "        logits = apply_penalties(logits, md)\n        logits, few = apply_grammar_bitmask(logits, md)\n"
         "        if lp_rows:\n            raw_lp = torch.log_softmax(logits[lp_rows], dim=-1)\n",
         _s("test_logprobs_are_the_raw_model_distribution"),
     ),

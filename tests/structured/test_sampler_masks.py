@@ -1,7 +1,8 @@
 """Grammar masks in the batched sampler, against numpy oracles: a disallowed token is never
 drawn, greedy takes the best allowed token, sampling follows the model's distribution renormalised
-over the allowed tokens (chi-square, with tests/sample's oracle), logprobs stay those of the raw
-model distribution, and rows without a mask are untouched."""
+over the allowed tokens (chi-square, with tests/sample's oracle) both on the vocabulary-wide path
+and on the sparse path of rows that allow few tokens, logprobs stay those of the raw model
+distribution, and rows without a mask are untouched."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from soarllm.model.input_batch import sampling_metadata_for
+from soarllm.sample import sampler as sampler_module
 from soarllm.sample.metadata import add_grammar_bitmask
-from soarllm.sample.sampler import Sampler, unpack_bitmask
+from soarllm.sample.sampler import Sampler, unpack_bitmask, unpack_bitmask_torch
 from soarllm.sampling_params import SamplingParams
 from soarllm.scheduler_output import NewRequestData
 from tests.sample.test_sampler import BASE, assert_follows, oracle
@@ -44,8 +46,9 @@ def test_unpack_inverts_the_packing():
     rng = np.random.default_rng(0)
     for v in (1, 31, 32, 33, 77, 1000):
         allowed = rng.random((3, v)) < 0.3
-        got = unpack_bitmask(torch.from_numpy(pack(allowed)), v).numpy()
-        assert (got == allowed).all()
+        for unpack in (unpack_bitmask, unpack_bitmask_torch):  # CPU (numpy), accelerators
+            got = unpack(torch.from_numpy(pack(allowed)), v).numpy()
+            assert (got == allowed).all(), unpack.__name__
 
 
 def test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched():
@@ -65,11 +68,16 @@ def test_greedy_takes_the_best_allowed_token_and_free_rows_are_untouched():
         assert out.token_ids[r] == [want]
 
 
+SPARSE = {"sparse": sampler_module.SPARSE_GRAMMAR_MAX, "vocabulary-wide": 0}
+
+
+@pytest.mark.parametrize("path", list(SPARSE))
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.8),
                                     SamplingParams(temperature=1.3, top_k=3),
                                     SamplingParams(temperature=1.0, min_p=0.2)],
                          ids=["temperature", "top-k", "min-p"])
-def test_sampling_follows_the_renormalised_allowed_distribution(params):
+def test_sampling_follows_the_renormalised_allowed_distribution(params, path, monkeypatch):
+    monkeypatch.setattr(sampler_module, "SPARSE_GRAMMAR_MAX", SPARSE[path])
     allowed = np.zeros(BASE.size, dtype=bool)
     allowed[[0, 3, 5, 8, 11, 14]] = True
     n = 6000
@@ -81,6 +89,39 @@ def test_sampling_follows_the_renormalised_allowed_distribution(params):
     q = oracle(np.where(allowed, BASE, -np.inf), params)
     assert (q[~allowed] == 0).all()
     assert_follows(draws, q, min_expected=5.0)
+
+
+@pytest.mark.parametrize("path", list(SPARSE))
+def test_one_allowed_token_is_taken_at_any_temperature(path, monkeypatch):
+    monkeypatch.setattr(sampler_module, "SPARSE_GRAMMAR_MAX", SPARSE[path])
+    rng = np.random.default_rng(3)
+    v, b = 77, 6
+    logits = torch.from_numpy(rng.normal(size=(b, v)).astype(np.float32))
+    masks = {}
+    for r in range(b):
+        masks[r] = np.zeros(v, dtype=bool)
+        masks[r][int(logits[r].argmin())] = True  # the least likely token, forced
+    params = [SamplingParams(temperature=t, seed=s) for t, s in
+              ((0.7, None), (1.5, 4), (0, None), (1.0, None), (2.0, 9), (0.3, None))]
+    out = run(logits, params, masks)
+    assert [t[0] for t in out.token_ids] == [int(logits[r].argmin()) for r in range(b)]
+
+
+def test_a_seeded_sparse_row_draws_the_same_token_in_any_batch():
+    rng = np.random.default_rng(4)
+    v = 300
+    logits = torch.from_numpy(rng.normal(size=(1, v)).astype(np.float32))
+    allowed = rng.random(v) < 0.2
+    for seed in range(20):
+        seeded = SamplingParams(temperature=1.0, seed=seed)
+        alone = run(logits, [seeded], {0: allowed}).token_ids[0]
+        others = torch.from_numpy(rng.normal(size=(4, v)).astype(np.float32))
+        batch = torch.cat([others[:2], logits, others[2:]])
+        params = [SamplingParams(temperature=0.9), SamplingParams(temperature=1.1, seed=7),
+                  seeded, SamplingParams(temperature=1.2), SamplingParams(temperature=0.8)]
+        mixed = run(batch, params, {2: allowed, 3: allowed})
+        assert mixed.token_ids[2] == alone
+        assert allowed[alone[0]]
 
 
 def test_logprobs_are_the_raw_model_distribution():

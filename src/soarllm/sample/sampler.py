@@ -1,11 +1,16 @@
 """Logits -> next tokens for a batch of rows, with the parameters of a SamplingMetadata.
 
 Order: penalties and min_tokens bans act on the raw logits; then the grammar masks of structured
-output set every token a row's grammar does not allow to -inf (one masked_fill over the rows that
+output set every token a row's grammar does not allow to -inf (one ``where`` over the rows that
 have a mask); logprobs are reported from the raw model distribution (before penalties, grammar
 masks and temperature), and only for rows that ask; then greedy rows take the argmax (an all-greedy batch stops there), and sampled rows divide by their temperature, keep
 only tokens allowed by every one of top-k, top-p and min-p (each computed on the temperature-scaled
 distribution) and draw.
+
+A sampled row whose grammar allows few tokens (at most ``SPARSE_GRAMMAR_MAX``; on CPU) draws over
+those tokens alone: the same distribution (the filters see the masked distribution, where every
+other token has probability 0) for a fraction of the work of a vocabulary-wide draw; a row whose
+grammar allows one token takes it without drawing.
 
 Drawing uses the exponential race (argmax of p / E, E ~ Exp(1)), which samples exactly from p.
 Unseeded rows draw E from the global generator in one call; a seeded row draws from its own
@@ -20,10 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from soarllm.outputs import Logprob, TokenLogprobs
 from soarllm.sample.metadata import SamplingMetadata
+
+# A sampled grammar row that allows at most this many tokens draws over those alone (CPU logits).
+SPARSE_GRAMMAR_MAX = 4096
 
 
 @dataclass
@@ -52,11 +61,21 @@ class Sampler:
         lp_rows = [i for i, k in enumerate(md.num_logprobs) if k >= 0]
         raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
         logits = apply_penalties(logits, md)
-        logits = apply_grammar_bitmask(logits, md)
+        logits, few = apply_grammar_bitmask(logits, md)
         token_ids = logits.argmax(dim=-1)
         if not md.all_greedy:
-            rows = torch.nonzero(~md.greedy).squeeze(1)
-            token_ids[rows] = self._sample(logits[rows], md, rows)
+            dense = ~md.greedy
+            sparse = {r: idx for r, idx in few.items() if dense[r]}
+            if sparse:
+                dense[list(sparse)] = False
+            rows = torch.nonzero(dense).squeeze(1)
+            if len(rows):
+                token_ids[rows] = self._sample(logits[rows], md, rows)
+            for r, idx in sparse.items():
+                if len(idx) > 1:  # one allowed token: nothing to draw
+                    one = torch.tensor([r], device=logits.device)
+                    idx = idx[self._sample(logits[r, idx][None], md, one)]
+                token_ids[r] = idx[0]
         ids = token_ids.tolist()
         lps: list[list[TokenLogprobs] | None] = [None] * len(ids)
         for j, i in enumerate(lp_rows):
@@ -73,6 +92,8 @@ class Sampler:
         if md.seeds:
             pos = {int(r): j for j, r in enumerate(rows.tolist())}
             for row, seed in md.seeds.items():
+                if row not in pos:  # sampled in another call (a sparse grammar row)
+                    continue
                 g = torch.Generator(device=probs.device).manual_seed(seed)
                 noise[pos[row]].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
@@ -98,19 +119,41 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Packed int32 [G, W] masks -> bool [G, vocab_size]: bit j of word w is token 32 * w + j."""
+    if bitmask.device.type != "cpu":
+        return unpack_bitmask_torch(bitmask, vocab_size)
+    # numpy's unpackbits: a few microseconds per row (the shifts below: a few hundred)
+    words = np.ascontiguousarray(bitmask.numpy(), dtype="<i4")  # little-endian words
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, count=vocab_size, bitorder="little")
+    return torch.from_numpy(bits.view(bool))
+
+
+def unpack_bitmask_torch(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``unpack_bitmask`` in tensor ops, on the bitmask's device (accelerators)."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Tokens the grammar of a row does not allow get -inf, in place on the rows that have one."""
+def apply_grammar_bitmask(logits: torch.Tensor, md: SamplingMetadata
+                          ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Tokens the grammar of a row does not allow get -inf, in place on the rows that have one.
+
+    Also returns, for the grammar rows that allow at most ``SPARSE_GRAMMAR_MAX`` tokens (CPU
+    logits only; an empty dict elsewhere), row -> the allowed token ids (int64, ascending).
+    """
     if md.grammar_rows is None:
-        return logits
+        return logits, {}
     rows = md.grammar_rows
     allowed = unpack_bitmask(md.grammar_bitmask, logits.shape[-1])
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-    return logits
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    logits[rows] = torch.where(allowed, logits[rows], neg_inf)
+    few: dict[int, torch.Tensor] = {}
+    if logits.device.type == "cpu":
+        counts = allowed.sum(dim=-1).tolist()
+        for k, r in enumerate(rows.tolist()):
+            if 0 < counts[k] <= SPARSE_GRAMMAR_MAX:
+                few[r] = torch.nonzero(allowed[k]).squeeze(1)
+    return logits, few
 
 
 def allowed_tokens(probs: torch.Tensor, md: SamplingMetadata,
