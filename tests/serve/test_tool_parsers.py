@@ -7,6 +7,7 @@ whose arguments validate (jsonschema) against the function's parameters."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import random
@@ -44,6 +45,8 @@ CASES = [
     ("hermes", 'No tools needed: {"name": "x"}', 'No tools needed: {"name": "x"}', []),
     ("hermes", 'Calling.\n<tool_call>\n{"name": "get_wea', "Calling.", []),  # cut: dropped
     ("hermes", '<tool_call>', None, []),
+    ("hermes", '<tool_call>\n{"name": "now"}\n</tool_call>\n<tool', None,
+     [("now", {})]),  # cut while writing the next call's marker: dropped
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": '
      '"celsius"}}', None, [("get_weather", WEATHER)]),
     ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
@@ -60,13 +63,32 @@ CASES = [
      '"unit": "celsius"}}, {"name": "run", "arguments": ' + json.dumps(TRICKY) + "}]",
      "Checking.", [("get_weather", WEATHER), ("run", TRICKY)]),
     ("mistral", "Plain answer, nothing to call.</s>", "Plain answer, nothing to call.", []),
+    # Mistral's name-first form (tokenizers v11+), as mistral-common writes an assistant message
+    # with tool calls (tokens/tokenizers/instruct.py, InstructTokenizerV13 / V11
+    # ``_encode_tool_calls_in_assistant_message``: [TOOL_CALLS] name ([CALL_ID] id) [ARGS]
+    # json.dumps(arguments)), then the end of sequence
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]' + json.dumps(WEATHER) + "</s>", None,
+     [("get_weather", WEATHER)]),
+    ("mistral", "Checking both.[TOOL_CALLS]get_weather[ARGS]" + json.dumps(WEATHER)
+     + "[TOOL_CALLS]run[ARGS]" + json.dumps(TRICKY, ensure_ascii=False) + "[TOOL_CALLS]now[ARGS]{}"
+     "</s>", "Checking both.", [("get_weather", WEATHER), ("run", TRICKY), ("now", {})]),
+    ("mistral", "[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]" + json.dumps(WEATHER)
+     + "[TOOL_CALLS]add_2[CALL_ID]Zz9Zz9Zz9[ARGS]" + '{"a": 1, "b": [true, {"c": "}]"}]}</s>',
+     None, [("get_weather", WEATHER), ("add_2", {"a": 1, "b": [True, {"c": "}]"}]})]),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}\nIt is mild there.</s>',
+     "It is mild there.", [("get_weather", {"city": "Paris"})]),
+    ("mistral", "The [TOOL_CALLS] marker opens a call.</s>",
+     "The [TOOL_CALLS] marker opens a call.", []),  # not a call: content (markers as written)
+    ("mistral", "[TOOL_CALLS]get_weather[ARGS]not json</s>", "[TOOL_CALLS]get_weathernot json",
+     []),  # the end-of-sequence and [ARGS] special tokens are never content
+    ("mistral", "Calling.[TOOL_CALLS]get_wea", "Calling.", []),  # cut before its name: dropped
 ]
 
 
 class _SpecialTokens:
     """What the mistral parser reads of a tokenizer: its special tokens' texts."""
 
-    all_special_tokens = ["<s>", "</s>", "[TOOL_CALLS]"]
+    all_special_tokens = ["<s>", "</s>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"]
 
     def convert_tokens_to_ids(self, tokens):
         return [self.all_special_tokens.index(t) for t in tokens]
@@ -101,6 +123,8 @@ def _pieces(text: str, how: str, tokenizer) -> list[str]:
         out, prev = [], ""
         for i in range(len(ids)):  # as a detokenizer hands them out
             now = tokenizer.decode(ids[:i + 1])
+            if now.endswith("\ufffd") and i + 1 < len(ids):
+                continue  # half a character: held back, as the detokenizer does
             out.append(now[len(prev):])
             prev = now
         assert "".join(out) == text
@@ -138,7 +162,8 @@ def test_streamed_reply(name, text, content, expected, how, bpe_tokenizer):
     _check(name, streamed_content, whole.tool_calls, content, expected)
     for e in events:
         if isinstance(e, str) and expected:
-            for marker in ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>"):
+            for marker in ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>",
+                           "[ARGS]", "[CALL_ID]"):
                 assert marker not in e
 
 
@@ -149,10 +174,30 @@ def test_truncated_call_keeps_its_arguments_so_far():
     assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", '{"a": 1, "b": "tw')]
 
 
+def test_mistral_keeps_the_call_ids_the_model_wrote():
+    text = ("[TOOL_CALLS]a[CALL_ID]a1B2c3D4e[ARGS]{}[TOOL_CALLS]b[ARGS]{}"
+            "[TOOL_CALLS]c[CALL_ID]Zz9Zz9Zz9[ARGS]{}</s>")
+    whole = _parser("mistral").parse(text).tool_calls
+    stream = _parser("mistral").stream()
+    events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
+    for calls in (whole, stream.collect(events).tool_calls):
+        assert [c.id for c in calls][::2] == ["a1B2c3D4e", "Zz9Zz9Zz9"]
+        assert len(calls[1].id) == 9 and calls[1].id.isalnum()
+
+
+def test_mistral_truncated_name_first_call_keeps_its_arguments_so_far():
+    parsed = _parser("mistral").parse('[TOOL_CALLS]f[ARGS]{"a": 1, "b": "tw')
+    assert parsed.content is None
+    assert [(c.name, c.arguments) for c in parsed.tool_calls] == [("f", '{"a": 1, "b": "tw')]
+
+
 def test_max_calls_drops_the_calls_past_it():
     text = ('<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n'
             '{"name": "b", "arguments": {"x": 1}}\n</tool_call>')
     parsed = _parser("hermes").parse(text, max_calls=1)
+    assert [c.name for c in parsed.tool_calls] == ["a"] and parsed.content is None
+    text = '[TOOL_CALLS]a[ARGS]{}[TOOL_CALLS]b[ARGS]{"x": 1}</s>'
+    parsed = _parser("mistral").parse(text, max_calls=1)
     assert [c.name for c in parsed.tool_calls] == ["a"] and parsed.content is None
 
 
@@ -195,7 +240,8 @@ FUNCTIONS = [
 @pytest.fixture(scope="module")
 def bpe_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer trained on the json module's source, with Mistral's
-    [TOOL_CALLS] among its special tokens and Qwen's <tool_call> tags as added tokens."""
+    [TOOL_CALLS], [ARGS] and [CALL_ID] among its special tokens and Qwen's <tool_call> tags as
+    added tokens."""
     import json as json_module
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -206,10 +252,12 @@ def bpe_tokenizer(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         [inspect.getsource(json_module)],
-        trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", "[TOOL_CALLS]"],
+        trainers.BpeTrainer(vocab_size=400,
+                            special_tokens=["</s>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"],
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
-                                   additional_special_tokens=["[TOOL_CALLS]"])
+                                   additional_special_tokens=["[TOOL_CALLS]", "[ARGS]",
+                                                              "[CALL_ID]"])
     fast.add_tokens(["<tool_call>", "</tool_call>"])  # added, not special: as in Qwen 2.5
     return fast
 
@@ -236,12 +284,21 @@ def _walk(matcher: llguidance.LLMatcher, n_vocab: int, eos: int, rng: random.Ran
     raise AssertionError("the grammar never completed")
 
 
+# a chat template that writes Mistral's name-first calls (as Mistral Small 3.2's does)
+NAME_FIRST_TEMPLATE = ("{% for t in message.tool_calls %}{{ '[TOOL_CALLS]' + t.function.name + "
+                       "'[ARGS]' + t.function.arguments|tojson }}{% endfor %}")
+
+
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("name", sorted(TOOL_PARSERS))
+@pytest.mark.parametrize("name", sorted(TOOL_PARSERS) + ["mistral-name-first"])
 @pytest.mark.parametrize("which", ["required", "named"])
 def test_forcing_grammar_only_lets_valid_calls_through(name, which, parallel, bpe_tokenizer):
-    tok = bpe_tokenizer
+    tok = copy.copy(bpe_tokenizer)
+    if name == "mistral-name-first":
+        name, tok.chat_template = "mistral", NAME_FIRST_TEMPLATE
     parser = get_tool_parser(name, tok)
+    if tok.chat_template == NAME_FIRST_TEMPLATE:
+        assert parser.name_first
     functions = FUNCTIONS if which == "required" else FUNCTIONS[:1]
     grammar = llguidance.grammar_from("lark", parser.call_grammar(functions, parallel))
     eos = tok.eos_token_id

@@ -30,6 +30,11 @@ class ToolCallFormat:
     open: str = ""  # text right after ``start`` (mistral: "[")
     separator: str | None = None  # between two calls of one block; None: one call per block
     bare_json_at_start: bool = False  # a reply that starts with "{" is a block (Llama 3)
+    # The name-first form (Mistral's tokenizers v11 and later): ``start`` + name (+ ``id_marker``
+    # + call id) + ``args_marker`` + the arguments object, one call per ``start``. A block that
+    # does not begin with ``open`` is read this way when ``args_marker`` is set.
+    args_marker: str | None = None
+    id_marker: str | None = None
 
 
 @dataclass

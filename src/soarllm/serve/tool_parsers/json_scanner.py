@@ -157,3 +157,43 @@ class CallObjectScanner:
             except ValueError:
                 return raw
         return raw
+
+
+class JsonObjectScanner:
+    """The extent of one JSON object fed one character at a time (leading whitespace skipped):
+    ``done`` once its closing brace arrives, ``error`` when the text does not start with "{".
+    Strings, escapes and nesting are followed; the text is kept as written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.done = False
+        self.error = False
+        self._nest = 0
+        self._in_string = False
+        self._escape = False
+
+    def feed(self, ch: str) -> None:
+        if self.done or self.error:
+            return
+        if not self.text:
+            if ch in _WS:
+                return
+            if ch != "{":
+                self.error = True
+                return
+        self.text += ch
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+        elif ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self._nest += 1
+        elif ch in "}]":
+            self._nest -= 1
+            if self._nest == 0:
+                self.done = True

@@ -4,7 +4,9 @@ tool-call deltas, for any ``ToolCallFormat``.
 States: ``text`` (content; a suffix that could begin the start marker is held back, so markup
 never leaks into the content), ``open`` (the block's opening text, mistral's "["), ``object``
 (one call object, scanned by json_scanner.py), ``after`` (a separator, the block's end marker,
-or for formats without one any other text).
+or for formats without one any other text); for the name-first form (``args_marker``: Mistral's
+``[TOOL_CALLS]name[ARGS]{...}``) ``name`` (the function's name, an optional call id, up to the
+arguments marker) and ``args`` (the arguments object; the block ends with it).
 
 The content is the text outside the calls, without the whitespace that touches a block (held back
 until non-space text follows). A call is announced (index, id, name) as soon as its name is
@@ -16,6 +18,7 @@ calls past that many are dropped (``parallel_tool_calls=false``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from soarllm.serve.tool_parsers.base import (
@@ -24,9 +27,15 @@ from soarllm.serve.tool_parsers.base import (
     ToolCallDelta,
     ToolCallFormat,
 )
-from soarllm.serve.tool_parsers.json_scanner import CallObjectScanner
+from soarllm.serve.tool_parsers.json_scanner import CallObjectScanner, JsonObjectScanner
 
 _WS = " \t\r\n"
+# name-first form: a function name (OpenAI: letters, digits, "_" and "-", at most 64; "." too),
+# a call id of letters and digits; the text between the start and arguments markers is bounded
+_NAME = r"[A-Za-z0-9_.\-]{1,64}"
+_CALL_ID = r"[A-Za-z0-9]{1,64}"
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-\[\]]")
+_MAX_NAME_TEXT = 160
 Event = str | ToolCallDelta  # content text, or a piece of a call
 
 
@@ -49,7 +58,13 @@ class ToolCallStream:
         self.suppressed = False  # the current object is a call past max_calls
         self.marked = False  # the current block began with the start marker
         self.args_sent = 0
+        self.head = ""  # name-first form: the text after the start marker, up to the arguments
+        self.call_id: str | None = None  # name-first form: the id the model wrote, if any
+        self.args: JsonObjectScanner | None = None  # name-first form: the arguments object
         self._out: list[Event] = []
+        if fmt.args_marker:
+            ids = rf"(?:{re.escape(fmt.id_marker)}({_CALL_ID}))?" if fmt.id_marker else ""
+            self._head_re = re.compile(rf"({_NAME}){ids}{re.escape(fmt.args_marker)}")
 
     # -- the public side ---------------------------------------------------------------------
 
@@ -121,9 +136,18 @@ class ToolCallStream:
             return
         self.replay += ch
         if state == "open":
+            if self.fmt.args_marker and not self.expect and ch not in _WS \
+                    and not self.fmt.open.startswith(ch):
+                self.state, self.head = "name", ""
+                self._name_char(ch)
+                return
             self._marker_char(ch, {self.fmt.open: "object"})
         elif state == "object":
             self._object_char(ch)
+        elif state == "name":
+            self._name_char(ch)
+        elif state == "args":
+            self._args_char(ch)
         else:
             self._after_char(ch)
 
@@ -144,8 +168,11 @@ class ToolCallStream:
                 return
         self.pending += ch
         if fmt.start and self.pending.endswith(fmt.start):
-            self._content(self.pending[:-len(fmt.start)].rstrip(_WS))
-            self.pending, self.replay, self.marked = "", fmt.start, True
+            before = self.pending[:-len(fmt.start)]
+            kept = before.rstrip(_WS)
+            self._content(kept)
+            # the whitespace before the marker is content again if the block breaks
+            self.pending, self.replay, self.marked = "", before[len(kept):] + fmt.start, True
             if fmt.open:
                 self.state, self.expect = "open", ""
             else:
@@ -185,6 +212,52 @@ class ToolCallStream:
                 self._out.append(ToolCallDelta(self.current, arguments="{}"))
             self.state, self.expect, self.replay = "after", "", ""
 
+    def _name_char(self, ch: str) -> None:
+        """Name-first form: the text between the start marker and the arguments marker."""
+        fmt = self.fmt
+        assert fmt.args_marker is not None
+        self.head += ch
+        if not _NAME_CHARS.fullmatch(ch) or len(self.head) > _MAX_NAME_TEXT:
+            self._broken()
+            return
+        if not self.head.endswith(fmt.args_marker):
+            return
+        m = self._head_re.fullmatch(self.head)
+        if m is None:
+            self._broken()
+            return
+        self.state, self.args = "args", JsonObjectScanner()
+        self.call_id = m.group(2) if fmt.id_marker else None
+        self.current, self.suppressed, self.args_sent = None, False, 0
+
+    def _args_char(self, ch: str) -> None:
+        """Name-first form: the arguments object. The call is announced with its first brace
+        (so that a marker followed by anything else is content, not a call)."""
+        sc = self.args
+        assert sc is not None
+        sc.feed(ch)
+        if sc.error:
+            self._broken()
+            return
+        if not sc.text:
+            return  # whitespace before the object
+        if self.current is None and not self.suppressed:
+            if self.max_calls is not None and self.num_calls >= self.max_calls:
+                self.suppressed = True
+            else:
+                self.current = self.num_calls
+                self.num_calls += 1
+                m = self._head_re.fullmatch(self.head)
+                assert m is not None
+                self._out.append(ToolCallDelta(self.current, self.call_id or self.new_id(),
+                                               m.group(1), ""))
+        if self.current is not None and len(sc.text) > self.args_sent:
+            self._out.append(ToolCallDelta(self.current, arguments=sc.text[self.args_sent:]))
+            self.args_sent = len(sc.text)
+        self.replay = ""
+        if sc.done:  # one call per start marker: the block ends here
+            self.state, self.skip_ws, self.args = "text", True, None
+
     def _after_char(self, ch: str) -> None:
         fmt = self.fmt
         targets = {}
@@ -223,12 +296,20 @@ class ToolCallStream:
         self._content(self.replay)
         self.state, self.replay, self.expect = "text", "", ""
         self.scanner, self.current, self.suppressed = None, None, False
+        self.head, self.args = "", None
 
     def _flush_text(self, final: bool) -> None:
         text = self.pending
         if final:
             self.pending = ""
-            self._content(text.rstrip(_WS) if self.num_calls else text)
+            if self.num_calls:  # after calls, a start marker cut short is markup: dropped
+                start = self.fmt.start
+                for k in range(min(len(start) - 1, len(text)), 0, -1):
+                    if text.endswith(start[:k]):
+                        text = text[:-k]
+                        break
+                text = text.rstrip(_WS)
+            self._content(text)
             return
         hold = 0  # a suffix that may begin the start marker or a text to strip
         for marker in (self.fmt.start, *self.strip_texts):
