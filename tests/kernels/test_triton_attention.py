@@ -11,6 +11,7 @@ prompts, CUDA-graph padding rows (slot -1, length 0), block tables wider than ne
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -390,3 +391,78 @@ def test_engine_args_and_flag(monkeypatch):
     assert engine_args_from(ns).attention_backend == "triton"
     ns = build_parser().parse_args(["generate", "m"])
     assert engine_args_from(ns).attention_backend == "reference"  # the environment's
+
+
+def _compile_for_hopper() -> list[tuple[str, int]]:
+    """Compile one configuration of every kernel for sm_90 with Triton's real compiler (frontend,
+    LLVM, ptxas), without a GPU: (kernel, shared memory bytes). Run in a process without
+    TRITON_INTERPRET (the interpreter accepts programs the compiler refuses)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from soarllm.kernels.triton import paged_attention as pa
+
+    def build(fn, types, consts, stages=3):
+        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_stages": stages, "num_warps": 4})
+        return fn.__name__, k.metadata.shared
+
+    d, dt = 128, "bf16"
+    _, block_n, stages = pa._tiles(d, torch.bfloat16)
+    out = []
+    for quant in (False, True):
+        cache, scales = ("*i8", "*fp32") if quant else (f"*{dt}", f"*{dt}")
+        common = dict(q_ptr=f"*{dt}", kc_ptr=cache, vc_ptr=cache, ks_ptr=scales, vs_ptr=scales,
+                      out_ptr=f"*{dt}", bt_ptr="*i64", scale="fp32", softcap="fp32")
+        out.append(build(pa._decode_kernel, dict(common, seq_lens_ptr="*i64", part_ptr="*fp32",
+                                                 lse_ptr="*fp32"),
+                         dict(GROUP=4, HEAD_DIM=d, BLOCK_G=16, BLOCK_D=d, BLOCK_N=block_n,
+                              NUM_SPLITS=8, QUANT=quant, SOFTCAP=True, WINDOW=True, IEEE=False),
+                         stages))
+        if quant:
+            out.append(build(pa._write_kv_kernel, dict(k_ptr=f"*{dt}", v_ptr=f"*{dt}",
+                                                       kc_ptr=cache, vc_ptr=cache, ks_ptr=scales,
+                                                       vs_ptr=scales, slot_ptr="*i64"),
+                             dict(HEAD_DIM=d, BLOCK_D=d, QUANT=True)))
+    ptrs = {n: "*i64" for n in ("bt_rows_ptr", "q_starts_ptr", "q_lens_ptr", "ctx_lens_ptr",
+                                "mask_offs_ptr")}
+    out.append(build(pa._prefill_kernel,
+                     dict(common, **ptrs, kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", ks_ptr=f"*{dt}",
+                          vs_ptr=f"*{dt}", masks_ptr="*u8"),
+                     dict(GROUP=4, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=d, BLOCK_N=block_n,
+                          QUANT=False, SOFTCAP=True, WINDOW=True, HAS_MASKS=True, IEEE=False),
+                     stages))
+    out.append(build(pa._combine_splits_kernel,
+                     dict(out_ptr=f"*{dt}", part_ptr="*fp32", lse_ptr="*fp32"),
+                     dict(HEAD_DIM=d, BLOCK_D=d, NUM_SPLITS=8)))
+    return out
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter runs programs the GPU compiler may refuse: compile each kernel for an H100
+    (sm_90) with the real compiler, on this machine, and check its shared memory fits."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas to compile for a CUDA GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile, do not reuse a cached binary
+    code = ("import json; from tests.kernels.test_triton_attention import _compile_for_hopper; "
+            "print(json.dumps(_compile_for_hopper()))")
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    built = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(built) == 5
+    for name, shared in built:
+        assert shared <= 227 * 1024, (name, shared)  # an H100's shared memory per block
