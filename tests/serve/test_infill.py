@@ -13,7 +13,12 @@ import httpx
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from soarllm.sampling_params import MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_K
+from soarllm.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+)
 from soarllm.serve.config import ServerConfig
 from soarllm.serve.infill import (
     StopRules,
@@ -183,10 +188,11 @@ def test_seeded_sampling_is_reproducible(fake_srv):
 
 @pytest.mark.parametrize("body, param", [
     ({"input_prefix": "x", "samplers": ["top_k", "mirostat"]}, "samplers"),  # not a sampler
-    ({"input_prefix": "x", "n_probs": 3}, "n_probs"),  # llama.cpp options not served
+    ({"input_prefix": "x", "n_probs": 21}, "n_probs"),  # more than MAX_LOGPROBS
+    ({"input_prefix": "x", "post_sampling_probs": True}, "post_sampling_probs"),  # not served
     ({"input_prefix": "x", "n_cmpl": 2, "stream": True}, "n_cmpl"),
     ({"input_prefix": "x", "n_cmpl": 0}, "n_cmpl"),
-    ({"input_prefix": "x", "n_predict": 0}, "n_predict"),
+    ({"input_prefix": "x", "n_predict": -2}, "n_predict"),
     ({"input_prefix": "x", "temperature": -1}, "temperature"),
     ({"input_prefix": "x", "seed": -2}, "seed"),
     ({"input_prefix": 3}, "input_prefix"),
@@ -218,6 +224,8 @@ B = {"input_prefix": "x", "n_predict": 2}
     {**B, "id_slot": -2}, {**B, "samplers": []}, {**B, "samplers": ["top-k", "temp", "infill"]},
     {**B, "samplers": ["mirostat"]}, {**B, "samplers": "kt"}, {**B, "response_fields": [""]},
     {**B, "response_fields": ["timings/prompt_n", 3]}, {**B, "n_probs": 0}, {**B, "n_probs": 2},
+    {**B, "n_probs": MAX_LOGPROBS}, {**B, "n_probs": MAX_LOGPROBS + 1}, {**B, "n_probs": -1},
+    {**B, "input_extra": [{"text": "a", "time": [1732000000, 123456]}]},
     {**B, "n_cmpl": 3}, {**B, "n_cmpl": 0}, {**B, "n_cmpl": 17},
 ])
 def test_the_schema_says_what_the_server_enforces(fake_srv, body):

@@ -24,7 +24,11 @@ as text arrives (``indent_cut``, ``time_limit_reached``), both ending with stop_
 ``samplers`` switches off the samplers it leaves out (``sampler_overrides``);
 ``response_fields`` keeps only the fields named, "a/b" paths flattened under their own key
 (``select_fields``); ``id_slot`` and ``t_max_prompt_ms`` (not enforced by llama.cpp either) are
-accepted and ignored.
+accepted and ignored. ``n_probs`` adds llama.cpp's ``completion_probabilities``
+(infill_probs.py), on the whole answer or on each streamed chunk. ``n_predict: 0`` (llama.vim's
+warm-up request, sent whenever its ring of context chunks changes) generates nothing: the prompt
+is computed so that its full blocks stay in the prefix cache for the next request, and the
+answer has empty content, no tokens and stop_type "limit", as llama.cpp's has.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from soarllm.errors import ContextLengthError, InvalidRequestError, SoarError
 from soarllm.model.tokenizer import fim_tokens
 from soarllm.outputs import CompletionOutput
 from soarllm.serve.generation import PromptInput, TrackedRequest, close_all, new_request_id, submit
+from soarllm.serve.infill_probs import TokenPieces, completion_probabilities
 from soarllm.serve.prompts import encode
 from soarllm.serve.protocol_infill import (
     SAMPLER_ALIASES,
@@ -141,7 +146,10 @@ def infill_prompt(tokenizer: Any, req: InfillRequest, budget: int,
 def _budget(state: ServerState, n_predict: int) -> int:
     """Prompt tokens allowed: the context less the answer's reserve."""
     length = state.max_model_len
-    reserve = n_predict if n_predict > 0 else max(1, min(DEFAULT_RESERVE, length // 4))
+    if n_predict == 0:
+        reserve = 1  # a warm-up request computes one token, never sent
+    else:
+        reserve = n_predict if n_predict > 0 else max(1, min(DEFAULT_RESERVE, length // 4))
     return length - reserve
 
 
@@ -262,26 +270,29 @@ async def create_infill(state: ServerState, req: InfillRequest,
         "min_p": req.min_p, "repetition_penalty": req.repeat_penalty,
         "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
     }
+    warm_up = req.n_predict == 0
     params = build({
         **options, **sampler_overrides(req.samplers),
-        "n": req.n_cmpl, "seed": None if req.seed == -1 else req.seed, "stop": list(req.stop),
-        "ignore_eos": req.ignore_eos, "max_tokens": None if req.n_predict == -1 else req.n_predict,
-    }, rename={"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty"})
+        "n": 1 if warm_up else req.n_cmpl, "seed": None if req.seed == -1 else req.seed,
+        "stop": list(req.stop), "ignore_eos": req.ignore_eos,
+        # a warm-up request: the prompt and one token, dropped (the engine always samples one)
+        "max_tokens": None if req.n_predict == -1 else max(1, req.n_predict),
+        "logprobs": req.n_probs if req.n_probs and not warm_up else None,
+    }, rename={"max_tokens": "n_predict", "repetition_penalty": "repeat_penalty",
+               "logprobs": "n_probs"})
     tracked = (await submit(state, new_request_id("infill"),
                             [PromptInput(prompt.token_ids, prompt.text)], params,
                             # the stop rules see every step (the token where one fires)
                             coalesce=not (req.stream or StopRules(req).active)))[0]
-    view = _InfillView(req, model, prompt)
+    view = _InfillView(req, model, prompt,
+                       TokenPieces(state.tokenizer) if req.n_probs and not warm_up else None)
     if req.stream:
         return SSEResponse(view.stream(tracked), on_close=lambda: close_all([tracked]))
     try:
         answers = await until_disconnect(raw, view.run(tracked))
     finally:
         tracked.close()
-    responses = [view.response(a, tracked) for a in answers]
-    if len(responses) == 1 and not req.response_fields:
-        return responses[0]
-    bodies = [view.shape(r.model_dump(mode="json")) for r in responses]
+    bodies = [view.shape(view.body(view.response(a, tracked))) for a in answers]
     return JSONResponse(bodies[0] if len(bodies) == 1 else bodies)
 
 
@@ -302,6 +313,7 @@ class _Answer:
     stop_type: StopType
     stopping_word: str
     num_cached: int
+    logprobs: list[Any] | None = None
 
 
 @dataclass
@@ -310,14 +322,29 @@ class _Delta:
     text: str
     token_ids: list[int]
     num_generated: int
+    logprobs: list[Any] | None = None
 
 
 class _InfillView:
-    def __init__(self, req: InfillRequest, model: str, prompt: InfillPrompt):
+    def __init__(self, req: InfillRequest, model: str, prompt: InfillPrompt,
+                 pieces: TokenPieces | None = None):
         self.req = req
         self.model = model
         self.prompt = prompt
+        self.pieces = pieces  # n_probs > 0
         self.answers: dict[int, _Answer] = {}
+
+    def _probs(self, token_ids: list[int], logprobs: list[Any] | None) -> list[Any] | None:
+        if self.pieces is None:
+            return None
+        return completion_probabilities(self.pieces, token_ids, logprobs, self.req.n_probs)
+
+    @staticmethod
+    def body(r: InfillResponse) -> dict[str, Any]:
+        out = r.model_dump(mode="json")
+        if out.get("completion_probabilities") is None:
+            out.pop("completion_probabilities", None)  # as llama.cpp: only when asked
+        return out
 
     def _tokens(self, ids: list[int]) -> list[int]:
         return list(ids) if self.req.return_tokens else []
@@ -330,6 +357,12 @@ class _InfillView:
         """Each completion's new text and tokens as they come, cut by the stop rules; a
         completion's ``answers`` entry is set when it ends. Once a rule has ended every
         completion, the engine request is aborted."""
+        if self.req.n_predict == 0:  # warm-up: the prompt is computed; nothing is answered
+            async for out in tracked:
+                if all(c.finished for c in out.outputs):
+                    for i in range(self.req.n_cmpl):
+                        self.answers[i] = _Answer(i, "", [], "limit", "", out.num_cached_tokens)
+            return
         rules = [StopRules(self.req) for _ in range(self.req.n_cmpl)]
         sent = [0] * self.req.n_cmpl
         async for out in tracked:
@@ -342,15 +375,16 @@ class _InfillView:
                     cut = rules[i].check(c.text, c.delta_text, tracked.first_token_time)
                 text = c.text if cut is None else c.text[:cut]
                 if text[sent[i]:] or c.delta_token_ids:
-                    yield _Delta(i, text[sent[i]:], list(c.delta_token_ids), len(c.token_ids))
+                    yield _Delta(i, text[sent[i]:], list(c.delta_token_ids), len(c.token_ids),
+                                 c.delta_logprobs)
                 sent[i] = len(text)
                 if cut is not None:
                     self.answers[i] = _Answer(i, text, list(c.token_ids), "limit", "",
-                                              out.num_cached_tokens)
+                                              out.num_cached_tokens, c.logprobs)
                 elif c.finished:
                     kind, word = stop_type(c)
                     self.answers[i] = _Answer(i, c.text, list(c.token_ids), kind, word,
-                                              out.num_cached_tokens)
+                                              out.num_cached_tokens, c.logprobs)
             if len(self.answers) == self.req.n_cmpl:
                 tracked.close()  # a no-op when the engine finished it
                 return
@@ -370,21 +404,27 @@ class _InfillView:
             has_new_line="\n" in a.text, truncated=self.prompt.truncated, stop_type=a.stop_type,
             stopping_word=a.stopping_word,
             timings=_timings(tracked, len(a.token_ids), a.num_cached),
+            completion_probabilities=self._probs(a.token_ids, a.logprobs),
         )
 
     def _chunk(self, d: _Delta) -> bytes:
-        return sse_event({"index": 0, "content": d.text, "tokens": self._tokens(d.token_ids),
-                          "stop": False, "tokens_predicted": d.num_generated,
-                          "tokens_evaluated": len(self.prompt.token_ids)})
+        event = {"index": 0, "content": d.text, "tokens": self._tokens(d.token_ids),
+                 "stop": False, "tokens_predicted": d.num_generated,
+                 "tokens_evaluated": len(self.prompt.token_ids)}
+        probs = self._probs(d.token_ids, d.logprobs)
+        if probs is not None:
+            event["completion_probabilities"] = probs
+        return sse_event(event)
 
     async def stream(self, tracked: TrackedRequest) -> AsyncIterator[bytes]:
         try:
             async for d in self.deltas(tracked):
                 yield self._chunk(d)
             if 0 in self.answers:
-                last = self.response(self.answers[0], tracked).model_dump(mode="json")
+                last = self.body(self.response(self.answers[0], tracked))
                 last["content"] = ""  # streamed already, as llama.cpp's last event does
                 last["tokens"] = []
+                last.pop("completion_probabilities", None)  # so were the probabilities
                 yield sse_event(self.shape(last))
         except SoarError as e:
             yield sse_event(stream_error_payload(e))

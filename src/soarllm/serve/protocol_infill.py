@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from soarllm.sampling_params import (
     MAX_ABS_PENALTY,
+    MAX_LOGPROBS,
     MAX_REPETITION_PENALTY,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
@@ -26,7 +27,6 @@ from soarllm.serve.request_fields import (
     NEW_TOKENS,
     PromptText,
     StrictModel,
-    neutral_only,
     served_limit,
 )
 
@@ -55,6 +55,8 @@ class InputExtraChunk(StrictModel):
 
     filename: str = "tmp"
     text: str = ""
+    time: list[int | float] | int | float | None = Field(
+        None, description="accepted and ignored (llama.vim sends when it picked the chunk)")
 
 
 class InfillRequest(StrictModel):
@@ -69,11 +71,12 @@ class InfillRequest(StrictModel):
         "the context after prefix and suffix is dropped, oldest first")
     prompt: PromptText = Field(
         "", description="text typed just before the cursor, kept whole after input_prefix")
-    n_predict: Annotated[int, Field(ge=1)] | Literal[-1] = Field(
+    n_predict: Annotated[int, Field(ge=0)] | Literal[-1] = Field(
         -1, json_schema_extra=served_limit(NEW_TOKENS),
         description="tokens to generate at most; -1: until the end of the middle or of the "
-        "context. The prompt's core (prompt plus FIM tokens) and n_predict must fit the "
-        "maximum context length")
+        "context; 0: generate nothing, only compute the prompt so that its prefix is cached "
+        "for the next request (llama.vim's warm-up request). The prompt's core (prompt plus "
+        "FIM tokens) and n_predict must fit the maximum context length")
     temperature: float = Field(0.8, ge=0.0, le=MAX_TEMPERATURE, description="0: greedy")
     top_k: int = Field(40, ge=0, le=MAX_TOP_K, description="0: all tokens")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="1.0: all tokens")
@@ -117,9 +120,26 @@ class InfillRequest(StrictModel):
     n_cmpl: int = Field(1, ge=1, le=MAX_N_CMPL, description="completions to generate from "
                         "the prompt; more than 1: the answer is a list of them (each with its "
                         "index), as llama.cpp returns it. With stream=true only 1")
-    n_probs: neutral_only(0) = Field(  # type: ignore[valid-type]
-        0, description="not served on /infill: token probabilities are on /v1/completions "
-        "(logprobs)")
+    n_probs: int = Field(0, ge=0, le=MAX_LOGPROBS, description="for each generated token, "
+                         "the probabilities of the n most likely tokens in "
+                         "completion_probabilities (the model's own distribution, before "
+                         "penalties and samplers); 0: none")
+
+
+class TokenProbability(BaseModel):
+    """A token and its log probability (llama.cpp's fields)."""
+
+    id: int
+    token: str = Field(description="the token's text (invalid UTF-8 replaced)")
+    bytes: list[int] = Field(description="the token's raw bytes")
+    logprob: float
+
+
+class GeneratedTokenProbabilities(TokenProbability):
+    """One generated token of ``completion_probabilities``."""
+
+    top_logprobs: list[TokenProbability] = Field(
+        description="the n_probs most likely tokens, most likely first")
 
 
 class InfillTimings(BaseModel):
@@ -147,6 +167,8 @@ class InfillResponse(BaseModel):
     model: str
     tokens_predicted: int
     tokens_evaluated: int
+    completion_probabilities: list[GeneratedTokenProbabilities] | None = Field(
+        None, description="the chunk's tokens, only with n_probs > 0")
     tokens_cached: int
     prompt: str
     has_new_line: bool
@@ -154,6 +176,9 @@ class InfillResponse(BaseModel):
     stop_type: StopType
     stopping_word: str
     timings: InfillTimings
+    completion_probabilities: list[GeneratedTokenProbabilities] | None = Field(
+        None, description="only with n_probs > 0 (and not on a stream's last event, whose "
+        "chunks carried them)")
 
 
 class InfillStreamChunk(BaseModel):
@@ -165,3 +190,5 @@ class InfillStreamChunk(BaseModel):
     stop: bool
     tokens_predicted: int
     tokens_evaluated: int
+    completion_probabilities: list[GeneratedTokenProbabilities] | None = Field(
+        None, description="the chunk's tokens, only with n_probs > 0")
