@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from soarllm.kernels import kv_quant
-from soarllm.kernels.triton_utils import interpreter_enabled
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) is 1, not NaN
 
@@ -150,8 +149,7 @@ def _load_kv_tile(c_ptr, s_ptr, bt_row_ptr, offs_n, n_mask, offs_d, d_mask, kvh,
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: float32 products (float32 inputs: no TF32; bfloat16 under the interpreter, whose
-    # bfloat16 tl.dot is wrong in triton 3.6: the inputs are exact in float32)
+    # IEEE: float32 inputs multiplied in float32 (no TF32)
     if IEEE:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
@@ -281,7 +279,7 @@ def num_decode_splits(num_rows: int, num_kv_heads: int, max_context: int) -> int
 
 
 def _ieee_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_enabled())
+    return dtype == torch.float32
 
 
 def _block_d(head_dim: int) -> int:
