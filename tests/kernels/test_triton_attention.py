@@ -240,6 +240,17 @@ def test_custom_masks(dtype):
     _check_against_oracle(b, out, 64**-0.5)
 
 
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("window,softcap", [(None, None), (37, None), (23, 2.5)])
+def test_long_prefills_span_several_query_and_key_tiles(d, window, softcap):
+    """Query rows beyond one tile (64 rows, 32 at D=256): per-tile causal bounds, window starts,
+    a custom mask over several tiles, and the chunk of a long prompt on its cached part."""
+    b = _make_batch(decodes=[(90, 1)], prefills=[(150, 0, False), (100, 70, False), (70, 5, True)],
+                    hq=4, hkv=2, d=d, bs=16, dtype=torch.bfloat16)
+    out = _run(b, 0.1, window, softcap, layers=1)
+    _check_against_oracle(b, out, 0.1, window, softcap)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("window", [None, 6])
 def test_int8_kv_cache(dtype, window):
