@@ -252,9 +252,10 @@ def prefill(llm, cfg: dict, n: int = 2048):
 def hf(cfg: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    config = LlamaConfig(**{k: v for k, v in cfg.items()
+                            if k not in ("architectures", "model_type", "torch_dtype")})
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
     for b in (1, 64):
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(100, 500, (b, 128), generator=g).cuda()
