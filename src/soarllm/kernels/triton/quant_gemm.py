@@ -107,28 +107,109 @@ def _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, PLANE: tl.constexpr, GROUP: 
 
 
 @triton.jit
-def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, tiles_per_split,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+def _w4_gemv_tile(acc, acc_z, p, x_ptr, xg_ptr, s_ptr, z_ptr, t, offs_n, nmask, N, K,
+                  GROUP: tl.constexpr, ZMODE: tl.constexpr):
+    """Accumulate one packed 128-input tile p [16, BLOCK_N] (see _w4_gemv_kernel)."""
+    rows = tl.arange(0, 16)
+    p_hi = p >> 12
+    for i in tl.static_range(8):
+        if i < 5:
+            bits = (p & (15 << (4 * i))) | 0x4B000000
+            x_scale = 1.0 / (1 << (4 * i))
+        else:
+            bits = (p_hi & (15 << (4 * i - 12))) | 0x4B000000
+            x_scale = 1.0 / (1 << (4 * i - 12))
+        qs = bits.to(tl.float32, bitcast=True) - 8388608.0  # q * 2**shift, exact
+        k = t * 128 + i * 16 + rows
+        xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        if i % (GROUP // 16) == 0:
+            acc_q = qs * (xk * x_scale)[:, None]
+            x_rows = xk
+        else:
+            acc_q += qs * (xk * x_scale)[:, None]
+            x_rows += xk
+        if (i + 1) % (GROUP // 16) == 0:
+            g = t * (128 // GROUP) + i // (GROUP // 16)
+            sc = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            if ZMODE == 0:  # reduce x over the group here
+                acc += acc_q * sc[None, :]
+                acc_z += (z - 8.0 * sc) * tl.sum(x_rows, axis=0)
+            elif ZMODE == 1:  # no reduction: the zero term rides along in the 2-D accumulator
+                acc += acc_q * sc[None, :] + x_rows[:, None] * (z - 8.0 * sc)[None, :]
+            else:  # group sums of x precomputed (_group_sum_kernel)
+                acc += acc_q * sc[None, :]
+                acc_z += (z - 8.0 * sc) * tl.load(xg_ptr + g)
+    return acc, acc_z
+
+
+@triton.jit
+def _w4_gemv_kernel(x_ptr, xg_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, tiles_per_split,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                    UNROLL: tl.constexpr, ZMODE: tl.constexpr):
+    """M = 1. The loop loads UNROLL packed tiles before using any (more bytes in flight per
+    thread: a GEMV is bound by memory-level parallelism), and keeps ALU work per weight small:
+
+    - nibble i of a word is masked in place and OR-ed under the exponent of 2**23, so one LOP3 and
+      one subtraction give q * 2**shift exactly (shift = 4i for i < 5; planes 5..7 come from the
+      word shifted right by 12, shift = 4i - 12); x is scaled by 2**-shift instead (exact);
+    - the scale factors out of a group: sum_k x_k ((q_k - 8) s + z) = s sum_k x_k q_k
+      + (z - 8 s) sum_k x_k, so per weight one FMA accumulates x * q, and a group's partial sums
+      are scaled once (z - 8 s is formed in float32 registers, not stored).
+    """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     rows = tl.arange(0, 16)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_start = pid_k * tiles_per_split
-    t_end = t_start + tiles_per_split  # splits divide the tiles evenly
-    for t in range(t_start, t_end):
-        p = tl.load(qw_ptr + (t * 16 + rows).to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=nmask[None, :], other=0)
-        for i in tl.static_range(8):
-            k = t * 128 + i * 16 + rows
-            xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            acc += _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, i, GROUP) * xk[:, None]
-    out = tl.sum(acc, axis=0)
+    t_end = t_start + tiles_per_split  # splits divide the tiles evenly, in steps of UNROLL
+    n64 = N.to(tl.int64)
+    w_ptrs = qw_ptr + rows.to(tl.int64)[:, None] * n64 + offs_n[None, :]
+    for t0 in range(t_start, t_end, UNROLL):
+        p0 = tl.load(w_ptrs + t0 * 16 * n64, mask=nmask[None, :], other=0)
+        if UNROLL >= 2:
+            p1 = tl.load(w_ptrs + (t0 + 1) * 16 * n64, mask=nmask[None, :], other=0)
+        if UNROLL >= 4:
+            p2 = tl.load(w_ptrs + (t0 + 2) * 16 * n64, mask=nmask[None, :], other=0)
+            p3 = tl.load(w_ptrs + (t0 + 3) * 16 * n64, mask=nmask[None, :], other=0)
+        acc, acc_z = _w4_gemv_tile(acc, acc_z, p0, x_ptr, xg_ptr, s_ptr, z_ptr, t0, offs_n, nmask,
+                                   N, K, GROUP, ZMODE)
+        if UNROLL >= 2:
+            acc, acc_z = _w4_gemv_tile(acc, acc_z, p1, x_ptr, xg_ptr, s_ptr, z_ptr, t0 + 1, offs_n,
+                                       nmask, N, K, GROUP, ZMODE)
+        if UNROLL >= 4:
+            acc, acc_z = _w4_gemv_tile(acc, acc_z, p2, x_ptr, xg_ptr, s_ptr, z_ptr, t0 + 2, offs_n,
+                                       nmask, N, K, GROUP, ZMODE)
+            acc, acc_z = _w4_gemv_tile(acc, acc_z, p3, x_ptr, xg_ptr, s_ptr, z_ptr, t0 + 3, offs_n,
+                                       nmask, N, K, GROUP, ZMODE)
+    out = tl.sum(acc, axis=0) + acc_z
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         tl.store(out_ptr + pid_k * N + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _group_sum_kernel(x_ptr, out_ptr, K, n_groups, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    """out[g] = sum of x[g * GROUP : (g + 1) * GROUP] in float32 (x past K reads as 0)."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    k = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    tl.store(out_ptr + g, tl.sum(x, axis=1), mask=g < n_groups)
+
+
+@triton.jit
+def _split_k_reduce_kernel(ws_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum of the SPLIT_K float32 partials [SPLIT_K, numel], in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,13 +254,17 @@ def _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid
 
 @triton.jit
 def _int8_to_float(q):
-    """int8 -> float32 exactly: 2**23 + (q + 128) built in the bits, minus 2**23 + 128."""
-    return ((q.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    """int8 -> float32 exactly: the bits of 2**23 + 128 plus q are those of 2**23 + 128 + q
+    (0 < 128 + q < 256 stays inside the mantissa), minus 2**23 + 128."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
 def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, K, k_per_split,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    UNROLL: tl.constexpr):
+    """M = 1: UNROLL [BLOCK_K, BLOCK_N] int8 tiles loaded before use, one FMA per weight, the
+    per-channel scale applied once at the end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,21 +272,37 @@ def _w8_gemv_kernel(x_ptr, qw_ptr, s_ptr, out_ptr, N, K, k_per_split,
     rows = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     k_start = pid_k * k_per_split
-    k_end = k_start + k_per_split  # splits divide the BLOCK_K steps evenly; k < K masks the tail
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + rows
-        kmask = k < K
-        q = tl.load(qw_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=kmask[:, None] & nmask[None, :], other=0)
-        w = _int8_to_float(q)
-        xk = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-        acc += w * xk[:, None]
+    k_end = k_start + k_per_split  # splits divide the steps evenly; k < K masks the tail
+    for k0 in range(k_start, k_end, BLOCK_K * UNROLL):
+        q0 = _w8_load(qw_ptr, k0 + rows, offs_n, nmask, N, K)
+        if UNROLL >= 2:
+            q1 = _w8_load(qw_ptr, k0 + BLOCK_K + rows, offs_n, nmask, N, K)
+        if UNROLL >= 4:
+            q2 = _w8_load(qw_ptr, k0 + 2 * BLOCK_K + rows, offs_n, nmask, N, K)
+            q3 = _w8_load(qw_ptr, k0 + 3 * BLOCK_K + rows, offs_n, nmask, N, K)
+        acc += _int8_to_float(q0) * _x_col(x_ptr, k0 + rows, K)
+        if UNROLL >= 2:
+            acc += _int8_to_float(q1) * _x_col(x_ptr, k0 + BLOCK_K + rows, K)
+        if UNROLL >= 4:
+            acc += _int8_to_float(q2) * _x_col(x_ptr, k0 + 2 * BLOCK_K + rows, K)
+            acc += _int8_to_float(q3) * _x_col(x_ptr, k0 + 3 * BLOCK_K + rows, K)
     scale = tl.load(s_ptr + offs_n, mask=nmask, other=0.0)
     out = tl.sum(acc, axis=0) * scale
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         tl.store(out_ptr + pid_k * N + offs_n, out, mask=nmask)
+
+
+@triton.jit
+def _w8_load(qw_ptr, k, offs_n, nmask, N, K):
+    return tl.load(qw_ptr + k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                   mask=(k < K)[:, None] & nmask[None, :], other=0)
+
+
+@triton.jit
+def _x_col(x_ptr, k, K):
+    return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[:, None]
 
 
 @triton.jit
@@ -244,15 +345,22 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
 
 
-def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
-    """Power-of-2 split of the K loop so that about 4 programs per SM run, each >= 2 steps; it
-    divides the steps evenly (loop bounds stay plain, with no min)."""
-    target = 4 * _num_sms(device.index if device.type == "cuda" else None)
+def _split_k(programs: int, steps: int, device: torch.device, per_sm: int = 4,
+             min_steps: int = 2) -> int:
+    """Power-of-2 split of the K loop so that about ``per_sm`` programs per SM run, each with at
+    least ``min_steps`` loop steps; it divides the steps evenly (plain loop bounds, no min)."""
+    target = per_sm * _num_sms(device.index if device.type == "cuda" else None)
     split = 1
-    while (split < 32 and programs * split < target and k_steps % (2 * split) == 0
-           and k_steps >= 4 * split):
+    while (split < 32 and programs * split < target and steps % (2 * split) == 0
+           and steps >= 2 * split * min_steps):
         split *= 2
     return split
+
+
+def _unroll(steps: int, unroll: int) -> int:
+    while steps % unroll:
+        unroll //= 2
+    return unroll
 
 
 def _gemm_config(m: int) -> tuple[int, int, int]:
@@ -270,11 +378,62 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(ws: torch.Tensor, out: torch.Tensor, split: int) -> torch.Tensor:
-    return ws.sum(0).to(out.dtype) if split > 1 else out
+    """Add the split-K partials into out (one small kernel; out is contiguous)."""
+    if split > 1:
+        numel = out.numel()
+        block = 1024
+        _split_k_reduce_kernel[(triton.cdiv(numel, block),)](ws, out, numel, SPLIT_K=split,
+                                                             BLOCK=block, num_warps=4)
+    return out
 
 
 def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def w4_gemv(x, qweight, scales, zeros, group_size, out, block_n=None, num_warps=2, per_sm=4,
+            unroll=1, zmode=0):
+    """M = 1 W4A16 launch. Defaults measured on an H200 (benchmarks/triton_quant_gemm.py --sweep,
+    Llama-3-8B shapes): 2 warps, BLOCK_N 256 (128 for K > 8192), no unrolling."""
+    k, n = x.shape[1], qweight.shape[1]
+    if block_n is None:
+        block_n = 256 if k <= 8192 else 128
+    n_tiles = qweight.shape[0] // _SEG
+    unroll = _unroll(n_tiles, unroll)
+    programs = triton.cdiv(n, block_n)
+    split = _split_k(programs, n_tiles // unroll, x.device, per_sm, min_steps=1)
+    ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    xg = x
+    if zmode == 2:
+        n_groups = scales.shape[0]
+        xg = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+        _group_sum_kernel[(triton.cdiv(n_groups, 16),)](x, xg, k, n_groups, GROUP=group_size,
+                                                        BLOCK_G=16, num_warps=4)
+    _w4_gemv_kernel[(programs, split)](
+        x, xg, qweight, scales, zeros, ws, n, k, n_tiles // split,
+        GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split, UNROLL=unroll, ZMODE=zmode,
+        num_warps=num_warps,
+    )
+    return _finish(ws, out, split)
+
+
+def w8_gemv(x, qweight, scales, out, block_n=128, num_warps=None, per_sm=4, unroll=2):
+    """M = 1 W8A16 launch. Defaults measured on an H200 (benchmarks/triton_quant_gemm.py --sweep):
+    BLOCK_N 128, two tiles per loop step, 2 warps (4 for N > 8192)."""
+    k, n = x.shape[1], qweight.shape[1]
+    if num_warps is None:
+        num_warps = 2 if n <= 8192 else 4
+    block_k = _W8_BLOCK_K
+    steps = triton.cdiv(k, block_k)
+    unroll = _unroll(steps, unroll)
+    programs = triton.cdiv(n, block_n)
+    split = _split_k(programs, steps // unroll, x.device, per_sm, min_steps=1)
+    ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _w8_gemv_kernel[(programs, split)](
+        x, qweight, scales, ws, n, k, steps // split * block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, UNROLL=unroll, num_warps=num_warps,
+    )
+    return _finish(ws, out, split)
 
 
 def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -286,16 +445,7 @@ def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if m == 0:
         return out
     if m == 1:
-        block_n = 128
-        programs = triton.cdiv(n, block_n)
-        split = _split_k(programs, n_tiles, x.device)
-        tps = n_tiles // split
-        ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
-        _w4_gemv_kernel[(programs, split)](
-            x, qweight, scales, zeros, ws, n, k, tps,
-            GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split, num_warps=4,
-        )
-        return _finish(ws, out, split)
+        return w4_gemv(x, qweight, scales, zeros, group_size, out)
     block_m, block_n, warps = _gemm_config(m)
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     split = _split_k(grid_mn[0] * grid_mn[1], n_tiles, x.device)
@@ -316,17 +466,7 @@ def _w8a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if m == 0:
         return out
     if m == 1:
-        block_n, block_k = 128, _W8_BLOCK_K
-        programs = triton.cdiv(n, block_n)
-        steps = triton.cdiv(k, block_k)
-        split = _split_k(programs, steps, x.device)
-        kps = steps // split * block_k
-        ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
-        _w8_gemv_kernel[(programs, split)](
-            x, qweight, scales, ws, n, k, kps,
-            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4,
-        )
-        return _finish(ws, out, split)
+        return w8_gemv(x, qweight, scales, out)
     block_m, block_n, warps = _gemm_config(m)
     block_k = 64
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))

@@ -1,0 +1,143 @@
+"""Weight-only quantized GEMV/GEMM (Triton, kernels/triton/quant_gemm.py) against bfloat16 F.linear
+(cuBLAS) on Llama-3-8B layer shapes, on a CUDA GPU.
+
+Each measurement replays a CUDA graph of 20 calls (the decode path runs under graphs, so launch
+overhead is left out) cycling through enough copies of the weight to exceed the L2 cache, and
+reports microseconds per call, the weight bytes read per second and the speedup over bfloat16.
+``--sweep`` also times a few GEMV launch configurations at M = 1.
+
+    python benchmarks/triton_quant_gemm.py --out results/triton_quant_gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096), (4096, 4096)]  # (K, N): qkv, gate_up, down, o
+L2_BYTES = 256 << 20  # rotate weights through more than any current L2
+
+
+def _time_us(fns) -> float:
+    """Mean microseconds per call of the callables, replayed from one CUDA graph."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    calls = [fns[i % len(fns)] for i in range(max(20, len(fns)))]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for f in calls:  # warm the graph pool
+            f()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        for f in calls:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 10
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, -(-L2_BYTES // max(nbytes, 1)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ms", default="1,4,16,64")
+    p.add_argument("--sweep", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    from soarllm.kernels.triton import quant_gemm as qg
+    from soarllm.quant.w4a16 import quantize_w4
+    from soarllm.quant.w8a16 import quantize_w8
+
+    dev = "cuda"
+    rows = []
+    name = torch.cuda.get_device_name()
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device=dev) * 0.02
+        dense = w.bfloat16()
+        q8, s8 = quantize_w8(w)
+        w8 = (qg.pack_w8(q8), s8.float())
+        w4 = {}
+        for g in (32, 128):
+            q, s, z = quantize_w4(w, g)
+            w4[g] = qg.pack_w4(q, s, z, g, torch.bfloat16)
+        del w, q8, s8
+        byte_counts = {
+            "bf16": dense.numel() * 2,
+            "w8a16": w8[0].numel() + w8[1].numel() * 4,
+            **{f"w4a16-g{g}": sum(t.numel() * t.element_size() for t in w4[g]) for g in w4},
+        }
+        sets = {
+            "bf16": [dense] + [dense.clone() for _ in range(_copies(byte_counts["bf16"]) - 1)],
+            "w8a16": [w8] + [tuple(t.clone() for t in w8) for _ in range(_copies(byte_counts["w8a16"]) - 1)],
+        }
+        for g in w4:
+            key = f"w4a16-g{g}"
+            sets[key] = [w4[g]] + [tuple(t.clone() for t in w4[g]) for _ in range(_copies(byte_counts[key]) - 1)]
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(m, k, device=dev).bfloat16()
+            fns = {
+                "bf16": [lambda d=d, x=x: F.linear(x, d) for d in sets["bf16"]],
+                "w8a16": [lambda t=t, x=x: qg.w8a16_gemm(x, *t) for t in sets["w8a16"]],
+            }
+            for g in w4:
+                fns[f"w4a16-g{g}"] = [lambda t=t, g=g, x=x: qg.w4a16_gemm(x, *t, g) for t in sets[f"w4a16-g{g}"]]
+            base = None
+            for scheme, fs in fns.items():
+                us = _time_us(fs)
+                base = us if scheme == "bf16" else base
+                row = {"K": k, "N": n, "M": m, "scheme": scheme, "us": round(us, 2),
+                       "weight_GBps": round(byte_counts[scheme] / us / 1e3, 1),
+                       "speedup_vs_bf16": round(base / us, 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        if args.sweep and (k, n) != (4096, 4096):
+            rows += _sweep(qg, k, n, sets, byte_counts)
+        del sets, dense, w4, w8
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    return 0
+
+
+def _sweep(qg, k, n, sets, byte_counts):
+    """W4A16 GEMV launch configurations at M = 1: BLOCK_N, num_warps, and where the zero-point
+    term's sums of x come from (zmode 0: reduced per group in the loop; 1: carried in the 2-D
+    accumulator; 2: precomputed by a small kernel)."""
+    out = []
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    key = "w4a16-g32"
+    for bn, w in ((256, 2), (128, 2), (128, 4)):
+        for zmode in (0, 1, 2):
+            kw = dict(block_n=bn, num_warps=w, zmode=zmode)
+            fs = [lambda t=t, kw=kw: qg.w4_gemv(x, *t, 32, y, **kw) for t in sets[key]]
+            us = _time_us(fs)
+            row = {"sweep": True, "K": k, "N": n, "scheme": key, **kw, "us": round(us, 2),
+                   "weight_GBps": round(byte_counts[key] / us / 1e3, 1)}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
