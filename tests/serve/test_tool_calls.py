@@ -9,7 +9,8 @@
   template exactly as transformers renders that conversation.
 - Requests the server must refuse, on the fake engine: a 400 that says what to change.
 - One test marked ``model``: Qwen2.5-Coder-0.5B-Instruct (its own tool template) makes a forced
-  named call and answers from the tool's result.
+  named call and answers from the tool's result; with the tools still offered it repeats its call
+  as bare JSON instead, exactly as transformers' greedy decoding of the same prompt does.
 """
 
 from __future__ import annotations
@@ -341,7 +342,9 @@ def qwen_server(tmp_path_factory):
 
     path = Path(hub.pull("qwen2.5-coder-0.5b-instruct", progress=False))
     log = tmp_path_factory.mktemp("qwen-tools") / "server.log"
+    # float32 and unquantized: transformers' greedy decoding of the dequantized GGUF is an oracle
     srv = start_soar_serve("qwen2.5-coder-0.5b-instruct", "--max-model-len", "1024",
+                           "--dtype", "float32", "--quantization", "none",
                            "--no-access-log", log_path=log, startup_timeout=600)
     yield srv, path
     srv.stop()
@@ -350,10 +353,13 @@ def qwen_server(tmp_path_factory):
 @pytest.mark.model
 def test_qwen_coder_forced_call_and_round_trip(qwen_server):
     """The model's own tool template (from its GGUF, read by transformers) is the oracle of
-    the prompt; at 0.5B the model is weak at answering from a tool result while tools are still
-    offered (it tends to repeat its call as bare JSON), so the answer is asked for with
-    tool_choice "none", as an agent does once it has what it needs."""
-    from transformers import AutoTokenizer
+    the prompt. At 0.5B the model does not answer from a tool result while tools are still
+    offered: it repeats its call as bare JSON. That is the model, not our rendering: with the
+    tools offered our prompt is transformers' token for token and our reply is transformers'
+    greedy continuation of it. So the answer is asked for with tool_choice "none", as an agent
+    does once it has what it needs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     server, gguf = qwen_server
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none",
@@ -381,3 +387,20 @@ def test_qwen_coder_forced_call_and_round_trip(qwen_server):
                                    add_generation_prompt=True)
     assert "<tool_response>\n21 degrees" in text and '"name": "get_weather"' in text
     assert answer.usage.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
+
+    # tools still offered: the model repeats its call (bare JSON, so no tool_calls), and so does
+    # transformers' greedy decoding of the conversation as transformers renders it
+    again = client.chat.completions.create(model=model, messages=messages, tools=tools,
+                                           temperature=0, max_completion_tokens=24)
+    text = tok.apply_chat_template([_as_template_reads_it(m) for m in messages], tools=tools,
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert again.usage.prompt_tokens == len(ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                              dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                          dtype=torch.long), do_sample=False, max_new_tokens=24)
+    want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert again.choices[0].message.content == want
+    assert want.startswith('{"name": "get_weather"') and not again.choices[0].message.tool_calls
