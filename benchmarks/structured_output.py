@@ -5,7 +5,10 @@ The JSON requests run first; then the free-text requests generate exactly as man
 (ignore_eos, max_tokens = that JSON output's length), so both runs have the same batch shapes and
 differ only by the grammar work: compiling, filling each step's bitmask, masking the logits and
 advancing the matchers. Runs alternate free / json / free / json and the best of each is kept (a
-busy machine only ever makes a run slower). Compile times come from the compiler the engine uses
+busy machine only ever makes a run slower). On a shared machine the end-to-end figures move with
+the load; the step phases (soarllm.profiling.StepPhases, one more json / free pair) say where the
+grammar work goes, outside the forward pass that the load moves most: filling the bitmask is in
+"schedule", masking and drawing in "sample", advancing the matchers in "outputs". Compile times come from the compiler the engine uses
 (soarllm.structured_output.compiler), on the model's tokenizer.
 
     python benchmarks/structured_output.py                      # default model, ~1-2 minutes
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from soarllm import LLM, SamplingParams
+from soarllm.profiling import StepPhases
 from soarllm.sampling_params import StructuredOutputParams
 from soarllm.structured_output.compiler import GrammarCompiler
 
@@ -89,6 +93,19 @@ def run(llm: LLM, batch: list[str], params: list[SamplingParams], concurrency: i
     return sum(lengths), time.perf_counter() - t, lengths
 
 
+def phases(llm: LLM, batch: list[str], params: list[SamplingParams],
+           concurrency: int) -> dict[str, float]:
+    """ms per step of each phase over one run (its steps and tokens are the same for json and
+    free text, so the phases compare directly)."""
+    ph = StepPhases()
+    llm.llm_engine.phases = ph
+    try:
+        run(llm, batch, params, concurrency)
+    finally:
+        llm.llm_engine.phases = None
+    return {k: round(v, 3) for k, v in ph.report()["ms_per_step"].items()}
+
+
 def throughput(llm: LLM, concurrency: int, num_requests: int, max_tokens: int, rounds: int):
     batch = prompts(llm, num_requests)
     so = StructuredOutputParams(json=EDIT_SCHEMA)
@@ -106,6 +123,10 @@ def throughput(llm: LLM, concurrency: int, num_requests: int, max_tokens: int, r
         best["free"] = max(best["free"], n_free / dt_free)
         print(f"c={concurrency}: json {n / dt:.1f} tok/s, free text {n_free / dt_free:.1f} tok/s "
               f"({n} tokens)", file=sys.stderr, flush=True)
+    step_ms = {"json": phases(llm, batch, json_params, concurrency),
+               "free": phases(llm, batch, free_params, concurrency)}
+    outside = ("schedule", "prepare", "sample", "outputs")
+    grammar_ms = sum(step_ms["json"][k] - step_ms["free"][k] for k in outside)
     for o in llm.generate(batch, json_params):  # the documents parse (one more pass)
         try:
             json.loads(o.outputs[0].text)
@@ -116,7 +137,12 @@ def throughput(llm: LLM, concurrency: int, num_requests: int, max_tokens: int, r
             "output_tokens_per_run": n, "mean_output_tokens": n / num_requests,
             "tok_s_free_text": round(best["free"], 1), "tok_s_json_schema": round(best["json"], 1),
             "slowdown_pct": round(100 * (1 - best["json"] / best["free"]), 1),
-            "json_documents_parsed": f"{valid}/{num_requests}"}
+            "json_documents_parsed": f"{valid}/{num_requests}",
+            "ms_per_step": step_ms,
+            # the grammar's cost per step outside the forward pass, and as a share of a free step
+            "grammar_ms_per_step": round(grammar_ms, 3),
+            "grammar_share_of_free_step_pct": round(
+                100 * grammar_ms / sum(step_ms["free"].values()), 1)}
 
 
 def compile_times(llm: LLM) -> dict:
