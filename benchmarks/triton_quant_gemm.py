@@ -120,17 +120,20 @@ def main() -> int:
 
 
 def _sweep(qg, k, n, sets, byte_counts):
-    """W4A16 GEMV launch configurations at M = 1: BLOCK_N, num_warps, and where the zero-point
-    term's sums of x come from (zmode 0: reduced per group in the loop; 1: carried in the 2-D
-    accumulator; 2: precomputed by a small kernel)."""
+    """GEMV launch configurations at M = 1: BLOCK_N, num_warps, programs per SM and packed tiles
+    loaded per loop step (unroll)."""
     out = []
     x = torch.randn(1, k, device="cuda").bfloat16()
     y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    key = "w4a16-g32"
-    for bn, w in ((256, 2), (128, 2), (128, 4)):
-        for zmode in (0, 1, 2):
-            kw = dict(block_n=bn, num_warps=w, zmode=zmode)
-            fs = [lambda t=t, kw=kw: qg.w4_gemv(x, *t, 32, y, **kw) for t in sets[key]]
+    configs = [(bn, w, per_sm, u) for bn in (128, 256) for w in (2, 4, 8) for per_sm in (4,)
+               for u in (1, 2, 4)] + [(128, 4, ps, 2) for ps in (2, 8)]
+    for bn, w, per_sm, u in configs:
+        kw = dict(block_n=bn, num_warps=w, per_sm=per_sm, unroll=u)
+        for key in ("w4a16-g32", "w8a16"):
+            if key == "w8a16":
+                fs = [lambda t=t, kw=kw: qg.w8_gemv(x, t[0], t[1], y, **kw) for t in sets[key]]
+            else:
+                fs = [lambda t=t, kw=kw: qg.w4_gemv(x, *t, 32, y, **kw) for t in sets[key]]
             us = _time_us(fs)
             row = {"sweep": True, "K": k, "N": n, "scheme": key, **kw, "us": round(us, 2),
                    "weight_GBps": round(byte_counts[key] / us / 1e3, 1)}

@@ -107,8 +107,8 @@ def _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, PLANE: tl.constexpr, GROUP: 
 
 
 @triton.jit
-def _w4_gemv_tile(acc, acc_z, p, x_ptr, xg_ptr, s_ptr, z_ptr, t, offs_n, nmask, N, K,
-                  GROUP: tl.constexpr, ZMODE: tl.constexpr):
+def _w4_gemv_tile(acc, acc_z, p, x_ptr, s_ptr, z_ptr, t, offs_n, nmask, N, K,
+                  GROUP: tl.constexpr):
     """Accumulate one packed 128-input tile p [16, BLOCK_N] (see _w4_gemv_kernel)."""
     rows = tl.arange(0, 16)
     p_hi = p >> 12
@@ -132,21 +132,15 @@ def _w4_gemv_tile(acc, acc_z, p, x_ptr, xg_ptr, s_ptr, z_ptr, t, offs_n, nmask, 
             g = t * (128 // GROUP) + i // (GROUP // 16)
             sc = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            if ZMODE == 0:  # reduce x over the group here
-                acc += acc_q * sc[None, :]
-                acc_z += (z - 8.0 * sc) * tl.sum(x_rows, axis=0)
-            elif ZMODE == 1:  # no reduction: the zero term rides along in the 2-D accumulator
-                acc += acc_q * sc[None, :] + x_rows[:, None] * (z - 8.0 * sc)[None, :]
-            else:  # group sums of x precomputed (_group_sum_kernel)
-                acc += acc_q * sc[None, :]
-                acc_z += (z - 8.0 * sc) * tl.load(xg_ptr + g)
+            acc += acc_q * sc[None, :]
+            acc_z += (z - 8.0 * sc) * tl.sum(x_rows, axis=0)
     return acc, acc_z
 
 
 @triton.jit
-def _w4_gemv_kernel(x_ptr, xg_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, tiles_per_split,
+def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, tiles_per_split,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                    UNROLL: tl.constexpr, ZMODE: tl.constexpr):
+                    UNROLL: tl.constexpr):
     """M = 1. The loop loads UNROLL packed tiles before using any (more bytes in flight per
     thread: a GEMV is bound by memory-level parallelism), and keeps ALU work per weight small:
 
@@ -175,30 +169,21 @@ def _w4_gemv_kernel(x_ptr, xg_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, tiles_pe
         if UNROLL >= 4:
             p2 = tl.load(w_ptrs + (t0 + 2) * 16 * n64, mask=nmask[None, :], other=0)
             p3 = tl.load(w_ptrs + (t0 + 3) * 16 * n64, mask=nmask[None, :], other=0)
-        acc, acc_z = _w4_gemv_tile(acc, acc_z, p0, x_ptr, xg_ptr, s_ptr, z_ptr, t0, offs_n, nmask,
-                                   N, K, GROUP, ZMODE)
+        acc, acc_z = _w4_gemv_tile(acc, acc_z, p0, x_ptr, s_ptr, z_ptr, t0, offs_n, nmask, N, K,
+                                   GROUP)
         if UNROLL >= 2:
-            acc, acc_z = _w4_gemv_tile(acc, acc_z, p1, x_ptr, xg_ptr, s_ptr, z_ptr, t0 + 1, offs_n,
-                                       nmask, N, K, GROUP, ZMODE)
+            acc, acc_z = _w4_gemv_tile(acc, acc_z, p1, x_ptr, s_ptr, z_ptr, t0 + 1, offs_n, nmask,
+                                       N, K, GROUP)
         if UNROLL >= 4:
-            acc, acc_z = _w4_gemv_tile(acc, acc_z, p2, x_ptr, xg_ptr, s_ptr, z_ptr, t0 + 2, offs_n,
-                                       nmask, N, K, GROUP, ZMODE)
-            acc, acc_z = _w4_gemv_tile(acc, acc_z, p3, x_ptr, xg_ptr, s_ptr, z_ptr, t0 + 3, offs_n,
-                                       nmask, N, K, GROUP, ZMODE)
+            acc, acc_z = _w4_gemv_tile(acc, acc_z, p2, x_ptr, s_ptr, z_ptr, t0 + 2, offs_n, nmask,
+                                       N, K, GROUP)
+            acc, acc_z = _w4_gemv_tile(acc, acc_z, p3, x_ptr, s_ptr, z_ptr, t0 + 3, offs_n, nmask,
+                                       N, K, GROUP)
     out = tl.sum(acc, axis=0) + acc_z
     if SPLIT_K == 1:
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         tl.store(out_ptr + pid_k * N + offs_n, out, mask=nmask)
-
-
-@triton.jit
-def _group_sum_kernel(x_ptr, out_ptr, K, n_groups, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
-    """out[g] = sum of x[g * GROUP : (g + 1) * GROUP] in float32 (x past K reads as 0)."""
-    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-    k = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    tl.store(out_ptr + g, tl.sum(x, axis=1), mask=g < n_groups)
 
 
 @triton.jit
@@ -392,7 +377,7 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def w4_gemv(x, qweight, scales, zeros, group_size, out, block_n=None, num_warps=2, per_sm=4,
-            unroll=1, zmode=0):
+            unroll=1):
     """M = 1 W4A16 launch. Defaults measured on an H200 (benchmarks/triton_quant_gemm.py --sweep,
     Llama-3-8B shapes): 2 warps, BLOCK_N 256 (128 for K > 8192), no unrolling."""
     k, n = x.shape[1], qweight.shape[1]
@@ -403,16 +388,9 @@ def w4_gemv(x, qweight, scales, zeros, group_size, out, block_n=None, num_warps=
     programs = triton.cdiv(n, block_n)
     split = _split_k(programs, n_tiles // unroll, x.device, per_sm, min_steps=1)
     ws = torch.empty((split, 1, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    xg = x
-    if zmode == 2:
-        n_groups = scales.shape[0]
-        xg = torch.empty(n_groups, dtype=torch.float32, device=x.device)
-        _group_sum_kernel[(triton.cdiv(n_groups, 16),)](x, xg, k, n_groups, GROUP=group_size,
-                                                        BLOCK_G=16, num_warps=4)
     _w4_gemv_kernel[(programs, split)](
-        x, xg, qweight, scales, zeros, ws, n, k, n_tiles // split,
-        GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split, UNROLL=unroll, ZMODE=zmode,
-        num_warps=num_warps,
+        x, qweight, scales, zeros, ws, n, k, n_tiles // split,
+        GROUP=group_size, BLOCK_N=block_n, SPLIT_K=split, UNROLL=unroll, num_warps=num_warps,
     )
     return _finish(ws, out, split)
 
