@@ -11,7 +11,10 @@ exactly (quant/gguf.py); float checkpoints are quantized here by round-to-neares
 While loading, `qweight` holds two 4-bit values per byte (even input column in the low nibble)
 and `scales` / `zeros` are float32 [out, in / group]. After loading, on the CPU, they become the
 kernel's packed weight and one [in / group, out, 2] scale-and-zero tensor (output rows padded to
-a multiple of 16, the kernel's tile). Elsewhere the layer dequantizes and calls F.linear.
+a multiple of 16, the kernel's tile). On CUDA (with triton installed) they become the layout of the
+Triton GEMV/GEMM in kernels/triton/quant_gemm.py (int32 words of eight K-consecutive nibbles, [K/8, N];
+scales and zeros [K / group, N]), which dequantizes in registers. Elsewhere the layer dequantizes
+and calls F.linear.
 
 The CPU kernel is fast only with bfloat16 activations: its float32 and float16 paths are scalar
 loops, about 30x slower at batch 1 on an AVX-512 machine and worse for larger batches. So it always
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soarllm.errors import ConfigError
+from soarllm.kernels.triton_utils import triton_available
 from soarllm.quant.base import (
     QuantMethod,
     as_float,
@@ -134,6 +138,7 @@ class W4A16Method(QuantMethod):
             if bias else None
         )
         layer.use_cpu_kernel = False
+        layer.use_triton_kernel = False
 
     def load_weight(self, layer, param, loaded, shard_id=None) -> None:
         """Float weights are quantized (RTN); GGUF blocks of a 4-bit type are repacked exactly."""
@@ -151,7 +156,19 @@ class W4A16Method(QuantMethod):
         layer.zeros.data[off : off + size] = zero
 
     def process_weights_after_loading(self, layer) -> None:
-        if layer.qweight.device.type == "cpu" and cpu_kernel_available():
+        if layer.qweight.device.type == "cuda" and triton_available():
+            from soarllm.kernels.triton import quant_gemm
+
+            q = unpack_nibbles(layer.qweight.data)
+            packed, scales, zeros = quant_gemm.pack_w4(
+                q, layer.scales.data, layer.zeros.data, self.group_size,
+                quant_gemm.w4_scale_dtype(layer.params_dtype),
+            )
+            layer.qweight = nn.Parameter(packed, requires_grad=False)
+            layer.scales = nn.Parameter(scales, requires_grad=False)
+            layer.zeros = nn.Parameter(zeros, requires_grad=False)
+            layer.use_triton_kernel = True
+        elif layer.qweight.device.type == "cpu" and cpu_kernel_available():
             q = unpack_nibbles(layer.qweight.data)
             packed, scale_and_zero = int4pack_cpu(q, layer.scales.data, layer.zeros.data)
             layer.qweight = nn.Parameter(packed, requires_grad=False)
@@ -160,6 +177,11 @@ class W4A16Method(QuantMethod):
             layer.use_cpu_kernel = True
 
     def apply(self, layer, x):
+        if layer.use_triton_kernel:
+            from soarllm.kernels.triton import quant_gemm
+
+            return quant_gemm.w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros,
+                                         self.group_size, layer.bias)
         if layer.use_cpu_kernel:
             out = w4a16_linear_cpu(x, layer.qweight, layer.scale_and_zero, self.group_size,
                                    layer.out_features)
@@ -169,6 +191,11 @@ class W4A16Method(QuantMethod):
 
     def dequantized_weight(self, layer) -> torch.Tensor:
         """The float32 weight the layer computes with (for tests and comparisons)."""
+        if layer.use_triton_kernel:
+            from soarllm.kernels.triton import quant_gemm
+
+            return quant_gemm.unpack_w4(layer.qweight, layer.scales, layer.zeros, self.group_size,
+                                        layer.in_features)
         if not layer.use_cpu_kernel:
             return dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
         # Multiplying the identity recovers the weight as the kernel sees it (in bfloat16).

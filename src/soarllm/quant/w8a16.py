@@ -6,7 +6,9 @@ On the CPU PyTorch's ``_weight_int8pack_mm`` computes x @ (q * scale).T without 
 float weight; it is used when the input size is a multiple of 32 (other sizes read out of bounds
 in some kernel versions). Like the int4 kernel it is fast only in bfloat16 (its float32 path is
 about 15x slower at batch 1 here), so it always runs in bfloat16: scales rounded to bfloat16, a
-float32 model's activations cast for the call. Elsewhere the layer dequantizes and calls F.linear.
+float32 model's activations cast for the call. On CUDA (with triton installed) the weight is kept
+transposed, int8 [K, N], for the Triton GEMV/GEMM of kernels/triton/quant_gemm.py, which
+dequantizes in registers (float32 scales). Elsewhere the layer dequantizes and calls F.linear.
 Float checkpoints are quantized by round-to-nearest.
 """
 
@@ -16,7 +18,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from soarllm.kernels.triton_utils import triton_available
 from soarllm.quant.base import (
     QuantMethod,
     as_float,
@@ -73,6 +77,7 @@ class W8A16Method(QuantMethod):
             if bias else None
         )
         layer.use_cpu_kernel = False
+        layer.use_triton_kernel = False
 
     def load_weight(self, layer, param, loaded, shard_id=None) -> None:
         """Float weights (or dequantized blocks) are quantized per output row (RTN)."""
@@ -84,6 +89,13 @@ class W8A16Method(QuantMethod):
         layer.scales.data[off : off + size] = scale
 
     def process_weights_after_loading(self, layer) -> None:
+        if layer.qweight.device.type == "cuda" and triton_available():
+            from soarllm.kernels.triton import quant_gemm
+
+            layer.qweight = nn.Parameter(quant_gemm.pack_w8(layer.qweight.data), requires_grad=False)
+            layer.scales.data = layer.scales.data.float()
+            layer.use_triton_kernel = True
+            return
         layer.use_cpu_kernel = layer.qweight.device.type == "cpu" and cpu_kernel_applies(
             layer.in_features
         )
@@ -91,6 +103,10 @@ class W8A16Method(QuantMethod):
         layer.scales.data = layer.scales.data.to(dtype)
 
     def apply(self, layer, x):
+        if layer.use_triton_kernel:
+            from soarllm.kernels.triton import quant_gemm
+
+            return quant_gemm.w8a16_gemm(x, layer.qweight, layer.scales, layer.bias)
         if layer.use_cpu_kernel:
             out = w8a16_linear_cpu(x, layer.qweight, layer.scales)
             return out if layer.bias is None else out + layer.bias
@@ -98,4 +114,6 @@ class W8A16Method(QuantMethod):
         return F.linear(x, w.to(x.dtype), layer.bias)
 
     def dequantized_weight(self, layer) -> torch.Tensor:
+        if layer.use_triton_kernel:
+            return dequantize_w8(layer.qweight.t(), layer.scales)
         return dequantize_w8(layer.qweight, layer.scales)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from soarllm.errors import UnsupportedModelError
+from soarllm.kernels.triton_utils import use_triton_kernel
 
 
 def rope_parameters(config) -> dict:
@@ -67,13 +68,27 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def apply(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        """q [T, Hq, D], k [T, Hkv, D] -> rotated q, k."""
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated q, k (on CUDA rotated in place, one kernel)."""
+        if use_triton_kernel(q) and _kernel_fits(q) and _kernel_fits(k):
+            from soarllm.kernels.triton.rotary import rotary_embedding
+
+            return rotary_embedding(q, k, *cos_sin)
         return self.rotate(cos_sin, q), self.rotate(cos_sin, k)
 
     def rotate(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] (any heads sharing the positions) -> rotated x."""
+        """x [T, H, D] (any heads sharing the positions) -> rotated x. On CUDA (outside torch.compile
+        tracing) a Triton kernel rotates x in place and returns it."""
         cos, sin = cos_sin
+        if use_triton_kernel(x) and _kernel_fits(x):
+            from soarllm.kernels.triton.rotary import rotary_embedding
+
+            return rotary_embedding(x, None, cos, sin)[0]
         return _rotate(x, cos, sin, self.rotary_dim)
+
+
+def _kernel_fits(x: torch.Tensor) -> bool:
+    """The Triton kernel takes [T, H, D] with unit stride along D."""
+    return x.dim() == 3 and x.stride(-1) == 1
 
 
 def _rotate(x, cos, sin, rd):

@@ -110,10 +110,17 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
 
-    def forward(self, ropes, x, kv_cache):
-        attn = self.self_attn(ropes, self.input_layernorm(x), kv_cache)
-        h = x + self.post_attention_layernorm(attn)
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+    def forward(self, ropes, x, kv_cache, residual):
+        """x is the previous layer's (post-norm) MLP output, residual the stream before it (None
+        in the first layer); the input and pre-feedforward norms add them (fused on CUDA)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(ropes, h, kv_cache))
+        h, residual = self.pre_feedforward_layernorm(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
 class Gemma3Model(nn.Module):
@@ -138,9 +145,12 @@ class Gemma3Model(nn.Module):
         h = self.embed_tokens(input_ids)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         ropes = {t: rope.lookup(positions, h.dtype) for t, rope in self.rotary.items()}
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(ropes, h, cache)
-        return self.norm(h)
+            h, residual = layer(ropes, h, cache, residual)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm(h, residual)[0]
 
 
 class Gemma3ForCausalLM(DecoderForCausalLM):

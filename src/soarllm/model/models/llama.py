@@ -101,9 +101,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, rope, x, kv_cache):
-        h = x + self.self_attn(rope, self.input_layernorm(x), kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope, x, kv_cache, residual):
+        """vLLM's residual pattern: x is the previous layer's MLP output, residual the stream
+        before it (None in the first layer); each norm adds the two (fused on CUDA)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(rope, h, kv_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -128,9 +136,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches):
         h = self.embed_tokens(input_ids)
         rope = self.rotary_emb.lookup(positions, h.dtype)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer(rope, h, cache)
-        return self.norm(h)
+            h, residual = layer(rope, h, cache, residual)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
