@@ -86,6 +86,11 @@ class EngineArgs:
     # comes from SOARLLM_ENFORCE_EAGER=1 when set (the test suite sets it: compiling every tiny
     # engine would cost minutes).
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("SOARLLM_ENFORCE_EAGER") == "1")
+    # Tensor parallelism (vLLM's names): ranks the model is split over, one process each, and how
+    # they run: "uni" (one process; world size 1 only) | "mp" (worker processes on this machine;
+    # the default above world size 1) | "ray" (not yet). None: chosen from the world size.
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

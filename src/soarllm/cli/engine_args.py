@@ -63,6 +63,12 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
                    """'{"method": "ngram", "num_speculative_tokens": 4}' (prompt lookup; """
                    "it turns itself off where it does not pay). Requests with a `prediction` "
                    "(Predicted Outputs) speculate without it")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                   help="split the model over N ranks, one process each (heads, MLP width and "
+                   "vocabulary sharded; gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
+                   help="how the ranks run: uni (this process; -tp 1 only) | mp (worker "
+                   "processes on this machine; the default above -tp 1) | ray (not yet)")
     v = parser.add_argument_group("vLLM flag names")
     v.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
                    help="mapped to --kv-cache-memory FRACTION: the share of the *available* "

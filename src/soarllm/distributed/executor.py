@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from soarllm.config import EngineArgs
+from soarllm.errors import ConfigError
 from soarllm.model.runner import ModelRunner, RunnerOutput
 from soarllm.profiling import StepPhases
 from soarllm.scheduler_output import SchedulerOutput
@@ -63,6 +64,34 @@ class UniProcExecutor:
     def phases(self, value: StepPhases | None) -> None:
         self.runner.phases = value
 
+    def shutdown(self) -> None:
+        pass
 
-def make_executor(args: EngineArgs) -> UniProcExecutor:
+
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+def executor_backend(args: EngineArgs) -> str:
+    """The backend ``args`` ask for: ``uni`` at world size 1, ``mp`` above unless told."""
+    world = args.tensor_parallel_size
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ConfigError(f"tensor_parallel_size must be a positive integer, got {world!r}")
+    backend = args.distributed_executor_backend or ("mp" if world > 1 else "uni")
+    if backend not in EXECUTOR_BACKENDS:
+        raise ConfigError(f"unknown distributed_executor_backend {backend!r}; use one of "
+                          f"{', '.join(EXECUTOR_BACKENDS)}")
+    if backend == "uni" and world > 1:
+        raise ConfigError(f"the 'uni' executor runs one process, but tensor_parallel_size="
+                          f"{world}; use distributed_executor_backend='mp' (or leave it unset)")
+    if backend == "ray":
+        raise ConfigError("the 'ray' executor is not implemented yet; use "
+                          "distributed_executor_backend='mp' (one machine)")
+    return backend
+
+
+def make_executor(args: EngineArgs) -> UniProcExecutor | Any:
+    if executor_backend(args) == "mp":
+        from soarllm.distributed.multiproc import MultiprocExecutor
+
+        return MultiprocExecutor(args)
     return UniProcExecutor(args)

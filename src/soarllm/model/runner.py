@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, parse_memory
+from soarllm.distributed.parallel_state import TPGroup
 from soarllm.errors import ConfigError
 from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
@@ -67,8 +68,10 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, tp: TPGroup | None = None):
         self.args = args
+        # this runner's tensor-parallel rank; only rank 0 (the driver) samples
+        self.tp = tp or TPGroup.single()
         self.device = args.resolved_device()
         self.dtype = parse_dtype(args.dtype, self.device)
         torch.manual_seed(args.seed)
@@ -81,9 +84,13 @@ class ModelRunner:
         model_cls = resolve_model_class(config)
         self.backend = get_attention_backend(self.device, args.attention_backend)
         quant_config = get_quant_config(args.quantization, self.checkpoint, model_cls.packed_modules)
+        parallel = {}
+        if self.tp.world_size > 1:
+            _check_parallel(model_cls, quant_config, self.tp)
+            parallel["tp"] = self.tp
         with torch.device(self.device):
             self.model = model_cls(config, dtype=self.dtype, backend=self.backend,
-                                   quant_config=quant_config)
+                                   quant_config=quant_config, **parallel)
         if quant_config is None:
             self.model.load_weights(self.checkpoint.weights(self.dtype))
         else:
@@ -132,6 +139,8 @@ class ModelRunner:
         else:
             kind, value = parse_memory(setting)
             budget = value * available_memory_bytes(self.device) if kind == "fraction" else value
+        if self.device == "cpu":  # the ranks of a CPU engine share one memory: split the budget
+            budget /= self.tp.world_size
         num_blocks = int(budget // self.kv_bytes_per_block())
         if num_blocks * self.block_size < self.max_model_len:
             need = -(-self.max_model_len // self.block_size) * self.kv_bytes_per_block()
@@ -314,7 +323,7 @@ class ModelRunner:
             self.phases.add("prepare", t_forward - t_start)
             self.phases.add("forward", t_sample - t_forward)
             self.phases.tokens += len(input_ids)
-        if not len(logits_rows):
+        if not len(logits_rows) or not self.tp.is_driver:
             return out
         for i, row0, count, first in prompt_lp:
             r = int(rows[i])
@@ -346,6 +355,18 @@ class ModelRunner:
         if self.phases is not None:
             self.phases.add("sample", time.perf_counter() - t_sample)
         return out
+
+
+def _check_parallel(model_cls, quant_config, tp: TPGroup) -> None:
+    if not getattr(model_cls, "supports_tensor_parallel", False):
+        raise ConfigError(
+            f"{model_cls.__name__} does not support tensor parallelism yet; run it with "
+            f"tensor_parallel_size=1")
+    if quant_config is not None:
+        raise ConfigError(
+            f"quantization {quant_config.name!r} cannot be split over {tp.world_size} ranks yet; "
+            f"run tensor parallel models unquantized (quantization='none', e.g. "
+            f"--quantization none for a GGUF file) or with tensor_parallel_size=1")
 
 
 def _warmup_metadata(num_tokens: int, device: str) -> AttentionMetadata:

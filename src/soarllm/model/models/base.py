@@ -17,9 +17,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from soarllm.distributed.parallel_state import TPGroup, kv_head_range
 from soarllm.kernels.attention import AttentionMetadata, ReferenceAttentionBackend
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.linear import Linear
+from soarllm.model.layers.parallel_linear import parallel_lm_head
 from soarllm.quant.base import QuantizationConfig, UnquantizedMethod, default_weight_loader
 
 # Checkpoint tensors that carry no weights we need (precomputed rope tables and the like).
@@ -37,8 +39,13 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config, dtype, quant_config: QuantizationConfig | None = None, backend=None):
+    # models whose layers shard over tensor-parallel ranks (they take a ``tp`` argument)
+    supports_tensor_parallel: bool = False
+
+    def __init__(self, config, dtype, quant_config: QuantizationConfig | None = None, backend=None,
+                 tp: TPGroup | None = None):
         super().__init__()
+        self.tp = tp or TPGroup.single()
         # what forward(..., meta) attends with; the runner passes its own in the forward context
         self.attn_backend = backend if backend is not None else ReferenceAttentionBackend()
         self.config = config
@@ -46,15 +53,21 @@ class DecoderForCausalLM(nn.Module):
         self.quant_config = quant_config
         text = getattr(config, "text_config", None) or config
         self.num_layers = text.num_hidden_layers
-        self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        # KV heads this rank holds (and caches): all of them at world size 1
+        self.num_kv_heads = kv_head_range(
+            getattr(text, "num_key_value_heads", None) or text.num_attention_heads, self.tp)[1]
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.vocab_size = text.vocab_size
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
 
     def build_lm_head(self, embedding: nn.Embedding) -> None:
         hidden = embedding.weight.shape[1]
-        self.lm_head = Linear(hidden, self.vocab_size, bias=False, dtype=self.dtype,
-                              quant_config=self.quant_config, prefix="lm_head")
+        if self.tp.world_size > 1:  # this rank's rows of the (padded) vocabulary
+            self.lm_head = parallel_lm_head(hidden, self.vocab_size, tp=self.tp, dtype=self.dtype,
+                                            quant_config=self.quant_config, prefix="lm_head")
+        else:
+            self.lm_head = Linear(hidden, self.vocab_size, bias=False, dtype=self.dtype,
+                                  quant_config=self.quant_config, prefix="lm_head")
         # a tied unquantized head is the embedding table itself
         self.head_shares_embedding = self.tie_word_embeddings and isinstance(
             self.lm_head.quant_method, UnquantizedMethod
@@ -69,7 +82,10 @@ class DecoderForCausalLM(nn.Module):
             return self.model(input_ids, positions, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.tp.world_size > 1:  # every rank's vocabulary rows, the padding cut off
+            logits = self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors (HF names) through the layers; returns the loaded params."""

@@ -1,0 +1,246 @@
+"""MultiprocExecutor: one worker process per tensor-parallel rank, driven over pipes.
+
+Each step message is pickled once and the same bytes are written to every worker's pipe; rank 0
+answers with the ``RunnerOutput`` (it alone samples), the other ranks with an acknowledgement.
+While waiting the executor also watches every worker's process sentinel, so a worker that dies
+(killed, out of memory, crashed) is noticed at once: the executor stops the others and raises
+``WorkerDiedError``, which the engine treats as fatal (it ends the requests in flight and reports
+itself unhealthy) instead of hanging. A rank that fails while the others wait for it in a
+collective is noticed the same way after ``COLLECTIVE_GRACE_S``. A request-level error raised by
+every rank alike (before any collective) is re-raised as it is, so the engine's per-request
+failure containment still works.
+
+``shutdown`` (also run when the executor is garbage-collected and at interpreter exit) stops every
+worker: a polite message, then SIGTERM, then SIGKILL. Workers also exit on their own when the
+engine process disappears.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+import weakref
+from multiprocessing.connection import wait
+from typing import Any
+
+from soarllm.config import EngineArgs
+from soarllm.distributed.parallel_state import free_port
+from soarllm.distributed.worker import NO_REPLY, worker_main
+from soarllm.errors import ConfigError, SoarError
+from soarllm.model.loader import load_checkpoint
+from soarllm.profiling import StepPhases
+from soarllm.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+# How long the other ranks may keep silent after one rank failed a step: they are stuck in a
+# collective the failed rank never joined.
+COLLECTIVE_GRACE_S = 5.0
+
+
+class WorkerDiedError(SoarError):
+    """A worker process died or hung; the engine cannot go on (HTTP 503). Fatal to the engine."""
+
+    status_code = 503
+    error_type = "engine_error"
+    fatal = True
+
+
+def check_tensor_parallel(config, world_size: int, device: str) -> None:
+    """Refuse, before any worker starts, a world size the model or the machine cannot take."""
+    from soarllm.distributed.parallel_state import TPGroup, kv_head_range
+
+    if world_size < 1:
+        raise ConfigError(f"tensor_parallel_size must be at least 1, got {world_size}")
+    if device.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count()
+        if world_size > n:
+            raise ConfigError(
+                f"tensor_parallel_size={world_size} needs {world_size} GPUs but {n} are visible; "
+                f"lower tensor_parallel_size to at most {n} (or set CUDA_VISIBLE_DEVICES)")
+    text = getattr(config, "text_config", None) or config
+    tp = TPGroup(rank=0, world_size=world_size)
+    tp.split(text.num_attention_heads, "attention heads")
+    kv_head_range(getattr(text, "num_key_value_heads", None) or text.num_attention_heads, tp)
+    if getattr(text, "intermediate_size", None):
+        tp.split(text.intermediate_size, "intermediate size (MLP width)")
+
+
+class MultiprocExecutor:
+    """``tensor_parallel_size`` worker processes, rank 0's answers returned."""
+
+    def __init__(self, args: EngineArgs):
+        import torch.multiprocessing as tmp
+
+        self.args = args
+        self.world_size = args.tensor_parallel_size
+        device = args.resolved_device()
+        # The engine process reads the config and tokenizer; a GGUF file is converted once here,
+        # before the workers open it.
+        self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
+        self.hf_config = self.checkpoint.config
+        check_tensor_parallel(self.hf_config, self.world_size, device)
+        ctx = tmp.get_context("spawn")
+        port = free_port()
+        import os
+
+        self.procs = []
+        self.conns = []
+        for rank in range(self.world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            p = ctx.Process(target=worker_main, name=f"soar-worker-{rank}",
+                            args=(args, rank, self.world_size, port, child_end, os.getpid()))
+            p.start()
+            child_end.close()
+            self.procs.append(p)
+            self.conns.append(parent_end)
+        self._dead: WorkerDiedError | None = None
+        self._phases: StepPhases | None = None
+        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.conns)
+        try:
+            infos = self._gather(None)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.max_model_len = infos[0]["max_model_len"]
+        self.vocab_size = infos[0]["vocab_size"]
+        self.worker_pids = [i["pid"] for i in infos]
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Run ``method`` on every worker; their answers in rank order."""
+        self._broadcast(pickle.dumps((method, args)))
+        if method in NO_REPLY:
+            return []
+        return self._gather(method)
+
+    def _broadcast(self, payload: bytes) -> None:
+        if self._dead is not None:
+            raise self._dead
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(payload)
+            except (BrokenPipeError, OSError):
+                self._die(f"worker rank {rank} closed its pipe"
+                          f"{self._exit_note(rank)}")
+
+    def _gather(self, method: str | None) -> list[Any]:
+        """Every rank's answer; raises at once when a worker dies."""
+        pending = dict(enumerate(self.conns))
+        answers: dict[int, tuple[str, Any]] = {}
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs)}
+        deadline = None
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait(list(pending.values()) + list(sentinels), timeout)
+            if not ready:
+                failed = sorted(r for r, a in answers.items() if a[0] == "error")
+                self._die(f"worker rank(s) {failed} failed ({answers[failed[0]][1]!r}) while "
+                          f"rank(s) {sorted(pending)} waited in a collective for "
+                          f"{COLLECTIVE_GRACE_S:.0f} s")
+            for obj in ready:
+                if obj in sentinels:
+                    rank = sentinels[obj]
+                    if rank in pending and pending[rank].poll():
+                        continue  # it answered before dying: read the answer first
+                    self._die(f"worker rank {rank} (pid {self.procs[rank].pid}) died"
+                              f"{self._exit_note(rank)}")
+                rank = next(r for r, c in pending.items() if c is obj)
+                try:
+                    answers[rank] = pickle.loads(obj.recv_bytes())
+                except (EOFError, OSError):
+                    self._die(f"worker rank {rank} (pid {self.procs[rank].pid}) died"
+                              f"{self._exit_note(rank)}")
+                del pending[rank]
+                if answers[rank][0] == "error" and deadline is None:
+                    deadline = time.monotonic() + COLLECTIVE_GRACE_S
+        errors = [a[1] for _, a in sorted(answers.items()) if a[0] == "error"]
+        if errors:
+            if method is None:  # start-up: a configuration error says what to change
+                raise errors[0]
+            if len(errors) < self.world_size:  # the ranks disagree: their states drifted apart
+                self._die(f"{len(errors)} of {self.world_size} workers failed in {method}: "
+                          f"{errors[0]!r}")
+            raise errors[0]
+        return [answers[r][1] for r in range(self.world_size)]
+
+    def _exit_note(self, rank: int) -> str:
+        p = self.procs[rank]
+        p.join(timeout=0.5)
+        code = p.exitcode
+        if code is None:
+            return ""
+        return f" (exit code {code}{', killed by signal ' + str(-code) if code < 0 else ''})"
+
+    def _die(self, what: str) -> None:
+        self._dead = WorkerDiedError(
+            f"tensor-parallel {what}; the engine cannot continue: restart it (check the "
+            f"worker's log for the cause, e.g. out of memory)")
+        logger.error("%s", self._dead)
+        self.shutdown(timeout=0.5)  # the survivors may be stuck in a collective: do not wait
+        raise self._dead
+
+    # -- the executor seam -----------------------------------------------------------------------
+
+    def determine_num_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_kv_cache", num_blocks)
+
+    def execute(self, so: SchedulerOutput):
+        t0 = time.perf_counter()
+        out = self.collective_rpc("execute", so)[0]
+        if self._phases is not None:  # the workers' phases are not sent back: one figure
+            self._phases.add("forward", time.perf_counter() - t0)
+            self._phases.tokens += so.total_num_scheduled_tokens
+        return out
+
+    def update_states(self, so: SchedulerOutput) -> None:
+        self.collective_rpc("update_states", so)
+
+    @property
+    def phases(self) -> StepPhases | None:
+        return self._phases
+
+    @phases.setter
+    def phases(self, value: StepPhases | None) -> None:
+        self._phases = value
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and all(p.is_alive() for p in self.procs)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every worker (idempotent)."""
+        if self._finalizer.detach() is not None:
+            _stop_workers(self.procs, self.conns, timeout)
+
+
+def _stop_workers(procs, conns, timeout: float = 5.0) -> None:
+    """Ask, then SIGTERM, then SIGKILL; reap every process."""
+    for conn in conns:
+        try:
+            conn.send_bytes(pickle.dumps(("shutdown", ())))
+        except Exception:
+            pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=2.0)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=2.0)
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:
+            pass

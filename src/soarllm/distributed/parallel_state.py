@@ -1,0 +1,117 @@
+"""The tensor-parallel group a model is built for: rank, world size and its collectives.
+
+No module-level state: the runner makes one ``TPGroup`` and hands it to the model's constructor,
+which hands it to every parallel layer. At world size 1 (``TPGroup.single()``) every collective
+returns its input untouched, so a one-process model pays nothing for being parallel-ready.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class CommStats:
+    """Time spent in collectives on this rank (world size > 1 only)."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # the torch.distributed process group (None: the default group)
+    comm: CommStats = field(default_factory=CommStats, compare=False)
+
+    @classmethod
+    def single(cls) -> TPGroup:
+        return cls()
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 samples and answers the engine; the other ranks only compute."""
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` over the ranks (in place where the backend allows)."""
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self.comm.seconds += time.perf_counter() - t0
+        self.comm.calls += 1
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along ``dim``, in rank order."""
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        self.comm.seconds += time.perf_counter() - t0
+        self.comm.calls += 1
+        return torch.cat(parts, dim=dim)
+
+    # -- how a dimension is split ----------------------------------------------------------------
+
+    def split(self, total: int, what: str) -> int:
+        """This rank's share of ``total`` (heads, rows, ...), which must divide evenly."""
+        if total % self.world_size:
+            from soarllm.errors import ConfigError
+
+            raise ConfigError(
+                f"tensor_parallel_size={self.world_size} does not divide the model's {what} "
+                f"({total}); choose a tensor_parallel_size that divides {total}"
+            )
+        return total // self.world_size
+
+
+def kv_head_range(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
+    """(first KV head, KV heads) this rank holds: split when there are at least as many KV heads
+    as ranks, else each head replicated on world_size / num_kv_heads consecutive ranks."""
+    if num_kv_heads >= tp.world_size:
+        n = tp.split(num_kv_heads, "key/value heads")
+        return tp.rank * n, n
+    if tp.world_size % num_kv_heads:
+        from soarllm.errors import ConfigError
+
+        raise ConfigError(
+            f"tensor_parallel_size={tp.world_size} is larger than the model's {num_kv_heads} "
+            f"key/value heads and not a multiple of it; choose a tensor_parallel_size that "
+            f"divides or is a multiple of {num_kv_heads}"
+        )
+    return tp.rank // (tp.world_size // num_kv_heads), 1
+
+
+def init_distributed(rank: int, world_size: int, port: int, device: str) -> TPGroup:
+    """Join the localhost process group (gloo on CPU, NCCL on CUDA) as ``rank``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(minutes=10))
+    return TPGroup(rank=rank, world_size=world_size, group=None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,130 @@
+"""One tensor-parallel rank in its own process: a ModelRunner driven over a pipe.
+
+The executor sends pickled ``(method, args)`` messages; the worker runs them on its runner and
+answers ``("ok", result)`` or ``("error", exception)``. Only rank 0 sends back a step's
+``RunnerOutput``; the other ranks answer ``None`` (they compute, they do not sample). Messages
+named in ``NO_REPLY`` are applied without an answer (a failure is reported with the next one). The worker exits when the executor says
+``shutdown``, when its pipe closes, or when its parent process is gone (a watchdog thread), so a
+killed engine leaves no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+NO_REPLY = frozenset({"update_states"})
+
+
+class Worker:
+    def __init__(self, args, rank: int, world_size: int, port: int):
+        import torch
+
+        from soarllm.distributed.parallel_state import init_distributed
+        from soarllm.model.runner import ModelRunner
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        self.tp = init_distributed(rank, world_size, port, args.resolved_device())
+        self.runner = ModelRunner(args, tp=self.tp)
+
+    # -- methods the executor calls --------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        r = self.runner
+        return {"max_model_len": r.max_model_len, "vocab_size": r.model.vocab_size,
+                "pid": os.getpid()}
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, so):
+        out = self.runner.execute(so)
+        return out if self.tp.is_driver else None
+
+    def update_states(self, so) -> None:
+        self.runner.update_states(so)
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's parameters and buffers (each storage counted once)."""
+        seen: set[int] = set()
+        total = 0
+        m = self.runner.model
+        for t in list(m.parameters()) + list(m.buffers()):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return total
+
+    def comm_stats(self, reset: bool = False) -> tuple[float, int]:
+        c = self.tp.comm
+        stats = (c.seconds, c.calls)
+        if reset:
+            c.seconds, c.calls = 0.0, 0
+        return stats
+
+    def crash(self, code: int = 1) -> None:
+        """Testing: exit abruptly, as a crash would."""
+        os._exit(code)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the engine is gone: nobody will stop us otherwise
+        time.sleep(0.5)
+
+
+def _error(e: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a RuntimeError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        text = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return RuntimeError(text)
+
+
+def worker_main(args, rank: int, world_size: int, port: int, conn, parent_pid: int) -> None:
+    """Process entry point (spawned)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the engine, which stops us
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="soar-parent-watch").start()
+    try:
+        worker = Worker(args, rank, world_size, port)
+        conn.send_bytes(pickle.dumps(("ok", worker.info())))
+    except BaseException as e:
+        traceback.print_exc()
+        conn.send_bytes(pickle.dumps(("error", _error(e))))
+        return
+    pending: BaseException | None = None  # a failed NO_REPLY message, reported with the next answer
+    while True:
+        try:
+            method, margs = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if method == "shutdown":
+            return
+        try:
+            result = getattr(worker, method)(*margs)
+            reply = ("ok", result)
+        except Exception as e:
+            if rank == 0 or method in NO_REPLY:
+                traceback.print_exc()
+            reply = ("error", _error(e))
+        if method in NO_REPLY:
+            if reply[0] == "error" and pending is None:
+                pending = reply[1]
+            continue
+        if pending is not None:
+            reply, pending = ("error", pending), None
+        conn.send_bytes(pickle.dumps(reply))
