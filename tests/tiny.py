@@ -42,6 +42,15 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512):
     return fast
 
 
+# MoE families: 4 experts, 2 per token (Qwen: narrower experts, a shared expert)
+MOE_DEFAULTS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=96),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+}
+
+
 def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a random tiny model of the given family plus a trained tokenizer to out_dir."""
     from transformers import (
@@ -49,8 +58,14 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     out_dir = Path(out_dir)
@@ -59,6 +74,9 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
     }
     cfg_cls, model_cls = families[arch]
     kw = dict(
@@ -67,6 +85,7 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
         tie_word_embeddings=False,
     )
+    kw.update(MOE_DEFAULTS.get(arch, {}))
     kw.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw))
@@ -74,7 +93,7 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
     # decided by float noise between batch layouts.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3-D: transformers 5's stacked MoE experts
                 p.normal_(0.0, 0.15 if "embed" in name or "lm_head" in name else 0.08)
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id}))

@@ -1,0 +1,187 @@
+"""Fused Mixture-of-Experts layer: route, sort tokens by expert, one matmul per expert, combine.
+
+Each token's router picks ``top_k`` of ``E`` experts (softmax over the router logits, top-k, the
+k weights renormalised to sum to 1 where the config asks: Mixtral always, Qwen-MoE with
+``norm_topk_prob``). The T*k (token, expert) slots are sorted by expert (an argsort of the flat
+assignment), so each expert's tokens are one contiguous slice; each expert then runs its gate/up
+and down projections once over only that slice (``torch._grouped_mm`` over all slices at once,
+or one matmul per non-empty expert where it is missing), and the weighted outputs are added back
+to their tokens with ``index_add_``. No expert ever sees a token not routed to it.
+
+The experts' weights live stacked, as vLLM and transformers 5 keep them: ``w13`` [E, 2I, H]
+(gate rows then up rows) and ``w2`` [E, H, I]. Per-expert checkpoint tensors (Mixtral's
+``experts.N.w1/w3/w2``, Qwen's ``experts.N.gate_proj/up_proj/down_proj``) load into their expert's
+rows through the parameter's ``weight_loader`` with shard id ``(N, "gate" | "up" | "down")``;
+already stacked tensors (transformers 5's ``experts.gate_up_proj`` / ``experts.down_proj``) load
+whole with shard id None.
+
+Under ``torch.compile`` the experts run as the custom op ``soarllm::fused_experts`` (opaque to the
+compiler, like attention): the per-expert slices have data-dependent sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soarllm.errors import ConfigError
+from soarllm.model.layers.activation import ACT_AND_MUL
+from soarllm.quant.base import as_float, new_param, set_weight_loader
+
+# A per-expert checkpoint tensor: <module>.experts.<N>.<projection>.weight
+EXPERT_TENSOR = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+# projection name in checkpoints -> shard of the stacked weights
+EXPERT_SHARDS = {
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",  # Qwen-MoE, DeepSeek
+    "w1": "gate", "w3": "up", "w2": "down",  # Mixtral
+}
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int,
+                   renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing: (weights float32 [T, k], expert ids int64 [T, k]) for logits [T, E]."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
+    """The T*k slots grouped by expert: (order [T*k] of flat slot indices, token of each sorted
+    slot [T*k], tokens per expert [E])."""
+    flat = topk_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    token_of = torch.div(order, topk_ids.shape[1], rounding_mode="floor")
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, token_of, counts
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [M, K] in expert-sorted order, weight [E, N, K], counts [E] rows per expert -> [M, N]:
+    each expert's contiguous rows times its own weight, nothing else."""
+    if x.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            torch.mm(x[start : start + n], weight[e].t(), out=out[start : start + n])
+            start += n
+    return out
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t of x [T, H]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.soarllm.fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation):
+    order, token_of, counts = sort_by_expert(topk_ids, w13.shape[0])
+    xs = x.index_select(0, token_of)
+    h = ACT_AND_MUL[activation](grouped_matmul(xs, w13, counts))
+    out = grouped_matmul(h, w2, counts)
+    out = out * topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+@torch.library.custom_op("soarllm::fused_experts", mutates_args=())
+def _fused_experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      activation: str) -> torch.Tensor:
+    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+@_fused_experts_op.register_fake
+def _(x, w13, w2, topk_weights, topk_ids, activation):
+    return torch.empty_like(x)
+
+
+def per_expert_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    act_and_mul: Callable = ACT_AND_MUL["silu"]) -> torch.Tensor:
+    """The dense reference the benchmark compares with: every expert runs over every token and
+    its output is kept with the token's weight for it (zero where it was not routed)."""
+    num_experts = w13.shape[0]
+    dense = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+    dense.scatter_(1, topk_ids, topk_weights.float())
+    out = torch.zeros_like(x)
+    for e in range(num_experts):
+        y = F.linear(act_and_mul(F.linear(x, w13[e])), w2[e])
+        out += dense[:, e : e + 1].to(x.dtype) * y
+    return out
+
+
+class FusedMoE(nn.Module):
+    """The routed experts of one MoE block: stacked weights, routing and the fused compute.
+
+    ``forward(x, router_logits)`` -> [T, H]. The router (``gate``) is the block's own Linear.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 renormalize: bool, activation: str = "silu", dtype: torch.dtype = torch.float32,
+                 prefix: str = ""):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(
+                f"{prefix or 'MoE layer'}: num_experts_per_tok={top_k} must be between 1 and the "
+                f"number of experts ({num_experts}); fix num_experts_per_tok in config.json"
+            )
+        if activation not in ACT_AND_MUL:
+            raise ConfigError(
+                f"{prefix or 'MoE layer'}: expert activation {activation!r} is not supported "
+                f"(supported: {', '.join(sorted(ACT_AND_MUL))})"
+            )
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.activation = activation
+        self.prefix = prefix
+        # transformers 5's names for the stacked tensors, so its state dicts load as they are
+        self.gate_up_proj = set_weight_loader(
+            new_param((num_experts, 2 * intermediate_size, hidden_size), dtype), self.weight_loader)
+        self.down_proj = set_weight_loader(
+            new_param((num_experts, hidden_size, intermediate_size), dtype), self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id) -> None:
+        """shard_id None: the whole stacked tensor; (expert, "gate" | "up" | "down"): one
+        expert's projection [I, H] or [H, I]."""
+        tensor = as_float(loaded)
+        if shard_id is None:
+            target = param.data
+        else:
+            expert, part = shard_id
+            if not 0 <= expert < self.num_experts:
+                raise ValueError(f"expert {expert} out of range: the config has "
+                                 f"{self.num_experts} experts")
+            inter = self.intermediate_size
+            if part == "down":
+                if param is not self.down_proj:
+                    raise ValueError("a down projection goes to down_proj")
+                target = param.data[expert]
+            else:
+                if param is not self.gate_up_proj:
+                    raise ValueError(f"a {part} projection goes to gate_up_proj")
+                target = param.data[expert, : inter] if part == "gate" else param.data[expert, inter:]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(target.shape)}")
+        target.copy_(tensor)
+
+    def checkpoint_param(self, proj: str) -> nn.Parameter:
+        """The stacked parameter a per-expert projection (checkpoint name) loads into."""
+        return self.down_proj if EXPERT_SHARDS[proj] == "down" else self.gate_up_proj
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}")
