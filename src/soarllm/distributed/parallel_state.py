@@ -44,6 +44,10 @@ class TPGroup:
             return x
         import torch.distributed as dist
 
+        if torch.compiler.is_compiling():  # traceable form: the compiled graph keeps the op
+            import torch.distributed._functional_collectives as fc
+
+            return fc.all_reduce(x, "sum", self.group or dist.group.WORLD)
         t0 = time.perf_counter()
         dist.all_reduce(x, group=self.group)
         self.comm.seconds += time.perf_counter() - t0

@@ -449,7 +449,8 @@ class AsyncLLMEngine:
         except BaseException as e:  # a bug in the engine's bookkeeping: report, stop
             logger.exception("engine thread crashed")
             self._fatal = e
-            error = RequestFailedError(f"the engine crashed: {describe(e)}")
+            error = (EngineDeadError if getattr(e, "fatal", False) else RequestFailedError)(
+                f"the engine crashed: {describe(e)}")
             self._call_in_loop(self._fail, list(in_engine), error)
             for c in self._next_commands(block=False):  # nobody will apply these any more
                 if isinstance(c, _Add):
@@ -499,6 +500,8 @@ class AsyncLLMEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
+            if getattr(e, "fatal", False):  # the executor is gone: _run ends the thread
+                raise
             # The engine's own containment did not catch it (its bookkeeping broke): we cannot
             # tell which request is to blame, so fail the ones in flight and keep serving.
             self._consecutive_failures += 1

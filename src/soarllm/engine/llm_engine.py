@@ -107,6 +107,10 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes, if any (also done at interpreter exit)."""
+        self.executor.shutdown()
+
     # -- requests ------------------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -315,6 +319,8 @@ class LLMEngine:
         try:
             result = self.executor.execute(so)
         except Exception as error:
+            if getattr(error, "fatal", False):  # the executor is gone (a worker died): no retry
+                raise
             return self._isolate_failure(so, scheduled, error)
         self.num_consecutive_failed_steps = 0
         return result
