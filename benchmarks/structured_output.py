@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--c1-requests", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32],
+                    help="concurrencies to measure (requests: --c1-requests at 1, else as many)")
     ap.add_argument("--out", type=Path, default=OUT / "result.json")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. the machine's load)")
     args = ap.parse_args()
@@ -183,8 +185,8 @@ def main() -> None:
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
         "note": args.note,
         "compile": compile_times(llm),
-        "throughput": [throughput(llm, 1, args.c1_requests, args.max_tokens, args.rounds),
-                       throughput(llm, 32, 32, args.max_tokens, args.rounds)],
+        "throughput": [throughput(llm, c, args.c1_requests if c == 1 else c, args.max_tokens,
+                                  args.rounds) for c in args.concurrency],
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
