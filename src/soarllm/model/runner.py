@@ -29,6 +29,7 @@ from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
+from soarllm.model.layers.rotary import rope_max_position
 from soarllm.model.loader import Checkpoint, load_checkpoint
 from soarllm.model.loader.dummy import RandomSource
 from soarllm.model.loader.memory import release_free_heap
@@ -99,12 +100,12 @@ class ModelRunner:
         release_free_heap()
         self.model.eval()
         logger.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, model_cls.__name__, self.dtype)
-        max_pos = getattr(config, "max_position_embeddings", None) or 2048
+        max_pos = rope_max_position(config)  # max_position_embeddings, stretched by rope scaling
         self.max_model_len = args.max_model_len or max_pos
         if self.max_model_len > max_pos:
             raise ConfigError(
                 f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
-                f"({max_pos}); lower max_model_len"
+                f"({max_pos}, with its rope scaling); lower max_model_len"
             )
         self.block_size = args.block_size
         # KV cache: the model dtype, or int8 with per-token-head scales (kernels/kv_quant.py)
