@@ -52,17 +52,15 @@ class Worker:
     def update_states(self, so) -> None:
         self.runner.update_states(so)
 
-    def weight_bytes(self) -> int:
-        """Bytes of this rank's parameters and buffers (each storage counted once)."""
+    def parameter_bytes(self) -> int:
+        """Bytes of this rank's model parameters (tied ones counted once)."""
         seen: set[int] = set()
         total = 0
-        m = self.runner.model
-        for t in list(m.parameters()) + list(m.buffers()):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen:
+        for p in self.runner.model.parameters():
+            if p.data_ptr() in seen:
                 continue
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
         return total
 
     def comm_stats(self, reset: bool = False) -> tuple[float, int]:

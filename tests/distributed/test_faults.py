@@ -1,0 +1,122 @@
+"""A worker that dies is noticed, the engine raises instead of hanging and no process is left
+behind; bad tensor-parallel settings are refused before any worker starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from soarllm import SamplingParams
+from soarllm.config import EngineArgs
+from soarllm.distributed.executor import executor_backend
+from soarllm.distributed.multiproc import WorkerDiedError, check_tensor_parallel
+from soarllm.engine.llm_engine import LLMEngine
+from soarllm.errors import ConfigError
+
+# Hang guard only: a dead worker is noticed through its process sentinel at once; this bound is
+# what the issue allows a client to wait for the error.
+HANG_GUARD_S = 10.0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie still answers kill(0); it is gone when /proc says so
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_worker_mid_generate_raises_and_leaves_no_process(tiny_gqa_dir, victim):
+    engine = LLMEngine(EngineArgs(model=str(tiny_gqa_dir), dtype="float32",
+                                  kv_cache_memory="32MiB", tensor_parallel_size=2))
+    pids = list(engine.executor.worker_pids)
+    engine.add_request("a", "def parse(self, args):",
+                       SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    engine.add_request("b", "import collections",
+                       SamplingParams(temperature=0.8, seed=3, max_tokens=400, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    result: dict[str, BaseException | None] = {}
+    killed = threading.Event()
+
+    def generate() -> None:
+        try:
+            while engine.has_unfinished_requests():
+                engine.step()
+                if not killed.is_set():  # kill during the next step
+                    killed.set()
+                    threading.Timer(0.01, os.kill, (pids[victim], signal.SIGKILL)).start()
+            result["error"] = None
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+
+    t = threading.Thread(target=generate, daemon=True)
+    t.start()
+    t.join(HANG_GUARD_S)
+    assert not t.is_alive(), "the engine hung after a worker was killed"
+    error = result["error"]
+    assert isinstance(error, WorkerDiedError), error
+    assert f"rank {victim}" in str(error) and "restart" in str(error)
+    # later steps fail at once with the same error, they never block
+    with pytest.raises(WorkerDiedError):
+        engine.add_request("c", "x", SamplingParams(max_tokens=2))
+        engine.step()
+    assert all(_gone(pid) for pid in pids)
+    engine.shutdown()  # idempotent
+
+
+def test_shutdown_stops_every_worker(tiny_gqa_dir):
+    engine = LLMEngine(EngineArgs(model=str(tiny_gqa_dir), dtype="float32",
+                                  kv_cache_memory="32MiB", tensor_parallel_size=2))
+    pids = list(engine.executor.worker_pids)
+    assert not any(_gone(p) for p in pids)
+    engine.shutdown()
+    assert all(_gone(p) for p in pids)
+
+
+def _config(heads: int, kv: int, inter: int = 128):
+    return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv,
+                           intermediate_size=inter)
+
+
+def test_bad_tensor_parallel_sizes_name_the_fix(monkeypatch):
+    with pytest.raises(ConfigError, match="divides 4"):
+        check_tensor_parallel(_config(4, 4), 3, "cpu")
+    with pytest.raises(ConfigError, match="key/value heads"):
+        check_tensor_parallel(_config(6, 2), 3, "cpu")  # 3 ranks over 2 KV heads
+    check_tensor_parallel(_config(4, 1), 4, "cpu")  # one KV head replicated: fine
+    with pytest.raises(ConfigError, match="intermediate"):
+        check_tensor_parallel(_config(4, 2, inter=130), 4, "cpu")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="needs 2 GPUs but 1"):
+        check_tensor_parallel(_config(4, 2), 2, "cuda")
+
+
+def test_executor_backend_choice():
+    assert executor_backend(EngineArgs()) == "uni"
+    assert executor_backend(EngineArgs(tensor_parallel_size=2)) == "mp"
+    assert executor_backend(EngineArgs(distributed_executor_backend="mp")) == "mp"
+    with pytest.raises(ConfigError, match="distributed_executor_backend='mp'"):
+        executor_backend(EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni"))
+    with pytest.raises(ConfigError, match="use one of"):
+        executor_backend(EngineArgs(distributed_executor_backend="threads"))
+    with pytest.raises(ConfigError, match="positive integer"):
+        executor_backend(EngineArgs(tensor_parallel_size=0))
+
+
+def test_quantized_tensor_parallel_is_refused(tiny_gqa_dir):
+    with pytest.raises(ConfigError, match="quantization='none'"):
+        LLMEngine(EngineArgs(model=str(tiny_gqa_dir), dtype="float32", quantization="w8a16",
+                             kv_cache_memory="32MiB", tensor_parallel_size=2))
