@@ -1,0 +1,45 @@
+"""The real default model (SmolLM2-135M: 9 query heads over 3 KV heads, so 3 ranks) split over
+three worker processes gives transformers' greedy tokens on the same dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soarllm import LLM, SamplingParams
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["def fibonacci(n):", "The capital of France is"]
+N_TOKENS = 12
+
+
+def test_tp3_default_model_greedy_equals_transformers(default_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, name = str(default_model_path.parent), default_model_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    prompt_ids = [tok.encode(p) for p in PROMPTS]
+    expected = []
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                 dtype=torch.long), do_sample=False, max_new_tokens=N_TOKENS,
+                                 min_new_tokens=N_TOKENS)
+            expected.append(gen[0, len(ids):].tolist())
+    whole = sum(p.numel() * p.element_size()
+                for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    del model
+    # quantization="none": the dequantized weights transformers runs (GGUF blocks do not shard)
+    llm = LLM(str(default_model_path), dtype="float32", quantization="none",
+              kv_cache_memory="64MiB", max_model_len=256, tensor_parallel_size=3)
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
+        ours = [o.outputs[0].token_ids for o in llm.generate([list(p) for p in prompt_ids], sp)]
+        per_rank = llm.llm_engine.executor.collective_rpc("parameter_bytes")
+    finally:
+        llm.llm_engine.shutdown()
+    assert ours == expected
+    for b in per_rank:  # each rank holds about a third (the norms are replicated)
+        assert 0.33 * whole < b < 0.34 * whole, (b, whole)
