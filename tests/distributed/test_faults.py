@@ -120,3 +120,47 @@ def test_quantized_tensor_parallel_is_refused(tiny_gqa_dir):
     with pytest.raises(ConfigError, match="quantization='none'"):
         LLMEngine(EngineArgs(model=str(tiny_gqa_dir), dtype="float32", quantization="w8a16",
                              kv_cache_memory="32MiB", tensor_parallel_size=2))
+
+
+def test_async_engine_reports_unhealthy_after_a_worker_dies(tiny_gqa_dir):
+    """The serving path: the open stream ends with EngineDeadError (HTTP 503), /health's
+    is_healthy turns False and new requests are refused."""
+    import asyncio
+
+    from soarllm.engine.async_engine import AsyncLLMEngine
+    from soarllm.engine.failures import EngineDeadError
+
+    engine = LLMEngine(EngineArgs(model=str(tiny_gqa_dir), dtype="float32",
+                                  kv_cache_memory="32MiB", tensor_parallel_size=2))
+    pids = list(engine.executor.worker_pids)
+    async_engine = AsyncLLMEngine(engine)
+
+    async def run() -> BaseException | None:
+        async_engine.start()
+        assert async_engine.is_healthy
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        try:
+            async for i, _ in _enumerate(async_engine.generate("r", "def parse(self):", params)):
+                if i == 1:
+                    os.kill(pids[1], signal.SIGKILL)
+        except EngineDeadError as e:
+            return e
+        return None
+
+    error = asyncio.run(asyncio.wait_for(run(), HANG_GUARD_S))
+    assert isinstance(error, EngineDeadError) and "rank 1" in str(error)
+    assert not async_engine.is_healthy
+
+    async def add_again() -> None:
+        await async_engine.add_request("s", "x", SamplingParams(max_tokens=2))
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(add_again())
+    assert all(_gone(pid) for pid in pids)
+
+
+async def _enumerate(stream):
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1
