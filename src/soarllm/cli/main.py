@@ -12,7 +12,7 @@ import sys
 from soarllm.cli.parser import SoarParser
 
 # (module under soarllm.cli, in help order). A module that is missing is skipped.
-_SUBCOMMANDS = ["pull", "generate", "chat", "serve", "bench", "eval", "plan"]
+_SUBCOMMANDS = ["pull", "generate", "chat", "serve", "bench", "eval", "quantize", "compare", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

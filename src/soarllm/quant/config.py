@@ -77,6 +77,9 @@ def get_quant_config(quantization: str | None, checkpoint: Checkpoint,
     """The config the model is built with; None means every layer unquantized."""
     value = parse_quantization(quantization)
     is_gguf = checkpoint.format == "gguf"
+    compressed = _compressed_tensors_config(value, checkpoint, packed_modules)
+    if compressed is not None:
+        return compressed
     if value is None:
         _refuse_unknown_checkpoint_quantization(checkpoint)
         value = "gguf" if is_gguf else "none"
@@ -98,6 +101,24 @@ def get_quant_config(quantization: str | None, checkpoint: Checkpoint,
         return RTNConfig("w8a16")
     group = _W4A16.fullmatch(value).group(1)
     return RTNConfig("w4a16", int(group) if group else 32)
+
+
+def _compressed_tensors_config(value: str | None, checkpoint: Checkpoint,
+                               packed_modules) -> QuantizationConfig | None:
+    """A compressed-tensors checkpoint (soar quantize, llm-compressor): served quantized, or
+    dequantized with quantization='none'."""
+    qc = getattr(checkpoint.config, "quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        return None
+    if value not in (None, "none"):
+        raise ConfigError(
+            f"{checkpoint.path} is already quantized (compressed-tensors); leave quantization "
+            "unset to serve it as stored, or use quantization='none' to dequantize it"
+        )
+    from soarllm.quant.compressed_tensors import CompressedTensorsConfig
+
+    return CompressedTensorsConfig(qc, packed_modules, dequantize=value == "none",
+                                   where=str(checkpoint.path))
 
 
 def _refuse_unknown_checkpoint_quantization(checkpoint: Checkpoint) -> None:

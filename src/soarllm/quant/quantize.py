@@ -1,0 +1,274 @@
+"""`soar quantize`: a model's float weights -> a compressed-tensors HF directory.
+
+The float weights are the checkpoint's own (a GGUF file's dequantized, the "full precision" base
+of the default model) in a transformers model built from the same config; every nn.Linear of the
+decoder layers is quantized (round to nearest, or GPTQ over calibration text), the LM head and
+the embeddings are left in `dtype`. The directory (config.json with the quantization_config,
+the tokenizer files, model.safetensors) is written under a temporary name beside `out` and
+renamed into place at the end, so `out` is never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from soarllm.errors import ConfigError, UnsupportedModelError
+from soarllm.quant.compressed_tensors import (
+    SCHEMES,
+    compress_linear,
+    quantization_config,
+    weight_args,
+)
+from soarllm.quant.w4a16 import GROUP_SIZES
+
+METHODS = ("rtn", "gptq")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SKIP_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".pth")
+
+
+@dataclass
+class QuantizeOptions:
+    scheme: str = "w4a16"
+    method: str = "rtn"
+    group_size: int | None = None  # w4a16: 128 when unset
+    calib: str = "prose"
+    num_samples: int = 32
+    seq_len: int = 512
+    dtype: str = "bfloat16"  # of the scales and the tensors left unquantized
+    act_order: bool = False
+    damp: float = 0.01
+    progress: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.scheme == "w8a16" and self.group_size is not None:
+            raise ConfigError("--group-size applies to w4a16 only (w8a16 has one scale per "
+                              "output channel); leave it out")
+        if self.scheme == "w4a16":
+            if self.group_size is None:
+                self.group_size = 128
+            if self.group_size not in GROUP_SIZES:
+                raise ConfigError(f"group size {self.group_size} is not supported; use one of "
+                                  f"{', '.join(map(str, GROUP_SIZES))}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.method == "gptq" and (self.num_samples < 1 or self.seq_len < 2):
+            raise ConfigError("GPTQ needs --num-samples >= 1 and --seq-len >= 2")
+        if self.act_order and self.method != "gptq":
+            raise ConfigError("--act-order applies to --method gptq only")
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"damping {self.damp} must be between 0 and 1 (e.g. 0.01)")
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    quantized: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+def check_out(out: Path) -> None:
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists; remove it or choose another directory")
+    if not out.parent.is_dir():
+        raise ConfigError(f"the parent of --out {out} does not exist; create {out.parent} first")
+
+
+def quantize_model(model: str, out: str | Path, opts: QuantizeOptions) -> QuantizeReport:
+    opts.check()
+    out = Path(out).absolute()
+    check_out(out)
+    from soarllm.model.loader import load_checkpoint
+
+    t0 = time.perf_counter()
+    checkpoint = load_checkpoint(model)
+    qc = getattr(checkpoint.config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise ConfigError(f"{checkpoint.path} is already quantized ({method}); give a float "
+                          "checkpoint (or a GGUF file) to quantize")
+    if checkpoint.tokenizer_dir is None:
+        raise ConfigError(f"{checkpoint.path} has no tokenizer files; the written directory "
+                          "would not load. Give a model directory with its tokenizer")
+    hf = float_model(checkpoint)
+    linears = decoder_linears(hf)
+    args = weight_args(opts.scheme, opts.group_size)
+    if opts.scheme == "w4a16":
+        bad = [(n, m.in_features) for n, m in linears.items() if m.in_features % opts.group_size]
+        if bad:
+            name, size = bad[0]
+            fits = [g for g in GROUP_SIZES if size % g == 0]
+            raise ConfigError(
+                f"group size {opts.group_size} does not divide the {size} inputs of {name} "
+                f"({len(bad)} layer(s) like it); use --group-size "
+                f"{' or '.join(map(str, fits)) if fits else '(none fits: use --scheme w8a16)'}"
+            )
+    scale_dtype = DTYPES[opts.dtype]
+    compressed: dict[str, dict[str, torch.Tensor]] = {}
+    if opts.method == "rtn":
+        _rtn(linears, args, scale_dtype, compressed, opts.progress)
+    else:
+        _gptq(hf, checkpoint, args, scale_dtype, compressed, opts)
+    report = write_directory(out, checkpoint, hf, compressed, opts, args)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def float_model(checkpoint) -> nn.Module:
+    """A transformers causal LM (float32) holding the checkpoint's weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_config(checkpoint.config).float()
+    except ValueError as e:
+        raise UnsupportedModelError(f"transformers cannot build {checkpoint.path}'s model ({e}); "
+                                    "soar quantize needs a causal LM transformers knows") from None
+    state = dict(checkpoint.weights(torch.float32))
+    result = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
+    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise UnsupportedModelError(
+            f"{checkpoint.path}'s tensors do not match transformers' model of its config "
+            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); soar quantize "
+            "supports dense decoder models (Llama, Qwen2, Mistral, Gemma)"
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Checkpoint module name -> nn.Linear, for every linear layer inside the decoder layers."""
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and ".layers." in f".{n}" and n != "lm_head"}
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} has no linear layers under "
+                                    "model.layers to quantize")
+    return found
+
+
+def _store(name: str, module: nn.Linear, q, scale, zp, args, compressed) -> None:
+    compressed[name] = compress_linear(q, scale, zp, args)
+    module.weight.data.copy_(q.to(module.weight.dtype))  # later layers see the quantized layer
+
+
+def _rtn(linears, args, scale_dtype, compressed, progress) -> None:
+    from tqdm.auto import tqdm
+
+    from soarllm.quant.gptq import rtn_quantize
+
+    for name, module in tqdm(linears.items(), desc="RTN layers", unit="linear", file=sys.stderr,
+                             disable=not progress):
+        q, scale, zp = rtn_quantize(module.weight.data, args, scale_dtype)
+        _store(name, module, q, scale, zp, args, compressed)
+
+
+def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) -> None:
+    from soarllm.quant.gptq import SequentialCalibrator, gptq_quantize
+
+    samples = calibration_samples(checkpoint.tokenizer_dir, opts.calib, opts.num_samples,
+                                  opts.seq_len)
+    names = {id(m): n for n, m in decoder_linears(hf).items()}
+
+    def quantize_layer(index, layer, accs):
+        for local, acc in accs.items():
+            module = layer.get_submodule(local)
+            q, scale, zp = gptq_quantize(module.weight.data, acc.H, args, scale_dtype,
+                                         damp=opts.damp, act_order=opts.act_order)
+            _store(names[id(module)], module, q, scale, zp, args, compressed)
+
+    SequentialCalibrator(hf, samples, progress=opts.progress).run(quantize_layer)
+
+
+def calibration_samples(tokenizer_dir, calib: str, num_samples: int, seq_len: int) -> torch.Tensor:
+    """[num_samples, seq_len] token ids of calibration text, held out from `soar eval ppl`'s.
+
+    'stdlib': standard-library files in another seeded order than the evaluation's, skipping the
+    files the evaluation reads first; 'prose': the second half of the Python reference text (the
+    evaluation scores its beginning); otherwise a text file. Consecutive, non-overlapping windows.
+    """
+    from transformers import AutoTokenizer
+
+    from soarllm.eval.corpus import corpus_text, natural_language_text, stdlib_sources
+
+    need_chars = num_samples * seq_len * 8
+    if calib == "stdlib":
+        evaluated = {f.name for f in stdlib_sources(num_files=64, seed=0)}
+        parts, total = [], 0
+        for f in stdlib_sources(num_files=400, seed=1):
+            if f.name in evaluated:
+                continue
+            parts.append(f.text)
+            total += len(f.text)
+            if total >= need_chars:
+                break
+        text = "\n\n".join(parts)
+    elif calib == "prose":
+        full = natural_language_text()
+        text = full[len(full) // 2 :]
+    else:
+        text = corpus_text(calib)  # a file path (a clear error when it is not one)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = tokenizer(text[: need_chars * 2], add_special_tokens=False)["input_ids"]
+    have = len(ids) // seq_len
+    if have < num_samples:
+        raise ConfigError(
+            f"calibration text {calib!r} gives {have} windows of {seq_len} tokens, fewer than "
+            f"--num-samples {num_samples}; lower --num-samples or --seq-len, or give a longer file"
+        )
+    return torch.tensor(ids[: num_samples * seq_len]).reshape(num_samples, seq_len)
+
+
+def write_directory(out: Path, checkpoint, hf: nn.Module, compressed, opts: QuantizeOptions,
+                    args) -> QuantizeReport:
+    """config.json + tokenizer files + model.safetensors, written to a temporary directory and
+    renamed to `out`."""
+    from safetensors.torch import save_file
+
+    dtype = DTYPES[opts.dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
+    for name, tensor in hf.state_dict().items():
+        module, suffix = name.rsplit(".", 1)
+        if module in compressed or (tied and name == "lm_head.weight"):
+            continue
+        tensors[name] = tensor.detach().to(dtype).contiguous()
+    for module, parts in compressed.items():
+        for suffix, tensor in parts.items():
+            tensors[f"{module}.{suffix}"] = tensor
+    config = checkpoint.config.to_dict()
+    config["quantization_config"] = quantization_config(opts.scheme, opts.group_size, ["lm_head"])
+    config["dtype"] = opts.dtype
+    config.pop("torch_dtype", None)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for src in sorted(Path(checkpoint.tokenizer_dir).iterdir()):
+            if src.is_file() and src.name not in _SKIP_FILES and not src.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(src, tmp / src.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.rename(tmp, out)  # atomic on one file system; fails if out appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return QuantizeReport(out, sorted(compressed), bytes=size)
