@@ -1,0 +1,258 @@
+"""`soar quantize` end to end on tiny random models: the directory it writes is a compressed-tensors
+checkpoint that the compressed-tensors library parses and decompresses, that transformers loads
+(its own loader, the oracle) with logits equal to soarllm's, and that soarllm serves on its
+W8A16 / W4A16 kernels close to the unquantized model. Bad input gives clear errors and never a
+half-written directory.
+
+transformers 5 with compressed-tensors 0.20 loads our symmetric (W8A16) files on its default
+path, but its default path cannot take the *packed* zero points of asymmetric int4 files (it
+allocates them unpacked and reports a size mismatch; the library's own compress and decompress
+pack them, as vLLM reads them); there transformers' ``dequantize=True`` path is the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from soarllm.cli.main import main
+from soarllm.errors import ConfigError, UnsupportedModelError
+from soarllm.quant.compare import load_model, run_layers
+from soarllm.quant.compressed_tensors import CompressedW8A16Method
+from soarllm.quant.quantize import QuantizeOptions
+from soarllm.quant.w4a16 import W4A16Method
+from tests.tiny import make_tiny_model
+
+IDS = [[5, 17, 99, 230, 41, 8, 300, 12, 77, 140, 61, 2, 250, 19, 88, 400, 33, 7, 123, 64]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama")
+
+
+def _quantize(src, out, *extra) -> int:
+    return main(["quantize", str(src), "--out", str(out), "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def written(tiny, tmp_path_factory):
+    """scheme-method -> directory written by `soar quantize` (float32 scales and other tensors)."""
+    root = tmp_path_factory.mktemp("written")
+    runs = {
+        "w8a16-rtn": ["--scheme", "w8a16", "--method", "rtn"],
+        "w4a16-rtn": ["--scheme", "w4a16", "--method", "rtn", "--group-size", "32"],
+        "w4a16-gptq": ["--scheme", "w4a16", "--method", "gptq", "--group-size", "32",
+                       "--num-samples", "4", "--seq-len", "64", "--calib", "stdlib"],
+    }
+    out = {}
+    for name, argv in runs.items():
+        assert _quantize(tiny, root / name, *argv, "--dtype", "float32") == 0
+        out[name] = root / name
+    return out
+
+
+def _hf_logits(path, **kw) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits[0].float()
+
+
+def _our_logits(path, quantization=None) -> torch.Tensor:
+    model, _, _ = load_model(str(path), quantization)
+    return run_layers(model, IDS[0])[1], model
+
+
+@pytest.mark.parametrize("name", ["w8a16-rtn", "w4a16-rtn", "w4a16-gptq"])
+def test_written_directory_is_a_compressed_tensors_checkpoint(written, name):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    path = written[name]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    config = json.loads((path / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(config["quantization_config"])
+    assert qc.quant_method == "compressed-tensors" and qc.format == "pack-quantized"
+    assert qc.ignore == ["lm_head"]
+    weights = qc.config_groups["group_0"].weights
+    assert weights.num_bits == (8 if name.startswith("w8") else 4)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    packed = {k for k in keys if k.endswith(".weight_packed")}
+    assert len(packed) == 2 * 7  # every decoder linear of both layers
+    assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
+    assert not any(k.endswith("proj.weight") for k in keys)
+
+
+@pytest.mark.parametrize("name", ["w8a16-rtn", "w4a16-rtn", "w4a16-gptq"])
+def test_transformers_loads_what_we_write_with_the_same_logits(written, name):
+    ours, model = _our_logits(written[name])
+    expected = CompressedW8A16Method if name.startswith("w8") else W4A16Method
+    methods = [m.quant_method for m in model.modules() if hasattr(m, "quant_method")]
+    assert sum(isinstance(q, expected) for q in methods) == 2 * 4  # qkv, o, gate_up, down
+    kw = {} if name.startswith("w8") else {"quantization_config": _dequantize_config()}
+    theirs = _hf_logits(written[name], **kw)
+    # our CPU kernels run in bfloat16 (activations and scales), transformers in float32
+    cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    assert bool((cos > 0.999).all()), cos
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
+    # soarllm's dequantized path (quantization="none") computes in float32: equal to transformers
+    dense, _ = _our_logits(written[name], "none")
+    torch.testing.assert_close(dense, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _dequantize_config():
+    from transformers import CompressedTensorsConfig
+
+    return CompressedTensorsConfig(dequantize=True)
+
+
+def test_w8a16_logits_stay_close_to_the_unquantized_model(tiny, written):
+    base, _ = _our_logits(tiny)
+    quant, _ = _our_logits(written["w8a16-rtn"])
+    cos = torch.nn.functional.cosine_similarity(base, quant, dim=-1)
+    assert bool((cos > 0.99).all()), cos
+
+
+def test_w8a16_greedy_tokens_agree_with_the_unquantized_model(tiny, written):
+    from soarllm import LLM, SamplingParams
+
+    prompts = ["def parse_args(", "import collections\n", "class Encoder(", "return self."]
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
+    outs = []
+    for path in (tiny, written["w8a16-rtn"]):
+        llm = LLM(str(path), dtype="float32", max_model_len=128)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        del llm
+    agreed = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+              for a, b in zip(*outs)]
+    assert sum(agreed) >= 0.75 * 12 * len(prompts), agreed
+
+
+def test_stored_integers_are_exactly_what_the_layers_hold(written):
+    """The library's decompression of each file layer == the weight our W4A16 layer computes with
+    on the dequantized (non-kernel) path, i.e. the repack loses nothing."""
+    from soarllm.model.loader import load_checkpoint
+    from soarllm.model.registry import resolve_model_class
+    from soarllm.quant.config import get_quant_config
+
+    ckpt = load_checkpoint(str(written["w4a16-gptq"]))
+    qc = get_quant_config(None, ckpt, resolve_model_class(ckpt.config).packed_modules)
+    for name, obj in qc.weights(ckpt, torch.float32):
+        if not hasattr(obj, "to_int4"):
+            continue
+        q, scale, zero = obj.to_int4(32)
+        rows, cols = obj.shape
+        ours = ((q.float().reshape(rows, -1, 32) - 8) * scale[..., None] + zero[..., None])
+        torch.testing.assert_close(ours.reshape(rows, cols), obj.dequantize(), rtol=0, atol=1e-6,
+                                   msg=name)
+
+
+def test_tied_head_and_bfloat16_scales(tmp_path):
+    """Tied embeddings: no lm_head tensor is written and the head is the embedding; bfloat16
+    scales (the default --dtype) load too."""
+    src = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True, hidden_size=128,
+                          intermediate_size=256)
+    out = tmp_path / "q"
+    assert _quantize(src, out, "--scheme", "w4a16", "--group-size", "128") == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.bfloat16
+    ours, _ = _our_logits(out)
+    theirs = _hf_logits(out, quantization_config=_dequantize_config())
+    assert bool((torch.nn.functional.cosine_similarity(ours, theirs, dim=-1) > 0.999).all())
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_unknown_scheme_or_method_is_refused(tiny, tmp_path, capsys):
+    for flag, value in (("--scheme", "w3a16"), ("--method", "awq")):
+        with pytest.raises(SystemExit) as e:
+            _quantize(tiny, tmp_path / "x", flag, value)
+        assert e.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown scheme 'w3a16'; use one of w8a16, w4a16"):
+        QuantizeOptions(scheme="w3a16").check()
+    with pytest.raises(ConfigError, match="unknown method 'awq'"):
+        QuantizeOptions(method="awq").check()
+    assert not (tmp_path / "x").exists()
+
+
+def test_group_size_that_does_not_divide_the_inputs(tiny, tmp_path, capsys):
+    # the tiny model's layers have 64 or 128 inputs: the default group of 128 does not fit
+    assert _quantize(tiny, tmp_path / "x", "--scheme", "w4a16") == 1
+    err = capsys.readouterr().err
+    assert "group size 128 does not divide the 64 inputs" in err
+    assert "--group-size 32 or 64" in err
+    assert _quantize(tiny, tmp_path / "x", "--scheme", "w4a16", "--group-size", "48") == 1
+    assert "use one of 32, 64, 128" in capsys.readouterr().err
+    assert _quantize(tiny, tmp_path / "x", "--scheme", "w8a16", "--group-size", "32") == 1
+    assert "--group-size applies to w4a16 only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_out_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _quantize(tiny, out, "--scheme", "w8a16") == 1
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        _quantize(tiny, tmp_path / "q", "--scheme", "w8a16")
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor its temporary
+
+
+# -- loading files soarllm cannot serve ---------------------------------------------------------
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path, fn):
+    config = json.loads((path / "config.json").read_text())
+    fn(config["quantization_config"])
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_unsupported_schemes_are_refused_with_what_is_supported(written, tmp_path):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    w8a8 = _copy(written["w8a16-rtn"], tmp_path / "w8a8")
+    acts = QuantizationArgs(num_bits=8, type="int", strategy="token", dynamic=True).model_dump()
+    _edit_config(w8a8, lambda qc: qc["config_groups"]["group_0"].update(input_activations=acts))
+    with pytest.raises(UnsupportedModelError, match="activation quantization.*Supported: weight-only"):
+        load_model(str(w8a8))
+    fp8 = _copy(written["w8a16-rtn"], tmp_path / "fp8")
+    _edit_config(fp8, lambda qc: qc["config_groups"]["group_0"]["weights"].update(type="float"))
+    with pytest.raises(UnsupportedModelError, match="float weights"):
+        load_model(str(fp8))
+    with pytest.raises(ConfigError, match="already quantized"):
+        load_model(str(written["w8a16-rtn"]), "w4a16")
+
+
+def test_a_checkpoint_missing_tensors_is_refused(written, tmp_path):
+    broken = _copy(written["w4a16-rtn"], tmp_path / "broken")
+    file = broken / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("k_proj.weight_scale")}
+    save_file(tensors, str(file))
+    with pytest.raises(UnsupportedModelError, match="incomplete or does not match"):
+        load_model(str(broken))
