@@ -83,8 +83,8 @@ def test_a_wrong_flag_prints_the_subcommand_usage(command, capsys):
 
 
 def test_unknown_flags_get_a_hint(capsys):
-    err = parse_error(["serve", "--tensor-parallel-size", "2"], capsys)
-    assert "--tensor-parallel-size is vLLM's" in err and "one device" in err
+    err = parse_error(["serve", "--pipeline-parallel-size", "2"], capsys)
+    assert "--pipeline-parallel-size is vLLM's" in err and "--tensor-parallel-size only" in err
     err = parse_error(["serve", "--disable-log-requests"], capsys)
     assert "use --no-access-log" in err
     err = parse_error(["bench", "offline", "--max-num-batch-tokens=64"], capsys)

@@ -164,3 +164,16 @@ async def _enumerate(stream):
     async for item in stream:
         yield i, item
         i += 1
+
+
+def test_cli_flags_reach_the_engine_args():
+    from soarllm.cli.engine_args import engine_args_from
+    from soarllm.cli.main import build_parser
+
+    ns = build_parser().parse_args(["serve", "m", "-tp", "2"])
+    ea = engine_args_from(ns)
+    assert (ea.tensor_parallel_size, executor_backend(ea)) == (2, "mp")
+    ns = build_parser().parse_args(["generate", "p", "--tensor-parallel-size", "4",
+                                    "--distributed-executor-backend", "mp"])
+    assert engine_args_from(ns).distributed_executor_backend == "mp"
+    assert engine_args_from(build_parser().parse_args(["serve", "m"])).tensor_parallel_size == 1

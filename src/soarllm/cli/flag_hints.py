@@ -10,9 +10,7 @@ import difflib
 # soarllm accepts or maps (--model, --gpu-memory-utilization, --served-model-name, --chat-template,
 # --trust-remote-code, --enforce-eager, --max-model-len, --max-num-seqs, ...) are real flags.
 VLLM_FLAGS: dict[str, str] = {
-    "--tensor-parallel-size": "soarllm runs a model on one device; leave it out",
-    "-tp": "soarllm runs a model on one device; leave it out",
-    "--pipeline-parallel-size": "soarllm runs a model on one device; leave it out",
+    "--pipeline-parallel-size": "soarllm splits a model with --tensor-parallel-size only",
     "--data-parallel-size": "start one `soar serve` per device instead",
     "--kv-cache-dtype": "the KV cache uses the model's --dtype",
     "--swap-space": "soarllm recomputes preempted requests; there is no CPU swap space",
@@ -34,7 +32,7 @@ VLLM_FLAGS: dict[str, str] = {
     "--root-path": "put a proxy in front of soar serve",
     "--max-seq-len-to-capture": "soarllm captures no CUDA graphs; leave it out",
     "--num-scheduler-steps": "soarllm schedules every step; leave it out",
-    "--disable-custom-all-reduce": "soarllm runs a model on one device; leave it out",
+    "--disable-custom-all-reduce": "soarllm all-reduces with torch.distributed; leave it out",
     "--guided-decoding-backend": "structured output always uses llguidance; leave it out",
     "--generation-config": "sampling defaults come from the request",
     "--override-generation-config": "sampling defaults come from the request",
