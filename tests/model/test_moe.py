@@ -50,6 +50,12 @@ CASES = {
                        shared_expert_intermediate_size=40, norm_topk_prob=True,
                        decoder_sparse_step=2),
         Qwen2MoeForCausalLM),
+    # layer_types: layer 0 slides (window 5), layers 1 and 2 attend globally
+    "qwen2_moe-sliding-window": (
+        Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=40, use_sliding_window=True,
+                       sliding_window=5, max_window_layers=1),
+        Qwen2MoeForCausalLM),
     "qwen3_moe": (
         Qwen3MoeConfig(**SMALL, head_dim=24, num_experts=8, num_experts_per_tok=3,
                        moe_intermediate_size=32, norm_topk_prob=True),
@@ -126,6 +132,19 @@ def test_more_experts_per_token_than_experts_is_a_clear_error():
     cfg.architectures = ["MixtralForCausalLM"]
     with pytest.raises(ConfigError, match=r"num_experts_per_tok=6 must be between 1 and the number of experts \(4\)"):
         resolve_model_class(cfg)(cfg, torch.float32)
+
+
+def test_engine_refuses_more_experts_per_token_than_experts(tmp_path):
+    import json
+    import shutil
+
+    directory = tmp_path / "bad"
+    shutil.copytree(make_tiny_model(tmp_path / "ok", "mixtral"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_experts_per_tok"] = 5
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="fix num_experts_per_tok in config.json"):
+        LLM(str(directory), dtype="float32")
 
 
 def test_checkpoint_lacking_an_expert_is_a_clear_error():
