@@ -252,6 +252,11 @@ class AsyncLLMEngine:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the engine thread stopped, if it did."""
+        return self._fatal
+
+    @property
     def is_healthy(self) -> bool:
         return (
             self.is_running

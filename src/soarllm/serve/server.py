@@ -5,6 +5,9 @@ On a signal uvicorn stops accepting connections and lets in-flight requests fini
 by the server itself (DrainingServer): each stream gets an error event and ``[DONE]``, each
 non-streaming request a 503, so no client sees a connection cut mid-response. The app's shutdown
 then stops the engine thread and the process exits with status 0.
+
+An engine that can no longer run (a tensor-parallel worker died: a fatal engine error) makes the
+server shut down the same way and exit with status 1, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -52,9 +55,19 @@ class DrainingServer(uvicorn.Server):
     """A uvicorn server that, on shutdown, calls ``end_requests`` a little before the graceful
     timeout runs out, so requests end with an answer instead of being cancelled mid-response."""
 
-    def __init__(self, config: uvicorn.Config, end_requests: Callable[[], Any]):
+    def __init__(self, config: uvicorn.Config, end_requests: Callable[[], Any],
+                 engine_dead: Callable[[], bool] | None = None):
         super().__init__(config)
         self._end_requests = end_requests
+        self._engine_dead = engine_dead
+        self.stopped_by_engine = False
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._engine_dead is not None and not self.stopped_by_engine and self._engine_dead():
+            logger.error("the engine died (fatal error); shutting the server down")
+            self.stopped_by_engine = True
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         timeout = self.config.timeout_graceful_shutdown
@@ -110,11 +123,12 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
         app, host=config.host, port=config.port, log_config=None,
         log_level=config.log_level.lower(), access_log=False, lifespan="on",
         timeout_graceful_shutdown=config.shutdown_timeout_s, timeout_keep_alive=5,
-    ), end_requests=end_requests_for_shutdown(engine))
+    ), end_requests=end_requests_for_shutdown(engine),
+        engine_dead=lambda: getattr(engine.fatal_error, "fatal", False))
     # uvicorn re-raises the signal that stopped it once it is done: make that a no-op so a
     # SIGTERM'd server exits with status 0 after its graceful shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
     logger.info("stopped")
-    return 0 if server.started else 1
+    return 0 if server.started and not server.stopped_by_engine else 1
