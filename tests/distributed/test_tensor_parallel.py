@@ -77,3 +77,34 @@ def test_tp2_each_rank_holds_half_the_weights(tp2):
             assert 0.49 * whole < b < 0.52 * whole, (b, whole)
         else:  # the one KV head (k/v projections) is replicated, the vocabulary padded
             assert 0.5 * whole < b < 0.6 * whole, (b, whole)
+
+
+def test_results_do_not_depend_on_the_world_size(tiny_gqa_dir):
+    """Seeded sampling (n=2), prompt-lookup speculation and prompt logprobs: rank 0 samples with
+    the same per-request generators as one process, so TP=2 returns what TP=1 returns."""
+    sps = [SamplingParams(temperature=0.8, seed=5, max_tokens=12, n=2),
+           SamplingParams(temperature=0.0, max_tokens=24, logprobs=2, prompt_logprobs=1)]
+    results = []
+    for tp in (1, 2):
+        llm = LLM(str(tiny_gqa_dir), dtype="float32", kv_cache_memory="32MiB",
+                  tensor_parallel_size=tp,
+                  speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+        try:
+            got = []
+            for sp in sps:
+                for o in llm.generate(PROMPTS, sp):
+                    got.append([c.token_ids for c in o.outputs])
+                    if o.prompt_logprobs:
+                        got.append([max(lp.values(), key=lambda x: x.logprob).logprob
+                                    for lp in o.prompt_logprobs[1:]])
+            assert llm.llm_engine.get_stats().spec.num_draft_tokens > 0  # it did speculate
+        finally:
+            llm.llm_engine.shutdown()
+        results.append(got)
+    one, two = results
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        if a and isinstance(a[0], float):
+            torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-4, rtol=0)
+        else:
+            assert a == b
