@@ -22,7 +22,13 @@ from transformers import (
 from soarllm import LLM, SamplingParams
 from soarllm.errors import ConfigError
 from soarllm.kernels.attention import ReferenceAttentionBackend
-from soarllm.model.layers.fused_moe import FusedMoE, fused_experts, per_expert_loop, select_experts
+from soarllm.model.layers.fused_moe import (
+    FusedMoE,
+    fused_experts,
+    grouped_topk,
+    per_expert_loop,
+    select_experts,
+)
 from soarllm.model.loader import load_checkpoint
 from soarllm.model.loader.layout import expected_tensors
 from soarllm.model.registry import resolve_model_class
@@ -240,3 +246,56 @@ def test_compiled_engine_equals_eager(tmp_path):
     runner = compiled.llm_engine.executor.runner
     assert runner.backbone is not runner.model.model, "the warm-up fell back to eager"
     assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want
+
+
+def _by_expert(weights, ids):
+    """Routing as a set per token (transformers' top-k is unsorted)."""
+    order = ids.argsort(dim=-1)
+    return weights.gather(1, order), ids.gather(1, order)
+
+
+@pytest.mark.parametrize("top_k,groups,kept", [(6, 8, 3), (2, 4, 1), (4, 1, 1)])
+def test_grouped_topk_equals_deepseek_v2_router(top_k, groups, kept):
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    cfg = DeepseekV2Config(hidden_size=32, n_routed_experts=32, num_experts_per_tok=top_k,
+                           n_group=groups, topk_group=kept, topk_method="group_limited_greedy",
+                           routed_scaling_factor=16.0)
+    router = DeepseekV2TopkRouter(cfg)
+    torch.manual_seed(top_k)
+    router.weight.data.normal_()
+    logits, want_w, want_ids = router(torch.randn(40, 32))
+    got_w, got_ids = grouped_topk(logits, top_k, groups, kept, "softmax", scaling_factor=16.0)
+    want_w, want_ids = _by_expert(want_w, want_ids)
+    got_w, got_ids = _by_expert(got_w, got_ids)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_grouped_topk_equals_deepseek_v3_router(renormalize):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = DeepseekV3Config(hidden_size=32, n_routed_experts=64, num_experts_per_tok=8,
+                           n_group=8, topk_group=4, norm_topk_prob=renormalize,
+                           routed_scaling_factor=2.5)
+    router = DeepseekV3TopkRouter(cfg)
+    torch.manual_seed(7)
+    router.weight.data.normal_()
+    router.e_score_correction_bias.normal_(0.0, 0.5)  # large enough to change the choices
+    logits, want_w, want_ids = router(torch.randn(40, 32))
+    got_w, got_ids = grouped_topk(logits, 8, 8, 4, "sigmoid", router.e_score_correction_bias,
+                                  renormalize, 2.5)
+    want_w, want_ids = _by_expert(want_w, want_ids)
+    got_w, got_ids = _by_expert(got_w, got_ids)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w)
+    unbiased, _ = grouped_topk(logits, 8, 8, 4, "sigmoid", None, renormalize, 2.5)
+    assert not torch.equal(_by_expert(unbiased, _)[1], got_ids)  # the bias mattered
+
+
+def test_grouped_topk_bad_groups_is_a_clear_error():
+    with pytest.raises(ConfigError, match="fix n_group / topk_group"):
+        grouped_topk(torch.randn(3, 10), 2, 4, 1)

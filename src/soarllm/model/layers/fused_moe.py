@@ -51,6 +51,47 @@ def select_experts(router_logits: torch.Tensor, top_k: int,
     return weights, ids
 
 
+def grouped_topk(router_logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
+                 scoring: str = "softmax", correction_bias: torch.Tensor | None = None,
+                 renormalize: bool = False,
+                 scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's group-limited routing: (weights float32 [T, k], expert ids [T, k]).
+
+    The E experts form ``num_groups`` groups; each token keeps its ``topk_groups`` best groups
+    and picks its ``top_k`` experts among them. A group scores its best expert (V2, softmax
+    scores) or, with V3's ``correction_bias`` (sigmoid scores + a per-expert load-balancing
+    bias, used for choosing only), the sum of its two best. The weights are the unbiased scores,
+    renormalised if asked, times ``routed_scaling_factor``.
+    """
+    logits = router_logits.float()
+    if scoring == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ConfigError(f"router scoring {scoring!r} is not supported (softmax, sigmoid)")
+    tokens, experts = scores.shape
+    if experts % num_groups or not 1 <= topk_groups <= num_groups:
+        raise ConfigError(
+            f"{experts} experts cannot form {num_groups} groups of which {topk_groups} are kept; "
+            "fix n_group / topk_group in config.json"
+        )
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    grouped = choice.view(tokens, num_groups, experts // num_groups)
+    if correction_bias is None:
+        group_scores = grouped.amax(dim=-1)
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool)
+    kept.scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, True)
+    allowed = kept.repeat_interleave(experts // num_groups, dim=1)
+    ids = choice.masked_fill(~allowed, float("-inf")).topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor, ids
+
+
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
     """The T*k slots grouped by expert: (order [T*k] of flat slot indices, token of each sorted
     slot [T*k], tokens per expert [E])."""
