@@ -11,7 +11,7 @@ import difflib
 # --trust-remote-code, --enforce-eager, --max-model-len, --max-num-seqs, ...) are real flags.
 VLLM_FLAGS: dict[str, str] = {
     "--pipeline-parallel-size": "soarllm splits a model with --tensor-parallel-size only",
-    "--data-parallel-size": "start one `soar serve` per device instead",
+    "--data-parallel-size": "only `soar serve` takes it (engine replicas behind one server)",
     "--kv-cache-dtype": "the KV cache uses the model's --dtype",
     "--swap-space": "soarllm recomputes preempted requests; there is no CPU swap space",
     "--cpu-offload-gb": "not supported; lower --max-model-len or --kv-cache-memory instead",

@@ -82,6 +82,10 @@ def register(sub) -> None:
     g.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error", "critical"],
                    help="server log level (stderr)")
+    g.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1, metavar="N",
+                   help="N engine replicas (each with --tensor-parallel-size ranks) behind this "
+                   "server; a request goes to the replica holding its longest cached prefix, "
+                   "else to the least loaded one")
     g.add_argument("--engine-threads", type=int, default=None,
                    help="torch threads of the engine (default on CPU: all cores but one, which "
                    "is left to the HTTP event loop; OMP_NUM_THREADS overrides)")
@@ -114,6 +118,7 @@ def server_config_from(args: argparse.Namespace):
         shutdown_timeout_s=args.shutdown_timeout, max_body_bytes=args.max_request_bytes,
         log_level=args.log_level, access_log=args.access_log,
         engine_threads=args.engine_threads, public_metrics=args.public_metrics,
+        data_parallel_size=args.data_parallel_size,
         allowed_origins=list(args.allowed_origins or []),
         default_max_tokens=args.default_max_tokens,
         chat_template=load_chat_template(template) if template is not None else None,

@@ -77,6 +77,28 @@ class _EngineStatsCollector(Collector):
         yield gauge("soar:prefix_cache_hit_rate", "Prefix-cache hits / queries since start.", rate)
         yield counter("soar:num_preemptions", "Requests preempted since start.",
                       stats.num_preemptions)
+        replicas = getattr(stats, "replicas", None)
+        if replicas:  # data parallel: the gauges above are totals; each replica's beside them
+            for name, doc, field in (
+                ("soar:replica_num_requests_running", "Running requests, by replica.",
+                 "num_running"),
+                ("soar:replica_num_requests_waiting", "Waiting requests, by replica.",
+                 "num_waiting"),
+                ("soar:replica_kv_cache_usage_perc", "KV-cache usage (0..1), by replica.",
+                 "kv_cache_usage"),
+                ("soar:replica_prefix_cache_hits", "Prefix-cache hit tokens, by replica.",
+                 "prefix_cache_hits"),
+            ):
+                g = GaugeMetricFamily(name, doc, labels=labels + ["replica"])
+                for i, rs in enumerate(replicas):
+                    g.add_metric([self._model, str(i)], getattr(rs, field))
+                yield g
+            router = stats.router
+            yield counter("soar:router_requests", "Requests the data-parallel router placed.",
+                          router.requests)
+            yield counter("soar:router_prefix_routed",
+                          "Requests placed on the replica holding their longest known prefix.",
+                          router.prefix_routed)
         spec = getattr(stats, "spec", None)
         if spec is not None:
             yield counter("soar:spec_decode_num_drafts",

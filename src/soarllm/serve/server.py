@@ -111,10 +111,18 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
         torch.set_num_threads(threads)
         logger.info("engine uses %d torch thread(s) (--engine-threads)", threads)
     logger.info("loading %s", engine_args.model)
-    llm_engine = LLMEngine.from_engine_args(engine_args)
+    if config.data_parallel_size > 1:
+        from soarllm.distributed.data_parallel import DataParallelEngine
+
+        engine = DataParallelEngine.from_engine_args(engine_args, config.data_parallel_size,
+                                                     torch_threads=threads)
+        llm_engines = [r.engine for r in engine.replicas]
+    else:
+        llm_engines = [LLMEngine.from_engine_args(engine_args)]
+        engine = AsyncLLMEngine(llm_engines[0], torch_threads=threads)
     if config.chat_template is not None:
-        llm_engine.tokenizer.chat_template = config.chat_template
-    engine = AsyncLLMEngine(llm_engine, torch_threads=threads)
+        for llm_engine in llm_engines:
+            llm_engine.tokenizer.chat_template = config.chat_template
     app = build_app(engine, config)
     if config.resolved_api_key() is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key / SOARLLM_API_KEY)",
