@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,17 @@ from tests.distributed.test_faults import _gone
 from tests.serve.conftest import start_soar_serve
 
 HANG_GUARD_S = 60.0  # a hang guard, not a time limit under test
+
+
+def _all_gone(pids: list[int]) -> bool:
+    """Whether every process in ``pids`` is gone, waiting up to the hang guard (multiprocessing's
+    resource tracker exits a moment after the server, when its pipe closes)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _children(pid: int) -> list[int]:
@@ -62,4 +74,22 @@ def test_worker_killed_mid_stream(tiny_gqa_dir, tmp_path):
     assert seen["error"]["type"] == "engine_error", seen
     assert seen["chunks"] < 400, seen
     assert rc == 1, log
-    assert all(_gone(p) for p in children), log
+    assert _all_gone(children), log
+
+
+def test_worker_dying_while_idle_stops_the_server(tiny_gqa_dir, tmp_path):
+    """No request in flight: the dead worker is still noticed (the executor polls its workers'
+    exit status), /health stops answering 200 and the server exits with status 1."""
+    srv = start_soar_serve(str(tiny_gqa_dir), "-tp", "2", "--kv-cache-memory", "32MiB",
+                           log_path=tmp_path / "server.log")
+    try:
+        children = _children(srv.proc.pid)
+        workers = [c for c in children
+                   if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        os.kill(workers[0], signal.SIGKILL)
+        rc = srv.proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        srv.stop()
+    log = srv.log()[-3000:]
+    assert rc == 1 and "rank 0" in log, log
+    assert _all_gone(children), log

@@ -213,10 +213,28 @@ class MultiprocExecutor:
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and all(p.is_alive() for p in self.procs)
+        return self.dead_error is None
+
+    @property
+    def dead_error(self) -> WorkerDiedError | None:
+        """Why the executor cannot run steps any more, None while it can. Safe to read from any
+        thread: it only polls the workers' exit status."""
+        if self._dead is not None:
+            return self._dead
+        for rank, p in enumerate(self.procs):
+            code = p.exitcode
+            if code is not None:
+                signal_note = f", killed by signal {-code}" if code < 0 else ""
+                return WorkerDiedError(
+                    f"tensor-parallel worker rank {rank} (pid {p.pid}) died (exit code "
+                    f"{code}{signal_note}); the engine cannot continue: restart it")
+        return None
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop every worker (idempotent)."""
+        """Stop every worker (idempotent); later calls raise WorkerDiedError."""
+        if self._dead is None:
+            self._dead = WorkerDiedError("the engine's worker processes were shut down "
+                                         "(engine.shutdown); create a new engine")
         if self._finalizer.detach() is not None:
             _stop_workers(self.procs, self.conns, timeout)
 

@@ -253,14 +253,17 @@ class AsyncLLMEngine:
 
     @property
     def fatal_error(self) -> BaseException | None:
-        """Why the engine thread stopped, if it did."""
+        """Why the engine thread stopped, if it did, or why its executor cannot run any more (a
+        worker process died, noticed even while the engine is idle)."""
+        if self._fatal is None:
+            return getattr(getattr(self.engine, "executor", None), "dead_error", None)
         return self._fatal
 
     @property
     def is_healthy(self) -> bool:
         return (
             self.is_running
-            and self._fatal is None
+            and self.fatal_error is None
             and self._consecutive_failures < _MAX_CONSECUTIVE_STEP_FAILURES
             and getattr(self.engine, "num_consecutive_failed_steps", 0)
             < _MAX_CONSECUTIVE_STEP_FAILURES

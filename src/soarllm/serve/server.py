@@ -56,17 +56,20 @@ class DrainingServer(uvicorn.Server):
     timeout runs out, so requests end with an answer instead of being cancelled mid-response."""
 
     def __init__(self, config: uvicorn.Config, end_requests: Callable[[], Any],
-                 engine_dead: Callable[[], bool] | None = None):
+                 engine_dead: Callable[[], BaseException | None] | None = None):
         super().__init__(config)
         self._end_requests = end_requests
         self._engine_dead = engine_dead
         self.stopped_by_engine = False
 
     async def on_tick(self, counter: int) -> bool:
-        if self._engine_dead is not None and not self.stopped_by_engine and self._engine_dead():
-            logger.error("the engine died (fatal error); shutting the server down")
-            self.stopped_by_engine = True
-            self.should_exit = True
+        if self._engine_dead is not None and not self.stopped_by_engine:
+            error = self._engine_dead()
+            if error is not None:
+                logger.error("the engine cannot run any more (%s); shutting the server down",
+                             error)
+                self.stopped_by_engine = True
+                self.should_exit = True
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -84,6 +87,11 @@ class DrainingServer(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             ender.cancel()
+
+
+def _fatal(error: BaseException | None) -> BaseException | None:
+    """``error`` if it means the engine can never run again (a dead worker), else None."""
+    return error if getattr(error, "fatal", False) else None
 
 
 def end_requests_for_shutdown(engine: Any) -> Callable[[], int]:
@@ -132,7 +140,7 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
         log_level=config.log_level.lower(), access_log=False, lifespan="on",
         timeout_graceful_shutdown=config.shutdown_timeout_s, timeout_keep_alive=5,
     ), end_requests=end_requests_for_shutdown(engine),
-        engine_dead=lambda: getattr(engine.fatal_error, "fatal", False))
+        engine_dead=lambda: _fatal(engine.fatal_error))
     # uvicorn re-raises the signal that stopped it once it is done: make that a no-op so a
     # SIGTERM'd server exits with status 0 after its graceful shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
