@@ -155,7 +155,10 @@ async def root() -> Response:
 
 
 @ops_router.post(
-    "/infill", response_model=InfillResponse | list[InfillResponse] | dict[str, Any],
+    "/infill",
+    # with response_fields an answer holds only the asked fields: a partial object, or a list of
+    # them with n_cmpl > 1
+    response_model=InfillResponse | list[InfillResponse] | dict[str, Any] | list[dict[str, Any]],
     tags=["llama.cpp"],
     responses={**_ERRORS,
                200: {"content": _SSE, "description": "JSON (one answer; a list with n_cmpl > 1; "
