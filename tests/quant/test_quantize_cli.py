@@ -155,11 +155,14 @@ def test_stored_integers_are_exactly_what_the_layers_hold(written):
 
 def test_tied_head_and_bfloat16_scales(tmp_path):
     """Tied embeddings: no lm_head tensor is written and the head is the embedding; bfloat16
-    scales (the default --dtype) load too."""
+    scales (the default --dtype) load too; without --group-size the largest group dividing every
+    layer's inputs (128 here) is taken."""
     src = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True, hidden_size=128,
                           intermediate_size=256)
     out = tmp_path / "q"
-    assert _quantize(src, out, "--scheme", "w4a16", "--group-size", "128") == 0
+    assert _quantize(src, out, "--scheme", "w4a16") == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 128
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())
         assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.bfloat16
@@ -184,8 +187,8 @@ def test_unknown_scheme_or_method_is_refused(tiny, tmp_path, capsys):
 
 
 def test_group_size_that_does_not_divide_the_inputs(tiny, tmp_path, capsys):
-    # the tiny model's layers have 64 or 128 inputs: the default group of 128 does not fit
-    assert _quantize(tiny, tmp_path / "x", "--scheme", "w4a16") == 1
+    # the tiny model's layers have 64 or 128 inputs: a group of 128 does not fit them all
+    assert _quantize(tiny, tmp_path / "x", "--scheme", "w4a16", "--group-size", "128") == 1
     err = capsys.readouterr().err
     assert "group size 128 does not divide the 64 inputs" in err
     assert "--group-size 32 or 64" in err

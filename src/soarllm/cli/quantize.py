@@ -26,12 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="rtn: round to nearest; gptq: Hessian-based error compensation over "
                    "calibration text")
     p.add_argument("--group-size", type=int, default=None,
-                   help="w4a16 inputs per scale: 32, 64 or 128 (default: 128)")
-    p.add_argument("--calib", default="prose",
-                   help="GPTQ calibration text: 'stdlib', 'prose' or a file (held out from "
-                   "`soar eval ppl`'s corpora)")
-    p.add_argument("--num-samples", type=int, default=32, help="GPTQ calibration sequences")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+                   help="w4a16 inputs per scale: 32, 64 or 128 (default: the largest that divides "
+                   "every layer's inputs)")
+    p.add_argument("--calib", default="stdlib,prose",
+                   help="GPTQ calibration text, a comma list of 'stdlib', 'prose' and text files "
+                   "(held out from `soar eval ppl`'s text; samples shared out evenly)")
+    p.add_argument("--num-samples", type=int, default=128,
+                   help="GPTQ calibration sequences (GPTQ needs many more calibration tokens "
+                   "than a layer has inputs, or it fits them and loses to RTN on other text)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01,

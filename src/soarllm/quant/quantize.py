@@ -11,6 +11,7 @@ renamed into place at the end, so `out` is never half-written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -30,6 +31,8 @@ from soarllm.quant.compressed_tensors import (
 )
 from soarllm.quant.w4a16 import GROUP_SIZES
 
+logger = logging.getLogger(__name__)
+
 METHODS = ("rtn", "gptq")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SKIP_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -40,10 +43,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".pth")
 class QuantizeOptions:
     scheme: str = "w4a16"
     method: str = "rtn"
-    group_size: int | None = None  # w4a16: 128 when unset
-    calib: str = "prose"
-    num_samples: int = 32
-    seq_len: int = 512
+    group_size: int | None = None  # w4a16: the largest of 128/64/32 dividing every layer when unset
+    calib: str = "stdlib,prose"
+    num_samples: int = 128
+    seq_len: int = 256
     dtype: str = "bfloat16"  # of the scales and the tensors left unquantized
     act_order: bool = False
     damp: float = 0.01
@@ -58,9 +61,7 @@ class QuantizeOptions:
         if self.scheme == "w8a16" and self.group_size is not None:
             raise ConfigError("--group-size applies to w4a16 only (w8a16 has one scale per "
                               "output channel); leave it out")
-        if self.scheme == "w4a16":
-            if self.group_size is None:
-                self.group_size = 128
+        if self.scheme == "w4a16" and self.group_size is not None:
             if self.group_size not in GROUP_SIZES:
                 raise ConfigError(f"group size {self.group_size} is not supported; use one of "
                                   f"{', '.join(map(str, GROUP_SIZES))}")
@@ -107,6 +108,10 @@ def quantize_model(model: str, out: str | Path, opts: QuantizeOptions) -> Quanti
                           "would not load. Give a model directory with its tokenizer")
     hf = float_model(checkpoint)
     linears = decoder_linears(hf)
+    if opts.scheme == "w4a16" and opts.group_size is None:
+        fits = [g for g in sorted(GROUP_SIZES, reverse=True)
+                if all(m.in_features % g == 0 for m in linears.values())]
+        opts.group_size = fits[0] if fits else max(GROUP_SIZES)  # none fits: the error below
     args = weight_args(opts.scheme, opts.group_size)
     if opts.scheme == "w4a16":
         bad = [(n, m.in_features) for n, m in linears.items() if m.in_features % opts.group_size]
@@ -184,6 +189,12 @@ def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) 
 
     samples = calibration_samples(checkpoint.tokenizer_dir, opts.calib, opts.num_samples,
                                   opts.seq_len)
+    widest = max(m.in_features for m in decoder_linears(hf).values())
+    if samples.numel() < 16 * widest:
+        logger.warning(
+            "GPTQ calibrates on %d tokens, fewer than 16x the widest layer's %d inputs: it may fit "
+            "the calibration text and do worse than RTN elsewhere; raise --num-samples/--seq-len",
+            samples.numel(), widest)
     names = {id(m): n for n, m in decoder_linears(hf).items()}
 
     def quantize_layer(index, layer, accs):
@@ -199,16 +210,38 @@ def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) 
 def calibration_samples(tokenizer_dir, calib: str, num_samples: int, seq_len: int) -> torch.Tensor:
     """[num_samples, seq_len] token ids of calibration text, held out from `soar eval ppl`'s.
 
-    'stdlib': standard-library files in another seeded order than the evaluation's, skipping the
-    files the evaluation reads first; 'prose': the second half of the Python reference text (the
-    evaluation scores its beginning); otherwise a text file. Consecutive, non-overlapping windows.
+    `calib` is a comma list of 'stdlib' (standard-library files in another seeded order than the
+    evaluation's, skipping the files the evaluation reads first), 'prose' (the second half of the
+    Python reference text; the evaluation scores its beginning) and text files; the samples are
+    shared out evenly among them, as consecutive non-overlapping windows of each.
     """
     from transformers import AutoTokenizer
 
+    sources = [c.strip() for c in calib.split(",") if c.strip()]
+    if not sources:
+        raise ConfigError("--calib is empty; give stdlib, prose or a text file")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rows = []
+    for k, source in enumerate(sources):
+        n = num_samples // len(sources) + (k < num_samples % len(sources))
+        if n == 0:
+            continue
+        text = _calibration_text(source, n * seq_len * 8)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) // seq_len < n:
+            raise ConfigError(
+                f"calibration text {source!r} gives {len(ids) // seq_len} windows of {seq_len} "
+                f"tokens, fewer than the {n} asked of it; lower --num-samples or --seq-len, or "
+                "give a longer file"
+            )
+        rows.append(torch.tensor(ids[: n * seq_len]).reshape(n, seq_len))
+    return torch.cat(rows)
+
+
+def _calibration_text(source: str, chars: int) -> str:
     from soarllm.eval.corpus import corpus_text, natural_language_text, stdlib_sources
 
-    need_chars = num_samples * seq_len * 8
-    if calib == "stdlib":
+    if source == "stdlib":
         evaluated = {f.name for f in stdlib_sources(num_files=64, seed=0)}
         parts, total = [], 0
         for f in stdlib_sources(num_files=400, seed=1):
@@ -216,23 +249,13 @@ def calibration_samples(tokenizer_dir, calib: str, num_samples: int, seq_len: in
                 continue
             parts.append(f.text)
             total += len(f.text)
-            if total >= need_chars:
+            if total >= chars:
                 break
-        text = "\n\n".join(parts)
-    elif calib == "prose":
+        return "\n\n".join(parts)[: chars * 2]
+    if source == "prose":
         full = natural_language_text()
-        text = full[len(full) // 2 :]
-    else:
-        text = corpus_text(calib)  # a file path (a clear error when it is not one)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = tokenizer(text[: need_chars * 2], add_special_tokens=False)["input_ids"]
-    have = len(ids) // seq_len
-    if have < num_samples:
-        raise ConfigError(
-            f"calibration text {calib!r} gives {have} windows of {seq_len} tokens, fewer than "
-            f"--num-samples {num_samples}; lower --num-samples or --seq-len, or give a longer file"
-        )
-    return torch.tensor(ids[: num_samples * seq_len]).reshape(num_samples, seq_len)
+        return full[len(full) // 2 :][: chars * 2]
+    return corpus_text(source)[: chars * 2]  # a file path (a clear error when it is not one)
 
 
 def write_directory(out: Path, checkpoint, hf: nn.Module, compressed, opts: QuantizeOptions,
