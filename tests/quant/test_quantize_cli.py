@@ -259,3 +259,78 @@ def test_a_checkpoint_missing_tensors_is_refused(written, tmp_path):
     save_file(tensors, str(file))
     with pytest.raises(UnsupportedModelError, match="incomplete or does not match"):
         load_model(str(broken))
+
+
+# -- checkpoints written by the reference library ----------------------------------------------
+
+def _library_checkpoint(src, out, weights_args):
+    """What llm-compressor does, with compressed-tensors alone: attach the scheme to transformers'
+    model, set each layer's scale / zero point from its weight's min / max (the library's
+    calculate_qparams, as its min-max observer does), compress, save, write the config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights_args)},
+        ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    for _, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        w = module.weight.data
+        if scheme.weights.strategy == "group":
+            w = w.reshape(w.shape[0], -1, scheme.weights.group_size)
+        scale, zp = calculate_qparams(w.amin(-1), w.amax(-1), scheme.weights)
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        module.weight_zero_point.data.copy_(zp.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(str(out))
+    compressor.update_config(str(out))
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+
+
+
+def test_soarllm_loads_a_checkpoint_the_library_wrote(tiny, tmp_path):
+    """Symmetric int4 group 32 (llm-compressor's W4A16 preset, with a smaller group) and int8 per
+    channel, written by compressed-tensors' ModelCompressor: soarllm serves them on its kernels
+    with transformers' logits (transformers loading the same files)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    cases = {
+        "int4": QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32,
+                                 symmetric=True),
+        "int8": QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True),
+    }
+    for name, args in cases.items():
+        out = tmp_path / name
+        _library_checkpoint(tiny, out, args)
+        ours, model = _our_logits(out)
+        expected = W4A16Method if name == "int4" else CompressedW8A16Method
+        assert sum(isinstance(getattr(m, "quant_method", None), expected)
+                   for m in model.modules()) == 8, name
+        theirs = _hf_logits(out)
+        cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+        assert bool((cos > 0.999).all()), (name, cos)
+
+
+def test_a_library_scheme_without_a_kernel_is_refused(tiny, tmp_path):
+    """llm-compressor's W8A16 preset stores int8 in groups of 128: no per-channel kernel fits."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    src = make_tiny_model(tmp_path / "wide", "llama", hidden_size=128, intermediate_size=256)
+    _library_checkpoint(src, tmp_path / "g8", QuantizationArgs(
+        num_bits=8, type="int", strategy="group", group_size=128, symmetric=True))
+    with pytest.raises(UnsupportedModelError, match="8-bit symmetric group-wise weights"):
+        load_model(str(tmp_path / "g8"))
