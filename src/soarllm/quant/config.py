@@ -8,6 +8,10 @@
     "w4a16"       quantize float weights at load: int4, asymmetric, group 32 (RTN);
                   "w4a16-g64" / "w4a16-g128" pick the group size
 
+A checkpoint whose config.json has a compressed-tensors quantization_config (`soar quantize`,
+llm-compressor) is served as stored with quantization unset (quant/compressed_tensors.py), or
+dequantized with "none"; other settings are refused for it.
+
 Quantizing at load leaves `lm_head` in the model dtype, as quantization tools do by default
 (the logits are the most sensitive product); a GGUF file's head follows the file.
 """
