@@ -153,9 +153,12 @@ class SequentialCalibrator:
             caught.append((args, kwargs))
             raise _Stop
 
+        from tqdm.auto import tqdm
+
         handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for ids in self.samples:
+            for ids in tqdm(self.samples, desc="GPTQ calibration inputs", unit="sample",
+                            file=sys.stderr, disable=not self.progress):
                 try:
                     self.model(input_ids=ids[None], use_cache=False)
                 except _Stop:
