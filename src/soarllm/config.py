@@ -91,6 +91,8 @@ class EngineArgs:
     # the default above world size 1) | "ray" (not yet). None: chosen from the world size.
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # torch threads of each worker process (mp executor); None: the cores / tensor_parallel_size
+    worker_threads: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

@@ -4,7 +4,8 @@
 request to one replica (``PrefixRouter``): the replica that holds the longest cached prefix of its
 prompt, else the least loaded one. Each replica is a whole engine (scheduler, KV cache, runner on
 its own worker processes with the ``mp`` executor, so replicas compute in parallel outside this
-process's GIL); the front end only tokenizes, routes and streams.
+process's GIL, the cores split between them with ``worker_threads``); the front end only
+tokenizes, routes and streams.
 
 The router's view of each replica's prefix cache is its own record of the block-aligned prompt
 prefixes it sent there (hashes chained block by block, as the KV cache manager hashes them), in a
@@ -142,9 +143,9 @@ class DataParallelEngine:
         if args.distributed_executor_backend is None:
             # the model of each replica in its own worker process(es): replicas compute in parallel
             args = dataclasses.replace(args, distributed_executor_backend="mp")
-        if not os.environ.get("SOARLLM_WORKER_THREADS"):  # the workers share the cores
+        if args.worker_threads is None:  # every replica's workers share the cores
             ranks = data_parallel_size * args.tensor_parallel_size
-            os.environ["SOARLLM_WORKER_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+            args = dataclasses.replace(args, worker_threads=max(1, (os.cpu_count() or 1) // ranks))
         replicas = []
         try:
             for _ in range(data_parallel_size):

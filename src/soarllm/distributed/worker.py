@@ -28,9 +28,8 @@ class Worker:
         from soarllm.distributed.parallel_state import init_distributed
         from soarllm.model.runner import ModelRunner
 
-        # the cores shared by the ranks (and by data-parallel replicas, which set the variable)
-        threads = int(os.environ.get("SOARLLM_WORKER_THREADS") or 0)
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
+        # the cores shared by the ranks (and by data-parallel replicas, which set worker_threads)
+        torch.set_num_threads(args.worker_threads or max(1, (os.cpu_count() or 1) // world_size))
         self.tp = init_distributed(rank, world_size, port, args.resolved_device())
         self.runner = ModelRunner(args, tp=self.tp)
 
