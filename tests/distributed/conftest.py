@@ -36,3 +36,29 @@ def tiny_mqa_dir(tmp_path_factory):
                         attention_bias=True, vocab_size=515, tie_word_embeddings=True)
     randomize_biases(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory):
+    """Gemma 3: one KV head (replicated), q/k norms, sliding and full layers, logit softcap,
+    a tied head; every weight (norms included) random."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tests.tiny import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tp-gemma3")
+    tok = train_tokenizer(d)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.15 if "embed" in name else (0.08 if p.dim() == 2 else 0.3))
+    model.save_pretrained(d, safe_serialization=True)
+    return d

@@ -1,5 +1,6 @@
 """Tensor parallelism over two worker processes (gloo on CPU): greedy tokens equal transformers'
-on the same weights, and each rank holds about half of the weights."""
+on the same weights (Llama with 2 or 1 KV heads, Gemma 3), and each rank holds about half of the
+weights."""
 
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ def _hf_param_bytes(model_dir) -> int:
     return total
 
 
-@pytest.fixture(scope="module", params=["gqa", "mqa"])
-def tp2(request, tiny_gqa_dir, tiny_mqa_dir):
-    model_dir = tiny_gqa_dir if request.param == "gqa" else tiny_mqa_dir
+@pytest.fixture(scope="module", params=["gqa", "mqa", "gemma3"])
+def tp2(request):
+    model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
     llm = LLM(str(model_dir), dtype="float32", kv_cache_memory="32MiB", tensor_parallel_size=2)
     yield request.param, model_dir, llm
     llm.llm_engine.shutdown()
@@ -75,7 +76,7 @@ def test_tp2_each_rank_holds_half_the_weights(tp2):
     for b in per_rank:
         if kind == "gqa":  # everything but the norms is split
             assert 0.49 * whole < b < 0.52 * whole, (b, whole)
-        else:  # the one KV head (k/v projections) is replicated, the vocabulary padded
+        else:  # the one KV head (k/v projections) is replicated (the vocabulary padded)
             assert 0.5 * whole < b < 0.6 * whole, (b, whole)
 
 

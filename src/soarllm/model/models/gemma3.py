@@ -7,10 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from soarllm.distributed.parallel_state import TPGroup, kv_head_range
 from soarllm.model.layers.activation import ACT_AND_MUL
 from soarllm.model.layers.attention import Attention
-from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.model.layers.norm import RMSNorm
+from soarllm.model.layers.parallel_linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from soarllm.model.layers.rotary import RotaryEmbedding
 from soarllm.model.models.base import DecoderForCausalLM
 
@@ -41,27 +46,29 @@ def _rope_params(config, layer_type: str) -> dict:
 
 class Gemma3Attention(nn.Module):
     def __init__(self, config, layer_type: str, dtype, rotary_emb, quant_config=None,
-                 prefix: str = ""):
+                 prefix: str = "", tp: TPGroup | None = None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        tp = tp or TPGroup.single()
+        # this rank's heads (all of them at world size 1; KV heads replicated below the ranks)
+        self.num_heads = tp.split(config.num_attention_heads, "attention heads")
+        first_kv, self.num_kv_heads = kv_head_range(config.num_key_value_heads, tp)
+        self.head_dim = d = config.head_dim
         self.scale = config.query_pre_attn_scalar**-0.5
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = MergedLinear(
+        self.qkv_proj = MergedColumnParallelLinear(
             config.hidden_size,
-            {
-                "q": self.num_heads * self.head_dim,
-                "k": self.num_kv_heads * self.head_dim,
-                "v": self.num_kv_heads * self.head_dim,
-            },
+            {"q": self.num_heads * d, "k": self.num_kv_heads * d, "v": self.num_kv_heads * d},
             bias=bias,
             dtype=dtype,
             quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
+            tp=tp,
+            shard_starts={"q": tp.rank * self.num_heads * d, "k": first_kv * d, "v": first_kv * d},
         )
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias, dtype=dtype,
-                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size,
+                                        bias=bias, dtype=dtype, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj", tp=tp,
+                                        what="attention heads x head size")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, offset=1.0)
         self.rotary_emb = [rotary_emb]
@@ -84,13 +91,19 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3MLP(nn.Module):
-    def __init__(self, config, dtype, quant_config=None, prefix: str = ""):
+    def __init__(self, config, dtype, quant_config=None, prefix: str = "",
+                 tp: TPGroup | None = None):
         super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, dtype=dtype,
-                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = Linear(inter, config.hidden_size, dtype=dtype, quant_config=quant_config,
-                                prefix=f"{prefix}.down_proj")
+        tp = tp or TPGroup.single()
+        inter = tp.split(config.intermediate_size, "intermediate size (MLP width)")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, {"gate": inter, "up": inter}, dtype=dtype,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+            tp=tp, shard_starts={"gate": tp.rank * inter, "up": tp.rank * inter})
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
+                                           dtype=dtype, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj", tp=tp,
+                                           what="intermediate size (MLP width)")
         self.act_and_mul = ACT_AND_MUL[config.hidden_activation]
 
     def forward(self, x):
@@ -99,12 +112,12 @@ class Gemma3MLP(nn.Module):
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config, layer_type: str, dtype, rotary_emb, quant_config=None,
-                 prefix: str = ""):
+                 prefix: str = "", tp: TPGroup | None = None):
         super().__init__()
         eps, h = config.rms_norm_eps, config.hidden_size
         self.self_attn = Gemma3Attention(config, layer_type, dtype, rotary_emb, quant_config,
-                                         f"{prefix}.self_attn")
-        self.mlp = Gemma3MLP(config, dtype, quant_config, f"{prefix}.mlp")
+                                         f"{prefix}.self_attn", tp)
+        self.mlp = Gemma3MLP(config, dtype, quant_config, f"{prefix}.mlp", tp)
         self.input_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.post_attention_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
         self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, offset=1.0)
@@ -124,10 +137,10 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config, dtype, quant_config=None):
+    def __init__(self, config, dtype, quant_config=None, tp: TPGroup | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   dtype=dtype, tp=tp)
         self.embed_scale = config.hidden_size**0.5
         types = _layer_types(config)
         ropes = {
@@ -136,7 +149,7 @@ class Gemma3Model(nn.Module):
         }
         self.rotary = nn.ModuleDict(ropes)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, t, dtype, ropes[t], quant_config, f"model.layers.{i}")
+            Gemma3DecoderLayer(config, t, dtype, ropes[t], quant_config, f"model.layers.{i}", tp)
             for i, t in enumerate(types)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, offset=1.0)
@@ -154,10 +167,13 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(DecoderForCausalLM):
-    def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
+    supports_tensor_parallel = True
+
+    def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None,
+                 tp: TPGroup | None = None):
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", True)
-        super().__init__(config, dtype, quant_config, backend)
-        self.model = Gemma3Model(config, dtype, quant_config)
+        super().__init__(config, dtype, quant_config, backend, tp)
+        self.model = Gemma3Model(config, dtype, quant_config, self.tp)
         self.build_lm_head(self.model.embed_tokens)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
