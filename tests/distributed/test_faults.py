@@ -84,9 +84,9 @@ def test_shutdown_stops_every_worker(tiny_gqa_dir):
     assert all(_gone(p) for p in pids)
 
 
-def _config(heads: int, kv: int, inter: int = 128):
+def _config(heads: int, kv: int, inter: int = 128, arch: str = "LlamaForCausalLM"):
     return SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv,
-                           intermediate_size=inter)
+                           intermediate_size=inter, architectures=[arch])
 
 
 def test_bad_tensor_parallel_sizes_name_the_fix(monkeypatch):
@@ -99,6 +99,9 @@ def test_bad_tensor_parallel_sizes_name_the_fix(monkeypatch):
         check_tensor_parallel(_config(4, 2, inter=130), 4, "cpu")
     import torch
 
+    with pytest.raises(ConfigError, match="MixtralForCausalLM does not support tensor par"):
+        check_tensor_parallel(_config(4, 2, arch="MixtralForCausalLM"), 2, "cpu")
+    check_tensor_parallel(_config(4, 2, arch="MixtralForCausalLM"), 1, "cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="needs 2 GPUs but 1"):
         check_tensor_parallel(_config(4, 2), 2, "cuda")

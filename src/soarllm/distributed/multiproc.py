@@ -61,6 +61,13 @@ def check_tensor_parallel(config, world_size: int, device: str) -> None:
             raise ConfigError(
                 f"tensor_parallel_size={world_size} needs {world_size} GPUs but {n} are visible; "
                 f"lower tensor_parallel_size to at most {n} (or set CUDA_VISIBLE_DEVICES)")
+    if world_size > 1:
+        from soarllm.model.registry import resolve_model_class
+
+        model_cls = resolve_model_class(config)
+        if not getattr(model_cls, "supports_tensor_parallel", False):
+            raise ConfigError(f"{model_cls.__name__} does not support tensor parallelism yet; "
+                              f"run it with tensor_parallel_size=1")
     text = getattr(config, "text_config", None) or config
     tp = TPGroup(rank=0, world_size=world_size)
     tp.split(text.num_attention_heads, "attention heads")
