@@ -146,6 +146,9 @@ class MultiprocExecutor:
             ready = wait(list(pending.values()) + list(sentinels), timeout)
             if not ready:
                 failed = sorted(r for r, a in answers.items() if a[0] == "error")
+                if method is None:  # start-up: the failed rank's own error says what to change
+                    self.shutdown(timeout=0.5)
+                    raise answers[failed[0]][1]
                 self._die(f"worker rank(s) {failed} failed ({answers[failed[0]][1]!r}) while "
                           f"rank(s) {sorted(pending)} waited in a collective for "
                           f"{COLLECTIVE_GRACE_S:.0f} s")

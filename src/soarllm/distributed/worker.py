@@ -71,10 +71,6 @@ class Worker:
             c.seconds, c.calls = 0.0, 0
         return stats
 
-    def crash(self, code: int = 1) -> None:
-        """Testing: exit abruptly, as a crash would."""
-        os._exit(code)
-
 
 def _watch_parent(parent_pid: int) -> None:
     while True:
