@@ -25,10 +25,10 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from soarllm.config import EngineArgs
-from soarllm.distributed.parallel_state import free_port
 from soarllm.distributed.worker import NO_REPLY, worker_main
 from soarllm.errors import ConfigError, SoarError
 from soarllm.model.loader import load_checkpoint
+from soarllm.model.parallel_state import free_port
 from soarllm.profiling import StepPhases
 from soarllm.scheduler_output import SchedulerOutput
 
@@ -49,7 +49,7 @@ class WorkerDiedError(SoarError):
 
 def check_tensor_parallel(config, world_size: int, device: str) -> None:
     """Refuse, before any worker starts, a world size the model or the machine cannot take."""
-    from soarllm.distributed.parallel_state import TPGroup, kv_head_range
+    from soarllm.model.parallel_state import TPGroup, kv_head_range
 
     if world_size < 1:
         raise ConfigError(f"tensor_parallel_size must be at least 1, got {world_size}")

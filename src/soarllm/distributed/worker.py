@@ -25,7 +25,7 @@ class Worker:
     def __init__(self, args, rank: int, world_size: int, port: int):
         import torch
 
-        from soarllm.distributed.parallel_state import init_distributed
+        from soarllm.model.parallel_state import init_distributed
         from soarllm.model.runner import ModelRunner
 
         # the cores shared by the ranks (and by data-parallel replicas, which set worker_threads)

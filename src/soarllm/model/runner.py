@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, parse_memory
-from soarllm.distributed.parallel_state import TPGroup
 from soarllm.errors import ConfigError
 from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
@@ -33,6 +32,7 @@ from soarllm.model.layers.rotary import rope_max_position
 from soarllm.model.loader import Checkpoint, load_checkpoint
 from soarllm.model.loader.dummy import RandomSource
 from soarllm.model.loader.memory import release_free_heap
+from soarllm.model.parallel_state import TPGroup
 from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
 from soarllm.profiling import StepPhases

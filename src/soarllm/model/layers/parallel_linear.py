@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soarllm.distributed.parallel_state import TPGroup
 from soarllm.model.layers.linear import Linear, MergedLinear
+from soarllm.model.parallel_state import TPGroup
 from soarllm.quant.base import as_float, default_weight_loader
 
 

@@ -17,11 +17,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from soarllm.distributed.parallel_state import TPGroup, kv_head_range
 from soarllm.kernels.attention import AttentionMetadata, ReferenceAttentionBackend
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.layers.linear import Linear
 from soarllm.model.layers.parallel_linear import parallel_lm_head
+from soarllm.model.parallel_state import TPGroup, kv_head_range
 from soarllm.quant.base import QuantizationConfig, UnquantizedMethod, default_weight_loader
 
 # Checkpoint tensors that carry no weights we need (precomputed rope tables and the like).

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soarllm.distributed.parallel_state import TPGroup, kv_head_range
 from soarllm.model.layers.activation import ACT_AND_MUL
 from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.norm import RMSNorm
@@ -18,6 +17,7 @@ from soarllm.model.layers.parallel_linear import (
 )
 from soarllm.model.layers.rotary import RotaryEmbedding
 from soarllm.model.models.base import DecoderForCausalLM
+from soarllm.model.parallel_state import TPGroup, kv_head_range
 
 
 def _layer_types(config) -> list[str]:
