@@ -334,3 +334,47 @@ def test_a_library_scheme_without_a_kernel_is_refused(tiny, tmp_path):
         num_bits=8, type="int", strategy="group", group_size=128, symmetric=True))
     with pytest.raises(UnsupportedModelError, match="8-bit symmetric group-wise weights"):
         load_model(str(tmp_path / "g8"))
+
+
+# -- the real default model -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_quantized(default_model_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("default_q")
+    out = {}
+    for scheme in ("w8a16", "w4a16"):
+        assert _quantize(default_model_path, root / scheme, "--scheme", scheme) == 0
+        out[scheme] = root / scheme
+    return out
+
+
+@pytest.mark.model
+def test_default_model_w8a16_logits_stay_close(default_model_path, default_quantized):
+    ids = [1, 504, 3458, 282, 4649, 314, 253, 1056, 30]
+    base, _, _ = load_model(str(default_model_path), "none")
+    quant, _, _ = load_model(str(default_quantized["w8a16"]))
+    la, lb = run_layers(base, ids)[1], run_layers(quant, ids)[1]
+    cos = torch.nn.functional.cosine_similarity(la, lb, dim=-1)
+    assert bool((cos > 0.99).all()), cos
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_default_model_greedy_tokens_agree_with_full_precision(default_model_path,
+                                                                default_quantized, scheme):
+    """The full-precision base is the GGUF file dequantized; the quantized copy runs on the
+    W8A16 / W4A16 (group 64) kernels."""
+    from soarllm import LLM, SamplingParams
+
+    prompts = ["def quicksort(arr):", "The capital of France is",
+               "Once upon a time, in a small village by the sea,", "import os\nimport sys\n"]
+    n = 16
+    params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)
+    outs = []
+    for path, q in ((default_model_path, "none"), (default_quantized[scheme], None)):
+        llm = LLM(str(path), dtype="float32", quantization=q, max_model_len=128)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        del llm
+    agreed = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in zip(*outs)]
+    print(f"{scheme}: greedy tokens agree for the first {agreed} of {n}")
+    assert sum(agreed) >= (0.75 if scheme == "w8a16" else 0.5) * n * len(prompts), agreed
