@@ -359,22 +359,27 @@ def test_default_model_w8a16_logits_stay_close(default_model_path, default_quant
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
-def test_default_model_greedy_tokens_agree_with_full_precision(default_model_path,
-                                                                default_quantized, scheme):
-    """The full-precision base is the GGUF file dequantized; the quantized copy runs on the
-    W8A16 / W4A16 (group 64) kernels."""
+@pytest.mark.parametrize(("scheme", "floor"), [("w8a16", 0.9), ("w4a16", 0.5)])
+def test_default_model_next_tokens_agree_with_full_precision(default_model_path,
+                                                              default_quantized, scheme, floor):
+    """The full-precision base is the GGUF file dequantized; on its own greedy continuations of
+    four prompts, the quantized copy (W8A16 / W4A16 group 64 kernels) picks the same next token
+    at most positions. (Free-running greedy continuations are not compared: on this 135M model
+    they split at the first near-tie, e.g. W8A16 RTN, even dequantized to float32, keeps
+    [12, 16, 5, 1] of 16 tokens, while its perplexity moves by 0.2%.) Measured: W8A16 0.92,
+    W4A16 RTN group 64 0.58 (prompt positions included): 4-bit RTN costs this small model a lot."""
     from soarllm import LLM, SamplingParams
+    from soarllm.quant.compare import compare_models
 
     prompts = ["def quicksort(arr):", "The capital of France is",
                "Once upon a time, in a small village by the sea,", "import os\nimport sys\n"]
-    n = 16
-    params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)
-    outs = []
-    for path, q in ((default_model_path, "none"), (default_quantized[scheme], None)):
-        llm = LLM(str(path), dtype="float32", quantization=q, max_model_len=128)
-        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
-        del llm
-    agreed = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), n) for a, b in zip(*outs)]
-    print(f"{scheme}: greedy tokens agree for the first {agreed} of {n}")
-    assert sum(agreed) >= (0.75 if scheme == "w8a16" else 0.5) * n * len(prompts), agreed
+    params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
+    llm = LLM(str(default_model_path), dtype="float32", quantization="none", max_model_len=128)
+    seqs = [o.prompt_token_ids + list(o.outputs[0].token_ids)
+            for o in llm.generate(prompts, params)]
+    del llm
+    base, _, _ = load_model(str(default_model_path), "none")
+    quant, _, _ = load_model(str(default_quantized[scheme]))
+    r = compare_models(base, quant, seqs)
+    print(f"{scheme}: next-token agreement {r.top1_agreement:.3f}, top-5 {r.topk_agreement:.3f}")
+    assert r.top1_agreement >= floor
