@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from soarllm.distributed.data_parallel import PrefixRouter
+from soarllm.engine.data_parallel import PrefixRouter
 from tests.serve.conftest import start_soar_serve
 
 

@@ -58,7 +58,7 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = True
     engine_threads: int | None = None  # torch intra-op threads of the engine; None: automatic
-    data_parallel_size: int = 1  # engine replicas behind this server (distributed/data_parallel.py)
+    data_parallel_size: int = 1  # engine replicas behind this server (engine/data_parallel.py)
     public_metrics: bool = False  # /metrics without the API key (for scrapers)
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
     default_max_tokens: int | None = None  # chat requests without max_tokens; None: to the context

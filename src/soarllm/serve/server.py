@@ -120,7 +120,7 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
         logger.info("engine uses %d torch thread(s) (--engine-threads)", threads)
     logger.info("loading %s", engine_args.model)
     if config.data_parallel_size > 1:
-        from soarllm.distributed.data_parallel import DataParallelEngine
+        from soarllm.engine.data_parallel import DataParallelEngine
 
         engine = DataParallelEngine.from_engine_args(engine_args, config.data_parallel_size,
                                                      torch_threads=threads)

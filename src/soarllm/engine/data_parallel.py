@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from soarllm.config import EngineArgs
+from soarllm.engine.llm_engine import EngineStats
 from soarllm.errors import ConfigError, SoarError
 from soarllm.sampling_params import SamplingParams
 
@@ -86,19 +87,10 @@ class PrefixRouter:
 
 
 @dataclasses.dataclass
-class DataParallelStats:
+class DataParallelStats(EngineStats):
     """The replicas' engine stats summed (the fields /metrics reads), each replica's and the
     router's counters."""
 
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    spec: Any = None
     replicas: list[Any] = dataclasses.field(default_factory=list)
     router: RouterStats | None = None
 
