@@ -165,6 +165,18 @@ def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     return s
 
 
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One key tile of flash attention: fold scores s [rows, n] (masked ones -inf) and their
+    values v [n, D] into the running maximum m_i, normaliser l_i and output acc."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
 # --------------------------------------------------------------------------------------------
 # decode: split-K over the context, GQA group as the rows of the products
 
@@ -218,15 +230,10 @@ def _decode_kernel(
                           HEAD_DIM, QUANT, q_ptr.dtype.element_ty)
         s = _scores(q, k, scale, softcap, SOFTCAP, IEEE)
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(vc_ptr, vs_ptr, bt_row, offs_n, n_mask, offs_d, d_mask, kvh, block_size,
                           stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
                           HEAD_DIM, QUANT, q_ptr.dtype.element_ty)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -423,15 +430,10 @@ def _prefill_kernel(
                              mask=m_mask[:, None] & n_mask[None, :] & has_mask, other=0)
             allowed = tl.where(has_mask, (custom != 0) & n_mask[None, :], allowed)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(vc_ptr, vs_ptr, bt_row, offs_n, n_mask, offs_d, d_mask, kvh, block_size,
                           stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
                           HEAD_DIM, QUANT, q_ptr.dtype.element_ty)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
