@@ -16,7 +16,25 @@ import json
 _WS = " \t\r\n"
 
 
-class CallObjectScanner:
+class _StringTracker:
+    """Where a character falls relative to JSON strings: inside one, escaped, or closing it."""
+
+    _in_string = False
+    _escape = False
+
+    def _string_char(self, ch: str) -> bool:
+        """Follow one character inside a string; True when it closes the string."""
+        if self._escape:
+            self._escape = False
+        elif ch == "\\":
+            self._escape = True
+        elif ch == '"':
+            self._in_string = False
+            return True
+        return False
+
+
+class CallObjectScanner(_StringTracker):
     def __init__(self, args_keys: tuple[str, ...]):
         self.args_keys = args_keys
         self.text = ""
@@ -104,14 +122,8 @@ class CallObjectScanner:
                 self.feed(ch)  # the delimiter belongs to the object
             return
         if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif ch == "\\":
-                self._escape = True
-            elif ch == '"':
-                self._in_string = False
-                if kind == "string":
-                    self._end_value(i + 1)
+            if self._string_char(ch) and kind == "string":
+                self._end_value(i + 1)
             return
         if ch == '"':
             self._in_string = True
@@ -159,7 +171,7 @@ class CallObjectScanner:
         return raw
 
 
-class JsonObjectScanner:
+class JsonObjectScanner(_StringTracker):
     """The extent of one JSON object fed one character at a time (leading whitespace skipped):
     ``done`` once its closing brace arrives, ``error`` when the text does not start with "{".
     Strings, escapes and nesting are followed; the text is kept as written."""
@@ -183,12 +195,7 @@ class JsonObjectScanner:
                 return
         self.text += ch
         if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif ch == "\\":
-                self._escape = True
-            elif ch == '"':
-                self._in_string = False
+            self._string_char(ch)
         elif ch == '"':
             self._in_string = True
         elif ch in "{[":
