@@ -55,13 +55,15 @@ def test_capture_sizes():
     assert capture_sizes(1000)[-1] == 256
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for graph replay (Triton's "
+                    "interpreter); on a GPU tests/engine/test_gpu_engine.py replays real graphs")
 def test_padded_replay_matches_reference(tiny_llama_dir):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]  # 3 rows -> padded to 4
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    ref = LLM(str(tiny_llama_dir), dtype="float32", attention_backend="reference",
-              max_num_seqs=4, block_size=4)
-    fast = LLM(str(tiny_llama_dir), dtype="float32", attention_backend="triton",
-               max_num_seqs=4, block_size=4)
+    ref = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", attention_backend="reference",
+              max_num_seqs=4, block_size=4, kv_cache_memory="512MiB")
+    fast = LLM(str(tiny_llama_dir), device="cpu", dtype="float32", attention_backend="triton",
+               max_num_seqs=4, block_size=4, kv_cache_memory="512MiB")
     runner = fast.llm_engine.executor.runner
     graphs = EagerGraphs(runner.backbone, runner.backend, runner.kv_caches, max_rows=4,
                          max_blocks=runner.input_batch.max_num_blocks, device="cpu")
