@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,13 @@ class StructuredOutputParams:
                 raise bad("choice must list non-empty strings")
 
 
+class RequestOutputKind(enum.Enum):
+    """When the engine hands out a RequestOutput for a request (vLLM's names)."""
+
+    CUMULATIVE = 0  # after every step: the text and tokens so far, plus what the step added
+    FINAL_ONLY = 2  # once, when the request finishes (LLM.generate: no per-step output to build)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -124,6 +132,7 @@ class SamplingParams:
     num_speculative_tokens: int | None = None
     # Constrained decoding (JSON schema, regex, choice, grammar); None: free text.
     structured_outputs: StructuredOutputParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -25,11 +25,17 @@ def tokenizer(default_model_path):
     return load_tokenizer(load_checkpoint(str(default_model_path)))
 
 
+@pytest.mark.parametrize("path", ["decode_stream", "two_decodes"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_stream_never_splits_a_character(tokenizer, text):
+def test_stream_never_splits_a_character(tokenizer, text, path, monkeypatch):
+    """Both paths: tokenizers' DecodeStream (the default with a fast tokenizer) and the two
+    windowed decodes through transformers."""
+    if path == "two_decodes":
+        monkeypatch.setattr("soarllm.engine.detokenizer._decode_stream", lambda *a: None)
     ids = tokenizer.encode(text, add_special_tokens=False)
     prompt = tokenizer.encode("Say:", add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+    assert (detok.stream is not None) == (path == "decode_stream")
     pieces = []
     for t in ids:
         detok.add_token(t, check_stop=False)

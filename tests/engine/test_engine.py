@@ -127,6 +127,28 @@ def test_stream_joins_to_full_decode_and_stop_string_cuts_exactly(llm):
     assert kept.text == full[: full.index(stop) + len(stop)]
 
 
+def test_final_only_requests_get_one_output_equal_to_the_streamed_one(llm):
+    """output_kind=FINAL_ONLY (what LLM.generate sends): no output until the request finishes,
+    then the same text, tokens and finish reason as a request that got one every step."""
+    from soarllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    prompt = "import os\nimport sys\n"
+    kw = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
+    engine.add_request("every", prompt, SamplingParams(**kw))
+    engine.add_request("final", prompt,
+                       SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, **kw))
+    seen: dict[str, list] = {"every": [], "final": []}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            seen[o.request_id].append(o)
+    assert len(seen["every"]) > 1 and len(seen["final"]) == 1 and seen["final"][0].finished
+    a, b = seen["every"][-1].outputs[0], seen["final"][0].outputs[0]
+    assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+    assert b.text and len(b.token_ids) == 24
+    _assert_pool_free(llm)
+
+
 def test_bad_requests_are_refused_with_a_reason(llm):
     with pytest.raises(ContextLengthError, match="max_tokens"):
         llm.generate("hello", SamplingParams(max_tokens=10_000))

@@ -6,9 +6,16 @@ from fastapi.testclient import TestClient
 
 from soarllm.cli.main import build_parser
 from soarllm.cli.serve import server_config_from
+from soarllm.config import EngineArgs
 from soarllm.engine.async_engine import AsyncLLMEngine
 from soarllm.serve.app import build_app
-from soarllm.serve.config import API_KEY_ENV, ServerConfig, engine_threads_for
+from soarllm.serve.config import (
+    API_KEY_ENV,
+    ServerConfig,
+    engine_threads_for,
+    model_process_threads,
+    runs_model_in_worker,
+)
 from tests.serve.fake_engine import FakeEngine
 
 
@@ -52,3 +59,19 @@ def test_engine_threads_leave_a_core_to_the_event_loop(monkeypatch):
     assert engine_threads_for(None, "cpu") == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert engine_threads_for(None, "cpu") is None
+
+
+def test_model_runs_in_a_worker_process_on_cpu_unless_told(monkeypatch):
+    args = EngineArgs(model="m")
+    assert runs_model_in_worker(args, 1, "cpu")
+    assert not runs_model_in_worker(args, 1, "cuda")
+    assert not runs_model_in_worker(args, 2, "cpu")  # data-parallel replicas are processes already
+    assert not runs_model_in_worker(EngineArgs(model="m", distributed_executor_backend="uni"), 1,
+                                    "cpu")
+    assert not runs_model_in_worker(EngineArgs(model="m", tensor_parallel_size=2), 1, "cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert model_process_threads(None) == 8  # every core: the HTTP process is idle in the step
+    assert model_process_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert model_process_threads(None) == 4

@@ -11,7 +11,9 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
+import torch
 
 from tests.serve.conftest import start_soar_serve
 
@@ -189,6 +191,9 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
             return True
         return False
 
+    # on CPU the model runs in a worker process of the server (serve/config.py); it must go too
+    workers = psutil.Process(srv.proc.pid).children(recursive=True)
+
     async def main():
         short_started, long_started = asyncio.Event(), asyncio.Event()
         short = asyncio.create_task(stream(20, short_started))
@@ -221,3 +226,8 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
         assert endless["error"]["message"] and endless["error"]["type"], (endless, log)
         assert endless["usage"] is None and 1 <= endless["chunks"] < 4000, (endless, log)
     assert rc == 0, log
+    if not torch.cuda.is_available():
+        assert "the model runs in a worker process" in srv.log(), log
+        assert workers, "no worker process under soar serve"
+    gone, alive = psutil.wait_procs(workers, timeout=30)  # a hang guard
+    assert not alive, f"orphaned worker processes: {alive}"

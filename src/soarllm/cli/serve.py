@@ -87,8 +87,10 @@ def register(sub) -> None:
                    "server; a request goes to the replica holding its longest cached prefix, "
                    "else to the least loaded one")
     g.add_argument("--engine-threads", type=int, default=None,
-                   help="torch threads of the engine (default on CPU: all cores but one, which "
-                   "is left to the HTTP event loop; OMP_NUM_THREADS overrides)")
+                   help="torch threads that run the model (default on CPU: every core, in a "
+                   "worker process beside the HTTP one; with --distributed-executor-backend uni "
+                   "the model runs in the server's process on all cores but one; "
+                   "OMP_NUM_THREADS overrides the default)")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not write a JSON access-log line per request to stdout")
     g.add_argument("--public-metrics", action="store_true",

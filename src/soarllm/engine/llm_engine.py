@@ -30,7 +30,7 @@ from soarllm.errors import ContextLengthError, InvalidRequestError
 from soarllm.model.tokenizer import load_tokenizer
 from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from soarllm.profiling import StepPhases
-from soarllm.sampling_params import SamplingParams
+from soarllm.sampling_params import RequestOutputKind, SamplingParams
 from soarllm.scheduler_output import SchedulerOutput
 from soarllm.spec.config import SpeculativeConfig
 from soarllm.spec.speculator import SpecStats, Speculator
@@ -62,6 +62,7 @@ class _Group:
         self.detoks: list[IncrementalDetokenizer] = detoks
         self.sent_tokens = [0] * len(children)
         self.prompt_logprobs_sent = False
+        self.final_only = children[0].params.output_kind is RequestOutputKind.FINAL_ONLY
 
     @property
     def finished(self) -> bool:
@@ -279,6 +280,8 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = []
         for g in touched.values():
+            if g.final_only and not g.finished:
+                continue
             try:
                 outputs.append(self._make_output(g))
             except Exception as e:

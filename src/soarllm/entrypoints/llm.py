@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ from soarllm.chat_utils import render_chat
 from soarllm.config import DEFAULT_MODEL, EngineArgs
 from soarllm.engine.llm_engine import LLMEngine
 from soarllm.outputs import RequestOutput
-from soarllm.sampling_params import SamplingParams
+from soarllm.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 
@@ -43,6 +44,10 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError("give one SamplingParams, or one per prompt")
+        # offline, only the finished outputs are read: the engine builds no per-step ones
+        final = {id(sp): dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
+                 for sp in params}
+        params = [final[id(sp)] for sp in params]
         engine = self.llm_engine
         order: dict[str, int] = {}
         try:

@@ -13,6 +13,7 @@ server shut down the same way and exit with status 1, so a supervisor restarts i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -24,7 +25,12 @@ import uvicorn
 
 from soarllm.config import EngineArgs
 from soarllm.serve.access_log import ACCESS_LOGGER
-from soarllm.serve.config import ServerConfig, engine_threads_for
+from soarllm.serve.config import (
+    ServerConfig,
+    engine_threads_for,
+    model_process_threads,
+    runs_model_in_worker,
+)
 
 logger = logging.getLogger("soarllm.serve")
 
@@ -112,12 +118,22 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
     from soarllm.serve.app import build_app
 
     configure_logging(config.log_level)
-    threads = engine_threads_for(config.engine_threads, engine_args.resolved_device())
+    device = engine_args.resolved_device()
+    if runs_model_in_worker(engine_args, config.data_parallel_size, device):
+        workers = model_process_threads(config.engine_threads)
+        engine_args = dataclasses.replace(engine_args, distributed_executor_backend="mp",
+                                          worker_threads=workers)
+        threads = 1  # this process schedules, detokenizes and serves HTTP
+        logger.info("the model runs in a worker process with %d torch thread(s) "
+                    "(--engine-threads; --distributed-executor-backend uni keeps it here)", workers)
+    else:
+        threads = engine_threads_for(config.engine_threads, device)
+        if threads is not None:
+            logger.info("engine uses %d torch thread(s) (--engine-threads)", threads)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-        logger.info("engine uses %d torch thread(s) (--engine-threads)", threads)
     logger.info("loading %s", engine_args.model)
     if config.data_parallel_size > 1:
         from soarllm.engine.data_parallel import DataParallelEngine
