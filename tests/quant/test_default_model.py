@@ -15,7 +15,7 @@ from soarllm.kernels.attention import ReferenceAttentionBackend
 from soarllm.model.loader import load_checkpoint
 from soarllm.model.registry import resolve_model_class
 from soarllm.quant.config import get_quant_config
-from soarllm.quant.gguf import GGUFBlocks
+from soarllm.quant.gguf import GGUFBlocks, Q8AsInt4PairMethod
 from soarllm.quant.w4a16 import W4A16Method
 from tests.model.test_logits_vs_hf import PagedRun
 
@@ -65,9 +65,14 @@ def _weight_bytes(model) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_of_quantized_and_dequantized_paths_agree(default_model_path, dtype):
     quant, cfg = _build(default_model_path, None, dtype)
-    assert sum(isinstance(m.__dict__.get("quant_method"), W4A16Method) for m in quant.modules()) == 120  # 30 x (qkv, o, gate_up, down)
+    # 30 x (qkv, o, gate_up, down), and in bfloat16 the tied Q8_0 head as two int4 planes
+    bf16 = dtype == torch.bfloat16
+    assert sum(isinstance(m.__dict__.get("quant_method"), W4A16Method)
+               for m in quant.modules()) == 120 + bf16
+    assert isinstance(quant.lm_head.quant_method, Q8AsInt4PairMethod) == bf16
     dense, _ = _build(default_model_path, "none", dtype)
-    assert _weight_bytes(quant) < 0.6 * _weight_bytes(dense)  # the head stays dense (Q8_0)
+    # the embedding table stays dequantized (the lookup, and the head above 8 rows)
+    assert _weight_bytes(quant) < 0.6 * _weight_bytes(dense)
     seqs = [[1, 504, 3458, 282, 4649, 314, 253, 1056, 30], list(range(100, 160))]
     got = []
     for model in (quant, dense):

@@ -19,7 +19,7 @@ from soarllm.model.models.base import DecoderForCausalLM
 from soarllm.model.registry import resolve_model_class
 from soarllm.quant.base import UnquantizedMethod
 from soarllm.quant.config import get_quant_config
-from soarllm.quant.gguf import GGUFBlocks, GGUFQuantConfig
+from soarllm.quant.gguf import GGUFBlocks, GGUFQuantConfig, Q8AsInt4PairMethod
 from soarllm.quant.w4a16 import W4A16Method
 from tests.model.test_logits_vs_hf import PagedRun
 from tests.tiny import make_tiny_model
@@ -94,8 +94,32 @@ def test_repack_equals_gguf_dequantize(qtype, shape):
                                rtol=2**-8, atol=2**-9 * seen.abs().max().item())
 
 
+@pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
+def test_q8_0_as_two_int4_planes_equals_gguf_dequantize(shape):
+    rows, cols = shape
+    rng = np.random.default_rng(rows)
+    blocks = _quantized(rng.normal(0.0, 0.05, size=shape), "Q8_0")
+    q, scale, zero = blocks.to_int4_planes()
+    assert q.shape == (rows, 2 * cols) and int(q.max()) <= 15
+    planes = _tinygemm(q, scale, zero)
+    _assert_float_rounding(planes[:, :cols] + planes[:, cols:], _gguf_dequantize(blocks))
+    # Through the layer on the CPU kernel (bfloat16 scales and zeros): against x @ w.T with the
+    # weight as gguf dequantizes it
+    layer = Linear(cols, rows, dtype=torch.float32, quant_method=Q8AsInt4PairMethod(32))
+    layer.qweight.weight_loader(layer.qweight, blocks)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.use_cpu_kernel
+    want = _gguf_dequantize(blocks)
+    got = layer.quant_method.dequantized_weight(layer)
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=2**-8 * want.abs().max().item())
+    x = torch.randn(5, cols)
+    ref = x.double() @ want.double().t()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
 def test_gguf_config_per_layer_types():
-    """W4A16 only where every shard of a layer is a 4-bit type; Q8_0 stays exact (dequantized)."""
+    """W4A16 where every shard of a layer is a 4-bit type, the two-plane form where every shard is
+    Q8_0; other types are dequantized."""
     types = {
         "model.layers.0.self_attn.q_proj.weight": "Q4_0",
         "model.layers.0.self_attn.k_proj.weight": "Q4_K",
@@ -110,16 +134,21 @@ def test_gguf_config_per_layer_types():
                        prefix="model.layers.0.self_attn.qkv_proj")
     gate_up = MergedLinear(64, {"gate": 128, "up": 128}, quant_config=config,
                            prefix="model.layers.0.mlp.gate_up_proj")
-    down = Linear(128, 64, quant_config=config, prefix="model.layers.0.mlp.down_proj")
+    down = Linear(128, 64, dtype=torch.bfloat16, quant_config=config,
+                  prefix="model.layers.0.mlp.down_proj")
     norm_like = Linear(64, 64, quant_config=config, prefix="model.layers.0.other")  # F32
     head = Linear(64, 512, quant_config=config, prefix="lm_head")  # tied: the embedding's type
     assert isinstance(qkv.quant_method, W4A16Method)
     assert isinstance(head.quant_method, W4A16Method)
-    for layer in (gate_up, down, norm_like):
+    assert isinstance(down.quant_method, Q8AsInt4PairMethod)
+    for layer in (gate_up, norm_like):
         assert isinstance(layer.quant_method, UnquantizedMethod)
     summary = config.summary()
-    assert "W4A16 (group 32): 2 Q4_0, 1 Q4_1, 1 Q4_K;" in summary  # qkv and the head
-    assert "1 Q4_1, 1 Q6_K, 1 Q8_0" in summary  # gate shares its layer with a Q6_K shard
+    # in a float32 model a Q8_0 layer stays exact: the int4 kernel would round its activations
+    down32 = Linear(128, 64, quant_config=config, prefix="model.layers.0.mlp.down_proj")
+    assert isinstance(down32.quant_method, UnquantizedMethod)
+    assert "W4A16 (group 32): 2 Q4_0, 1 Q4_1, 1 Q4_K, 1 Q8_0;" in summary  # qkv, head, down
+    assert "1 Q4_1, 1 Q6_K" in summary  # gate shares its layer with a Q6_K shard
 
 
 # --- a tiny model written as GGUF with 4-bit and 8-bit tensors ---------------------------------
@@ -201,12 +230,12 @@ def tiny_gguf(request, tmp_path_factory) -> Path:
     return _write_gguf(hf_dir, tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf")
 
 
-def _build(path: Path, quantization: str | None):
+def _build(path: Path, quantization: str | None, dtype: torch.dtype = torch.float32):
     ckpt = load_checkpoint(str(path))
     cls = resolve_model_class(ckpt.config)
     qc = get_quant_config(quantization, ckpt, cls.packed_modules)
-    model = cls(ckpt.config, torch.float32, ReferenceAttentionBackend(), quant_config=qc)
-    model.load_weights(qc.weights(ckpt, torch.float32) if qc else ckpt.weights(torch.float32))
+    model = cls(ckpt.config, dtype, ReferenceAttentionBackend(), quant_config=qc)
+    model.load_weights(qc.weights(ckpt, dtype) if qc else ckpt.weights(dtype))
     return model, ckpt.config
 
 
@@ -220,7 +249,7 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
 
     model, cfg = _build(tiny_gguf, None)
     kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
-    assert kinds == {"W4A16Method", "UnquantizedMethod"}  # Q8_0 down_proj stays exact
+    assert kinds == {"W4A16Method", "UnquantizedMethod"}  # float32: the Q8_0 down_proj dequantized
     assert isinstance(model.model.layers[0].self_attn.qkv_proj.quant_method, W4A16Method)
     assert isinstance(model.lm_head.quant_method, W4A16Method)  # Q4_0 embedding or Q4_1 output
     assert all(m.use_cpu_kernel for m in model.modules() if isinstance(m.__dict__.get("quant_method"), W4A16Method))
@@ -240,6 +269,48 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
     dequantized, _ = _build(tiny_gguf, "none")
     assert not any(isinstance(m.__dict__.get("quant_method"), W4A16Method) for m in dequantized.modules())
     torch.testing.assert_close(_logits(dequantized, cfg, seqs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_gguf_with_q8_0_planes_matches_transformers(tiny_gguf):
+    """In a bfloat16 model the Q8_0 down_proj runs as two int4 planes: the logits stay those of
+    transformers' float32 model on the same file, to bfloat16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = _build(tiny_gguf, None, torch.bfloat16)
+    kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
+    assert "Q8AsInt4PairMethod" in kinds, kinds
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 12)]
+    run = PagedRun(model, cfg, seqs)
+    run.caches = [c.to(torch.bfloat16) for c in run.caches]
+    got = run.step([(i, 0, len(s)) for i, s in enumerate(seqs)]).float()
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
+                                               dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    assert bool((cos > 0.999).all()), cos
+
+
+def test_tied_quantized_head_serves_large_batches_from_the_dequantized_table(tiny_gguf):
+    """Up to QUANTIZED_HEAD_MAX_ROWS rows the tied head's quantized copy computes the logits,
+    above it the embedding table: both give the logits of the same weights."""
+    from soarllm.model.models.base import QUANTIZED_HEAD_MAX_ROWS
+
+    model, cfg = _build(tiny_gguf, None, torch.bfloat16)
+    if not model.tie_word_embeddings:
+        assert model.dense_head_weight is None
+        return
+    assert model.dense_head_weight is model.model.embed_tokens.weight
+    torch.manual_seed(1)
+    hidden = torch.randn(QUANTIZED_HEAD_MAX_ROWS + 3, cfg.hidden_size).bfloat16()
+    with torch.inference_mode():
+        large = model.compute_logits(hidden)  # the dequantized table
+        small = torch.cat([model.compute_logits(h[None]) for h in hidden])  # the quantized copy
+        exact = hidden.double() @ model.dense_head_weight.double().t()
+    torch.testing.assert_close(large.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
+    torch.testing.assert_close(small.double(), exact, rtol=0.02,
+                               atol=0.02 * exact.abs().max().item())
 
 
 def test_quantization_gguf_refused_for_other_checkpoints(tmp_path):

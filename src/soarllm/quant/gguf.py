@@ -9,9 +9,21 @@ Each of these block types is exactly a group-32 asymmetric int4 layout, w = (q -
 
 so repacking them loses nothing but float rounding (z is computed in float32). In all three the
 first 16 weights of a 32-weight run are the low nibbles of 16 bytes and the next 16 their high
-nibbles. Other types (Q8_0, Q5_x, Q6_K, ...) have no exact 4-bit form: their layers load
-dequantized to the model dtype (gguf's own dequantize), named in the config's summary line. Q8_0
-is group-32 symmetric int8, which the per-channel W8A16 kernel cannot hold without re-rounding.
+nibbles.
+
+Q8_0 (32 weights: fp16 d, 32 int8 q, w = d * q) is group-32 symmetric int8, which the per-channel
+W8A16 kernel cannot hold without re-rounding; it is exactly two int4 planes instead. With
+q = 16 h + l (h = floor(q / 16) in [-8, 8), l in [0, 16)):
+
+    w = d q = (16 d) h + d l = [(h + 8) - 8] (16 d)  +  [(l - 8) d + 8 d]
+
+so a layer of K inputs becomes one W4A16 layer of 2K inputs (plane h with s = 16 d, z = 0; plane l
+with s = d, z = 8 d) applied to [x, x]: the same bytes as int8, through the int4 kernel (the
+default model's tied Q8_0 LM head reads half the bytes of its bfloat16 copy). Only in bfloat16
+models: the CPU kernel rounds activations to bfloat16, which a float32 model's dequantized Q8_0
+layer does not. Other types (Q5_x,
+Q6_K, ...) have no exact 4-bit form: their layers load dequantized to the model dtype (gguf's own
+dequantize), named in the config's summary line.
 """
 
 from __future__ import annotations
@@ -23,8 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod
-from soarllm.quant.w4a16 import W4A16Method
+from soarllm.quant.base import (
+    QuantizationConfig,
+    QuantMethod,
+    UnquantizedMethod,
+    check_rows,
+    shard_range,
+)
+from soarllm.quant.w4a16 import KERNEL_DTYPE, W4A16Method
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +72,21 @@ class GGUFBlocks:
         if group_size != GROUP or self.qtype not in INT4_TYPES:
             raise ValueError(f"{self.qtype} blocks have no exact group-{group_size} int4 form")
         return _REPACK[self.qtype](self.data.numpy(), *self.shape)
+
+    def to_int4_planes(self, group_size: int = GROUP):
+        """Q8_0 as two int4 planes side by side: (q uint8 [rows, 2 cols], scale, zero f32
+        [rows, 2 cols / 32]) with w = plane h + plane l (module docstring)."""
+        if group_size != GROUP or self.qtype != "Q8_0":
+            raise ValueError(f"{self.qtype} blocks have no exact pair of group-{group_size} int4 planes")
+        rows, cols = self.shape
+        blocks = self.data.numpy().reshape(-1, 34)
+        d = _f16(blocks[:, 0:2])[:, 0].reshape(rows, cols // GROUP)
+        q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.int16).reshape(rows, cols)
+        h = np.floor_divide(q, 16)
+        q4 = np.concatenate([h + 8, q - 16 * h], axis=1).astype(np.uint8)
+        scale = np.concatenate([16 * d, d], axis=1)
+        zero = np.concatenate([np.zeros_like(d), 8 * d], axis=1)
+        return torch.from_numpy(q4), torch.from_numpy(scale), torch.from_numpy(zero)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -103,6 +136,45 @@ def _repack_q4_k(data: np.ndarray, rows: int, cols: int):
 _REPACK = {"Q4_0": _repack_q4_0, "Q4_1": _repack_q4_1, "Q4_K": _repack_q4_k}
 
 
+class Q8AsInt4PairMethod(W4A16Method):
+    """A Q8_0 layer served exactly as one W4A16 layer over [x, x] (module docstring)."""
+
+    def describe(self) -> str:
+        return "Q8_0 as two W4A16 planes (group 32)"
+
+    def create_weights(self, layer, in_features, out_features, bias, dtype):
+        super().create_weights(layer, 2 * in_features, out_features, bias, dtype)
+
+    def load_weight(self, layer, param, loaded, shard_id=None) -> None:
+        from soarllm.quant.w4a16 import pack_nibbles
+
+        off, size = shard_range(layer, shard_id, layer.out_features)
+        check_rows("weight", shard_id, (size, layer.in_features), tuple(loaded.shape))
+        q, scale, zero = loaded.to_int4_planes(self.group_size)
+        layer.qweight.data[off : off + size] = pack_nibbles(q)
+        layer.scales.data[off : off + size] = scale
+        layer.zeros.data[off : off + size] = zero
+
+    def apply(self, layer, x):
+        return super().apply(layer, torch.cat([x, x], dim=-1))
+
+    def dequantized_weight(self, layer) -> torch.Tensor:
+        k = layer.in_features
+        if layer.use_cpu_kernel:
+            from soarllm.quant.w4a16 import KERNEL_DTYPE, w4a16_linear_cpu
+
+            eye = torch.eye(k, dtype=KERNEL_DTYPE)
+            out = w4a16_linear_cpu(torch.cat([eye, eye], dim=-1), layer.qweight,
+                                   layer.scale_and_zero, self.group_size, layer.out_features)
+            return out.float().t().contiguous()
+        layer.in_features = 2 * k  # the planes' width, for the dequantizers
+        try:
+            w = super().dequantized_weight(layer)
+        finally:
+            layer.in_features = k
+        return w[:, :k] + w[:, k:]
+
+
 class GGUFQuantConfig(QuantizationConfig):
     """Per layer from the file's tensor types: W4A16 where every shard is Q4_0/Q4_1/Q4_K."""
 
@@ -137,6 +209,9 @@ class GGUFQuantConfig(QuantizationConfig):
         if all(t in INT4_TYPES for t in types):
             self.repacked.update(types)
             return W4A16Method(GROUP)
+        if all(t == "Q8_0" for t in types) and getattr(layer, "params_dtype", None) == KERNEL_DTYPE:
+            self.repacked.update(types)
+            return Q8AsInt4PairMethod(GROUP)
         self.dequantized.update(t for t in types if t not in FLOAT_TYPES)
         return UnquantizedMethod()
 

@@ -31,6 +31,7 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.prefix = prefix
+        self.params_dtype = dtype
         if quant_method is None and quant_config is not None:
             quant_method = quant_config.get_quant_method(self, prefix)
         self.quant_method = quant_method or UnquantizedMethod()
