@@ -127,10 +127,12 @@ class ReferenceAttentionBackend:
         softcap: float | None = None,
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
         hq, hkv = q.shape[1], k.shape[1]
         gqa = hq != hkv
         nd = meta.num_decodes
+        if nd == q.shape[0]:  # every row a decode (the usual step): no output buffer to fill
+            return self._decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, None)
+        out = torch.empty_like(q)
         if nd:
             self._decode(q[:nd], kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
         starts = meta.query_start_loc_cpu
@@ -164,24 +166,47 @@ class ReferenceAttentionBackend:
 
     @staticmethod
     def _decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
+        """Attention of the first ``nd`` rows (one-token decodes and verification rows), written
+        into ``out``; with ``out`` None, returned as a new [nd, Hq, D] tensor."""
         _, num_blocks, block_size, h, d = kv_cache.shape
         flat = kv_cache.view(2, num_blocks, block_size * h * d)
-        for ids, length, valid, rows in _decode_plan(meta, nd, block_size, sliding_window):
+        plan = _decode_plan(meta, nd, block_size, sliding_window)
+        if out is None and not (len(plan) == 1 and plan[0].in_order):
+            out = torch.empty_like(q)
+        for entry in plan:
+            ids, length, rows = entry.block_ids, entry.length, entry.rows
             shape = (ids.shape[0], ids.shape[1] * block_size, h, d)
             kk = _readable(flat[0].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
             vv = _readable(flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
-            qq = q[rows]  # [groups, rows per group, Hq, D]
+            # [groups, rows per group, Hq, D]; rows 0..nd-1 in order need no gather
+            qq = q[:nd].view(rows.shape[0], rows.shape[1], *q.shape[1:]) if entry.in_order else q[rows]
             small = qq.shape[1] == 1 and qq.shape[0] <= SDPA_MAX_DECODES
             if q.dtype == torch.float32 or softcap is not None or small:
                 # PyTorch's float32 SDPA: the fastest for a few decodes; lower-precision caches are
-                # widened first (the gathered copy is small)
-                o = _sdpa(qq.transpose(1, 2).float(), kk.transpose(1, 2).float(),
-                          vv.transpose(1, 2).float(), valid[:, None], scale, softcap,
+                # widened first (the gathered copy is small), in one copy each
+                def heads_first(x):
+                    return x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+
+                mask = None if entry.full else entry.valid[:, None]
+                o = _sdpa(heads_first(qq), heads_first(kk), heads_first(vv), mask, scale, softcap,
                           gqa).transpose(1, 2).to(q.dtype)
             else:
-                o = _decode_attention(qq, kk, vv, valid, scale)
+                o = _decode_attention(qq, kk, vv, entry.valid, scale)
+            if out is None:  # one bucket, rows in order: the result is the output
+                return o.reshape(nd, *o.shape[2:])
             # padding slots repeat their group's last row: writing it twice writes the same value
             out[rows.reshape(-1)] = o.reshape(-1, *o.shape[2:])
+        return out
+
+
+@dataclass
+class _DecodeBucket:
+    block_ids: torch.Tensor  # [G, n] blocks of each group's request
+    length: int  # keys gathered per group (the bucket's longest context)
+    valid: torch.Tensor  # [G, M, length] bool: which keys each query row sees
+    rows: torch.Tensor  # [G, M] query rows of each group
+    in_order: bool  # rows are 0 .. nd-1 in order, one per group (plain decodes)
+    full: bool  # every row sees every gathered key (no mask needed)
 
 
 def _decode_plan(meta: AttentionMetadata, nd: int, block_size: int, sliding_window: int | None):
@@ -219,7 +244,11 @@ def _decode_plan(meta: AttentionMetadata, nd: int, block_size: int, sliding_wind
                 valid = kpos < lens[..., None]
                 if sliding_window is not None:
                     valid = valid & (kpos >= lens[..., None] - sliding_window)
-                plan.append((meta.block_tables[rows[:, 0], :n].contiguous(), length, valid, rows))
+                in_order = m == 1 and len(plan) == 0 and members == list(range(len(sizes)))
+                full = sliding_window is None and all(
+                    meta.seq_lens_cpu[starts[g]] == length for g in members) and m == 1
+                plan.append(_DecodeBucket(meta.block_tables[rows[:, 0], :n].contiguous(), length,
+                                          valid, rows, in_order and len(sizes) == nd, full))
         meta.cache[key] = plan
     return plan
 
