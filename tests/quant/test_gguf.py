@@ -244,9 +244,17 @@ def _logits(model, cfg, seqs) -> torch.Tensor:
     return run.step([(i, 0, len(s)) for i, s in enumerate(seqs)])
 
 
-def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
+def _hf_last_logits(path: Path, seqs: list[list[int]]) -> torch.Tensor:
+    """transformers' float32 model read from the same GGUF file: each sequence's last logits."""
     from transformers import AutoModelForCausalLM
 
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
+
+
+def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
     model, cfg = _build(tiny_gguf, None)
     kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
     assert kinds == {"W4A16Method", "UnquantizedMethod"}  # float32: the Q8_0 down_proj dequantized
@@ -257,10 +265,7 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
     torch.manual_seed(0)
     seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 12)]
     got = _logits(model, cfg, seqs)
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
-                                               dtype=torch.float32).eval()
-    with torch.inference_mode():
-        want = torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
+    want = _hf_last_logits(tiny_gguf, seqs)
     # The same weights; the int4 kernel sees bfloat16 activations, scales and zeros.
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert bool((cos > 0.9999).all()), cos
@@ -274,8 +279,6 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
 def test_bfloat16_gguf_with_q8_0_planes_matches_transformers(tiny_gguf):
     """In a bfloat16 model the Q8_0 down_proj runs as two int4 planes: the logits stay those of
     transformers' float32 model on the same file, to bfloat16 rounding."""
-    from transformers import AutoModelForCausalLM
-
     model, cfg = _build(tiny_gguf, None, torch.bfloat16)
     kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
     assert "Q8AsInt4PairMethod" in kinds, kinds
@@ -284,10 +287,7 @@ def test_bfloat16_gguf_with_q8_0_planes_matches_transformers(tiny_gguf):
     run = PagedRun(model, cfg, seqs)
     run.caches = [c.to(torch.bfloat16) for c in run.caches]
     got = run.step([(i, 0, len(s)) for i, s in enumerate(seqs)]).float()
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
-                                               dtype=torch.float32).eval()
-    with torch.inference_mode():
-        want = torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
+    want = _hf_last_logits(tiny_gguf, seqs)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert bool((cos > 0.999).all()), cos
 
