@@ -197,26 +197,35 @@ def _waits_in_collective(conn) -> None:
     _time.sleep(600)  # never answers: blocked in an all-reduce rank 0 never joins
 
 
-def test_a_rank_failing_alone_is_fatal_not_a_hang(monkeypatch):
-    """Rank 0 raises while rank 1 waits in a collective for it: after the grace period the
-    executor gives up on the workers (fatal), instead of waiting forever for rank 1."""
+def _executor_over(targets):
+    """A MultiprocExecutor whose ranks are forked processes running ``targets`` (one per rank,
+    each given its end of the pipe) instead of model workers."""
     import multiprocessing as mp
+    import weakref
 
     from soarllm.distributed import multiproc
 
-    monkeypatch.setattr(multiproc, "COLLECTIVE_GRACE_S", 0.5)
     ctx = mp.get_context("fork")
     ex = multiproc.MultiprocExecutor.__new__(multiproc.MultiprocExecutor)
-    ex.world_size, ex.procs, ex.conns, ex._dead, ex._phases = 2, [], [], None, None
-    for target in (_answers_error, _waits_in_collective):
+    ex.world_size, ex.procs, ex.conns, ex._dead, ex._phases = len(targets), [], [], None, None
+    for target in targets:
         parent, child = ctx.Pipe()
         p = ctx.Process(target=target, args=(child,))
         p.start()
         ex.procs.append(p)
         ex.conns.append(parent)
-    import weakref
-
     ex._finalizer = weakref.finalize(ex, multiproc._stop_workers, ex.procs, ex.conns)
+    return ex
+
+
+def test_a_rank_failing_alone_is_fatal_not_a_hang(monkeypatch):
+    """Rank 0 raises while rank 1 waits in a collective for it: after the grace period the
+    executor gives up on the workers (fatal), instead of waiting forever for rank 1."""
+
+    from soarllm.distributed import multiproc
+
+    monkeypatch.setattr(multiproc, "COLLECTIVE_GRACE_S", 0.5)
+    ex = _executor_over([_answers_error, _waits_in_collective])
     with pytest.raises(WorkerDiedError, match=r"rank\(s\) \[0\] failed .* rank\(s\) \[1\] waited"):
         ex.collective_rpc("execute", None)
     assert not any(p.is_alive() for p in ex.procs)
@@ -237,21 +246,7 @@ def _always_error(conn) -> None:
 def test_an_error_on_every_rank_is_the_request_s_not_fatal():
     """A request that fails alike on every rank (before any collective) raises its own error, so
     the engine's per-request containment still applies, and the workers stay up."""
-    import multiprocessing as mp
-    import weakref
-
-    from soarllm.distributed import multiproc
-
-    ctx = mp.get_context("fork")
-    ex = multiproc.MultiprocExecutor.__new__(multiproc.MultiprocExecutor)
-    ex.world_size, ex.procs, ex.conns, ex._dead, ex._phases = 2, [], [], None, None
-    for _ in range(2):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_always_error, args=(child,))
-        p.start()
-        ex.procs.append(p)
-        ex.conns.append(parent)
-    ex._finalizer = weakref.finalize(ex, multiproc._stop_workers, ex.procs, ex.conns)
+    ex = _executor_over([_always_error, _always_error])
     for _ in range(2):
         with pytest.raises(ValueError, match="bad request 7"):
             ex.collective_rpc("execute", None)

@@ -173,7 +173,26 @@ class RequestStream:
 # -- the engine wrapper ---------------------------------------------------------------------------
 
 
-class AsyncLLMEngine:
+class GeneratesFromStreams:
+    """``generate`` over an engine's ``add_request`` (AsyncLLMEngine, DataParallelEngine)."""
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Convenience: add a request and yield its outputs; aborts it if the caller stops early."""
+        stream = await self.add_request(request_id, prompt, params, arrival_time)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+
+class AsyncLLMEngine(GeneratesFromStreams):
     """Runs a SyncEngine on a background thread and streams its outputs to asyncio callers."""
 
     def __init__(self, engine: SyncEngine, torch_threads: int | None = None):
@@ -368,21 +387,6 @@ class AsyncLLMEngine:
             self._streams.pop(stream.request_id, None)
             raise
         return stream
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        arrival_time: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Convenience: add a request and yield its outputs; aborts it if the caller stops early."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.close()
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (safe to call from the event loop at any time, idempotent)."""

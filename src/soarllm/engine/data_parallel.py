@@ -18,10 +18,11 @@ import asyncio
 import dataclasses
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from soarllm.config import EngineArgs
+from soarllm.engine.async_engine import GeneratesFromStreams
 from soarllm.engine.llm_engine import EngineStats
 from soarllm.errors import ConfigError, SoarError
 from soarllm.sampling_params import SamplingParams
@@ -115,7 +116,7 @@ def _sum_stats(stats: list[Any], router: RouterStats) -> DataParallelStats | Non
     )
 
 
-class DataParallelEngine:
+class DataParallelEngine(GeneratesFromStreams):
     """``AsyncLLMEngine``'s serving surface over ``replicas`` (AsyncLLMEngines)."""
 
     def __init__(self, replicas: list[Any], block_size: int):
@@ -238,15 +239,6 @@ class DataParallelEngine:
                           arrival_time: float | None = None, coalesce: bool = True):
         stream, accepted = self.submit_request(request_id, prompt, params, arrival_time, coalesce)
         return await self.wait_accepted(stream, accepted)
-
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[Any]:
-        stream = await self.add_request(request_id, prompt, params, arrival_time)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            stream.close()
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

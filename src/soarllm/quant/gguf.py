@@ -146,32 +146,19 @@ class Q8AsInt4PairMethod(W4A16Method):
         super().create_weights(layer, 2 * in_features, out_features, bias, dtype)
 
     def load_weight(self, layer, param, loaded, shard_id=None) -> None:
-        from soarllm.quant.w4a16 import pack_nibbles
-
         off, size = shard_range(layer, shard_id, layer.out_features)
         check_rows("weight", shard_id, (size, layer.in_features), tuple(loaded.shape))
-        q, scale, zero = loaded.to_int4_planes(self.group_size)
-        layer.qweight.data[off : off + size] = pack_nibbles(q)
-        layer.scales.data[off : off + size] = scale
-        layer.zeros.data[off : off + size] = zero
+        self.store_rows(layer, off, *loaded.to_int4_planes(self.group_size))
 
     def apply(self, layer, x):
         return super().apply(layer, torch.cat([x, x], dim=-1))
 
+    def weight_width(self, layer) -> int:
+        return 2 * layer.in_features
+
     def dequantized_weight(self, layer) -> torch.Tensor:
         k = layer.in_features
-        if layer.use_cpu_kernel:
-            from soarllm.quant.w4a16 import KERNEL_DTYPE, w4a16_linear_cpu
-
-            eye = torch.eye(k, dtype=KERNEL_DTYPE)
-            out = w4a16_linear_cpu(torch.cat([eye, eye], dim=-1), layer.qweight,
-                                   layer.scale_and_zero, self.group_size, layer.out_features)
-            return out.float().t().contiguous()
-        layer.in_features = 2 * k  # the planes' width, for the dequantizers
-        try:
-            w = super().dequantized_weight(layer)
-        finally:
-            layer.in_features = k
+        w = super().dequantized_weight(layer)  # [out, 2k]: the two planes side by side
         return w[:, :k] + w[:, k:]
 
 

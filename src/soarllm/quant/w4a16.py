@@ -125,7 +125,6 @@ class W4A16Method(QuantMethod):
                 f"W4A16 group size {g} does not divide the layer's {in_features} inputs; "
                 f"choose a group size that divides it (one of {GROUP_SIZES})"
             )
-        layer.params_dtype = dtype
         layer.qweight = set_weight_loader(
             new_param((out_features, in_features // 2), torch.uint8),
             functools.partial(self.load_weight, layer),
@@ -151,6 +150,12 @@ class W4A16Method(QuantMethod):
             weight = as_float(loaded)
             check_rows("weight", shard_id, (size, layer.in_features), weight.shape)
             q, scale, zero = quantize_w4(weight, self.group_size)
+        self.store_rows(layer, off, q, scale, zero)
+
+    @staticmethod
+    def store_rows(layer, off: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        """Rows off.. of the loading layout: nibbles packed, float32 scales and zeros."""
+        size = q.shape[0]
         layer.qweight.data[off : off + size] = pack_nibbles(q)
         layer.scales.data[off : off + size] = scale
         layer.zeros.data[off : off + size] = zero
@@ -189,17 +194,22 @@ class W4A16Method(QuantMethod):
         w = dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
         return F.linear(x, w.to(x.dtype), layer.bias)
 
+    def weight_width(self, layer) -> int:
+        """Input columns of the stored weight (the layer's inputs; more for a layout that
+        stores several planes side by side)."""
+        return layer.in_features
+
     def dequantized_weight(self, layer) -> torch.Tensor:
         """The float32 weight the layer computes with (for tests and comparisons)."""
         if layer.use_triton_kernel:
             from soarllm.kernels.triton import quant_gemm
 
             return quant_gemm.unpack_w4(layer.qweight, layer.scales, layer.zeros, self.group_size,
-                                        layer.in_features)
+                                        self.weight_width(layer))
         if not layer.use_cpu_kernel:
             return dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
         # Multiplying the identity recovers the weight as the kernel sees it (in bfloat16).
-        eye = torch.eye(layer.in_features, dtype=KERNEL_DTYPE)
+        eye = torch.eye(self.weight_width(layer), dtype=KERNEL_DTYPE)
         out = w4a16_linear_cpu(eye, layer.qweight, layer.scale_and_zero, self.group_size,
                                layer.out_features)
         return out.float().t().contiguous()

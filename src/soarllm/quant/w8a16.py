@@ -65,7 +65,6 @@ class W8A16Method(QuantMethod):
         return "W8A16 (per channel)"
 
     def create_weights(self, layer, in_features, out_features, bias, dtype):
-        layer.params_dtype = dtype
         layer.qweight = set_weight_loader(
             new_param((out_features, in_features), torch.int8),
             functools.partial(self.load_weight, layer),
