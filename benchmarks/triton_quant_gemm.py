@@ -4,7 +4,9 @@
 Each measurement replays a CUDA graph of 20 calls (the decode path runs under graphs, so launch
 overhead is left out) cycling through enough copies of the weight to exceed the L2 cache, and
 reports microseconds per call, the weight bytes read per second and the speedup over bfloat16.
-``--sweep`` also times a few GEMV launch configurations at M = 1.
+``--sweep`` also times a few GEMV launch configurations at M = 1. ``--tinygemm`` adds PyTorch's
+own int4 kernel (``aten._weight_int4pack_mm``, the one gpt-fast and torchao use on CUDA) at group
+128 as a peer, after checking that it computes the same product as ours.
 
     python benchmarks/triton_quant_gemm.py --out results/triton_quant_gemm.json
 """
@@ -59,6 +61,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--ms", default="1,4,16,64")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--tinygemm", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -79,16 +82,28 @@ def main() -> int:
         for g in (32, 128):
             q, s, z = quantize_w4(w, g)
             w4[g] = qg.pack_w4(q, s, z, g, torch.bfloat16)
+            if args.tinygemm and g == 128:
+                tiny = _tinygemm_layout(q, s, z)
         del w, q8, s8
         byte_counts = {
             "bf16": dense.numel() * 2,
             "w8a16": w8[0].numel() + w8[1].numel() * 4,
             **{f"w4a16-g{g}": sum(t.numel() * t.element_size() for t in w4[g]) for g in w4},
         }
+        if args.tinygemm:
+            byte_counts["tinygemm-g128"] = sum(t.numel() * t.element_size() for t in tiny)
+            xc = torch.randn(3, k, device=dev).bfloat16()
+            ours = qg.w4a16_gemm(xc, *w4[128], 128).float()
+            theirs = torch.ops.aten._weight_int4pack_mm(xc, tiny[0], 128, tiny[1]).float()
+            err = ((ours - theirs).norm() / ours.norm()).item()
+            print(json.dumps({"K": k, "N": n, "tinygemm_rel_err_vs_ours": round(err, 5)}), flush=True)
         sets = {
             "bf16": [dense] + [dense.clone() for _ in range(_copies(byte_counts["bf16"]) - 1)],
             "w8a16": [w8] + [tuple(t.clone() for t in w8) for _ in range(_copies(byte_counts["w8a16"]) - 1)],
         }
+        if args.tinygemm:
+            sets["tinygemm-g128"] = [tiny] + [tuple(t.clone() for t in tiny)
+                                              for _ in range(_copies(byte_counts["tinygemm-g128"]) - 1)]
         for g in w4:
             key = f"w4a16-g{g}"
             sets[key] = [w4[g]] + [tuple(t.clone() for t in w4[g]) for _ in range(_copies(byte_counts[key]) - 1)]
@@ -100,6 +115,10 @@ def main() -> int:
             }
             for g in w4:
                 fns[f"w4a16-g{g}"] = [lambda t=t, g=g, x=x: qg.w4a16_gemm(x, *t, g) for t in sets[f"w4a16-g{g}"]]
+            if args.tinygemm:
+                fns["tinygemm-g128"] = [
+                    lambda t=t, x=x: torch.ops.aten._weight_int4pack_mm(x, t[0], 128, t[1])
+                    for t in sets["tinygemm-g128"]]
             base = None
             for scheme, fs in fns.items():
                 us = _time_us(fs)
@@ -119,21 +138,27 @@ def main() -> int:
     return 0
 
 
+def _tinygemm_layout(q, s, z, inner_k_tiles=8):
+    """PyTorch's CUDA int4 layout of q [N, K] in [0, 16) with per-group scales / zeros [N, K/g]:
+    two nibbles per byte (even input high), repacked by aten._convert_weight_to_int4pack, and
+    scales-and-zeros [K/g, N, 2] in bfloat16; it computes w = (q - 8) * scale + zero, as ours."""
+    q8 = ((q[:, ::2].to(torch.int32) << 4) | q[:, 1::2].to(torch.int32)).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), inner_k_tiles)
+    sz = torch.stack([s.float(), z.float()], dim=2).transpose(0, 1).contiguous().bfloat16()
+    return packed, sz
+
+
 def _sweep(qg, k, n, sets, byte_counts):
     """GEMV launch configurations at M = 1: BLOCK_N, num_warps, programs per SM and packed tiles
     loaded per loop step (unroll)."""
     out = []
     x = torch.randn(1, k, device="cuda").bfloat16()
     y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-    configs = [(bn, w, per_sm, u) for bn in (128, 256) for w in (2, 4, 8) for per_sm in (4,)
-               for u in (1, 2, 4)] + [(128, 4, ps, 2) for ps in (2, 8)]
+    configs = [(bn, w, per_sm, 1) for bn in (64, 128, 256) for w in (1, 2, 4) for per_sm in (4, 8, 16)]
     for bn, w, per_sm, u in configs:
         kw = dict(block_n=bn, num_warps=w, per_sm=per_sm, unroll=u)
-        for key in ("w4a16-g32", "w8a16"):
-            if key == "w8a16":
-                fs = [lambda t=t, kw=kw: qg.w8_gemv(x, t[0], t[1], y, **kw) for t in sets[key]]
-            else:
-                fs = [lambda t=t, kw=kw: qg.w4_gemv(x, *t, 32, y, **kw) for t in sets[key]]
+        for key in ("w4a16-g128",):
+            fs = [lambda t=t, kw=kw: qg.w4_gemv(x, *t, 128, y, **kw) for t in sets[key]]
             us = _time_us(fs)
             row = {"sweep": True, "K": k, "N": n, "scheme": key, **kw, "us": round(us, 2),
                    "weight_GBps": round(byte_counts[key] / us / 1e3, 1)}
