@@ -95,7 +95,14 @@ class LLMEngine:
         )
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.speculator = Speculator(spec_config, self.max_model_len)
+        draft = None
+        if spec_config is not None and spec_config.method == "draft_model":
+            from soarllm.spec.draft import build_draft_proposer
+
+            text = getattr(self.executor.hf_config, "text_config", None) or self.executor.hf_config
+            draft = build_draft_proposer(spec_config, args, text.num_hidden_layers, num_blocks,
+                                         self.max_model_len, self.tokenizer)
+        self.speculator = Speculator(spec_config, self.max_model_len, draft=draft)
         self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
                                                   self.eos_token_ids)
         self.groups: dict[str, _Group] = {}

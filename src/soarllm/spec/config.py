@@ -15,7 +15,8 @@ from typing import Any
 from soarllm.errors import ConfigError
 from soarllm.sampling_params import MAX_SPECULATIVE_TOKENS
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+_ALIASES = {"draft": "draft_model"}
 
 
 @dataclass
@@ -25,11 +26,17 @@ class SpeculativeConfig:
     # ngram (prompt lookup): the longest and shortest suffix of the text so far to look up.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # draft_model: the draft's checkpoint (sharing the target's tokenizer); None = a self-draft,
+    # the target's own checkpoint cut to its first draft_num_layers layers.
+    model: str | None = None
+    draft_num_layers: int | None = None
+    quantization: str | None = None  # of the draft's weights (e.g. "w4a16"); None = as loaded
     # Turn speculation off for a request (or the whole batch) when the step-time cost model says
     # it does not pay; False keeps it always on (for measurements).
     adaptive: bool = True
 
     def __post_init__(self) -> None:
+        self.method = _ALIASES.get(self.method, self.method)
         if self.method not in METHODS:
             raise ConfigError(
                 f"unknown speculative method {self.method!r}; use one of {list(METHODS)} "
@@ -46,6 +53,22 @@ class SpeculativeConfig:
             raise ConfigError(
                 f"prompt_lookup_min and prompt_lookup_max must be integers with "
                 f"1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}"
+            )
+        layers = self.draft_num_layers
+        if self.method == "draft_model":
+            if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool)
+                                       or layers < 1):
+                raise ConfigError(f"draft_num_layers must be a positive integer, got {layers!r}")
+            if self.model is None and layers is None and self.quantization is None:
+                raise ConfigError(
+                    "draft_model needs a draft: a \"model\" sharing the target's tokenizer, or a "
+                    "self-draft of the target's first layers (\"draft_num_layers\": e.g. 8) and/or "
+                    "its weights quantized (\"quantization\": \"w4a16\")"
+                )
+        elif self.model is not None or layers is not None or self.quantization is not None:
+            raise ConfigError(
+                f"model, draft_num_layers and quantization describe a draft model; they do not "
+                f"apply to method {self.method!r} (use \"method\": \"draft_model\")"
             )
 
     @classmethod

@@ -13,10 +13,16 @@ from soarllm.engine.request import Request
 
 class Proposer(ABC):
     name: str
+    # True when proposing runs a model (a draft): the speculator then weighs its time too
+    expensive: bool = False
 
     @abstractmethod
     def propose(self, req: Request, k: int) -> list[int]:
         """Up to ``k`` guesses for the tokens that follow ``req.all_token_ids``."""
+
+    def propose_batch(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
+        """Guesses for several requests at once (a draft model runs them as one batch)."""
+        return [self.propose(r, k) for r, k in zip(reqs, ks)]
 
     def forget(self, request_id: str) -> None:  # noqa: B027 (optional hook; stateless: no-op)
         """Drop any per-request state (the request finished)."""

@@ -20,6 +20,7 @@ choice not taken is re-measured (a few drafts at most) so that the comparison fo
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass, field
 
 from soarllm.engine.request import Request, RequestStatus
@@ -33,7 +34,7 @@ REFERENCE_K = 8  # draft tokens per step from a prediction, unless the request s
 _PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
 _MAX_EXPLORE_TOKENS = 8
 _MARGIN = 0.03  # expected gain in tokens/s that speculation must promise over the plain step
-_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4}
+_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4, "draft_model": 0.6}
 
 
 @dataclass
@@ -55,13 +56,15 @@ class SpecStats:
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig | None, max_model_len: int,
-                 explore_every: int = 64):
+                 explore_every: int = 64, draft: Proposer | None = None):
         self.config = config
         self.max_model_len = max_model_len
         self.explore_every = explore_every
         self.proposers: dict[str, Proposer] = {"reference": ReferenceProposer()}
         if config is not None and config.method == "ngram":
             self.proposers["ngram"] = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        if draft is not None:
+            self.proposers[draft.name] = draft
         # A request with a prediction falls back to prompt lookup where the prediction has nothing
         # to offer (before re-synchronising after an edit): the prompt usually holds the same text.
         self._fallback = self.proposers.get("ngram") or NgramProposer(1, 4)
@@ -71,6 +74,8 @@ class Speculator:
         self._req: dict[str, list[float]] = {}  # request id -> [drafted, accepted]
         self._method: dict[str, str] = {}  # request id -> method of its pending drafts
         self._steps = 0
+        self._draft_seconds: dict[str, float] = {}  # method -> running mean seconds per draft run
+        self._draft_calls = 0
 
     # -- before a step ------------------------------------------------------------------------
 
@@ -98,7 +103,7 @@ class Speculator:
     def propose(self, running: list[Request], num_base_tokens: int) -> None:
         """Set ``spec_token_ids`` on the running requests that should verify drafts this step;
         ``num_base_tokens`` is what the step computes without speculation."""
-        candidates: list[tuple[Request, str, list[int]]] = []
+        wanted: dict[str, list[tuple[Request, int]]] = {}  # method -> (request, k)
         for req in running:
             req.spec_token_ids = []
             if req.status != RequestStatus.RUNNING or req.num_computed_tokens != req.num_tokens - 1:
@@ -107,21 +112,63 @@ class Speculator:
             if method is None:
                 continue
             k = self._max_k(req, method)
-            if k <= 0:
+            if k > 0:
+                wanted.setdefault(method, []).append((req, k))
+        base = max(num_base_tokens, 1)
+        candidates: list[tuple[Request, str, list[int]]] = []
+        for method, items in wanted.items():
+            proposer = self.proposers[method]
+            if proposer.expensive and not self._worth_drafting(method, items, base):
                 continue
-            drafts = self.proposers[method].propose(req, k)
-            if not drafts and method == "reference":
-                method, drafts = "ngram", self._fallback.propose(req, k)
-            if drafts:
-                candidates.append((req, method, drafts))
+            t0 = time.perf_counter()
+            proposals = proposer.propose_batch([r for r, _ in items], [k for _, k in items])
+            if proposer.expensive:
+                self._observe_draft_time(method, time.perf_counter() - t0)
+            for (req, k), drafts in zip(items, proposals):
+                m = method
+                if not drafts and method == "reference":
+                    m, drafts = "ngram", self._fallback.propose(req, k)
+                if drafts:
+                    candidates.append((req, m, drafts))
         if not candidates:
             return
         self._steps += 1
-        chosen = self._plan(candidates, max(num_base_tokens, 1))
+        chosen = self._plan(candidates, base)
         for (req, method, drafts), k in zip(candidates, chosen):
             if k:
                 req.spec_token_ids = drafts[:k]
                 self._method[req.request_id] = method
+
+    # -- proposers that cost a model run (draft models) -----------------------------------------
+
+    def _observe_draft_time(self, method: str, seconds: float) -> None:
+        old = self._draft_seconds.get(method)
+        self._draft_seconds[method] = seconds if old is None else old + 0.2 * (seconds - old)
+
+    def _worth_drafting(self, method: str, items: list[tuple[Request, int]], base: int) -> bool:
+        """Whether running the draft model can pay: the best expected tokens/s with its drafts
+        (their expected acceptance, the target's step-time model, plus the draft's own measured
+        time) beats the plain step. Unmeasured, or every ``explore_every`` steps, it drafts anyway
+        so that the estimates stay current."""
+        cfg = self.config
+        if cfg is not None and not cfg.adaptive:
+            return True
+        draft_s = self._draft_seconds.get(method)
+        t0 = self.cost.time(base)
+        if draft_s is None or t0 is None:
+            return True
+        self._draft_calls += 1
+        if self._draft_calls % self.explore_every == 0:
+            return True
+        gains = sorted((self.acceptance(r.request_id, method) ** j
+                        for r, k in items for j in range(1, k + 1)), reverse=True)
+        plain = base / t0 * (1 + _MARGIN)
+        gain = 0.0
+        for n, g in enumerate(gains, start=1):
+            gain += g
+            if (base + gain) / (self.cost.time(base + n) + draft_s) > plain:
+                return True
+        return False
 
     def _plan(self, candidates: list[tuple[Request, str, list[int]]], base: int) -> list[int]:
         """Draft tokens per candidate: best expected gain first, while tokens/s rises."""

@@ -15,6 +15,8 @@ kernel's layout (`process_weights_after_loading`).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterable
 
 import torch
@@ -33,6 +35,9 @@ QUANTIZED_HEAD_MAX_ROWS = 8  # rows of logits a tied quantized LM head computes 
 # Checkpoint tensors that carry no weights we need (precomputed rope tables and the like).
 _SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _EMBEDDING = "model.embed_tokens.weight"
+_LAYER_INDEX = re.compile(r"(?:model\.|model\.language_model\.)?layers\.(\d+)\.")
+
+logger = logging.getLogger(__name__)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -111,14 +116,22 @@ class DecoderForCausalLM(nn.Module):
         """Load checkpoint tensors (HF names) through the layers; returns the loaded params."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        beyond = 0
         for name, tensor in weights:
             if name.endswith(_SKIPPED):
+                continue
+            layer = _LAYER_INDEX.match(name)
+            if layer is not None and int(layer.group(1)) >= self.num_layers:
+                beyond += 1  # a model cut to its first layers (hf_overrides, a self-draft)
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             loaded.add(self._load_one(name, tensor, params))
             if name == _EMBEDDING and self.tie_word_embeddings and not self.head_shares_embedding:
                 loaded.add(self._load_one("lm_head.weight", tensor, params))
+        if beyond:
+            logger.info("skipped %d checkpoint tensors of layers past the model's %d", beyond,
+                        self.num_layers)
         missing = {n for n, p in params.items() if n not in loaded and not _filled(n, p, loaded)}
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")

@@ -1,0 +1,154 @@
+"""Draft-model speculation: a second model (or the target's own first layers) guesses, the target
+verifies. Oracles: the engine without speculation (greedy and seeded sampling token for token) and a
+fresh draft run on the accepted tokens (the draft's KV after rejections)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from soarllm import LLM, SamplingParams
+from soarllm.config import EngineArgs
+from soarllm.engine.request import Request
+from soarllm.errors import ConfigError
+from soarllm.spec.draft import DraftModelProposer, draft_engine_args
+from tests.engine.test_engine import _assert_pool_free as _pool_free
+from tests.engine.test_engine import _ids
+from tests.tiny import make_tiny_model, train_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def _prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(3, 14))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    """A 4-layer tiny llama: its self-draft of 1 or 2 layers disagrees with it often."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-4l"), "llama", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def plain(deep_dir):
+    return LLM(str(deep_dir), dtype="float32", block_size=4, max_num_seqs=16)
+
+
+def _self_draft(layers: int, k: int = 3) -> dict:
+    return {"method": "draft_model", "draft_num_layers": layers, "num_speculative_tokens": k,
+            "adaptive": False}
+
+
+@pytest.fixture(scope="module")
+def self_draft(deep_dir):
+    return LLM(str(deep_dir), dtype="float32", block_size=4, max_num_seqs=16,
+               speculative_config=_self_draft(2))
+
+
+def test_self_draft_greedy_equals_plain_batched(plain, self_draft):
+    prompts = _prompts(plain.llm_engine.vocab_size, 10, seed=0)
+    want = _ids(plain.generate(prompts, GREEDY))
+    assert _ids(self_draft.generate(prompts, GREEDY)) == want
+    st = self_draft.llm_engine.speculator.stats
+    assert st.by_method["draft_model"][1] > 0  # drafted
+    assert 0 < st.num_accepted_tokens < st.num_draft_tokens  # both accepted and rejected drafts
+    _pool_free(self_draft)
+    assert not self_draft.llm_engine.speculator.proposers["draft_model"].seqs  # draft state freed
+
+
+def test_a_draft_equal_to_the_target_is_accepted_whole(deep_dir, plain):
+    """A separate draft checkpoint (here: the target's own) with the same tokenizer."""
+    prompts = _prompts(plain.llm_engine.vocab_size, 4, seed=1)
+    want = _ids(plain.generate(prompts, GREEDY))
+    spec = LLM(str(deep_dir), dtype="float32", block_size=4, speculative_config={
+        "method": "draft", "model": str(deep_dir), "num_speculative_tokens": 4, "adaptive": False})
+    assert _ids(spec.generate(prompts, GREEDY)) == want
+    st = spec.llm_engine.speculator.stats
+    assert st.num_draft_tokens > 0 and st.num_accepted_tokens == st.num_draft_tokens
+
+
+def test_self_draft_chunked_preempted_prefix_hits(deep_dir, plain):
+    prompts = [p * 3 for p in _prompts(plain.llm_engine.vocab_size, 8, seed=2)]
+    want = _ids(plain.generate(prompts, GREEDY))
+    small = LLM(str(deep_dir), dtype="float32", block_size=4, num_gpu_blocks_override=30,
+                max_model_len=100, max_num_batched_tokens=12, speculative_config=_self_draft(1, 4))
+    assert _ids(small.generate(prompts, GREEDY)) == want
+    assert small.llm_engine.get_stats().num_preemptions > 0
+    assert _ids(small.generate(prompts, GREEDY)) == want  # again: prefix-cache hits
+    assert small.llm_engine.get_stats().prefix_cache_hits > 0
+    assert small.llm_engine.speculator.stats.num_accepted_tokens > 0
+    _pool_free(small)
+
+
+def test_seeded_sampling_is_identical_with_a_draft(plain, self_draft):
+    prompts = _prompts(plain.llm_engine.vocab_size, 6, seed=3)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, seed=7, logprobs=1)
+    want = plain.generate(prompts, params)
+    got = self_draft.generate(prompts, params)
+    assert _ids(got) == _ids(want)
+    for a, b in zip(got, want):
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys()
+
+
+def test_draft_kv_after_rejections_equals_a_fresh_draft(deep_dir):
+    """Feed the proposer a conversation in which the target keeps only part of its guesses: each
+    next proposal must equal what a fresh draft proposes from the accepted tokens alone."""
+    base = EngineArgs(model=str(deep_dir), dtype="float32", block_size=4)
+    args = draft_engine_args(base, None, 1, None)
+    kept = DraftModelProposer(args, num_blocks=64, max_model_len=512)
+    rng = random.Random(4)
+    prompt = [rng.randrange(3, 500) for _ in range(9)]
+    req = Request("r", prompt, GREEDY, (), 0.0)
+    rejections = 0
+    for step in range(12):
+        k = rng.randint(1, 4)
+        guesses = kept.propose(req, k)
+        fresh = DraftModelProposer(args, num_blocks=64, max_model_len=512)
+        assert guesses == fresh.propose(req, k), f"step {step}"
+        # the target keeps a random prefix of the guesses, then adds a token of its own
+        n = rng.randint(0, len(guesses))
+        rejections += n < len(guesses)
+        for t in guesses[:n] + [rng.randrange(3, 500)]:
+            req.append_token(t)
+    assert rejections > 3
+    kept.forget("r")
+    assert kept.pool.num_free_blocks == 64
+
+
+def test_bad_draft_configs_fail_at_start(deep_dir, tmp_path):
+    with pytest.raises(ConfigError, match="not fewer than the target's 4 layers"):
+        LLM(str(deep_dir), dtype="float32", speculative_config=_self_draft(4))
+    with pytest.raises(ConfigError, match="draft_model needs a draft"):
+        LLM(str(deep_dir), dtype="float32", speculative_config={"method": "draft_model"})
+    with pytest.raises(ConfigError, match="do not apply to method 'ngram'"):
+        LLM(str(deep_dir), dtype="float32",
+            speculative_config={"method": "ngram", "model": str(deep_dir)})
+    other = make_tiny_model(tmp_path / "other", "llama")
+    train_tokenizer(other, vocab_size=400)  # same model files, another vocabulary
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        LLM(str(deep_dir), dtype="float32",
+            speculative_config={"method": "draft_model", "model": str(other)})
+
+
+def test_the_draft_is_skipped_when_it_cannot_pay():
+    """Measured: plain steps cost in proportion to their tokens (a large batch) and the draft
+    model's run costs a step of its own: no acceptance rate makes drafting pay, so the speculator
+    does not even run the draft; on a small batch whose steps cost the same for more tokens it does."""
+    from soarllm.spec.config import SpeculativeConfig
+    from soarllm.spec.speculator import Speculator
+
+    cfg = SpeculativeConfig(method="draft_model", draft_num_layers=1)
+    sp = Speculator(cfg, 512, explore_every=10**9)
+    reqs = [(Request(f"r{i}", [1, 2, 3], GREEDY, (), 0.0), 4) for i in range(32)]
+    for n in (32, 64, 96, 160):
+        sp.observe_step(n, 0.001 * n)
+    sp._observe_draft_time("draft_model", 0.03)
+    assert not sp._worth_drafting("draft_model", reqs, 32)
+    flat = Speculator(cfg, 512, explore_every=10**9)
+    for n in (1, 2, 4, 8):
+        flat.observe_step(n, 0.02)
+    flat._observe_draft_time("draft_model", 0.004)
+    assert flat._worth_drafting("draft_model", reqs[:1], 1)
