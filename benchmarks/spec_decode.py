@@ -1,5 +1,12 @@
 """Speculative decoding side by side, one run: the same requests with no speculation, with prompt
-lookup (ngram) and with Predicted Outputs (reference), at several concurrencies.
+lookup (ngram), with Predicted Outputs (reference) and with a draft model, at several
+concurrencies.
+
+The draft model is a self-draft: the target served unquantized (its GGUF dequantized, bfloat16)
+and drafted for by its own weights quantized to W4A16 (``draft``, compared with ``none-unq``: the
+same unquantized target without speculation). On the default model, a Q4_1 GGUF, the W4A16 draft
+reproduces the file's int4 weights exactly, so this is the best case for acceptance: what a draft
+costs is the thing measured.
 
 Workloads (greedy, default model unless --model):
 - code_edit: a real function from Python's standard library and an instruction to rename it,
@@ -101,6 +108,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="ngram: num_speculative_tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--methods", default="ngram,reference,draft",
+                    help="besides none: ngram, reference (code_edit only), draft")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -113,23 +122,29 @@ def main() -> None:
     conc = [int(c) for c in args.concurrency.split(",")]
     work = workloads(max(conc))
     common = dict(dtype=args.dtype, enable_prefix_caching=False, max_model_len=2048)
-    engines = {
-        "none": LLM(args.model, **common),
-        "ngram": LLM(args.model, **common,
-                     speculative_config={"method": "ngram", "num_speculative_tokens": args.k}),
-    }
-    engines["reference"] = engines["none"]  # Predicted Outputs need no configuration
+    wanted = args.methods.split(",")
+    engines = {"none": LLM(args.model, **common)}
+    if "ngram" in wanted:
+        engines["ngram"] = LLM(args.model, **common, speculative_config={
+            "method": "ngram", "num_speculative_tokens": args.k})
+    if "reference" in wanted:
+        engines["reference"] = engines["none"]  # Predicted Outputs need no configuration
+    if "draft" in wanted:
+        engines["none-unq"] = LLM(args.model, **common, quantization="none")
+        engines["draft"] = LLM(args.model, **common, quantization="none", speculative_config={
+            "method": "draft_model", "quantization": "w4a16", "num_speculative_tokens": args.k})
+    baseline_of = {"draft": "none-unq"}
     tok = engines["none"].get_tokenizer()
     for llm in engines.values():  # warm up
         run(llm, tok, work["open_chat"][:2], False)
     rows = []
     for wname in args.workloads.split(","):
         reqs_all = work[wname]
-        methods = ["none", "ngram"] + (["reference"] if wname == "code_edit" else [])
+        methods = [m for m in engines if m != "reference" or wname == "code_edit"]
         for c in conc:
             reqs = reqs_all[:c] if c > 1 else reqs_all[:3]
             batches = [reqs] if c > 1 else [[r] for r in reqs]
-            base_ids = None
+            base_ids: dict[str, list] = {}
             res: dict[str, dict] = {}
             for _ in range(args.repeats):
                 for m in methods:
@@ -142,23 +157,25 @@ def main() -> None:
                         dt, ids, ntok = dt + t, ids + i, ntok + n
                     drafts = spec.num_drafts - d0
                     acc = 1 + (spec.num_accepted_tokens - a0) / drafts if drafts else None
-                    if m == "none":
-                        base_ids = ids
+                    if m in ("none", "none-unq"):
+                        base_ids[m] = ids
                     best = res.get(m)
                     if best is None or ntok / dt > best["tok_s"]:
                         res[m] = {"tok_s": ntok / dt, "accept_len": acc, "tokens": ntok,
-                                  "same": sum(a == b for a, b in zip(ids, base_ids))}
+                                  "same": sum(a == b for a, b in
+                                              zip(ids, base_ids[baseline_of.get(m, "none")]))}
             for m in methods:
                 r = res[m]
                 row = {"workload": wname, "concurrency": c, "method": m, **r,
-                       "requests": len(reqs), "speedup": r["tok_s"] / res["none"]["tok_s"]}
+                       "requests": len(reqs),
+                       "speedup": r["tok_s"] / res[baseline_of.get(m, "none")]["tok_s"]}
                 rows.append(row)
                 acc = f"{r['accept_len']:.2f}" if r["accept_len"] else "-"
                 print(f"{wname:12s} C={c:<3d} {m:10s} {r['tok_s']:8.1f} tok/s  x{row['speedup']:.2f}"
                       f"  accept {acc:>5s}  same {r['same']}/{len(reqs)}", flush=True)
             if args.out:  # after every row group, so an interrupted run keeps what it measured
                 args.out.mkdir(parents=True, exist_ok=True)
-                meta = {"model": args.model, "dtype": args.dtype,
+                meta = {"model": args.model, "dtype": args.dtype, "methods": args.methods,
                         "threads": torch.get_num_threads(), "repeats": args.repeats, "k": args.k}
                 (args.out / f"results-{'-'.join(args.workloads.split(','))}.json").write_text(
                     json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -298,7 +298,7 @@ class LLMEngine:
                 self.groups.pop(g.request_id, None)
                 for c in g.children:
                     self._by_id.pop(c.request_id, None)
-                    self.speculator.forget(c.request_id)
+                    self.speculator.finished(c)
                     self.structured.remove(c.request_id)
         phases = self.executor.phases
         if phases is not None:

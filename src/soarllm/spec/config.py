@@ -15,7 +15,7 @@ from typing import Any
 from soarllm.errors import ConfigError
 from soarllm.sampling_params import MAX_SPECULATIVE_TOKENS
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "suffix", "draft_model")
 _ALIASES = {"draft": "draft_model"}
 
 
@@ -26,6 +26,9 @@ class SpeculativeConfig:
     # ngram (prompt lookup): the longest and shortest suffix of the text so far to look up.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # suffix: what followed the same last tokens in earlier outputs (context lengths
+    # prompt_lookup_min..max) must have this share of those continuations
+    suffix_decoding_min_token_prob: float = 0.4
     # draft_model: the draft's checkpoint (sharing the target's tokenizer); None = a self-draft,
     # the target's own checkpoint cut to its first draft_num_layers layers.
     model: str | None = None
@@ -54,6 +57,9 @@ class SpeculativeConfig:
                 f"prompt_lookup_min and prompt_lookup_max must be integers with "
                 f"1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} and {hi!r}"
             )
+        prob = self.suffix_decoding_min_token_prob
+        if not isinstance(prob, (int, float)) or isinstance(prob, bool) or not 0 < prob <= 1:
+            raise ConfigError(f"suffix_decoding_min_token_prob must be in (0, 1], got {prob!r}")
         layers = self.draft_num_layers
         if self.method == "draft_model":
             if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool)

@@ -24,5 +24,8 @@ class Proposer(ABC):
         """Guesses for several requests at once (a draft model runs them as one batch)."""
         return [self.propose(r, k) for r, k in zip(reqs, ks)]
 
+    def learn(self, req: Request) -> None:  # noqa: B027 (optional hook)
+        """A finished request's text (a proposer with a memory keeps it)."""
+
     def forget(self, request_id: str) -> None:  # noqa: B027 (optional hook; stateless: no-op)
         """Drop any per-request state (the request finished)."""

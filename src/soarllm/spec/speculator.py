@@ -29,12 +29,13 @@ from soarllm.spec.cost_model import StepCostModel
 from soarllm.spec.ngram import NgramProposer
 from soarllm.spec.proposer import Proposer
 from soarllm.spec.reference import ReferenceProposer
+from soarllm.spec.suffix import SuffixProposer
 
 REFERENCE_K = 8  # draft tokens per step from a prediction, unless the request says otherwise
 _PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
 _MAX_EXPLORE_TOKENS = 8
 _MARGIN = 0.03  # expected gain in tokens/s that speculation must promise over the plain step
-_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4, "draft_model": 0.6}
+_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4, "suffix": 0.4, "draft_model": 0.6}
 
 
 @dataclass
@@ -63,6 +64,10 @@ class Speculator:
         self.proposers: dict[str, Proposer] = {"reference": ReferenceProposer()}
         if config is not None and config.method == "ngram":
             self.proposers["ngram"] = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        if config is not None and config.method == "suffix":
+            self.proposers["suffix"] = SuffixProposer(config.prompt_lookup_min,
+                                                      config.prompt_lookup_max,
+                                                      config.suffix_decoding_min_token_prob)
         if draft is not None:
             self.proposers[draft.name] = draft
         # A request with a prediction falls back to prompt lookup where the prediction has nothing
@@ -245,6 +250,12 @@ class Speculator:
         if method == "reference":
             req.num_prediction_accepted += num_accepted
             req.num_prediction_rejected += num_drafted - num_accepted
+
+    def finished(self, req: Request) -> None:
+        """A request ended: proposers with a memory learn its text, then its state goes."""
+        for p in self.proposers.values():
+            p.learn(req)
+        self.forget(req.request_id)
 
     def forget(self, request_id: str) -> None:
         self._req.pop(request_id, None)
