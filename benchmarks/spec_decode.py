@@ -1,6 +1,10 @@
 """Speculative decoding side by side, one run: the same requests with no speculation, with prompt
-lookup (ngram), with Predicted Outputs (reference) and with a draft model, at several
-concurrencies.
+lookup (ngram), Predicted Outputs (reference), lookahead decoding, suffix (memory) decoding and a
+draft model, at several concurrencies.
+
+Suffix decoding remembers finished outputs: before each timed run its memory is cleared and then
+filled by running other requests of the same workload (untimed), so it never sees the measured
+requests' own outputs.
 
 The draft model is a self-draft: the target served unquantized (its GGUF dequantized, bfloat16)
 and drafted for by its own weights quantized to W4A16 (``draft``, compared with ``none-unq``: the
@@ -37,7 +41,9 @@ import time
 from pathlib import Path
 
 CODE_MODULES = ("textwrap", "shlex", "string", "json.decoder", "fnmatch", "posixpath", "glob",
-                "colorsys", "bisect", "heapq", "base64", "calendar")
+                "colorsys", "bisect", "heapq", "base64", "calendar", "urllib.parse", "difflib",
+                "statistics", "shutil", "email.utils", "html", "csv", "tempfile", "random",
+                "pprint", "copy", "operator", "ipaddress", "zipfile", "inspect", "ast")
 TOPICS = ("what shorten does", "how dedent treats tabs", "what indent adds",
           "what the predicate of indent decides", "how shorten truncates", "what dedent removes")
 QUESTIONS = ("Tell me a short story about a lighthouse keeper.",
@@ -108,8 +114,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="ngram: num_speculative_tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--methods", default="ngram,reference,draft",
-                    help="besides none: ngram, reference (code_edit only), draft")
+    ap.add_argument("--methods", default="ngram,reference,lookahead,suffix,draft",
+                    help="besides none: ngram, reference (code_edit only), lookahead, suffix, draft")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -120,7 +126,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     conc = [int(c) for c in args.concurrency.split(",")]
-    work = workloads(max(conc))
+    work = workloads(2 * max(conc))  # the second half warms the suffix method's memory
     common = dict(dtype=args.dtype, enable_prefix_caching=False, max_model_len=2048)
     wanted = args.methods.split(",")
     engines = {"none": LLM(args.model, **common)}
@@ -129,6 +135,11 @@ def main() -> None:
             "method": "ngram", "num_speculative_tokens": args.k})
     if "reference" in wanted:
         engines["reference"] = engines["none"]  # Predicted Outputs need no configuration
+    if "lookahead" in wanted:
+        engines["lookahead"] = LLM(args.model, **common, speculative_config={"method": "lookahead"})
+    if "suffix" in wanted:
+        engines["suffix"] = LLM(args.model, **common, speculative_config={
+            "method": "suffix", "num_speculative_tokens": args.k})
     if "draft" in wanted:
         engines["none-unq"] = LLM(args.model, **common, quantization="none")
         engines["draft"] = LLM(args.model, **common, quantization="none", speculative_config={
@@ -139,7 +150,8 @@ def main() -> None:
         run(llm, tok, work["open_chat"][:2], False)
     rows = []
     for wname in args.workloads.split(","):
-        reqs_all = work[wname]
+        reqs_all = work[wname][: len(work[wname]) // 2]
+        warm_set = work[wname][len(work[wname]) // 2 :]
         methods = [m for m in engines if m != "reference" or wname == "code_edit"]
         for c in conc:
             reqs = reqs_all[:c] if c > 1 else reqs_all[:3]
@@ -150,6 +162,9 @@ def main() -> None:
                 for m in methods:
                     llm = engines[m]
                     spec = llm.llm_engine.speculator.stats
+                    if m == "suffix":  # a memory of other requests only
+                        llm.llm_engine.speculator.proposers["suffix"].table.clear()
+                        run(llm, tok, warm_set[: len(reqs)], False)
                     d0, a0 = spec.num_drafts, spec.num_accepted_tokens
                     dt, ids, ntok = 0.0, [], 0
                     for b in batches:

@@ -40,6 +40,24 @@ class CachedRequestData:
 
 
 @dataclass
+class SpecLayout:
+    """How a request's speculative tokens are laid out when they are not one chain of drafts
+    (lookahead decoding: guessed n-grams to verify and a Jacobi window, in one row).
+
+    Row index 0 is the request's last known token; rows 1.. are its spec tokens, stored in the KV
+    cache in row order right after it. ``positions`` are the rotary positions relative to row 0,
+    ``mask[i][j]`` whether row i attends to row j (every row sees the whole cached prefix),
+    ``candidates`` the rows of each guessed continuation, in order (verified like drafts: the
+    first candidate whose tokens match what the model samples wins), and ``window_rows`` the rows
+    whose greedy next tokens go back to the proposer (not emitted)."""
+
+    positions: list[int]
+    mask: np.ndarray  # bool [T, T]
+    candidates: list[list[int]]
+    window_rows: list[int]
+
+
+@dataclass
 class SchedulerOutput:
     new_reqs: list[NewRequestData] = field(default_factory=list)
     cached_reqs: list[CachedRequestData] = field(default_factory=list)
@@ -48,6 +66,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # request id -> proposed tokens to verify this step (part of its num_scheduled_tokens)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # request id -> layout of its spec tokens when they are not a chain of drafts (lookahead)
+    spec_layouts: dict[str, SpecLayout] = field(default_factory=dict)
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     # Structured output: the requests that sample this step under a grammar, and the tokens each

@@ -26,7 +26,7 @@ from soarllm.engine.failures import RequestFailedError, describe
 from soarllm.engine.kv_cache_manager import KVCacheManager
 from soarllm.engine.request import Request, RequestStatus
 from soarllm.engine.scheduler import Scheduler, new_request_data
-from soarllm.errors import ContextLengthError, InvalidRequestError
+from soarllm.errors import ConfigError, ContextLengthError, InvalidRequestError
 from soarllm.model.tokenizer import load_tokenizer
 from soarllm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from soarllm.profiling import StepPhases
@@ -73,6 +73,11 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         spec_config = SpeculativeConfig.parse(args.speculative_config)  # refused before loading
+        if spec_config is not None and spec_config.method == "lookahead" and args.tensor_parallel_size > 1:
+            raise ConfigError(
+                "lookahead decoding needs tensor_parallel_size 1 (the accepted guess's KV is moved "
+                "by the sampling rank only); use method ngram or draft_model with tensor parallelism"
+            )
         self.executor = make_executor(args)
         self.model_name = args.model
         self.max_model_len = self.executor.max_model_len
@@ -262,6 +267,11 @@ class LLMEngine:
             if toks:
                 accepted[rid] = len(toks) - 1
                 self.speculator.record(self.scheduler.scheduled_request(rid), len(spec), len(toks) - 1)
+        for rid, window in result.lookahead.items():
+            toks = result.sampled.get(rid)
+            if toks:
+                self.speculator.observe_lookahead(self.scheduler.scheduled_request(rid), len(toks),
+                                                  window)
         self.scheduler.update_after_step(so, accepted)
         now = time.time()
         touched: dict[str, _Group] = {}
@@ -341,7 +351,7 @@ class LLMEngine:
         logger.error("step of %d request(s) failed (%s)%s", len(scheduled), describe(error),
                      "; re-running them one by one" if len(scheduled) > 1 else "",
                      exc_info=error)
-        merged = SimpleNamespace(sampled={}, logprobs={}, prompt_logprobs={})
+        merged = SimpleNamespace(sampled={}, logprobs={}, prompt_logprobs={}, lookahead={})
         failed: dict[str, Exception] = {}
         if len(scheduled) == 1:
             failed[scheduled[0].request_id] = error
@@ -393,6 +403,7 @@ class LLMEngine:
             new_reqs=[new_request_data(req, self.kv.block_ids(rid))],
             num_scheduled_tokens={rid: so.num_scheduled_tokens[rid]},
             spec_token_ids={rid: so.spec_token_ids[rid]} if rid in so.spec_token_ids else {},
+            spec_layouts={rid: so.spec_layouts[rid]} if rid in so.spec_layouts else {},
             finished_req_ids=so.finished_req_ids if first else [],
             preempted_req_ids=so.preempted_req_ids if first else [],
             grammar_req_ids=grammar_req_ids,

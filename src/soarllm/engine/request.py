@@ -55,6 +55,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.spec_token_ids: list[int] = []  # drafts to verify in the next step
+        self.spec_layout = None  # their SpecLayout when they are not one chain (lookahead)
         # Predicted Outputs: the tokenized prediction, and how its drafted tokens fared
         self.prediction_token_ids: list[int] | None = None
         self.num_prediction_accepted = 0

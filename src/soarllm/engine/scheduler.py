@@ -45,13 +45,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            want = req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens
+            n = min(want, budget)
+            if req.spec_layout is not None and n < want:
+                req.spec_token_ids, req.spec_layout = [], None  # a laid-out row is all or nothing
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n <= 0:
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, n):
                 if req.spec_token_ids:  # drafts never cost another request its blocks
-                    req.spec_token_ids = []
+                    req.spec_token_ids, req.spec_layout = [], None
                     n = min(req.num_tokens - req.num_computed_tokens, budget)
                     continue
                 victim = self.running.pop()
@@ -105,6 +109,8 @@ class Scheduler:
         out.num_scheduled_tokens[rid] = n
         if spec:
             out.spec_token_ids[rid] = spec
+            if req.spec_layout is not None:
+                out.spec_layouts[rid] = req.spec_layout
         blocks = self.kv.block_ids(rid)
         sent = self._sent.get(rid)
         if sent is None:
@@ -125,7 +131,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
-        req.spec_token_ids = []
+        req.spec_token_ids, req.spec_layout = [], None
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -160,7 +166,7 @@ class Scheduler:
             num_spec = len(out.spec_token_ids.get(rid, ()))
             accepted = num_accepted.get(rid, 0) if num_accepted else 0
             req.num_computed_tokens += n - num_spec + accepted
-            req.spec_token_ids = []
+            req.spec_token_ids, req.spec_layout = [], None
             if num_spec > accepted:
                 # the next step computes one token (the one emitted after the accepted drafts)
                 kept = self.kv.trim(req, req.num_computed_tokens + 1)

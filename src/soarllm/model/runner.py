@@ -66,6 +66,8 @@ class RunnerOutput:
     # request id -> (first position, logprobs of the prompt tokens this step covers); the logits
     # at position j give the logprob of prompt token j + 1
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # lookahead decoding: request id -> greedy next tokens of its window rows (not emitted)
+    lookahead: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -220,6 +222,20 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def _move_kv(self, r: int, src_positions: list[int], dst_start: int, count: int) -> None:
+        """Copy the KV of the first ``count`` of ``src_positions`` (cache indices of request row
+        r) to indices dst_start.. : an accepted lookahead candidate's tokens to where their
+        positions belong."""
+        b, bs = self.input_batch, self.block_size
+        src = np.asarray(src_positions[:count], dtype=np.int64)
+        dst = np.arange(dst_start, dst_start + count, dtype=np.int64)
+        to_slot = lambda p: b.block_table[r, p // bs] * bs + p % bs  # noqa: E731
+        s = torch.from_numpy(to_slot(src)).to(self.device)
+        d = torch.from_numpy(to_slot(dst)).to(self.device)
+        for cache in self.kv_caches:
+            flat = cache.view(2, -1, *cache.shape[3:])
+            flat[:, d] = flat[:, s]
+
     def update_states(self, so: SchedulerOutput) -> None:
         """Apply the step message's deltas to the persistent batch."""
         batch = self.input_batch
@@ -248,16 +264,21 @@ class ModelRunner:
             i = ids.index(rid)
             b.write_spec_tokens(int(rows[i]), spec)
             num_spec[i] = len(spec)
+        layouts = so.spec_layouts
+        laid_out = np.zeros(len(ids), dtype=np.bool_)  # lookahead rows: one masked row each
+        for rid in layouts:
+            laid_out[ids.index(rid)] = True
         start = b.num_computed_tokens[rows]
         seq_lens = start + n
         # A verification (last known token + drafts, nothing else) attends like n decodes of the
         # same request at consecutive lengths: the drafts' KV is written before attention reads.
-        single = (n == 1) | ((num_spec > 0) & (n == num_spec + 1))
+        single = ((n == 1) | ((num_spec > 0) & (n == num_spec + 1))) & ~laid_out
         # Decodes and verifications first, shortest context first, so attention can gather them
         # in length buckets; prefill chunks after.
         order = np.lexsort((seq_lens, ~single))
         single = single[order]
         rows, n, start, seq_lens, num_spec = rows[order], n[order], start[order], seq_lens[order], num_spec[order]
+        laid_out = laid_out[order]
         ids = [ids[i] for i in order]
         qsl = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(n, out=qsl[1:])
@@ -266,6 +287,19 @@ class ModelRunner:
         token_rows = rows[req_idx]
         input_ids = b.token_ids[token_rows, positions]
         slots = b.block_table[token_rows, positions // bs] * bs + positions % bs
+        custom_masks = None
+        if laid_out.any():
+            # KV goes to the slots in row order (above); rotary positions and masks follow the layout
+            custom_masks = []
+            for i in range(len(ids)):
+                if not laid_out[i]:
+                    custom_masks.append(None)
+                    continue
+                lay = layouts[ids[i]]
+                positions[qsl[i] : qsl[i + 1]] = start[i] + np.asarray(lay.positions)
+                mask = torch.ones((int(n[i]), int(seq_lens[i])), dtype=torch.bool)
+                mask[:, int(start[i]) :] = torch.from_numpy(lay.mask)
+                custom_masks.append(mask.to(self.device))
         # Attention rows: one per query token of a decode or verification, one per prefill chunk.
         att_count = np.where(single, n, 1)
         att_req = np.repeat(np.arange(len(ids)), att_count)
@@ -280,10 +314,17 @@ class ModelRunner:
         # token and, when verifying, after each of its draft tokens (1 + num_spec positions).
         samples = seq_lens - num_spec >= b.num_tokens[rows]
         sample_idx = np.nonzero(samples)[0]
-        per_req = num_spec[sample_idx] + 1
-        sample_req = np.repeat(np.arange(len(sample_idx)), per_req)
-        sample_off = np.arange(int(per_req.sum())) - np.repeat(np.cumsum(per_req) - per_req, per_req)
-        sample_flat = (qsl[1:][sample_idx] - per_req)[sample_req] + sample_off
+        window_flat = np.zeros(0, dtype=np.int64)
+        if laid_out.any():
+            sample_flat, sample_off, per_req, window_flat = _laid_out_samples(
+                sample_idx, laid_out, layouts, ids, n, num_spec, qsl)
+            sample_req = np.repeat(np.arange(len(sample_idx)), per_req)
+        else:
+            per_req = num_spec[sample_idx] + 1
+            sample_req = np.repeat(np.arange(len(sample_idx)), per_req)
+            sample_off = (np.arange(int(per_req.sum()))
+                          - np.repeat(np.cumsum(per_req) - per_req, per_req))
+            sample_flat = (qsl[1:][sample_idx] - per_req)[sample_req] + sample_off
         # Prompt logprobs: the logits at prompt position j give the logprob of prompt token j + 1.
         prompt_lp: list[tuple[int, int, int, int]] = []  # (batch index, first flat row, count, start)
         prompt_flat: list[np.ndarray] = []
@@ -292,7 +333,8 @@ class ModelRunner:
             count = int(min(seq_lens[i], b.num_prompt_tokens[rows[i]] - 1) - start[i])
             prompt_lp.append((i, sum(len(x) for x in prompt_flat), count, int(start[i])))
             prompt_flat.append(np.arange(qsl[i], qsl[i] + count))
-        logits_rows = np.concatenate(prompt_flat + [sample_flat]).astype(np.int64)
+        logits_rows = np.concatenate(prompt_flat + [sample_flat, window_flat]).astype(np.int64)
+        num_prompt_rows = sum(len(x) for x in prompt_flat)
         dev = self.device
         meta = AttentionMetadata(
             positions=torch.from_numpy(positions).to(dev),
@@ -306,6 +348,7 @@ class ModelRunner:
             query_start_loc_cpu=att_qsl.tolist(),
             seq_lens_cpu=att_seq.tolist(),
             decode_group_sizes_cpu=n[single].tolist(),
+            custom_masks=custom_masks,
         )
         input_t = torch.from_numpy(input_ids.astype(np.int64)).to(dev)
         t_forward = time.perf_counter()
@@ -340,22 +383,82 @@ class ModelRunner:
             if so.grammar_bitmask is not None:
                 add_grammar_bitmask(md, [ids[i] for i in sample_idx.tolist()], per_req,
                                     so.grammar_req_ids, so.grammar_bitmask, dev)
-            sampled = self.sampler(logits[len(logits_rows) - len(sample_flat) :], md)
-            j = 0
+            s0 = num_prompt_rows
+            sampled = self.sampler(logits[s0 : s0 + len(sample_flat)], md)
+            if len(window_flat):
+                window_next = logits[s0 + len(sample_flat) :].argmax(dim=-1).tolist()
+            j = w = 0
             for i, count in zip(sample_idx.tolist(), per_req.tolist()):
                 toks = [t[0] for t in sampled.token_ids[j : j + count]]
-                keep = 1
-                if count > 1:  # verification: the drafts the target agrees with, then its own token
-                    r = int(rows[i])
+                r = int(rows[i])
+                picks = [0]
+                if laid_out[i]:  # lookahead: follow the candidate that matches what is sampled
+                    lay = layouts[ids[i]]
+                    row_tokens = b.token_ids[r, start[i] : start[i] + n[i]].tolist()
+                    picks, best = _follow_candidates(toks, lay, row_tokens)
+                    if best > 0 and len(picks) > 1:
+                        self._move_kv(r, [int(start[i]) + q for q in lay.candidates[best]],
+                                      int(start[i]) + 1, len(picks) - 1)
+                    nw = len(lay.window_rows)
+                    out.lookahead[ids[i]] = window_next[w : w + nw]
+                    w += nw
+                elif count > 1:  # verification: the drafts the target agrees with, then its own token
                     drafts = b.token_ids[r, b.num_tokens[r] : b.num_tokens[r] + count - 1].tolist()
-                    keep = num_accepted(toks, drafts) + 1
-                out.sampled[ids[i]] = toks[:keep]
-                lps = sampled.logprobs[j : j + keep]
+                    picks = list(range(num_accepted(toks, drafts) + 1))
+                out.sampled[ids[i]] = [toks[q] for q in picks]
+                lps = [sampled.logprobs[j + q] for q in picks]
                 out.logprobs[ids[i]] = None if lps[0] is None else [lp[0] for lp in lps]
                 j += count
         if self.phases is not None:
             self.phases.add("sample", time.perf_counter() - t_sample)
         return out
+
+
+def _laid_out_samples(sample_idx, laid_out, layouts, ids, n, num_spec, qsl):
+    """Flat rows to sample (with their output offsets) per sampling request when some rows are
+    laid out (lookahead): the last known token and every candidate token, each at the offset of
+    the output position it predicts; plus the flat window rows (greedy, not emitted)."""
+    flat, offs, per, window = [], [], [], []
+    for i in sample_idx.tolist():
+        if laid_out[i]:
+            lay = layouts[ids[i]]
+            rel = [0] + [q for c in lay.candidates for q in c]
+            off = [0] + [d + 1 for c in lay.candidates for d in range(len(c))]
+            window.extend(int(qsl[i]) + q for q in lay.window_rows)
+        else:
+            cnt = int(num_spec[i]) + 1
+            rel = list(range(int(n[i]) - cnt, int(n[i])))
+            off = list(range(cnt))
+        flat.extend(int(qsl[i]) + q for q in rel)
+        offs.extend(off)
+        per.append(len(rel))
+    as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return as_i64(flat), as_i64(offs), as_i64(per), as_i64(window)
+
+
+def _follow_candidates(toks: list[int], lay, row_tokens: list[int]) -> tuple[list[int], int]:
+    """Lossless verification of several guessed continuations: ``toks`` are the tokens sampled
+    at the last known token (index 0) and at every candidate token (in candidate order). The
+    first emitted token is toks[0]; while some candidate's next token equals the last emitted
+    one, the first such candidate's sample there is emitted next (every matching candidate has
+    the same context at that point, so any of them samples the same distribution). Returns the
+    indices into ``toks`` of the emitted tokens and the candidate followed (-1: none)."""
+    picks, best = [0], -1
+    active = list(range(len(lay.candidates)))
+    start = [1]
+    for c in lay.candidates[:-1]:
+        start.append(start[-1] + len(c))
+    depth = 0
+    while active:
+        last = toks[picks[-1]]
+        active = [g for g in active
+                  if depth < len(lay.candidates[g]) and row_tokens[lay.candidates[g][depth]] == last]
+        if not active:
+            break
+        best = active[0]
+        picks.append(start[best] + depth)
+        depth += 1
+    return picks, best
 
 
 def _check_parallel(model_cls, quant_config, tp: TPGroup) -> None:

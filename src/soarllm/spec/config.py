@@ -15,7 +15,7 @@ from typing import Any
 from soarllm.errors import ConfigError
 from soarllm.sampling_params import MAX_SPECULATIVE_TOKENS
 
-METHODS = ("ngram", "suffix", "draft_model")
+METHODS = ("ngram", "suffix", "lookahead", "draft_model")
 _ALIASES = {"draft": "draft_model"}
 
 
@@ -29,6 +29,12 @@ class SpeculativeConfig:
     # suffix: what followed the same last tokens in earlier outputs (context lengths
     # prompt_lookup_min..max) must have this share of those continuations
     suffix_decoding_min_token_prob: float = 0.4
+    # lookahead: window W (columns), n-gram size N (N - 1 levels), guess set G (n-grams verified
+    # per step); a step computes 1 + G (N - 1) + (W - 1) + W (N - 2) tokens per request
+    lookahead_window_size: int = 4
+    lookahead_ngram_size: int = 3
+    lookahead_guess_set_size: int = 4
+    lookahead_pool_from_prompt: bool = True  # start each request's n-gram pool from its prompt
     # draft_model: the draft's checkpoint (sharing the target's tokenizer); None = a self-draft,
     # the target's own checkpoint cut to its first draft_num_layers layers.
     model: str | None = None
@@ -60,6 +66,11 @@ class SpeculativeConfig:
         prob = self.suffix_decoding_min_token_prob
         if not isinstance(prob, (int, float)) or isinstance(prob, bool) or not 0 < prob <= 1:
             raise ConfigError(f"suffix_decoding_min_token_prob must be in (0, 1], got {prob!r}")
+        for name, low in (("lookahead_window_size", 1), ("lookahead_ngram_size", 2),
+                          ("lookahead_guess_set_size", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= 64:
+                raise ConfigError(f"{name} must be an integer in [{low}, 64], got {v!r}")
         layers = self.draft_num_layers
         if self.method == "draft_model":
             if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from soarllm.engine.request import Request, RequestStatus
 from soarllm.spec.config import SpeculativeConfig
 from soarllm.spec.cost_model import StepCostModel
+from soarllm.spec.lookahead import LookaheadProposer
 from soarllm.spec.ngram import NgramProposer
 from soarllm.spec.proposer import Proposer
 from soarllm.spec.reference import ReferenceProposer
@@ -35,7 +36,8 @@ REFERENCE_K = 8  # draft tokens per step from a prediction, unless the request s
 _PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
 _MAX_EXPLORE_TOKENS = 8
 _MARGIN = 0.03  # expected gain in tokens/s that speculation must promise over the plain step
-_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4, "suffix": 0.4, "draft_model": 0.6}
+_INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4, "suffix": 0.4, "draft_model": 0.6,
+                       "lookahead": 0.3}
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Speculator:
             self.proposers["suffix"] = SuffixProposer(config.prompt_lookup_min,
                                                       config.prompt_lookup_max,
                                                       config.suffix_decoding_min_token_prob)
+        if config is not None and config.method == "lookahead":
+            self.proposers["lookahead"] = LookaheadProposer(
+                config.lookahead_window_size, config.lookahead_ngram_size,
+                config.lookahead_guess_set_size, config.lookahead_pool_from_prompt)
         if draft is not None:
             self.proposers[draft.name] = draft
         # A request with a prediction falls back to prompt lookup where the prediction has nothing
@@ -81,6 +87,8 @@ class Speculator:
         self._steps = 0
         self._draft_seconds: dict[str, float] = {}  # method -> running mean seconds per draft run
         self._draft_calls = 0
+        self._layouts: dict[str, object] = {}  # request id -> SpecLayout of this step's lookahead
+        self._lookahead_gain = 0.5  # running mean of tokens a lookahead step adds
 
     # -- before a step ------------------------------------------------------------------------
 
@@ -123,6 +131,13 @@ class Speculator:
         candidates: list[tuple[Request, str, list[int]]] = []
         for method, items in wanted.items():
             proposer = self.proposers[method]
+            if method == "lookahead":
+                for req, _ in items:
+                    tokens, layout = proposer.plan(req)
+                    if req.num_tokens + len(tokens) <= self.max_model_len:
+                        self._layouts[req.request_id] = layout
+                        candidates.append((req, method, tokens))
+                continue
             if proposer.expensive and not self._worth_drafting(method, items, base):
                 continue
             t0 = time.perf_counter()
@@ -143,6 +158,8 @@ class Speculator:
             if k:
                 req.spec_token_ids = drafts[:k]
                 self._method[req.request_id] = method
+                if method == "lookahead":
+                    req.spec_layout = self._layouts[req.request_id]
 
     # -- proposers that cost a model run (draft models) -----------------------------------------
 
@@ -176,6 +193,35 @@ class Speculator:
         return False
 
     def _plan(self, candidates: list[tuple[Request, str, list[int]]], base: int) -> list[int]:
+        """Tokens to verify per candidate. A lookahead row is all or nothing: taken when its
+        expected tokens (the running mean per lookahead step) raise tokens/s; chains of drafts
+        then as below."""
+        atomic = [i for i, c in enumerate(candidates) if c[1] == "lookahead"]
+        if not atomic:
+            return self._plan_chains(candidates, base)
+        counts = [0] * len(candidates)
+        if self._lookahead_pays(sum(len(candidates[i][2]) for i in atomic), len(atomic), base):
+            for i in atomic:
+                counts[i] = len(candidates[i][2])
+        rest = [i for i in range(len(candidates)) if i not in set(atomic)]
+        if rest:
+            for i, k in zip(rest, self._plan_chains([candidates[i] for i in rest], base)):
+                counts[i] = k
+        return counts
+
+    def _lookahead_pays(self, tokens: int, rows: int, base: int) -> bool:
+        cfg = self.config
+        if cfg is not None and not cfg.adaptive:
+            return True
+        t0 = self.cost.time(base)
+        if t0 is None or not self.cost.measured(base) and self.cost.num_points < 2:
+            return False  # measure plain steps first
+        if self._steps % self.explore_every == 0:
+            return True
+        rate = (base + rows * self._lookahead_gain) / self.cost.time(base + tokens)
+        return rate > base / t0 * (1 + _MARGIN)
+
+    def _plan_chains(self, candidates: list[tuple[Request, str, list[int]]], base: int) -> list[int]:
         """Draft tokens per candidate: best expected gain first, while tokens/s rises."""
         cfg = self.config
         if cfg is not None and not cfg.adaptive:
@@ -226,6 +272,10 @@ class Speculator:
     def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         """Count one verification of ``num_drafted`` drafts, ``num_accepted`` of them accepted."""
         method = self._method.pop(req.request_id, None) or "ngram"
+        if method == "lookahead":
+            layout = self._layouts.pop(req.request_id, None)
+            self._lookahead_gain += 0.1 * (num_accepted - self._lookahead_gain)
+            num_drafted = max((len(c) for c in layout.candidates), default=0) if layout else 0
         st = self.stats
         st.num_drafts += 1
         st.num_draft_tokens += num_drafted
@@ -251,6 +301,13 @@ class Speculator:
             req.num_prediction_accepted += num_accepted
             req.num_prediction_rejected += num_drafted - num_accepted
 
+    def observe_lookahead(self, req: Request, num_emitted: int, window_next: list[int]) -> None:
+        """A lookahead step of ``req`` emitted ``num_emitted`` tokens (not yet appended) and
+        returned its window's next tokens."""
+        proposer = self.proposers.get("lookahead")
+        if proposer is not None:
+            proposer.update(req, num_emitted, window_next, req.all_token_ids[-1])
+
     def finished(self, req: Request) -> None:
         """A request ended: proposers with a memory learn its text, then its state goes."""
         for p in self.proposers.values():
@@ -260,5 +317,6 @@ class Speculator:
     def forget(self, request_id: str) -> None:
         self._req.pop(request_id, None)
         self._method.pop(request_id, None)
+        self._layouts.pop(request_id, None)
         for p in self.proposers.values():
             p.forget(request_id)
