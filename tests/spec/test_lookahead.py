@@ -129,3 +129,17 @@ def test_bad_lookahead_configs(tiny_llama_dir):
     with pytest.raises(ConfigError, match="tensor_parallel_size 1"):
         LLM(str(tiny_llama_dir), dtype="float32", tensor_parallel_size=2,
             speculative_config={"method": "lookahead"})
+
+
+def test_lookahead_through_a_worker_process(tiny_llama_dir, plain):
+    """The step message (with its layouts) and the runner's output cross a process boundary, as
+    under `soar serve` on CPU."""
+    prompts = _prompts(plain.llm_engine.vocab_size, 4, seed=3)
+    want = _ids(plain.generate(prompts, GREEDY))
+    mp = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, distributed_executor_backend="mp",
+             speculative_config=ALWAYS)
+    try:
+        assert _ids(mp.generate(prompts, GREEDY)) == want
+        assert mp.llm_engine.speculator.stats.by_method["lookahead"][2] > 0
+    finally:
+        mp.llm_engine.shutdown()
