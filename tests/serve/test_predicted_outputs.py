@@ -128,6 +128,8 @@ def test_metrics_count_drafts_and_accepted_tokens(client, tiny_server, oracle):
             if fam.name.startswith("soar:spec_decode"):
                 for s in fam.samples:
                     key = s.name + (f"[{s.labels['position']}]" if "position" in s.labels else "")
+                    if "method" in s.labels:
+                        key += f"[{s.labels['method']},{s.labels['kind']}]"
                     out[key] = s.value
         return out
 
@@ -141,3 +143,5 @@ def test_metrics_count_drafts_and_accepted_tokens(client, tiny_server, oracle):
     assert drafted >= accepted >= usage.completion_tokens_details.accepted_prediction_tokens > 0
     assert after["soar:spec_decode_num_accepted_tokens_per_pos_total[0]"] > 0
     assert after["soar:spec_decode_mean_acceptance_length"] > 1
+    ref = "soar:spec_decode_by_method_total[reference,accepted_tokens]"
+    assert after[ref] - before.get(ref, 0) >= usage.completion_tokens_details.accepted_prediction_tokens

@@ -115,6 +115,15 @@ class _EngineStatsCollector(Collector):
             for pos, n in enumerate(spec.accepted_per_position):
                 per_pos.add_metric([self._model, str(pos)], n)
             yield per_pos
+            by_method = CounterMetricFamily(
+                "soar:spec_decode_by_method",
+                "Verification steps, draft tokens and accepted tokens, by proposer (method) and kind.",
+                labels=labels + ["method", "kind"])
+            for method, (steps, drafted, accepted) in sorted(spec.by_method.items()):
+                for kind, value in (("steps", steps), ("draft_tokens", drafted),
+                                    ("accepted_tokens", accepted)):
+                    by_method.add_metric([self._model, method, kind], value)
+            yield by_method
             yield gauge("soar:spec_decode_mean_acceptance_length",
                         "Tokens emitted per verification step since start (accepted + 1).",
                         spec.mean_acceptance_length)
