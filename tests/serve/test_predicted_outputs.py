@@ -9,6 +9,7 @@ import openai
 import pytest
 import torch
 
+from tests.serve.conftest import start_soar_serve
 from tests.serve.test_real_engine_sampling import hf_greedy_ids
 
 N_TOKENS = 48
@@ -16,8 +17,21 @@ PROMPT = "class Parser:\n    def parse(self, args):\n        "
 
 
 @pytest.fixture(scope="module")
-def client(tiny_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tiny_server.base_url + "/v1", api_key="none", max_retries=0)
+def spec_server(tiny_model_dir, tmp_path_factory):
+    """`soar serve` of the tiny model that always verifies what it is given: with the default
+    (adaptive) planner, whether a step verifies drafts depends on measured step times, and the
+    accepted-token counts these tests assert on must not depend on how busy the machine is."""
+    log = tmp_path_factory.mktemp("spec-serve") / "server.log"
+    srv = start_soar_serve(str(tiny_model_dir), "--no-access-log", "--served-model-name", "tiny",
+                           "--speculative-config", '{"method": "ngram", "adaptive": false}',
+                           log_path=log)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(spec_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=spec_server.base_url + "/v1", api_key="none", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +131,12 @@ def test_bad_predictions_are_refused_with_a_reason(client):
                                   extra_body={"num_speculative_tokens": 99})
 
 
-def test_metrics_count_drafts_and_accepted_tokens(client, tiny_server, oracle):
+def test_metrics_count_drafts_and_accepted_tokens(client, spec_server, oracle):
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     def spec_counters() -> dict[str, float]:
-        text = httpx.get(tiny_server.base_url + "/metrics", timeout=30).text
+        text = httpx.get(spec_server.base_url + "/metrics", timeout=30).text
         out = {}
         for fam in text_string_to_metric_families(text):
             if fam.name.startswith("soar:spec_decode"):
