@@ -49,7 +49,10 @@ def configure_inductor() -> None:
 
     inductor_config.fx_graph_cache = True
     inductor_config.autotune_local_cache = True
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    # Compiled graphs are cached per code object: every model instance in the process (several
+    # engines, a draft model beside its target) adds its two graphs to the same forward's cache,
+    # and past the limit dynamo silently runs the newest ones eagerly.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
 def compile_backbone(backbone: torch.nn.Module, device: str,
