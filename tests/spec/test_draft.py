@@ -152,3 +152,24 @@ def test_the_draft_is_skipped_when_it_cannot_pay():
         flat.observe_step(n, 0.02)
     flat._observe_draft_time("draft_model", 0.004)
     assert flat._worth_drafting("draft_model", reqs[:1], 1)
+
+
+def test_a_draft_that_does_not_deliver_rests():
+    """The estimate says the draft pays (flat step times, cheap draft), but steps that used it
+    delivered fewer tokens per second than plain steps: the realized check turns it off."""
+    from soarllm.spec.config import SpeculativeConfig
+    from soarllm.spec.speculator import Speculator
+
+    sp = Speculator(SpeculativeConfig(method="draft_model", draft_num_layers=1), 512,
+                    explore_every=10**9)
+    reqs = [(Request("r", [1, 2, 3], GREEDY, (), 0.0), 4)]
+    for n in (1, 2, 4, 8):
+        sp.observe_step(n, 0.02)
+    sp._observe_draft_time("draft_model", 0.004)
+    assert sp._worth_drafting("draft_model", reqs, 1)
+    for _ in range(3):  # three drafting steps: 1 + 1 accepted token in 0.02 + 0.06 s
+        sp._step = {"base": 1, "draft_s": 0.06, "methods": {"draft_model"}, "accepted": 1}
+        sp.observe_step(5, 0.02)
+        sp.end_step()
+    assert sp._realized["draft_model"] < 1
+    assert not sp._worth_drafting("draft_model", reqs, 1)

@@ -267,6 +267,7 @@ class LLMEngine:
             if toks:
                 accepted[rid] = len(toks) - 1
                 self.speculator.record(self.scheduler.scheduled_request(rid), len(spec), len(toks) - 1)
+        self.speculator.end_step()
         for rid, window in result.lookahead.items():
             toks = result.sampled.get(rid)
             if toks:

@@ -89,6 +89,11 @@ class Speculator:
         self._draft_calls = 0
         self._layouts: dict[str, object] = {}  # request id -> SpecLayout of this step's lookahead
         self._lookahead_gain = 0.5  # running mean of tokens a lookahead step adds
+        # The realized check for costly methods (a draft model's run, a lookahead row): tokens/s
+        # of their steps (draft time included) over the plain rate the cost model predicts for the
+        # same batch, a running mean per method; below 1 the method rests (exploring now and then).
+        self._realized: dict[str, float] = {}
+        self._step: dict = {}  # this step: base tokens, draft seconds, methods, accepted tokens
 
     # -- before a step ------------------------------------------------------------------------
 
@@ -128,6 +133,7 @@ class Speculator:
             if k > 0:
                 wanted.setdefault(method, []).append((req, k))
         base = max(num_base_tokens, 1)
+        self._step = {"base": base, "draft_s": 0.0, "methods": set(), "accepted": 0}
         candidates: list[tuple[Request, str, list[int]]] = []
         for method, items in wanted.items():
             proposer = self.proposers[method]
@@ -143,7 +149,9 @@ class Speculator:
             t0 = time.perf_counter()
             proposals = proposer.propose_batch([r for r, _ in items], [k for _, k in items])
             if proposer.expensive:
-                self._observe_draft_time(method, time.perf_counter() - t0)
+                spent = time.perf_counter() - t0
+                self._observe_draft_time(method, spent)
+                self._step["draft_s"] += spent
             for (req, k), drafts in zip(items, proposals):
                 m = method
                 if not drafts and method == "reference":
@@ -160,6 +168,7 @@ class Speculator:
                 self._method[req.request_id] = method
                 if method == "lookahead":
                     req.spec_layout = self._layouts[req.request_id]
+                self._step["methods"].add(method)
 
     # -- proposers that cost a model run (draft models) -----------------------------------------
 
@@ -182,6 +191,8 @@ class Speculator:
         self._draft_calls += 1
         if self._draft_calls % self.explore_every == 0:
             return True
+        if self._realized.get(method, 1.0) < 1.0:
+            return False
         gains = sorted((self.acceptance(r.request_id, method) ** j
                         for r, k in items for j in range(1, k + 1)), reverse=True)
         plain = base / t0 * (1 + _MARGIN)
@@ -218,6 +229,8 @@ class Speculator:
             return False  # measure plain steps first
         if self._steps % self.explore_every == 0:
             return True
+        if self._realized.get("lookahead", 1.0) < 1.0:
+            return False
         rate = (base + rows * self._lookahead_gain) / self.cost.time(base + tokens)
         return rate > base / t0 * (1 + _MARGIN)
 
@@ -268,6 +281,22 @@ class Speculator:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.observe(num_tokens, seconds)
+        self._step["seconds"] = seconds
+
+    def end_step(self) -> None:
+        """After a step's results are recorded: fold the realized rate of its costly methods
+        (emitted tokens over step + draft seconds) against the predicted plain rate."""
+        st, self._step = self._step, {}
+        costly = {m for m in st.get("methods", ()) if m in ("lookahead", "draft_model") or
+                  getattr(self.proposers.get(m), "expensive", False)}
+        seconds, base = st.get("seconds"), st.get("base", 0)
+        t_plain = self.cost.time(base) if base else None
+        if not costly or not seconds or not t_plain or not self.cost.measured(base):
+            return
+        ratio = (base + st["accepted"]) / (seconds + st["draft_s"]) / (base / t_plain)
+        for m in costly:
+            old = self._realized.get(m)
+            self._realized[m] = ratio if old is None else old + 0.3 * (ratio - old)
 
     def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         """Count one verification of ``num_drafted`` drafts, ``num_accepted`` of them accepted."""
@@ -276,6 +305,8 @@ class Speculator:
             layout = self._layouts.pop(req.request_id, None)
             self._lookahead_gain += 0.1 * (num_accepted - self._lookahead_gain)
             num_drafted = max((len(c) for c in layout.candidates), default=0) if layout else 0
+        if self._step:
+            self._step["accepted"] = self._step.get("accepted", 0) + num_accepted
         st = self.stats
         st.num_drafts += 1
         st.num_draft_tokens += num_drafted
