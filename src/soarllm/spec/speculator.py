@@ -89,11 +89,12 @@ class Speculator:
         self._draft_calls = 0
         self._layouts: dict[str, object] = {}  # request id -> SpecLayout of this step's lookahead
         self._lookahead_gain = 0.5  # running mean of tokens a lookahead step adds
-        # The realized check for costly methods (a draft model's run, a lookahead row): tokens/s
-        # of their steps (draft time included) over the plain rate the cost model predicts for the
-        # same batch, a running mean per method; below 1 the method rests (exploring now and then).
-        self._realized: dict[str, float] = {}
-        self._step: dict = {}  # this step: base tokens, draft seconds, methods, accepted tokens
+        # The realized check for costly methods (a draft model's run, a lookahead row): emitted
+        # tokens per second of whole engine steps (from one propose() to the next: drafting,
+        # scheduling, the forward, outputs), running means per (kind, batch bucket), kind "plain"
+        # or the costly method used. Where a method's rate is below the plain one it rests.
+        self._rates: dict[tuple[str, int], float] = {}
+        self._step: dict = {}  # this step: base tokens, methods, accepted tokens, start time
 
     # -- before a step ------------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class Speculator:
             if k > 0:
                 wanted.setdefault(method, []).append((req, k))
         base = max(num_base_tokens, 1)
-        self._step = {"base": base, "draft_s": 0.0, "methods": set(), "accepted": 0}
+        self._close_step()
+        self._step = {"base": base, "methods": set(), "accepted": 0, "t0": time.perf_counter()}
         candidates: list[tuple[Request, str, list[int]]] = []
         for method, items in wanted.items():
             proposer = self.proposers[method]
@@ -149,9 +151,8 @@ class Speculator:
             t0 = time.perf_counter()
             proposals = proposer.propose_batch([r for r, _ in items], [k for _, k in items])
             if proposer.expensive:
-                spent = time.perf_counter() - t0
-                self._observe_draft_time(method, spent)
-                self._step["draft_s"] += spent
+                self._observe_draft_time(method, time.perf_counter() - t0)
+                self._step["drafted"] = True
             for (req, k), drafts in zip(items, proposals):
                 m = method
                 if not drafts and method == "reference":
@@ -191,7 +192,7 @@ class Speculator:
         self._draft_calls += 1
         if self._draft_calls % self.explore_every == 0:
             return True
-        if self._realized.get(method, 1.0) < 1.0:
+        if not self._delivers(method, base):
             return False
         gains = sorted((self.acceptance(r.request_id, method) ** j
                         for r, k in items for j in range(1, k + 1)), reverse=True)
@@ -229,7 +230,7 @@ class Speculator:
             return False  # measure plain steps first
         if self._steps % self.explore_every == 0:
             return True
-        if self._realized.get("lookahead", 1.0) < 1.0:
+        if not self._delivers("lookahead", base):
             return False
         rate = (base + rows * self._lookahead_gain) / self.cost.time(base + tokens)
         return rate > base / t0 * (1 + _MARGIN)
@@ -281,22 +282,43 @@ class Speculator:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.observe(num_tokens, seconds)
-        self._step["seconds"] = seconds
+
+    @staticmethod
+    def _bucket(base: int) -> int:
+        return 1 << max(0, int(base) - 1).bit_length()
+
+    def _close_step(self, now: float | None = None) -> None:
+        """Fold the step that ended (now) into the realized rates: emitted tokens (base +
+        accepted drafts) per second of the whole step, as "plain" or as its costly method."""
+        st, self._step = self._step, {}
+        if not st or not st.get("ran"):
+            return
+        seconds = (time.perf_counter() if now is None else now) - st["t0"]
+        costly = [m for m in st["methods"] if m in ("lookahead", "draft_model")
+                  or getattr(self.proposers.get(m), "expensive", False)]
+        if st["methods"] and not costly or not st["methods"] and st.get("drafted"):
+            return  # cheap methods only (the cost model covers them), or a draft run not used
+        rate = (st["base"] + st["accepted"]) / seconds
+        for kind in costly or ["plain"]:
+            key = (kind, self._bucket(st["base"]))
+            old = self._rates.get(key)
+            self._rates[key] = rate if old is None else old + 0.3 * (rate - old)
 
     def end_step(self) -> None:
-        """After a step's results are recorded: fold the realized rate of its costly methods
-        (emitted tokens over step + draft seconds) against the predicted plain rate."""
-        st, self._step = self._step, {}
-        costly = {m for m in st.get("methods", ()) if m in ("lookahead", "draft_model") or
-                  getattr(self.proposers.get(m), "expensive", False)}
-        seconds, base = st.get("seconds"), st.get("base", 0)
-        t_plain = self.cost.time(base) if base else None
-        if not costly or not seconds or not t_plain or not self.cost.measured(base):
-            return
-        ratio = (base + st["accepted"]) / (seconds + st["draft_s"]) / (base / t_plain)
-        for m in costly:
-            old = self._realized.get(m)
-            self._realized[m] = ratio if old is None else old + 0.3 * (ratio - old)
+        """The step's results are recorded (its rate is taken at the next propose)."""
+        if self._step:
+            self._step["ran"] = True
+
+    def _delivers(self, method: str, base: int) -> bool:
+        """Whether the method's steps delivered at least the plain rate for this batch size; a
+        plain step is taken first when none was measured for it (a costly method must show it
+        pays against a measured alternative)."""
+        b = self._bucket(base)
+        plain = self._rates.get(("plain", b))
+        if plain is None:
+            return False
+        mine = self._rates.get((method, b))
+        return mine is None or mine >= plain
 
     def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         """Count one verification of ``num_drafted`` drafts, ``num_accepted`` of them accepted."""
@@ -306,7 +328,7 @@ class Speculator:
             self._lookahead_gain += 0.1 * (num_accepted - self._lookahead_gain)
             num_drafted = max((len(c) for c in layout.candidates), default=0) if layout else 0
         if self._step:
-            self._step["accepted"] = self._step.get("accepted", 0) + num_accepted
+            self._step["accepted"] += num_accepted
         st = self.stats
         st.num_drafts += 1
         st.num_draft_tokens += num_drafted
