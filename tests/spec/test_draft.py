@@ -15,6 +15,7 @@ from soarllm.errors import ConfigError
 from soarllm.spec.draft import DraftModelProposer, draft_engine_args
 from tests.engine.test_engine import _assert_pool_free as _pool_free
 from tests.engine.test_engine import _ids
+from tests.spec.helpers import assert_same_tokens_and_logprobs, assert_same_under_pressure
 from tests.tiny import make_tiny_model, train_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -74,23 +75,14 @@ def test_self_draft_chunked_preempted_prefix_hits(deep_dir, plain):
     want = _ids(plain.generate(prompts, GREEDY))
     small = LLM(str(deep_dir), dtype="float32", block_size=4, num_gpu_blocks_override=30,
                 max_model_len=100, max_num_batched_tokens=12, speculative_config=_self_draft(1, 4))
-    assert _ids(small.generate(prompts, GREEDY)) == want
-    assert small.llm_engine.get_stats().num_preemptions > 0
-    assert _ids(small.generate(prompts, GREEDY)) == want  # again: prefix-cache hits
-    assert small.llm_engine.get_stats().prefix_cache_hits > 0
-    assert small.llm_engine.speculator.stats.num_accepted_tokens > 0
-    _pool_free(small)
+    assert_same_under_pressure(small, prompts, GREEDY, want)
 
 
 def test_seeded_sampling_is_identical_with_a_draft(plain, self_draft):
     prompts = _prompts(plain.llm_engine.vocab_size, 6, seed=3)
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, seed=7, logprobs=1)
-    want = plain.generate(prompts, params)
-    got = self_draft.generate(prompts, params)
-    assert _ids(got) == _ids(want)
-    for a, b in zip(got, want):
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la.keys() == lb.keys()
+    assert_same_tokens_and_logprobs(self_draft.generate(prompts, params),
+                                    plain.generate(prompts, params))
 
 
 def test_draft_kv_after_rejections_equals_a_fresh_draft(deep_dir):

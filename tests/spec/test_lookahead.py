@@ -16,6 +16,7 @@ from soarllm.model.runner import ModelRunner, _follow_candidates
 from soarllm.spec.lookahead import LookaheadProposer, lookahead_layout
 from tests.engine.test_engine import _assert_pool_free as _pool_free
 from tests.engine.test_engine import _ids
+from tests.spec.helpers import assert_same_tokens_and_logprobs, assert_same_under_pressure
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 ALWAYS = {"method": "lookahead", "lookahead_window_size": 5, "lookahead_ngram_size": 3,
@@ -103,23 +104,14 @@ def test_lookahead_chunked_preempted_prefix_hits(tiny_llama_dir, plain):
     want = _ids(plain.generate(prompts, GREEDY))
     small = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_gpu_blocks_override=48,
                 max_model_len=120, max_num_batched_tokens=24, speculative_config=ALWAYS)
-    assert _ids(small.generate(prompts, GREEDY)) == want
-    assert small.llm_engine.get_stats().num_preemptions > 0
-    assert _ids(small.generate(prompts, GREEDY)) == want
-    assert small.llm_engine.get_stats().prefix_cache_hits > 0
-    assert small.llm_engine.speculator.stats.by_method["lookahead"][2] > 0
-    _pool_free(small)
+    assert_same_under_pressure(small, prompts, GREEDY, want, "lookahead")
 
 
 def test_seeded_sampling_is_identical_with_lookahead(plain, spec):
     prompts = _prompts(plain.llm_engine.vocab_size, 6, seed=2)
     params = SamplingParams(temperature=0.9, top_k=20, max_tokens=40, seed=11, logprobs=1)
-    want = plain.generate(prompts, params)
-    got = spec.generate(prompts, params)
-    assert _ids(got) == _ids(want)
-    for a, b in zip(got, want):
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la.keys() == lb.keys()
+    assert_same_tokens_and_logprobs(spec.generate(prompts, params),
+                                    plain.generate(prompts, params))
 
 
 def test_bad_lookahead_configs(tiny_llama_dir):
