@@ -175,3 +175,20 @@ def test_a_draft_that_does_not_deliver_rests():
     for _ in range(3):
         step(("draft_model",), 1, 0.1)  # 2 tokens in 0.1 s: 20 tokens/s
     assert not sp._worth_drafting("draft_model", reqs, 1)
+
+
+def test_a_long_catch_up_is_spread_over_calls(deep_dir):
+    """With a catch-up budget of 4 tokens per call, a 20-token prompt is computed over several
+    calls (no guesses meanwhile); then the guesses equal those of a draft that took it at once."""
+    args = draft_engine_args(EngineArgs(model=str(deep_dir), dtype="float32", block_size=4),
+                             None, 1, None)
+    slow = DraftModelProposer(args, num_blocks=64, max_model_len=512)
+    slow.catch_up_tokens = 4
+    rng = random.Random(5)
+    req = Request("r", [rng.randrange(3, 500) for _ in range(20)], GREEDY, (), 0.0)
+    calls = 0
+    while not (guesses := slow.propose(req, 3)):
+        calls += 1
+        assert calls < 10
+    assert calls >= 4
+    assert guesses == DraftModelProposer(args, num_blocks=64, max_model_len=512).propose(req, 3)

@@ -115,6 +115,9 @@ class DraftModelProposer(Proposer):
         self.pool = BlockPool(num_blocks, enable_caching=False)
         self.seqs: dict[str, _DraftSeq] = {}
         self.vocab_size = self.runner.model.vocab_size
+        # draft tokens computed to catch up per call, over all requests (a prompt, or what the
+        # target made while drafting rested): a large batch's catch-up is spread over steps
+        self.catch_up_tokens = 256
         logger.info("draft model ready in %.1fs (%d layers, %d KV blocks)",
                     time.perf_counter() - t0, self.runner.model.num_layers, num_blocks)
 
@@ -126,10 +129,13 @@ class DraftModelProposer(Proposer):
         active = [i for i, k in enumerate(ks) if k > 0 and self._make_room(reqs[i], ks[i])]
         if not active:
             return out
-        # Pass 1: every request's tokens the draft has not computed, sampling its first guess.
+        # Pass 1: every request's tokens the draft has not computed, sampling its first guess. A
+        # request far behind (its prompt, or tokens made while drafting rested) catches up in
+        # chunks of the step's catch-up budget and guesses once it is level.
         so = SchedulerOutput()
+        budget = max(self.catch_up_tokens, 2 * len(active))
         for i in active:
-            self._sync(reqs[i], so)
+            budget -= self._sync(reqs[i], so, max(budget, 2))
         sampled = self.runner.execute(so).sampled
         for i in active:
             out[i] = list(sampled.get(reqs[i].request_id, ()))[:1]
@@ -172,8 +178,9 @@ class DraftModelProposer(Proposer):
             seq.block_ids.extend(new)
         return True
 
-    def _sync(self, req: Request, so: SchedulerOutput) -> None:
-        """Bring the draft's row of ``req`` to the target's tokens and schedule what is missing."""
+    def _sync(self, req: Request, so: SchedulerOutput, budget: int) -> int:
+        """Bring the draft's row of ``req`` to the target's tokens and schedule what is missing,
+        at most ``budget`` tokens (the rest in later calls); returns the tokens scheduled."""
         rid = req.request_id
         seq = self.seqs[rid]
         target = req.all_token_ids
@@ -195,8 +202,10 @@ class DraftModelProposer(Proposer):
                                               list(seq.block_ids), computed))
         seq.sent_blocks = len(seq.block_ids)
         seq.tokens = list(target)
-        seq.num_computed = n
-        so.num_scheduled_tokens[rid] = n - computed
+        count = min(n - computed, budget)
+        seq.num_computed = computed + count
+        so.num_scheduled_tokens[rid] = count
+        return count
 
     def forget(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
