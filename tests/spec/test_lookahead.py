@@ -12,7 +12,8 @@ import pytest
 
 from soarllm import LLM, SamplingParams
 from soarllm.errors import ConfigError
-from soarllm.model.runner import ModelRunner, _follow_candidates
+from soarllm.model.runner import ModelRunner
+from soarllm.sample.verifier import follow_candidates
 from soarllm.spec.lookahead import LookaheadProposer, lookahead_layout
 from tests.engine.test_engine import _assert_pool_free as _pool_free
 from tests.engine.test_engine import _ids
@@ -48,9 +49,9 @@ def test_the_first_matching_candidate_is_followed():
     # sampled at x: 7 -> candidates 1 and 2 start with 7; candidate 1 is followed: its sample
     # after 7 is 8, which its next token (8) matches, so its sample after that is emitted too
     toks = [7, 0, 0, 8, 3, 8, 4]
-    picks, best = _follow_candidates(toks, lay, row_tokens)
+    picks, best = follow_candidates(toks, lay.candidates, row_tokens)
     assert best == 1 and [toks[p] for p in picks] == [7, 8, 3]
-    picks, best = _follow_candidates([4, 0, 0, 0, 0, 0, 0], lay, row_tokens)
+    picks, best = follow_candidates([4, 0, 0, 0, 0, 0, 0], lay.candidates, row_tokens)
     assert best == -1 and picks == [0]
 
 

@@ -39,7 +39,7 @@ from soarllm.profiling import StepPhases
 from soarllm.quant.config import get_quant_config
 from soarllm.sample.metadata import add_grammar_bitmask, build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
-from soarllm.sample.verifier import num_accepted
+from soarllm.sample.verifier import follow_candidates, num_accepted
 from soarllm.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ class ModelRunner:
                 if laid_out[i]:  # lookahead: follow the candidate that matches what is sampled
                     lay = layouts[ids[i]]
                     row_tokens = b.token_ids[r, start[i] : start[i] + n[i]].tolist()
-                    picks, best = _follow_candidates(toks, lay, row_tokens)
+                    picks, best = follow_candidates(toks, lay.candidates, row_tokens)
                     if best > 0 and len(picks) > 1:
                         self._move_kv(r, [int(start[i]) + q for q in lay.candidates[best]],
                                       int(start[i]) + 1, len(picks) - 1)
@@ -434,31 +434,6 @@ def _laid_out_samples(sample_idx, laid_out, layouts, ids, n, num_spec, qsl):
         per.append(len(rel))
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return as_i64(flat), as_i64(offs), as_i64(per), as_i64(window)
-
-
-def _follow_candidates(toks: list[int], lay, row_tokens: list[int]) -> tuple[list[int], int]:
-    """Lossless verification of several guessed continuations: ``toks`` are the tokens sampled
-    at the last known token (index 0) and at every candidate token (in candidate order). The
-    first emitted token is toks[0]; while some candidate's next token equals the last emitted
-    one, the first such candidate's sample there is emitted next (every matching candidate has
-    the same context at that point, so any of them samples the same distribution). Returns the
-    indices into ``toks`` of the emitted tokens and the candidate followed (-1: none)."""
-    picks, best = [0], -1
-    active = list(range(len(lay.candidates)))
-    start = [1]
-    for c in lay.candidates[:-1]:
-        start.append(start[-1] + len(c))
-    depth = 0
-    while active:
-        last = toks[picks[-1]]
-        active = [g for g in active
-                  if depth < len(lay.candidates[g]) and row_tokens[lay.candidates[g][depth]] == last]
-        if not active:
-            break
-        best = active[0]
-        picks.append(start[best] + depth)
-        depth += 1
-    return picks, best
 
 
 def _check_parallel(model_cls, quant_config, tp: TPGroup) -> None:

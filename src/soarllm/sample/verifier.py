@@ -28,6 +28,33 @@ def num_accepted(sampled: list[int], drafts: list[int]) -> int:
     return n
 
 
+def follow_candidates(toks: list[int], candidates: list[list[int]],
+                      row_tokens: list[int]) -> tuple[list[int], int]:
+    """Lossless verification of several guessed continuations (lookahead decoding): ``toks`` are
+    the tokens sampled at the last known token (index 0) and at every candidate token, candidate
+    after candidate; ``candidates`` are each candidate's rows and ``row_tokens`` the row's tokens. The
+    first emitted token is toks[0]; while some candidate's next token equals the last emitted
+    one, the first such candidate's sample there is emitted next (every matching candidate has
+    the same context at that point, so any of them samples the same distribution). Returns the
+    indices into ``toks`` of the emitted tokens and the candidate followed (-1: none)."""
+    picks, best = [0], -1
+    active = list(range(len(candidates)))
+    start = [1]
+    for c in candidates[:-1]:
+        start.append(start[-1] + len(c))
+    depth = 0
+    while active:
+        last = toks[picks[-1]]
+        active = [g for g in active
+                  if depth < len(candidates[g]) and row_tokens[candidates[g][depth]] == last]
+        if not active:
+            break
+        best = active[0]
+        picks.append(start[best] + depth)
+        depth += 1
+    return picks, best
+
+
 def rejection_sample(
     target_probs: torch.Tensor,  # [k + 1, V] the target's distribution at each verified position
     draft_probs: torch.Tensor,  # [k, V] the draft's distribution the drafts were drawn from

@@ -43,6 +43,7 @@ class _DraftSeq:
     num_computed: int  # leading tokens whose KV is in the draft's cache
     block_ids: list[int]
     sent_blocks: int = 0  # blocks the runner's row already has
+    synced: int = 0  # the target's length at the last sync: tokens before it never change
 
 
 def build_draft_proposer(config, target: EngineArgs, target_layers: int, num_blocks: int,
@@ -186,7 +187,9 @@ class DraftModelProposer(Proposer):
         target = req.all_token_ids
         n = len(target)
         known = seq.tokens
-        keep = 0  # leading tokens the draft's row shares with the target
+        # leading tokens the draft's row shares with the target: only the guesses fed to the draft
+        # since the last sync can differ
+        keep = min(seq.synced, len(known), n)
         limit = min(len(known), n)
         while keep < limit and known[keep] == target[keep]:
             keep += 1
@@ -201,7 +204,9 @@ class DraftModelProposer(Proposer):
             so.new_reqs.append(NewRequestData(rid, list(target), req.num_prompt_tokens, _GREEDY,
                                               list(seq.block_ids), computed))
         seq.sent_blocks = len(seq.block_ids)
-        seq.tokens = list(target)
+        del known[keep:]
+        known.extend(target[keep:])
+        seq.synced = n
         count = min(n - computed, budget)
         seq.num_computed = computed + count
         so.num_scheduled_tokens[rid] = count

@@ -215,7 +215,7 @@ class Speculator:
         if self._lookahead_pays(sum(len(candidates[i][2]) for i in atomic), len(atomic), base):
             for i in atomic:
                 counts[i] = len(candidates[i][2])
-        rest = [i for i in range(len(candidates)) if i not in set(atomic)]
+        rest = [i for i in range(len(candidates)) if candidates[i][1] != "lookahead"]
         if rest:
             for i, k in zip(rest, self._plan_chains([candidates[i] for i in rest], base)):
                 counts[i] = k
