@@ -71,8 +71,9 @@ class QuantizeOptions:
                                   f"{', '.join(map(str, GROUP_SIZES))}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if self.method == "gptq" and (self.num_samples < 1 or self.seq_len < 2):
-            raise ConfigError("GPTQ needs --num-samples >= 1 and --seq-len >= 2")
+        if (self.method == "gptq" or self.prune == "wanda") and (self.num_samples < 1
+                                                                 or self.seq_len < 2):
+            raise ConfigError("GPTQ and Wanda need --num-samples >= 1 and --seq-len >= 2")
         if self.act_order and self.method != "gptq":
             raise ConfigError("--act-order applies to --method gptq only")
         if not 0 < self.damp < 1:
