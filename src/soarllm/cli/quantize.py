@@ -39,6 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ damping, as a fraction of the mean Hessian diagonal")
+    p.add_argument("--sparsity", default=None, metavar="2:4",
+                   help="also prune 2 of every 4 consecutive inputs of each layer before "
+                   "quantizing (stored compressed: kept values + bitmask)")
+    p.add_argument("--prune", choices=("magnitude", "wanda"), default=None,
+                   help="--sparsity selection: |W|, or Wanda's |W| * ||X|| over the calibration "
+                   "text (default: wanda with gptq, magnitude with rtn)")
+    p.add_argument("--sparse-format", choices=("sparse-24-bitmask", "dense"),
+                   default="sparse-24-bitmask",
+                   help="dense: store the zeros in the ordinary tensors (no smaller, but "
+                   "transformers and vLLM read it)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="dtype of the scales and of the tensors left unquantized")
     p.add_argument("--out", type=Path, required=True, help="directory to create (must not exist)")
@@ -55,9 +65,12 @@ def _run(args: argparse.Namespace) -> int:
         scheme=args.scheme, method=args.method, group_size=args.group_size, calib=args.calib,
         num_samples=args.num_samples, seq_len=args.seq_len, dtype=args.dtype,
         act_order=args.act_order, damp=args.damp, progress=args.progress,
+        sparsity=args.sparsity, prune=args.prune, sparse_format=args.sparse_format,
     )
     report = quantize_model(args.model, args.out, opts)
     what = args.scheme if args.scheme == "w8a16" else f"w4a16 group {opts.group_size}"
+    if args.sparsity:
+        what += f" 2:4 ({opts.sparse_format})"
     print(f"wrote {report.out} ({report.bytes / 2**20:.1f} MiB): {len(report.quantized)} linear "
           f"layers {what} by {args.method}, in {report.seconds:.0f} s", file=sys.stderr)
     return 0

@@ -18,19 +18,27 @@ both in the "pack-quantized" format, the one the library infers for integer weig
 The file's integers are signed, w = (q - zp) * scale. Loading regroups each layer's tensors into
 one CompressedLinearWeight that the W8A16 / W4A16 methods take exactly (no re-rounding):
 int8 rows as they are, int4 as the kernel's w = (q' - 8) s + z with q' = q + 8 and z = -zp s.
-Other schemes (activation quantization, FP8/NVFP4, act-order g_idx, sparsity) are refused with
+
+A ``sparsity_config`` of format ``sparse-24-bitmask`` (2:4, written by ``soar quantize
+--sparsity 2:4``; quant/sparsity.py) stores the kept integers and a bitmask: those layers are
+served compressed (quant/sparse24.py), or decompressed at load onto the dense methods with
+``densify``. A ``dense`` sparsity_config is metadata only. Other schemes (activation
+quantization, FP8/NVFP4, act-order g_idx, unstructured or legacy sparse layouts) are refused with
 an error naming what is supported.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from soarllm.errors import ConfigError, UnsupportedModelError
+from soarllm.quant import sparsity
 from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod, as_float
+from soarllm.quant.sparse24 import Sparse24Method
 from soarllm.quant.w4a16 import GROUP_SIZES, W4A16Method
 from soarllm.quant.w8a16 import W8A16Method
 
@@ -38,7 +46,8 @@ QUANT_METHOD = "compressed-tensors"
 SCHEMES = ("w8a16", "w4a16")
 _READ_FORMATS = ("naive-quantized", "int-quantized", "pack-quantized")
 _PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
-                   "weight_g_idx")
+                   "weight_g_idx", *sparsity.SPARSE_SUFFIXES)
+_LEGACY_SPARSE_SUFFIXES = ("compressed", "shape")
 
 
 def _library():
@@ -140,6 +149,11 @@ class CompressedLinearWeight:
     fmt: str
 
     @property
+    def sparse(self) -> bool:
+        """2:4 in the sparse-24-bitmask layout: weight_packed holds the kept half of the inputs."""
+        return "bitmask" in self.tensors
+
+    @property
     def shape(self) -> tuple[int, int]:
         if "weight_shape" in self.tensors:
             return tuple(int(x) for x in self.tensors["weight_shape"].tolist())
@@ -156,24 +170,70 @@ class CompressedLinearWeight:
 
         t = self.tensors
         scale = t["weight_scale"].float()
-        zp = t.get("weight_zero_point")
-        if self.fmt == "pack-quantized":
-            rows, cols = self.shape
-            q = unpack_from_int32(t["weight_packed"], self.args.num_bits, torch.Size((rows, cols)))
-            if zp is not None:
-                zp = unpack_from_int32(zp, self.args.num_bits,
-                                       torch.Size((rows, scale.shape[-1])), packed_dim=0)
-        else:
-            q = t["weight"]
+        if self.fmt != "pack-quantized":
+            return t["weight"], scale, t.get("weight_zero_point")
+        zp = self._zero_points()
+        if self.sparse:
+            return self._densified(zp), scale, zp
+        rows, cols = self.shape
+        q = unpack_from_int32(t["weight_packed"], self.args.num_bits, torch.Size((rows, cols)))
         return q, scale, zp
+
+    def _kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept signed integers [out, in / 2], bool keep mask [out, in], checked 2:4)."""
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        rows, cols = self.shape
+        mask = sparsity.unpack_mask(self.tensors["bitmask"], (rows, cols), self.name)
+        packed = self.tensors["weight_packed"]
+        words = math.ceil(cols // 2 * self.args.num_bits / 32)
+        if tuple(packed.shape) != (rows, words):
+            raise UnsupportedModelError(
+                f"{self.name}: weight_packed {tuple(packed.shape)} does not hold the kept half "
+                f"of a 2:4 [{rows}, {cols}] weight (int32 [{rows}, {words}] expected)")
+        q = unpack_from_int32(packed, self.args.num_bits, torch.Size((rows, cols // 2)))
+        return q, mask
+
+    def _densified(self, zp: torch.Tensor | None) -> torch.Tensor:
+        """Dense signed integers [out, in]: the kept values, each pruned one its group's zero
+        point (so it dequantizes to exactly 0)."""
+        q, mask = self._kept()
+        rows, cols = self.shape
+        if zp is None:
+            dense = torch.zeros(rows, cols, dtype=torch.int8)
+        else:
+            dense = zp.repeat_interleave(cols // zp.shape[-1], dim=-1).to(torch.int8)
+        dense[mask] = q.reshape(-1)
+        return dense
+
+    def to_sparse24(self):
+        """(kept int8 [out, in / 2], bitmask uint8 as stored, scale f32 [out, groups],
+        zero point int8 [out, groups] or None): the compressed layout, for Sparse24Method."""
+        q, _ = self._kept()
+        return q, self.tensors["bitmask"], self.tensors["weight_scale"].float(), self._zero_points()
+
+    def _zero_points(self) -> torch.Tensor | None:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        zp = self.tensors.get("weight_zero_point")
+        if zp is None:
+            return None
+        rows = self.shape[0]
+        groups = self.tensors["weight_scale"].shape[-1]
+        return unpack_from_int32(zp, self.args.num_bits, torch.Size((rows, groups)), packed_dim=0)
 
     def dequantize(self) -> torch.Tensor:
         """float32 weight, by the library's own decompressor (the oracle of the repacks)."""
         from compressed_tensors.compressors import BaseCompressor
 
         compressor = BaseCompressor.get_value_from_registry(self.fmt)
-        state = {k: v for k, v in self.tensors.items() if k != "weight_g_idx"}
+        state = {k: v for k, v in self.tensors.items() if k not in ("weight_g_idx", "bitmask")}
         state["weight_scale"] = state["weight_scale"].float()
+        if self.sparse:  # the library packs the dense integers; its decompressor does the rest
+            from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+            state["weight_packed"] = pack_to_int32(self._densified(self._zero_points()),
+                                                   self.args.num_bits)
         return compressor.decompress(state, self._scheme())["weight"].float()
 
     def to_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +290,7 @@ class CompressedTensorsConfig(QuantizationConfig):
     loads_packed = True
 
     def __init__(self, raw: dict, packed_modules: dict[str, tuple[str, str]],
-                 dequantize: bool = False, where: str = "the checkpoint"):
+                 dequantize: bool = False, where: str = "the checkpoint", densify: bool = False):
         _library()
         from compressed_tensors.quantization import QuantizationConfig as CTConfig
 
@@ -240,13 +300,13 @@ class CompressedTensorsConfig(QuantizationConfig):
             raise ConfigError(f"{where}: its compressed-tensors quantization_config is invalid "
                               f"({e}); fix config.json") from None
         self.dequantize_all = dequantize
+        self.densify = densify
         self.where = where
         fmt = self.ct.format
         problems = []
         if fmt not in _READ_FORMATS:
             problems.append(f"format {fmt!r}")
-        if raw.get("sparsity_config"):
-            problems.append("a sparsity_config")
+        self.sparse = _sparse_config(raw.get("sparsity_config"), fmt, problems)
         if self.ct.kv_cache_scheme is not None:
             problems.append("a kv_cache_scheme")
         for name, scheme in self.ct.config_groups.items():
@@ -261,13 +321,16 @@ class CompressedTensorsConfig(QuantizationConfig):
                 f"{where} is a compressed-tensors checkpoint soarllm cannot serve: "
                 f"{'; '.join(problems)}. Supported: weight-only int8 per channel (symmetric) and "
                 f"int4 group {'/'.join(map(str, GROUP_SIZES))} (W8A16, W4A16) in the "
-                f"naive-, int- or pack-quantized formats, e.g. written by `soar quantize`"
+                f"naive-, int- or pack-quantized formats, optionally 2:4 sparse in the "
+                f"sparse-24-bitmask layout over pack-quantized, e.g. written by `soar quantize`"
             )
         self.fmt = fmt
         self.shards: dict[str, dict[str, str]] = {}
         for frag, (merged, shard) in packed_modules.items():
             self.shards.setdefault(merged, {})[shard] = frag
         scheme_names = sorted({f"{s.weights.num_bits}-bit" for s in self.ct.config_groups.values()})
+        if self.sparse is not None:
+            scheme_names.append("2:4")
         self.name = f"compressed-tensors ({', '.join(scheme_names)})"
         self.counts: dict[str, int] = {}
 
@@ -285,6 +348,16 @@ class CompressedTensorsConfig(QuantizationConfig):
                 if target == "Linear" or match_name(module, target):
                     return scheme.weights
         return None
+
+    def _is_sparse(self, module: str) -> bool:
+        """Whether `module` (a quantized one) is stored 2:4 in the sparse-24-bitmask layout."""
+        from compressed_tensors.utils.match import match_name
+
+        sc = self.sparse
+        if sc is None or any(match_name(module, ig) for ig in sc.ignore or ()):
+            return False
+        return sc.targets is None or any(t == "Linear" or match_name(module, t)
+                                         for t in sc.targets)
 
     def _checkpoint_modules(self, layer, prefix: str) -> list[str]:
         offsets = getattr(layer, "shard_offsets", None)
@@ -308,6 +381,15 @@ class CompressedTensorsConfig(QuantizationConfig):
                 "differently; soarllm serves merged layers with one scheme"
             )
         args = found[0]
+        sparse = {self._is_sparse(m) for m in modules}
+        if len(sparse) > 1:
+            raise UnsupportedModelError(
+                f"{self.where}: the parts of {prefix} ({', '.join(modules)}) are not all 2:4 "
+                "sparse; soarllm serves merged layers with one scheme")
+        if sparse == {True} and not self.densify:
+            method = Sparse24Method(args.num_bits, args.group_size, args.symmetric)
+            self.counts[method.describe()] = self.counts.get(method.describe(), 0) + 1
+            return method
         if args.num_bits == 8:
             self.counts["W8A16 (per channel)"] = self.counts.get("W8A16 (per channel)", 0) + 1
             return CompressedW8A16Method()
@@ -323,11 +405,16 @@ class CompressedTensorsConfig(QuantizationConfig):
         pending: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in checkpoint.weights(torch.float32):
             module, suffix = name.rsplit(".", 1) if "." in name else ("", name)
+            if suffix in _LEGACY_SPARSE_SUFFIXES and self.sparse is not None:
+                raise UnsupportedModelError(
+                    f"{self.where}: {name} is the legacy sparse-24-bitmask layout over an "
+                    "unquantized or int-quantized weight (compressed / bitmask / shape); soarllm "
+                    "serves 2:4 stacked on pack-quantized integers (soar quantize --sparsity 2:4)")
             stored = suffix in _PARAM_SUFFIXES or (suffix == "weight"
                                                    and not tensor.is_floating_point())
             args = self._args_for(module) if stored else None
             if args is None:
-                if suffix in ("weight_packed", "weight_scale", "weight_zero_point"):
+                if suffix in ("weight_packed", "weight_scale", "weight_zero_point", "bitmask"):
                     raise UnsupportedModelError(
                         f"{self.where}: tensor {name} belongs to a module the "
                         "quantization_config does not quantize; the config and the weights "
@@ -337,7 +424,7 @@ class CompressedTensorsConfig(QuantizationConfig):
                 continue
             parts = pending.setdefault(module, {})
             parts[suffix] = tensor
-            if self._complete(parts, args):
+            if self._complete(module, parts, args):
                 del pending[module]
                 yield f"{module}.weight", self._linear(module, parts, args, dtype)
         if pending:
@@ -348,9 +435,11 @@ class CompressedTensorsConfig(QuantizationConfig):
                 f"{sorted(parts)}; re-download or re-write the checkpoint"
             )
 
-    def _complete(self, parts: dict, args) -> bool:
+    def _complete(self, module: str, parts: dict, args) -> bool:
         need = {"weight_packed", "weight_shape"} if self.fmt == "pack-quantized" else {"weight"}
         need.add("weight_scale")
+        if self._is_sparse(module):
+            need.add("bitmask")
         if not args.symmetric:
             need.add("weight_zero_point")
         return need <= parts.keys()
@@ -366,11 +455,45 @@ class CompressedTensorsConfig(QuantizationConfig):
                 f"{self.where}: {module}.weight is {parts['weight'].dtype}, not the int8 the "
                 f"{self.fmt!r} format stores; the checkpoint was saved uncompressed"
             )
+        if "bitmask" in parts and not self._is_sparse(module):
+            raise UnsupportedModelError(
+                f"{self.where}: {module} has a bitmask but the sparsity_config does not make it "
+                "2:4 sparse; the config and the weights do not match")
         linear = CompressedLinearWeight(module, parts, args, self.fmt)
+        if linear.sparse:
+            linear._kept()  # the stored mask is 2:4 and the kept values fit it, or a clear error
         if self.dequantize_all:
             return as_float(linear).to(dtype)
         return linear
 
     def summary(self) -> str:
         parts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
-        return f"compressed-tensors checkpoint ({self.fmt}): {parts}"
+        fmt = self.fmt if self.sparse is None else f"{self.fmt} + sparse-24-bitmask"
+        densified = ", 2:4 layers densified at load" if self.sparse is not None and self.densify else ""
+        return f"compressed-tensors checkpoint ({fmt}): {parts}{densified}"
+
+
+def _sparse_config(raw: dict | None, fmt: str, problems: list[str]):
+    """The library's SparsityCompressionConfig when the layers are stored 2:4 compressed; None
+    for no sparsity or a ``dense`` one (metadata: the weights are stored whole)."""
+    if not raw:
+        return None
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    kind = raw.get("format")
+    try:
+        sc = SparsityCompressionConfig.load_from_registry(kind, **raw)
+    except Exception:  # unknown format name (registry KeyError / ValueError) or bad fields
+        problems.append(f"sparsity format {kind!r}")
+        return None
+    if sc.format == "dense":
+        return None
+    if sc.format != "sparse-24-bitmask":
+        problems.append(f"sparsity format {sc.format!r}")
+    elif (sc.sparsity_structure or "").lower() != sparsity.PATTERN:
+        problems.append(f"sparse-24-bitmask with structure {sc.sparsity_structure!r}")
+    elif fmt != "pack-quantized":
+        problems.append(f"sparse-24-bitmask over {fmt!r} weights (the legacy layout)")
+    else:
+        return sc
+    return None

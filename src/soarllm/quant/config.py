@@ -7,10 +7,13 @@
     "w8a16"       quantize float weights at load: int8, one scale per output channel (RTN)
     "w4a16"       quantize float weights at load: int4, asymmetric, group 32 (RTN);
                   "w4a16-g64" / "w4a16-g128" pick the group size
+    "densify"     a compressed-tensors 2:4 checkpoint's layers decompressed at load onto the
+                  dense W8A16 / W4A16 kernels (faster; unset keeps them compressed: less memory)
 
 A checkpoint whose config.json has a compressed-tensors quantization_config (`soar quantize`,
-llm-compressor) is served as stored with quantization unset (quant/compressed_tensors.py), or
-dequantized with "none"; other settings are refused for it.
+llm-compressor) is served as stored with quantization unset (quant/compressed_tensors.py),
+dequantized with "none", or with its 2:4 layers densified with "densify"; other settings are
+refused for it.
 
 Quantizing at load leaves `lm_head` in the model dtype, as quantization tools do by default
 (the logits are the most sensitive product); a GGUF file's head follows the file.
@@ -31,7 +34,7 @@ from soarllm.quant.w8a16 import W8A16Method
 if TYPE_CHECKING:
     from soarllm.model.loader.checkpoint import Checkpoint
 
-QUANTIZATION_CHOICES = ("none", "gguf", "w8a16", "w4a16", "w4a16-g64", "w4a16-g128")
+QUANTIZATION_CHOICES = ("none", "gguf", "w8a16", "w4a16", "w4a16-g64", "w4a16-g128", "densify")
 _W4A16 = re.compile(r"w4a16(?:-g(\d+))?")
 
 
@@ -68,7 +71,7 @@ def parse_quantization(quantization: str | None) -> str | None:
             f"W4A16 group size {m.group(1)} is not supported; use one of {GROUP_SIZES} "
             "(e.g. quantization='w4a16-g128')"
         )
-    if value not in ("none", "gguf", "w8a16") and not m:
+    if value not in ("none", "gguf", "w8a16", "densify") and not m:
         raise ConfigError(
             f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATION_CHOICES)} "
             "(or leave it unset to follow the checkpoint)"
@@ -84,6 +87,10 @@ def get_quant_config(quantization: str | None, checkpoint: Checkpoint,
     compressed = _compressed_tensors_config(value, checkpoint, packed_modules)
     if compressed is not None:
         return compressed
+    if value == "densify":
+        raise ConfigError(f"quantization='densify' applies to a compressed-tensors 2:4 checkpoint "
+                          f"(soar quantize --sparsity 2:4); {checkpoint.path} is not one. "
+                          "Leave quantization unset")
     if value is None:
         _refuse_unknown_checkpoint_quantization(checkpoint)
         value = "gguf" if is_gguf else "none"
@@ -114,15 +121,16 @@ def _compressed_tensors_config(value: str | None, checkpoint: Checkpoint,
     qc = getattr(checkpoint.config, "quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         return None
-    if value not in (None, "none"):
+    if value not in (None, "none", "densify"):
         raise ConfigError(
             f"{checkpoint.path} is already quantized (compressed-tensors); leave quantization "
-            "unset to serve it as stored, or use quantization='none' to dequantize it"
+            "unset to serve it as stored, use quantization='none' to dequantize it, or "
+            "'densify' to run a 2:4 checkpoint on the dense kernels"
         )
     from soarllm.quant.compressed_tensors import CompressedTensorsConfig
 
     return CompressedTensorsConfig(qc, packed_modules, dequantize=value == "none",
-                                   where=str(checkpoint.path))
+                                   where=str(checkpoint.path), densify=value == "densify")
 
 
 def _refuse_unknown_checkpoint_quantization(checkpoint: Checkpoint) -> None:

@@ -32,9 +32,14 @@ from soarllm.quant.compressed_tensors import fake_quantize, qparams
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args, scale_dtype: torch.dtype,
-                  *, damp: float = 0.01, block_size: int = 128, act_order: bool = False):
-    """(quantized weight float32 [out, in] on the grid, scale, zero point) of one layer."""
+                  *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  mask: torch.Tensor | None = None):
+    """(quantized weight float32 [out, in] on the grid, scale, zero point) of one layer.
+
+    `mask` (bool [out, in], e.g. 2:4): the weights it drops are quantized to exactly 0 and their
+    error is compensated like rounding error (SparseGPT with a fixed mask)."""
     W = weight.detach().float().clone()
+    keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.bool()
     H = hessian.detach().float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
@@ -42,12 +47,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args, scale_dtype
     W[:, dead] = 0
     group = args.group_size if args.strategy == "group" else None
     if group is None or act_order:  # fixed up front (per channel, or act-order groups)
-        scale, zp = qparams(W, args, scale_dtype)
+        scale, zp = qparams(W * keep, args, scale_dtype)
     else:
         scale = torch.empty(rows, cols // group, dtype=scale_dtype)
         zp = torch.empty(rows, cols // group, dtype=torch.int8)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -59,7 +64,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args, scale_dtype
     Q = torch.zeros_like(W)
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
-        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
+        W1, Hinv1, keep1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1], keep[:, b0:b1]
         Err1 = torch.zeros_like(W1)
         for i in range(b1 - b0):
             col = perm[b0 + i].item()  # the original column index
@@ -67,9 +72,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args, scale_dtype
             if group is not None and not act_order and col % group == 0:
                 g = col // group
                 # this group's qparams from the weights as updated so far (not yet permuted)
-                s, z = qparams(W1[:, i : i + group], args, scale_dtype)
+                s, z = qparams(W1[:, i : i + group] * keep1[:, i : i + group], args, scale_dtype)
                 scale[:, g], zp[:, g] = s.reshape(-1), z.reshape(-1)
-            q = _fake_quantize_column(w, col, scale, zp, args)
+            q = _fake_quantize_column(w, col, scale, zp, args) * keep1[:, i]
             Q[:, b0 + i] = q
             err = (w - q) / d
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from soarllm.errors import ConfigError, UnsupportedModelError
+from soarllm.quant import sparsity
 from soarllm.quant.compressed_tensors import (
     SCHEMES,
     compress_linear,
@@ -52,6 +53,9 @@ class QuantizeOptions:
     damp: float = 0.01
     progress: bool = True
     seed: int = 0
+    sparsity: str | None = None  # "2:4": prune before quantizing (quant/sparsity.py)
+    prune: str | None = None  # magnitude | wanda; unset: wanda with GPTQ, magnitude with RTN
+    sparse_format: str = "sparse-24-bitmask"  # or "dense" (zeros stored, readable everywhere)
 
     def check(self) -> None:
         if self.scheme not in SCHEMES:
@@ -67,12 +71,20 @@ class QuantizeOptions:
                                   f"{', '.join(map(str, GROUP_SIZES))}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if self.method == "gptq" and (self.num_samples < 1 or self.seq_len < 2):
-            raise ConfigError("GPTQ needs --num-samples >= 1 and --seq-len >= 2")
+        if (self.method == "gptq" or self.prune == "wanda") and (self.num_samples < 1
+                                                                 or self.seq_len < 2):
+            raise ConfigError("GPTQ and Wanda need --num-samples >= 1 and --seq-len >= 2")
         if self.act_order and self.method != "gptq":
             raise ConfigError("--act-order applies to --method gptq only")
         if not 0 < self.damp < 1:
             raise ConfigError(f"damping {self.damp} must be between 0 and 1 (e.g. 0.01)")
+        sparsity.check_options(self.sparsity, self.prune, self.sparse_format)
+
+    @property
+    def wanda(self) -> bool:
+        """2:4 selection by |W| * ||X||: needs the calibration pass (GPTQ runs it anyway)."""
+        return self.sparsity is not None and (self.prune or ("wanda" if self.method == "gptq"
+                                                              else "magnitude")) == "wanda"
 
 
 @dataclass
@@ -123,10 +135,12 @@ def quantize_model(model: str, out: str | Path, opts: QuantizeOptions) -> Quanti
                 f"({len(bad)} layer(s) like it); use --group-size "
                 f"{' or '.join(map(str, fits)) if fits else '(none fits: use --scheme w8a16)'}"
             )
+    if opts.sparsity:
+        sparsity.check_prunable(linears)
     scale_dtype = DTYPES[opts.dtype]
     compressed: dict[str, dict[str, torch.Tensor]] = {}
-    if opts.method == "rtn":
-        _rtn(linears, args, scale_dtype, compressed, opts.progress)
+    if opts.method == "rtn" and not opts.wanda:
+        _rtn(linears, args, scale_dtype, compressed, opts)
     else:
         _gptq(hf, checkpoint, args, scale_dtype, compressed, opts)
     report = write_directory(out, checkpoint, hf, compressed, opts, args)
@@ -168,24 +182,30 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-def _store(name: str, module: nn.Linear, q, scale, zp, args, compressed) -> None:
+def _store(name: str, module: nn.Linear, q, scale, zp, args, compressed, mask=None,
+           sparse_format: str = "sparse-24-bitmask") -> None:
     compressed[name] = compress_linear(q, scale, zp, args)
+    if mask is not None and sparse_format == "sparse-24-bitmask":
+        compressed[name] = sparsity.compress_24(compressed[name], mask, args)
     module.weight.data.copy_(q.to(module.weight.dtype))  # later layers see the quantized layer
 
 
-def _rtn(linears, args, scale_dtype, compressed, progress) -> None:
+def _rtn(linears, args, scale_dtype, compressed, opts: QuantizeOptions) -> None:
     from tqdm.auto import tqdm
 
     from soarllm.quant.gptq import rtn_quantize
 
     for name, module in tqdm(linears.items(), desc="RTN layers", unit="linear", file=sys.stderr,
-                             disable=not progress):
-        q, scale, zp = rtn_quantize(module.weight.data, args, scale_dtype)
-        _store(name, module, q, scale, zp, args, compressed)
+                             disable=not opts.progress):
+        weight, mask = module.weight.data, None
+        if opts.sparsity:
+            weight, mask = sparsity.prune_24(weight)  # by magnitude
+        q, scale, zp = rtn_quantize(weight, args, scale_dtype)
+        _store(name, module, q, scale, zp, args, compressed, mask, opts.sparse_format)
 
 
 def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) -> None:
-    from soarllm.quant.gptq import SequentialCalibrator, gptq_quantize
+    from soarllm.quant.gptq import SequentialCalibrator, gptq_quantize, rtn_quantize
 
     samples = calibration_samples(checkpoint.tokenizer_dir, opts.calib, opts.num_samples,
                                   opts.seq_len)
@@ -200,9 +220,16 @@ def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) 
     def quantize_layer(index, layer, accs):
         for local, acc in accs.items():
             module = layer.get_submodule(local)
-            q, scale, zp = gptq_quantize(module.weight.data, acc.H, args, scale_dtype,
-                                         damp=opts.damp, act_order=opts.act_order)
-            _store(names[id(module)], module, q, scale, zp, args, compressed)
+            weight, mask = module.weight.data, None
+            if opts.sparsity:
+                weight, mask = sparsity.prune_24(weight, acc.H if opts.wanda else None)
+            if opts.method == "rtn":  # RTN with a Wanda mask: calibrated for the mask only
+                q, scale, zp = rtn_quantize(weight, args, scale_dtype)
+            else:  # GPTQ from the unpruned weight: the pruning error is compensated too
+                q, scale, zp = gptq_quantize(module.weight.data, acc.H, args, scale_dtype,
+                                             damp=opts.damp, act_order=opts.act_order, mask=mask)
+            _store(names[id(module)], module, q, scale, zp, args, compressed, mask,
+                   opts.sparse_format)
 
     SequentialCalibrator(hf, samples, progress=opts.progress).run(quantize_layer)
 
@@ -277,6 +304,11 @@ def write_directory(out: Path, checkpoint, hf: nn.Module, compressed, opts: Quan
             tensors[f"{module}.{suffix}"] = tensor
     config = checkpoint.config.to_dict()
     config["quantization_config"] = quantization_config(opts.scheme, opts.group_size, ["lm_head"])
+    if opts.sparsity:
+        pruned = sum(m.weight.numel() for m in decoder_linears(hf).values()) / 2
+        total = sum(p.numel() for p in hf.parameters())
+        config["quantization_config"]["sparsity_config"] = sparsity.sparsity_config(
+            opts.sparse_format, ["lm_head"], round(pruned / total, 4))
     config["dtype"] = opts.dtype
     config.pop("torch_dtype", None)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
