@@ -139,6 +139,30 @@ def test_rows_padded_for_cuda_give_the_same_product():
     assert int_mm_min_rows(torch.device("meta"), 64, 24) is None
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(64, 128), (24, 40), (7, 96), (33, 65)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_int8_gemm_and_fallback(shape, dtype):
+    """On CUDA: sizes that are multiples of 8 take torch._int_mm (decode rows padded to 17),
+    others the portable path; both match the float64 oracle."""
+    out_f, in_f = shape
+    torch.manual_seed(out_f + in_f)
+    weight, bias = torch.randn(out_f, in_f) * 0.05, torch.randn(out_f)
+    layer = Linear(in_f, out_f, bias=True, dtype=dtype, quant_method=W8A8Method())
+    layer.qweight.weight_loader(layer.qweight, weight)
+    layer.bias.weight_loader(layer.bias, bias)
+    layer = layer.cuda()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.int_mm_min_rows == (17 if in_f % 8 == 0 and out_f % 8 == 0 else None)
+    for m in (1, 16, 17, 40):
+        x = torch.randn(m, in_f) * 2
+        with torch.inference_mode():
+            got = layer(x.to(dtype).cuda()).cpu()
+        want, one_step = _oracle_linear(x, weight, bias, dtype)
+        _check(got, want, one_step, dtype)
+
+
 def test_activation_quantization_is_per_token_round_to_nearest():
     x = torch.tensor([[127.0, -3.0, 10.2, 0.4], [0.0, 0.0, 0.0, 0.0], [-2.54, 1.0, 0.0, 0.01]])
     q, s = quantize_per_token(x)
@@ -387,3 +411,28 @@ def test_w8a8_checkpoint_cannot_be_requantized(library_w8a8):
     path, _ = library_w8a8
     with pytest.raises(ConfigError, match="already quantized"):
         load_model(str(path), "w8a8")
+
+
+# -- the real default model -----------------------------------------------------------------------
+
+@pytest.mark.model
+def test_default_model_w8a8_next_tokens(default_model_path):
+    """Plain W8A8 (RTN, no smoothing) on the default model against its dequantized float path,
+    on the float model's own greedy continuations: the next token agrees at most positions.
+    Measured: 0.82 (W8A16 on the same sequences: 0.95): SmolLM2's activation outliers cost
+    per-token int8 activations this much, the gap SmoothQuant is for."""
+    from soarllm import LLM, SamplingParams
+    from soarllm.quant.compare import compare_models
+
+    prompts = ["def quicksort(arr):", "The capital of France is",
+               "Once upon a time, in a small village by the sea,", "import os\nimport sys\n"]
+    params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
+    llm = LLM(str(default_model_path), dtype="float32", quantization="none", max_model_len=128)
+    seqs = [o.prompt_token_ids + list(o.outputs[0].token_ids)
+            for o in llm.generate(prompts, params)]
+    del llm
+    base, _, _ = load_model(str(default_model_path), "none")
+    quant, _, _ = load_model(str(default_model_path), "w8a8")
+    r = compare_models(base, quant, seqs)
+    print(f"w8a8: next-token agreement {r.top1_agreement:.3f}, top-5 {r.topk_agreement:.3f}")
+    assert r.top1_agreement >= 0.7
