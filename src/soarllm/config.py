@@ -57,7 +57,7 @@ class EngineArgs:
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     load_format: str = "auto"  # auto | safetensors | gguf | pt | dummy
-    # None: as the checkpoint is (a GGUF file served quantized) | none | gguf | w8a16 | w4a16[-gN]
+    # None: as the checkpoint is (a GGUF file runs quantized) | none | gguf | w8a16 | w4a16[-gN] | w8a8
     quantization: str | None = None
     seed: int = 0
     max_model_len: int | None = None

@@ -238,11 +238,11 @@ def _edit_config(path, fn):
 def test_unsupported_schemes_are_refused_with_what_is_supported(written, tmp_path):
     from compressed_tensors.quantization import QuantizationArgs
 
-    w8a8 = _copy(written["w8a16-rtn"], tmp_path / "w8a8")
-    acts = QuantizationArgs(num_bits=8, type="int", strategy="token", dynamic=True).model_dump()
-    _edit_config(w8a8, lambda qc: qc["config_groups"]["group_0"].update(input_activations=acts))
-    with pytest.raises(UnsupportedModelError, match="activation quantization.*Supported: weight-only"):
-        load_model(str(w8a8))
+    static = _copy(written["w8a16-rtn"], tmp_path / "static")
+    acts = QuantizationArgs(num_bits=8, type="int", strategy="tensor", dynamic=False).model_dump()
+    _edit_config(static, lambda qc: qc["config_groups"]["group_0"].update(input_activations=acts))
+    with pytest.raises(UnsupportedModelError, match="static .*activation.*Supported: weight-only"):
+        load_model(str(static))
     fp8 = _copy(written["w8a16-rtn"], tmp_path / "fp8")
     _edit_config(fp8, lambda qc: qc["config_groups"]["group_0"]["weights"].update(type="float"))
     with pytest.raises(UnsupportedModelError, match="float weights"):

@@ -28,8 +28,9 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
     g.add_argument("--quantization", "-q", default=None,
                    help="weights: unset = as the checkpoint is (a GGUF file runs on its 4-bit "
                    "blocks) | none (dequantize to --dtype) | gguf | w8a16 | w4a16 | w4a16-g64 | "
-                   "w4a16-g128 (quantize at load, round to nearest) | densify (a 2:4 "
-                   "compressed-tensors checkpoint on the dense kernels: faster, more memory)")
+                   "w4a16-g128 | w8a8 (quantize at load, round to nearest; w8a8 also quantizes "
+                   "activations per token) | densify (a 2:4 compressed-tensors checkpoint on the "
+                   "dense kernels: faster, more memory)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer to use instead of the model's own (same forms as the model)")
     g.add_argument("--seed", type=int, default=0,

@@ -15,6 +15,13 @@ both in the "pack-quantized" format, the one the library infers for integer weig
 (and the one vLLM's WNA16 kernels read); "naive-quantized" / "int-quantized" files (int8
 ``weight`` as stored) load too.
 
+Served, not written here: llm-compressor's W8A8 (int8) scheme, the weights of w8a16 plus
+``input_activations`` int8, symmetric, dynamic, one scale per token, stored "int-quantized"
+(int8 ``weight`` + ``weight_scale``). Those layers run on the W8A8 method (quant/w8a8.py).
+Static (calibrated) activation scales, asymmetric activations and per-tensor dynamic scales are
+refused: the first need stored input scales the method does not load, the second a zero-point
+correction the int8 GEMM lacks, the last makes a request's output depend on the rest of its batch.
+
 The file's integers are signed, w = (q - zp) * scale. Loading regroups each layer's tensors into
 one CompressedLinearWeight that the W8A16 / W4A16 methods take exactly (no re-rounding):
 int8 rows as they are, int4 as the kernel's w = (q' - 8) s + z with q' = q + 8 and z = -zp s.
@@ -22,7 +29,7 @@ int8 rows as they are, int4 as the kernel's w = (q' - 8) s + z with q' = q + 8 a
 A ``sparsity_config`` of format ``sparse-24-bitmask`` (2:4, written by ``soar quantize
 --sparsity 2:4``; quant/sparsity.py) stores the kept integers and a bitmask: those layers are
 served compressed (quant/sparse24.py), or decompressed at load onto the dense methods with
-``densify``. A ``dense`` sparsity_config is metadata only. Other schemes (activation
+``densify``. A ``dense`` sparsity_config is metadata only. Other schemes (other activation
 quantization, FP8/NVFP4, act-order g_idx, unstructured or legacy sparse layouts) are refused with
 an error naming what is supported.
 """
@@ -40,6 +47,7 @@ from soarllm.quant import sparsity
 from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod, as_float
 from soarllm.quant.sparse24 import Sparse24Method
 from soarllm.quant.w4a16 import GROUP_SIZES, W4A16Method
+from soarllm.quant.w8a8 import W8A8Method
 from soarllm.quant.w8a16 import W8A16Method
 
 QUANT_METHOD = "compressed-tensors"
@@ -251,8 +259,8 @@ class CompressedLinearWeight:
         return (q.to(torch.int16) + 8).to(torch.uint8), scale, zero
 
 
-class CompressedW8A16Method(W8A16Method):
-    """W8A16 whose int8 rows and scales come from the file as they are."""
+class _StoredInt8Rows:
+    """Mixin for the int8 per-channel methods: rows and scales come from the file as they are."""
 
     def load_weight(self, layer, param, loaded, shard_id=None) -> None:
         to_int8 = getattr(loaded, "to_int8", None)
@@ -265,6 +273,14 @@ class CompressedW8A16Method(W8A16Method):
         q, scale = to_int8()
         layer.qweight.data[off : off + size] = q
         layer.scales.data[off : off + size] = scale
+
+
+class CompressedW8A16Method(_StoredInt8Rows, W8A16Method):
+    """W8A16 whose int8 rows and scales come from the file as they are."""
+
+
+class CompressedW8A8Method(_StoredInt8Rows, W8A8Method):
+    """W8A8 whose int8 rows and scales come from the file as they are."""
 
 
 def _supported_args(args) -> str | None:
@@ -283,8 +299,27 @@ def _supported_args(args) -> str | None:
     return f"{args.num_bits}-bit {sym} {args.strategy}-wise weights"
 
 
+def _supported_input_args(inputs, weights) -> str | None:
+    """Why a scheme's input activation args cannot be served here (W8A8 int8), or None."""
+    if weights.num_bits != 8 or weights.strategy != "channel":
+        return (f"{weights.num_bits}-bit {weights.strategy}-wise weights with quantized "
+                "activations (only int8 per-channel weights pair with int8 activations)")
+    if inputs.type != "int" or inputs.num_bits != 8:
+        return f"{inputs.num_bits}-bit {inputs.type} activations"
+    if inputs.dynamic is False:
+        return "static (calibrated) activation scales; quantize with dynamic=True"
+    if inputs.dynamic is not True:
+        return f"dynamic={inputs.dynamic!s} activation scales; quantize with dynamic=True"
+    if not inputs.symmetric:
+        return "asymmetric activations"
+    if inputs.strategy != "token":
+        return (f"{inputs.strategy}-wise dynamic activation scales (one per batch couples the "
+                "requests in it); quantize with strategy='token'")
+    return None
+
+
 class CompressedTensorsConfig(QuantizationConfig):
-    """Serves a compressed-tensors checkpoint on the W8A16 / W4A16 methods (or, with
+    """Serves a compressed-tensors checkpoint on the W8A16 / W4A16 / W8A8 methods (or, with
     ``dequantize``, every layer unquantized from the library's decompression)."""
 
     loads_packed = True
@@ -310,25 +345,30 @@ class CompressedTensorsConfig(QuantizationConfig):
         if self.ct.kv_cache_scheme is not None:
             problems.append("a kv_cache_scheme")
         for name, scheme in self.ct.config_groups.items():
-            if scheme.input_activations is not None or scheme.output_activations is not None:
-                problems.append(f"group {name}: activation quantization")
+            if scheme.output_activations is not None:
+                problems.append(f"group {name}: output activation quantization")
             elif scheme.weights is None:
                 problems.append(f"group {name}: no weight quantization")
             elif (why := _supported_args(scheme.weights)) is not None:
+                problems.append(f"group {name}: {why}")
+            elif scheme.input_activations is not None and (
+                    why := _supported_input_args(scheme.input_activations, scheme.weights)):
                 problems.append(f"group {name}: {why}")
         if problems:
             raise UnsupportedModelError(
                 f"{where} is a compressed-tensors checkpoint soarllm cannot serve: "
                 f"{'; '.join(problems)}. Supported: weight-only int8 per channel (symmetric) and "
-                f"int4 group {'/'.join(map(str, GROUP_SIZES))} (W8A16, W4A16) in the "
-                f"naive-, int- or pack-quantized formats, optionally 2:4 sparse in the "
-                f"sparse-24-bitmask layout over pack-quantized, e.g. written by `soar quantize`"
+                f"int4 group {'/'.join(map(str, GROUP_SIZES))} (W8A16, W4A16), and int8 per "
+                f"channel with int8 symmetric dynamic per-token activations (W8A8), in the "
+                f"naive-, int- or pack-quantized formats; weight-only layers optionally 2:4 sparse "
+                f"in the sparse-24-bitmask layout over pack-quantized, e.g. written by `soar quantize`"
             )
         self.fmt = fmt
         self.shards: dict[str, dict[str, str]] = {}
         for frag, (merged, shard) in packed_modules.items():
             self.shards.setdefault(merged, {})[shard] = frag
-        scheme_names = sorted({f"{s.weights.num_bits}-bit" for s in self.ct.config_groups.values()})
+        scheme_names = sorted({"W8A8" if s.input_activations else f"{s.weights.num_bits}-bit"
+                               for s in self.ct.config_groups.values()})
         if self.sparse is not None:
             scheme_names.append("2:4")
         self.name = f"compressed-tensors ({', '.join(scheme_names)})"
@@ -336,9 +376,9 @@ class CompressedTensorsConfig(QuantizationConfig):
 
     # which scheme a checkpoint module follows ---------------------------------------------------
 
-    def _args_for(self, module: str):
-        """The weight args of the config group whose targets match `module` (and that the ignore
-        list leaves in), or None for an unquantized module."""
+    def _scheme_for(self, module: str):
+        """The config group (QuantizationScheme) whose targets match `module` and that the
+        ignore list leaves in, or None for an unquantized module."""
         from compressed_tensors.utils.match import match_name
 
         if any(match_name(module, ig) for ig in self.ct.ignore or ()):
@@ -346,8 +386,13 @@ class CompressedTensorsConfig(QuantizationConfig):
         for scheme in self.ct.config_groups.values():
             for target in scheme.targets:
                 if target == "Linear" or match_name(module, target):
-                    return scheme.weights
+                    return scheme
         return None
+
+    def _args_for(self, module: str):
+        """The weight args `module` is stored with, or None for an unquantized module."""
+        scheme = self._scheme_for(module)
+        return scheme.weights if scheme is not None else None
 
     def _is_sparse(self, module: str) -> bool:
         """Whether `module` (a quantized one) is stored 2:4 in the sparse-24-bitmask layout."""
@@ -370,7 +415,8 @@ class CompressedTensorsConfig(QuantizationConfig):
 
     def get_quant_method(self, layer, prefix: str) -> QuantMethod:
         modules = self._checkpoint_modules(layer, prefix)
-        found = [self._args_for(m) for m in modules]
+        schemes = [self._scheme_for(m) for m in modules]
+        found = [(s.weights, s.input_activations) if s is not None else None for s in schemes]
         if prefix == "lm_head" or self.dequantize_all or all(a is None for a in found):
             kind = "dequantized" if any(a is not None for a in found) else "unquantized"
             self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -380,22 +426,27 @@ class CompressedTensorsConfig(QuantizationConfig):
                 f"{self.where}: the parts of {prefix} ({', '.join(modules)}) are quantized "
                 "differently; soarllm serves merged layers with one scheme"
             )
-        args = found[0]
+        args, inputs = found[0]
         sparse = {self._is_sparse(m) for m in modules}
         if len(sparse) > 1:
             raise UnsupportedModelError(
                 f"{self.where}: the parts of {prefix} ({', '.join(modules)}) are not all 2:4 "
                 "sparse; soarllm serves merged layers with one scheme")
+        if sparse == {True} and inputs is not None:
+            raise UnsupportedModelError(
+                f"{self.where}: {prefix} is 2:4 sparse with quantized activations (W8A8); "
+                "soarllm serves 2:4 sparsity on weight-only schemes (W8A16, W4A16)")
         if sparse == {True} and not self.densify:
             method = Sparse24Method(args.num_bits, args.group_size, args.symmetric)
-            self.counts[method.describe()] = self.counts.get(method.describe(), 0) + 1
-            return method
-        if args.num_bits == 8:
-            self.counts["W8A16 (per channel)"] = self.counts.get("W8A16 (per channel)", 0) + 1
-            return CompressedW8A16Method()
-        label = f"W4A16 (group {args.group_size})"
+        elif inputs is not None:
+            method = CompressedW8A8Method()
+        elif args.num_bits == 8:
+            method = CompressedW8A16Method()
+        else:
+            method = W4A16Method(args.group_size)
+        label = method.describe()
         self.counts[label] = self.counts.get(label, 0) + 1
-        return W4A16Method(args.group_size)
+        return method
 
     # the tensor stream ----------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@
     "w8a16"       quantize float weights at load: int8, one scale per output channel (RTN)
     "w4a16"       quantize float weights at load: int4, asymmetric, group 32 (RTN);
                   "w4a16-g64" / "w4a16-g128" pick the group size
+    "w8a8"        quantize float weights at load as for w8a16, and the activations per token at
+                  run time (int8 x int8 GEMM, quant/w8a8.py): plain W8A8, no smoothing
     "densify"     a compressed-tensors 2:4 checkpoint's layers decompressed at load onto the
                   dense W8A16 / W4A16 kernels (faster; unset keeps them compressed: less memory)
 
@@ -29,12 +31,14 @@ import torch
 from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod
 from soarllm.quant.w4a16 import GROUP_SIZES, W4A16Method
+from soarllm.quant.w8a8 import W8A8Method
 from soarllm.quant.w8a16 import W8A16Method
 
 if TYPE_CHECKING:
     from soarllm.model.loader.checkpoint import Checkpoint
 
-QUANTIZATION_CHOICES = ("none", "gguf", "w8a16", "w4a16", "w4a16-g64", "w4a16-g128", "densify")
+QUANTIZATION_CHOICES = ("none", "gguf", "w8a16", "w4a16", "w4a16-g64", "w4a16-g128", "w8a8",
+                        "densify")
 _W4A16 = re.compile(r"w4a16(?:-g(\d+))?")
 
 
@@ -43,21 +47,28 @@ class RTNConfig(QuantizationConfig):
 
     def __init__(self, scheme: str, group_size: int = 32):
         self.scheme, self.group_size = scheme, group_size
-        self.name = scheme if scheme == "w8a16" else f"w4a16-g{group_size}"
+        self.name = scheme if scheme in ("w8a16", "w8a8") else f"w4a16-g{group_size}"
         self.quantized = 0
+
+    def _method(self) -> QuantMethod:
+        if self.scheme == "w8a16":
+            return W8A16Method()
+        if self.scheme == "w8a8":
+            return W8A8Method()
+        return W4A16Method(self.group_size)
 
     def get_quant_method(self, layer, prefix: str) -> QuantMethod:
         if prefix == "lm_head":
             return UnquantizedMethod()
         self.quantized += 1
-        return W8A16Method() if self.scheme == "w8a16" else W4A16Method(self.group_size)
+        return self._method()
 
     def weights(self, checkpoint, dtype):
         # quantize from full precision, not from weights already rounded to the model dtype
         return checkpoint.weights(torch.float32)
 
     def summary(self) -> str:
-        method = "W8A16 (per channel)" if self.scheme == "w8a16" else f"W4A16 (group {self.group_size})"
+        method = self._method().describe()
         return f"quantized at load (round to nearest): {self.quantized} linear layers {method}; lm_head unquantized"
 
 
@@ -71,7 +82,7 @@ def parse_quantization(quantization: str | None) -> str | None:
             f"W4A16 group size {m.group(1)} is not supported; use one of {GROUP_SIZES} "
             "(e.g. quantization='w4a16-g128')"
         )
-    if value not in ("none", "gguf", "w8a16", "densify") and not m:
+    if value not in ("none", "gguf", "w8a16", "w8a8", "densify") and not m:
         raise ConfigError(
             f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATION_CHOICES)} "
             "(or leave it unset to follow the checkpoint)"
@@ -100,7 +111,7 @@ def get_quant_config(quantization: str | None, checkpoint: Checkpoint,
         if not is_gguf:
             raise ConfigError(
                 f"quantization='gguf' needs a .gguf checkpoint; {checkpoint.path} is "
-                f"{checkpoint.format}. Leave quantization unset, or use w8a16 / w4a16"
+                f"{checkpoint.format}. Leave quantization unset, or use w8a16 / w4a16 / w8a8"
             )
         from soarllm.quant.gguf import GGUFQuantConfig
 
@@ -108,8 +119,8 @@ def get_quant_config(quantization: str | None, checkpoint: Checkpoint,
             checkpoint.packed_types(), packed_modules,
             bool(getattr(checkpoint.config, "tie_word_embeddings", False)),
         )
-    if value == "w8a16":
-        return RTNConfig("w8a16")
+    if value in ("w8a16", "w8a8"):
+        return RTNConfig(value)
     group = _W4A16.fullmatch(value).group(1)
     return RTNConfig("w4a16", int(group) if group else 32)
 
