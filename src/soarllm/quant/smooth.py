@@ -91,7 +91,8 @@ def layer_mappings(layer: nn.Module, prefix: str = "") -> list[SmoothMapping]:
         raise UnsupportedModelError(
             f"{type(layer).__name__} has no smoothing mappings (lacks "
             f"{', '.join(missing or wrong)}): SmoothQuant and AWQ support the Llama family "
-            "(Llama, Mistral, Qwen2, SmolLM2) and Gemma 3 dense decoders; use --method rtn or gptq"
+            "(Llama, Mistral, Qwen2, SmolLM2) and Gemma 3 dense decoders; quantize without "
+            "smoothing (--method rtn)"
         )
     for norm_name in ("input_layernorm", mlp_norm_name):
         _norm_offset(need[norm_name], f"{prefix}{norm_name}")  # refuses a norm it cannot fold into
@@ -124,7 +125,7 @@ def _norm_offset(norm: nn.Module, name: str) -> float:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         raise UnsupportedModelError(f"{name} ({type(norm).__name__}) has no per-channel weight "
-                                    "to fold smoothing factors into; use --method rtn or gptq")
+                                    "to fold smoothing factors into; quantize without smoothing (--method rtn)")
     saved = weight.detach().clone()
     probe = torch.ones(1, weight.numel(), dtype=weight.dtype)
     probe[:, 1::2] = -1  # RMS 1, mean ~0: a mean-centring norm is not mistaken for one
