@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soarllm.quant.awq import output_error, search_scales
-from soarllm.quant.compressed_tensors import weight_args
+from soarllm.quant.awq import clip_search, output_error, search_scales
+from soarllm.quant.compressed_tensors import compress_linear, weight_args
 from soarllm.quant.gptq import HessianAccumulator, rtn_quantize
 from soarllm.quant.quantize import (
     QuantizeOptions,
@@ -63,6 +63,35 @@ def test_awq_beats_rtn_on_held_out_activations_with_salient_channels():
     result, awq, rtn = _awq_and_rtn(weight, acts(1024), acts(1024))
     assert result.alpha > 0 and result.error < result.rtn_error
     assert awq < 0.8 * rtn, (awq, rtn)
+
+
+def test_clip_search_lowers_the_held_out_error_further_and_stays_on_the_stored_grid():
+    """After AWQ's scaling, shrinking each group's range (chosen on the calibration Gram matrix)
+    lowers the held-out error again; the result is exactly what the file stores (the library's
+    pack and unpack give it back)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    g = torch.Generator().manual_seed(1)
+    gain = torch.ones(256)
+    gain[torch.randperm(256, generator=g)[:8]] = 20
+
+    def acts(n):
+        return torch.randn(n, 256, generator=g) * gain
+
+    weight = torch.randn(96, 256, generator=g) * 0.05
+    calib, held_out = acts(1024), acts(1024)
+    result, awq, _ = _awq_and_rtn(weight, calib, held_out)
+    s = result.scales
+    acc = HessianAccumulator(256)
+    acc.add(calib / s)  # the scaled layer's input
+    q, scale, zp = clip_search(weight * s, acc.H, ARGS, torch.float32)
+    clipped = _held_out_error(weight, q / s, held_out)
+    assert clipped < 0.97 * awq, (clipped, awq)
+    stored = compress_linear(q, scale, zp, ARGS)
+    back = BaseCompressor.get_value_from_registry("pack-quantized").decompress(
+        stored, QuantizationScheme(targets=["Linear"], weights=ARGS))["weight"]
+    torch.testing.assert_close(back.float(), q, rtol=0, atol=1e-6)
 
 
 def _layer_inputs(hf, name, samples):

@@ -276,39 +276,34 @@ def _smoothquant(hf, tokenizer_dir, opts: QuantizeOptions) -> str:
 
 
 def _awq(hf, tokenizer_dir, fmt: _Format, compressed, opts: QuantizeOptions) -> str:
-    """Layer by layer: search each mapping's AWQ factors on the layer's calibration inputs,
-    fold them, round the layer's weights to nearest."""
-    from soarllm.quant.awq import AWQObserver, awq_mapping
-    from soarllm.quant.gptq import SequentialCalibrator, rtn_quantize
-    from soarllm.quant.smooth import decoder_layers, fold_scales, layer_mappings
+    """Layer by layer (awq.quantize_layer): each mapping's factors searched on the layer's
+    calibration inputs and folded, then the weights rounded with the clip search."""
+    from soarllm.quant import awq
+    from soarllm.quant.gptq import SequentialCalibrator
+    from soarllm.quant.smooth import decoder_layers
 
     _, layers = decoder_layers(hf)
-    observed = {m.balance_names[0] for layer in layers for m in layer_mappings(layer)}
+    observed = {names[0] for layer in layers for names, _ in awq.input_groups(layer)}
     samples = calibration_samples(tokenizer_dir, opts.calib, opts.num_samples, opts.seq_len)
     names = {id(m): n for n, m in decoder_linears(hf).items()}
     errors: list[tuple[float, float]] = []
 
     def observe(name, module):
-        return AWQObserver(module.in_features) if name in observed else None
+        return awq.AWQObserver(module.in_features) if name in observed else None
 
     def quantize_layer(index, layer, observers):
-        found = [(m, awq_mapping(m, observers[m.balance_names[0]], fmt.args, fmt.scale_dtype))
-                 for m in layer_mappings(layer)]
-        for mapping, result in found:  # all searched on the unscaled weights, then folded
-            fold_scales(mapping, result.scales)
-            errors.append((result.error, result.rtn_error))
-            logger.debug("AWQ layer %d %s: alpha %.2f, output error %.4f (RTN %.4f)", index,
-                         mapping.name, result.alpha, result.error, result.rtn_error)
-        for module in layer.modules():
-            if isinstance(module, nn.Linear):
-                q, scale, zp = rtn_quantize(module.weight.data, fmt.args, fmt.scale_dtype)
-                _store(names[id(module)], module, q, scale, zp, fmt, compressed)
+        quantized, results = awq.quantize_layer(layer, observers, fmt.args, fmt.scale_dtype)
+        errors.extend((r.error, r.rtn_error) for r in results)
+        logger.debug("AWQ layer %d: alphas %s", index, [r.alpha for r in results])
+        for local, (q, scale, zp) in quantized.items():
+            module = layer.get_submodule(local)
+            _store(names[id(module)], module, q, scale, zp, fmt, compressed)
 
     SequentialCalibrator(hf, samples, progress=opts.progress, method="AWQ").run(
         quantize_layer, observe)
-    awq, rtn = (sum(e) / len(errors) for e in zip(*errors))
-    return (f"AWQ: mean relative output error on the calibration text {awq:.4f}, RTN's "
-            f"{rtn:.4f}, over {len(errors)} mappings")
+    ours, rtn = (sum(e) / len(errors) for e in zip(*errors))
+    return (f"AWQ: mean relative output error of the scaled layers on the calibration text "
+            f"{ours:.4f}, RTN's {rtn:.4f} (before the clip search), over {len(errors)} mappings")
 
 
 def _gptq(hf, tokenizer_dir, fmt: _Format, compressed, opts: QuantizeOptions) -> None:
