@@ -65,11 +65,12 @@ def input_stats(model: nn.Module, linears: dict[str, nn.Linear], samples: torch.
                 seen.append(x)
         return record
 
+    decoder = getattr(model, "model", model)  # the LM head's output is not needed
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         for k, ids in enumerate(tqdm(samples, desc=desc, unit="sample", file=sys.stderr,
                                      disable=not progress)):
-            model(input_ids=ids[None], use_cache=False)
+            decoder(input_ids=ids[None], use_cache=False)
             if k == 0:
                 seen.clear()
     finally:
