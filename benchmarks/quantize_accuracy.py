@@ -1,11 +1,12 @@
 """Perplexity of the default model at full precision vs its `soar quantize`d copies, side by side.
 
 Full precision is the default GGUF dequantized (quantization="none"); the copies are written by
-`soar quantize` from those same weights: W8A16 RTN, W4A16 RTN and W4A16 GPTQ (same group size,
-the largest of 128/64/32 dividing every layer: 64 for SmolLM2-135M). Perplexity is `soar eval
+`soar quantize` from those same weights: W8A16 RTN, W4A16 RTN, GPTQ and AWQ (same group size,
+the largest of 128/64/32 dividing every layer: 64 for SmolLM2-135M), W8A8 RTN and SmoothQuant
+(int8 activations per token: the rows need soarllm's W8A8 serving). Perplexity is `soar eval
 ppl`'s machinery (sliding windows) on held-out text the project did not write: standard-library
-source and Python reference prose (GPTQ calibrates on other stdlib files and the prose's second
-half). All models run in the same --dtype.
+source and Python reference prose (GPTQ, AWQ and SmoothQuant calibrate on other stdlib files and
+the prose's second half). All models run in the same --dtype.
 
     python benchmarks/quantize_accuracy.py --out benchmarks/results/quantize_accuracy
 
@@ -28,7 +29,11 @@ VARIANTS = {  # name -> soar quantize flags (None: the float model itself)
     "w8a16-rtn": ["--scheme", "w8a16", "--method", "rtn"],
     "w4a16-rtn": ["--scheme", "w4a16", "--method", "rtn"],
     "w4a16-gptq": ["--scheme", "w4a16", "--method", "gptq"],
+    "w4a16-awq": ["--scheme", "w4a16", "--method", "awq"],
+    "w8a8-rtn": ["--scheme", "w8a8", "--method", "rtn"],
+    "w8a8-smoothquant": ["--scheme", "w8a8", "--method", "smoothquant"],
 }
+CALIBRATED = ("gptq", "awq", "smoothquant")
 
 
 def main() -> int:
@@ -44,8 +49,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma list of the rows to run (the first is the reference)")
-    ap.add_argument("--num-samples", type=int, default=128, help="GPTQ calibration sequences")
-    ap.add_argument("--seq-len", type=int, default=256, help="GPTQ calibration tokens each")
+    ap.add_argument("--num-samples", type=int, default=128,
+                    help="calibration sequences (GPTQ, AWQ, SmoothQuant)")
+    ap.add_argument("--seq-len", type=int, default=256, help="calibration tokens each")
     args = ap.parse_args()
 
     from soarllm.cli.main import main as soar
@@ -65,7 +71,7 @@ def main() -> int:
             if not Path(path).exists():  # reuse a copy written by an earlier run
                 t0 = time.perf_counter()
                 extra = (["--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len)]
-                         if "gptq" in flags else [])
+                         if any(m in flags for m in CALIBRATED) else [])
                 if soar(["quantize", model, *flags, *extra, "--out", path]) != 0:
                     return 1
                 seconds = time.perf_counter() - t0

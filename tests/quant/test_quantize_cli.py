@@ -48,6 +48,8 @@ def written(tiny, tmp_path_factory):
         "w4a16-rtn": ["--scheme", "w4a16", "--method", "rtn", "--group-size", "32"],
         "w4a16-gptq": ["--scheme", "w4a16", "--method", "gptq", "--group-size", "32",
                        "--num-samples", "4", "--seq-len", "64", "--calib", "stdlib"],
+        "w4a16-awq": ["--scheme", "w4a16", "--method", "awq", "--group-size", "32",
+                      "--num-samples", "4", "--seq-len", "64", "--calib", "stdlib"],
     }
     out = {}
     for name, argv in runs.items():
@@ -69,7 +71,7 @@ def _our_logits(path, quantization=None) -> torch.Tensor:
     return run_layers(model, IDS[0])[1], model
 
 
-@pytest.mark.parametrize("name", ["w8a16-rtn", "w4a16-rtn", "w4a16-gptq"])
+@pytest.mark.parametrize("name", ["w8a16-rtn", "w4a16-rtn", "w4a16-gptq", "w4a16-awq"])
 def test_written_directory_is_a_compressed_tensors_checkpoint(written, name):
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -89,7 +91,7 @@ def test_written_directory_is_a_compressed_tensors_checkpoint(written, name):
     assert not any(k.endswith("proj.weight") for k in keys)
 
 
-@pytest.mark.parametrize("name", ["w8a16-rtn", "w4a16-rtn", "w4a16-gptq"])
+@pytest.mark.parametrize("name", ["w8a16-rtn", "w4a16-rtn", "w4a16-gptq", "w4a16-awq"])
 def test_transformers_loads_what_we_write_with_the_same_logits(written, name):
     ours, model = _our_logits(written[name])
     expected = CompressedW8A16Method if name.startswith("w8") else W4A16Method
@@ -174,15 +176,125 @@ def test_tied_head_and_bfloat16_scales(tmp_path):
 # -- bad input ------------------------------------------------------------------------------------
 
 def test_unknown_scheme_or_method_is_refused(tiny, tmp_path, capsys):
-    for flag, value in (("--scheme", "w3a16"), ("--method", "awq")):
+    for flag, value in (("--scheme", "w3a16"), ("--method", "hqq")):
         with pytest.raises(SystemExit) as e:
             _quantize(tiny, tmp_path / "x", flag, value)
         assert e.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="unknown scheme 'w3a16'; use one of w8a16, w4a16"):
+    with pytest.raises(ConfigError, match="unknown scheme 'w3a16'; use one of w8a16, w4a16, w8a8"):
         QuantizeOptions(scheme="w3a16").check()
-    with pytest.raises(ConfigError, match="unknown method 'awq'"):
-        QuantizeOptions(method="awq").check()
+    with pytest.raises(ConfigError, match="unknown method 'hqq'"):
+        QuantizeOptions(method="hqq").check()
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("scheme", "method", "hint"), [
+    ("w8a16", "awq", "use rtn or gptq with w8a16, or --method awq with --scheme w4a16"),
+    ("w4a16", "smoothquant", "use rtn or gptq or awq with w4a16, or --method smoothquant with "
+                             "--scheme w8a8"),
+    ("w8a8", "gptq", "use rtn or smoothquant with w8a8"),
+])
+def test_a_method_that_does_not_fit_the_scheme_is_refused(tiny, tmp_path, capsys, scheme,
+                                                          method, hint):
+    assert _quantize(tiny, tmp_path / "x", "--scheme", scheme, "--method", method) == 1
+    err = capsys.readouterr().err
+    assert f"--method {method} does not apply to --scheme {scheme}" in err and hint in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_smoothing_strength_outside_zero_one_or_without_smoothquant(tiny, tmp_path, capsys):
+    for alpha in ("1.5", "-0.1"):
+        assert _quantize(tiny, tmp_path / "x", "--scheme", "w8a8", "--method", "smoothquant",
+                         "--smoothing-strength", alpha) == 1
+        assert f"smoothing strength {float(alpha)} must be between 0 and 1" in capsys.readouterr().err
+    assert _quantize(tiny, tmp_path / "x", "--scheme", "w8a8", "--method", "rtn",
+                     "--smoothing-strength", "0.5") == 1
+    assert "--smoothing-strength applies to --method smoothquant only" in capsys.readouterr().err
+    assert _quantize(tiny, tmp_path / "x", "--scheme", "w8a8", "--group-size", "32") == 1
+    assert "--group-size applies to w4a16 only (w8a8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_architecture_without_smoothing_mappings_is_refused(tmp_path, capsys):
+    """Phi-3 fuses q/k/v and gate/up into one linear each: no norm feeds a group of separate
+    projections. SmoothQuant and AWQ refuse it before calibrating; plain W8A8 writes it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tests.tiny import train_tokenizer
+
+    src = tmp_path / "phi3"
+    src.mkdir()
+    tok = train_tokenizer(src)
+    Phi3ForCausalLM(Phi3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )).save_pretrained(src)
+    for scheme, method in (("w8a8", "smoothquant"), ("w4a16", "awq")):
+        assert _quantize(src, tmp_path / "x", "--scheme", scheme, "--method", method,
+                         "--group-size" if scheme == "w4a16" else "--dtype",
+                         "32" if scheme == "w4a16" else "bfloat16") == 1
+        err = capsys.readouterr().err
+        assert "Phi3DecoderLayer has no smoothing mappings (lacks self_attn.q_proj" in err
+        assert "quantize without smoothing (--method rtn)" in err
+    assert not (tmp_path / "x").exists()
+    assert _quantize(src, tmp_path / "x", "--scheme", "w8a8", "--method", "rtn") == 0
+
+
+def test_w8a8_smoothquant_by_the_cli(tiny, tmp_path, capsys):
+    """`soar quantize --scheme w8a8 --method smoothquant` writes what compressed-tensors parses as
+    W8A8 (int8 channel weights, dynamic int8 token activations) and transformers runs close to
+    the float model."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    out = tmp_path / "sq"
+    assert _quantize(tiny, out, "--scheme", "w8a8", "--method", "smoothquant",
+                     "--smoothing-strength", "0.6", "--num-samples", "4", "--seq-len", "64",
+                     "--calib", "stdlib") == 0
+    assert "SmoothQuant: strength 0.6 over 6 mappings" in capsys.readouterr().err
+    qc = QuantizationConfig.model_validate(
+        json.loads((out / "config.json").read_text())["quantization_config"])
+    assert qc.format == "int-quantized" and qc.ignore == ["lm_head"]
+    group = qc.config_groups["group_0"]
+    assert (group.weights.num_bits, group.weights.strategy) == (8, "channel")
+    assert (group.input_activations.strategy, group.input_activations.dynamic) == ("token", True)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.int8
+    assert sum(k.endswith("_proj.weight_scale") for k in keys) == 2 * 7
+    base, quant = _hf_logits(tiny), _hf_logits(out)
+    cos = torch.nn.functional.cosine_similarity(base, quant, dim=-1)
+    assert bool((cos > 0.99).all()), cos
+
+
+# -- --analyze ------------------------------------------------------------------------------------
+
+def test_analyze_finds_the_injected_outlier_channels(outlier_model, capsys):
+    from tests.quant.conftest import OUTLIER_CHANNELS
+
+    argv = ["quantize", "--analyze", str(outlier_model), "--num-samples", "4", "--seq-len", "64",
+            "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 * 4  # per layer: q/k/v's input, o's, gate/up's, down's
+    assert [r["ratio"] for r in rows] == sorted((r["ratio"] for r in rows), reverse=True)
+    top = rows[:4]  # the inputs of the norms with outliers, both layers
+    assert {r["input"].rsplit(".", 1)[-1] for r in top} == {"{q_proj,k_proj,v_proj}",
+                                                            "{gate_proj,up_proj}"}
+    for r in top:
+        assert {c for c, _ in r["top"][:3]} == set(OUTLIER_CHANNELS), r
+        assert r["ratio"] > 5 and r["top"][3][1] < 3  # the fourth channel is ordinary
+    assert main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["layer", "input", "channels"]
+    assert table[2].startswith(top[0]["input"])
+
+
+def test_analyze_and_out_go_separately(tiny, tmp_path, capsys):
+    assert main(["quantize", str(tiny), "--analyze", "--out", str(tmp_path / "x")]) == 1
+    assert "--analyze writes nothing; leave out --out" in capsys.readouterr().err
+    assert main(["quantize", str(tiny)]) == 1
+    assert "--out is required" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -284,6 +284,9 @@ def test_other_patterns_and_options_are_refused(tiny, tmp_path, capsys):
         QuantizeOptions(sparsity="unstructured").check()
     with pytest.raises(ConfigError, match="--prune applies with --sparsity 2:4 only"):
         QuantizeOptions(prune="wanda").check()
+    for scheme, method in (("w8a8", "rtn"), ("w8a8", "smoothquant"), ("w4a16", "awq")):
+        with pytest.raises(ConfigError, match="--sparsity 2:4 applies to the weight-only"):
+            QuantizeOptions(scheme=scheme, method=method, sparsity="2:4").check()
     assert not (tmp_path / "x").exists()
 
 

@@ -13,7 +13,11 @@ serves, through the `compressed-tensors` package's own config classes and packer
 
 both in the "pack-quantized" format, the one the library infers for integer weight-only schemes
 (and the one vLLM's WNA16 kernels read); "naive-quantized" / "int-quantized" files (int8
-``weight`` as stored) load too.
+``weight`` as stored) load too. `soar quantize` also writes
+
+    w8a8    w8a16's weights + input activations int8, symmetric, dynamic, one scale per token
+            (the config group's ``input_activations``); tensors: weight int8 [out, in],
+            weight_scale [out, 1], in the "int-quantized" format the library infers for it
 
 Served, not written here: llm-compressor's W8A8 (int8) scheme, the weights of w8a16 plus
 ``input_activations`` int8, symmetric, dynamic, one scale per token, stored "int-quantized"
@@ -51,7 +55,7 @@ from soarllm.quant.w8a8 import W8A8Method
 from soarllm.quant.w8a16 import W8A16Method
 
 QUANT_METHOD = "compressed-tensors"
-SCHEMES = ("w8a16", "w4a16")
+SCHEMES = ("w8a16", "w4a16", "w8a8")  # what `soar quantize` writes
 _READ_FORMATS = ("naive-quantized", "int-quantized", "pack-quantized")
 _PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                    "weight_g_idx", *sparsity.SPARSE_SUFFIXES)
@@ -75,7 +79,7 @@ def weight_args(scheme: str, group_size: int | None = None):
     _library()
     from compressed_tensors.quantization import QuantizationArgs
 
-    if scheme == "w8a16":
+    if scheme in ("w8a16", "w8a8"):
         return QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
     if scheme == "w4a16":
         if group_size not in GROUP_SIZES:
@@ -85,25 +89,37 @@ def weight_args(scheme: str, group_size: int | None = None):
     raise ConfigError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
 
 
+def activation_args(scheme: str):
+    """The library's QuantizationArgs of a scheme's input activations (None: weight-only)."""
+    _library()
+    from compressed_tensors.quantization import QuantizationArgs
+
+    if scheme == "w8a8":  # a scale per token, computed at run time: no calibrated input scale
+        return QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token",
+                                dynamic=True)
+    return None
+
+
 def quantization_config(scheme: str, group_size: int | None, ignore: list[str]) -> dict:
     """config.json's ``quantization_config`` for a checkpoint of `scheme` (the library's model)."""
     from compressed_tensors.quantization import QuantizationConfig as CTConfig
     from compressed_tensors.quantization import QuantizationScheme
 
-    args = weight_args(scheme, group_size)
+    args, inputs = weight_args(scheme, group_size), activation_args(scheme)
     config = CTConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-        format=storage_format(args), quantization_status="compressed", ignore=ignore,
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args,
+                                                     input_activations=inputs)},
+        format=storage_format(args, inputs), quantization_status="compressed", ignore=ignore,
     )
     return config.model_dump(mode="json", exclude_none=True)
 
 
-def storage_format(args) -> str:
-    """The format the library infers for a linear layer under `args`."""
+def storage_format(args, input_args=None) -> str:
+    """The format the library infers for a linear layer under `args` (and `input_args`)."""
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationScheme
 
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=input_args)
     return infer_module_format(torch.nn.Linear, scheme).value
 
 
@@ -132,14 +148,14 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, a
 
 
 def compress_linear(weight: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, args,
-                    ) -> dict[str, torch.Tensor]:
+                    input_args=None) -> dict[str, torch.Tensor]:
     """One layer's tensors in the file layout, by the library's compressor for the format
     (a weight already on the grid of (scale, zp), e.g. GPTQ's, is stored exactly)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    compressor = BaseCompressor.get_value_from_registry(storage_format(args))
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    compressor = BaseCompressor.get_value_from_registry(storage_format(args, input_args))
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=input_args)
     state = {"weight": weight.float(), "weight_scale": scale, "weight_zero_point": zp}
     out = compressor.compress(state, scheme)
     return {k: v.contiguous() for k, v in out.items()}

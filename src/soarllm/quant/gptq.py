@@ -17,6 +17,7 @@ returned here lies exactly on the grid the file stores.
 Calibration (`SequentialCalibrator`) runs the decoder layers one at a time: the inputs of layer
 i are the outputs of layers 0..i-1 *after* they were quantized, captured with hooks on a
 transformers model holding the same weights. Only one decoder layer's Hessians live at a time.
+AWQ (quant/awq.py) runs on the same calibrator with its own observer of the layer inputs.
 """
 
 from __future__ import annotations
@@ -126,13 +127,15 @@ def reconstruction_error(weight: torch.Tensor, quantized: torch.Tensor, x: torch
 
 class SequentialCalibrator:
     """Runs a transformers causal LM's decoder layers one at a time over calibration samples,
-    collecting each layer's linear inputs (as Hessians) and letting the caller quantize the
-    layer before its outputs become the next layer's inputs."""
+    collecting each layer's linear inputs (as Hessians, or into the caller's observers) and
+    letting the caller quantize the layer before its outputs become the next layer's inputs."""
 
-    def __init__(self, model: nn.Module, samples: torch.Tensor, progress: bool = True):
+    def __init__(self, model: nn.Module, samples: torch.Tensor, progress: bool = True,
+                 method: str = "GPTQ"):
         self.model = model
         self.samples = samples  # [num_samples, seq_len] token ids
         self.progress = progress
+        self.method = method  # names the progress bars and errors
 
     def _decoder_layers(self) -> nn.ModuleList:
         base = getattr(self.model, "model", self.model)
@@ -141,7 +144,7 @@ class SequentialCalibrator:
             from soarllm.errors import UnsupportedModelError
 
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} has no model.layers; GPTQ's sequential "
+                f"{type(self.model).__name__} has no model.layers; {self.method}'s sequential "
                 "calibration needs a decoder-only model (quantize with --method rtn)"
             )
         return layers
@@ -162,7 +165,7 @@ class SequentialCalibrator:
 
         handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for ids in tqdm(self.samples, desc="GPTQ calibration inputs", unit="sample",
+            for ids in tqdm(self.samples, desc=f"{self.method} calibration inputs", unit="sample",
                             file=sys.stderr, disable=not self.progress):
                 try:
                     self.model(input_ids=ids[None], use_cache=False)
@@ -173,23 +176,33 @@ class SequentialCalibrator:
         return caught
 
     @torch.no_grad()
-    def run(self, quantize_layer: Callable[[int, nn.Module, dict[str, HessianAccumulator]], None]):
+    def run(self, quantize_layer: Callable[[int, nn.Module, dict], None],
+            observe: Callable[[str, nn.Linear], object | None] | None = None):
         """For each decoder layer: Hessians of its nn.Linear inputs, then
         ``quantize_layer(index, layer, {linear name in the layer: accumulator})``, which replaces
-        the layer's weights by their quantized values; then the layer's outputs are recomputed."""
+        the layer's weights by their quantized values; then the layer's outputs are recomputed.
+        ``observe(name, linear)`` makes the object whose ``add(x)`` sees a linear's inputs instead
+        of a HessianAccumulator (None: that linear is not observed)."""
         from tqdm.auto import tqdm
+
+        if observe is None:
+            def observe(_name, mod):
+                return HessianAccumulator(mod.in_features)
 
         layers = self._decoder_layers()
         inputs = self._first_inputs(layers)
-        bar = tqdm(range(len(layers)), desc="GPTQ layers", unit="layer", file=sys.stderr,
-                   disable=not self.progress)
+        bar = tqdm(range(len(layers)), desc=f"{self.method} layers", unit="layer",
+                   file=sys.stderr, disable=not self.progress)
         for i in bar:
             layer = layers[i]
-            accs: dict[str, HessianAccumulator] = {}
+            accs: dict[str, object] = {}
             handles = []
             for name, mod in layer.named_modules():
                 if isinstance(mod, nn.Linear):
-                    acc = accs[name] = HessianAccumulator(mod.in_features)
+                    acc = observe(name, mod)
+                    if acc is None:
+                        continue
+                    accs[name] = acc
                     handles.append(mod.register_forward_hook(
                         lambda _m, inp, _out, acc=acc: acc.add(inp[0])))
             try:

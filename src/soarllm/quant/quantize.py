@@ -2,8 +2,11 @@
 
 The float weights are the checkpoint's own (a GGUF file's dequantized, the "full precision" base
 of the default model) in a transformers model built from the same config; every nn.Linear of the
-decoder layers is quantized (round to nearest, or GPTQ over calibration text), the LM head and
-the embeddings are left in `dtype`. The directory (config.json with the quantization_config,
+decoder layers is quantized, the LM head and the embeddings are left in `dtype`. Methods per
+scheme (`METHODS`): round to nearest; GPTQ over calibration text; AWQ (w4a16: per-channel scales
+searched on calibration activations, then RTN); SmoothQuant (w8a8: activation outliers migrated
+into the weights, then RTN). AWQ and SmoothQuant fold their scales into the norms (or linears)
+before the layers, which are written changed. The directory (config.json with the quantization_config,
 the tokenizer files, model.safetensors) is written under a temporary name beside `out` and
 renamed into place at the end, so `out` is never half-written.
 """
@@ -26,6 +29,7 @@ from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.quant import sparsity
 from soarllm.quant.compressed_tensors import (
     SCHEMES,
+    activation_args,
     compress_linear,
     quantization_config,
     weight_args,
@@ -34,7 +38,14 @@ from soarllm.quant.w4a16 import GROUP_SIZES
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq")
+METHODS = {  # scheme -> the methods that write it
+    "w8a16": ("rtn", "gptq"),
+    "w4a16": ("rtn", "gptq", "awq"),
+    "w8a8": ("rtn", "smoothquant"),
+}
+ALL_METHODS = ("rtn", "gptq", "awq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")  # read calibration text
+DEFAULT_SMOOTHING_STRENGTH = 0.5
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SKIP_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".pth")
@@ -51,6 +62,7 @@ class QuantizeOptions:
     dtype: str = "bfloat16"  # of the scales and the tensors left unquantized
     act_order: bool = False
     damp: float = 0.01
+    smoothing_strength: float | None = None  # SmoothQuant's alpha (DEFAULT_SMOOTHING_STRENGTH)
     progress: bool = True
     seed: int = 0
     sparsity: str | None = None  # "2:4": prune before quantizing (quant/sparsity.py)
@@ -60,20 +72,39 @@ class QuantizeOptions:
     def check(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.scheme == "w8a16" and self.group_size is not None:
-            raise ConfigError("--group-size applies to w4a16 only (w8a16 has one scale per "
-                              "output channel); leave it out")
+        if self.method not in ALL_METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(ALL_METHODS)}")
+        if self.method not in METHODS[self.scheme]:
+            fits = [s for s, methods in METHODS.items() if self.method in methods]
+            raise ConfigError(
+                f"--method {self.method} does not apply to --scheme {self.scheme}; use "
+                f"{' or '.join(METHODS[self.scheme])} with {self.scheme}, or --method "
+                f"{self.method} with --scheme {' or '.join(fits)}"
+            )
+        if self.scheme != "w4a16" and self.group_size is not None:
+            raise ConfigError(f"--group-size applies to w4a16 only ({self.scheme} has one scale "
+                              "per output channel); leave it out")
         if self.scheme == "w4a16" and self.group_size is not None:
             if self.group_size not in GROUP_SIZES:
                 raise ConfigError(f"group size {self.group_size} is not supported; use one of "
                                   f"{', '.join(map(str, GROUP_SIZES))}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if (self.method == "gptq" or self.prune == "wanda") and (self.num_samples < 1
-                                                                 or self.seq_len < 2):
-            raise ConfigError("GPTQ and Wanda need --num-samples >= 1 and --seq-len >= 2")
+        if (self.method in CALIBRATED or self.prune == "wanda") and (self.num_samples < 1
+                                                                      or self.seq_len < 2):
+            what = self.method if self.method in CALIBRATED else "Wanda pruning"
+            raise ConfigError(f"{what} calibrates: it needs --num-samples >= 1 and "
+                              "--seq-len >= 2")
+        if self.smoothing_strength is not None:
+            if self.method != "smoothquant":
+                raise ConfigError("--smoothing-strength applies to --method smoothquant only")
+            if not 0 <= self.smoothing_strength <= 1:
+                raise ConfigError(f"smoothing strength {self.smoothing_strength} must be between "
+                                  "0 and 1 (0.5 balances activations and weights; higher moves "
+                                  "more of the outliers into the weights)")
+        if self.sparsity and (self.scheme == "w8a8" or self.method not in ("rtn", "gptq")):
+            raise ConfigError("--sparsity 2:4 applies to the weight-only schemes (w8a16, w4a16) "
+                              "with --method rtn or gptq; drop --sparsity or change the method")
         if self.act_order and self.method != "gptq":
             raise ConfigError("--act-order applies to --method gptq only")
         if not 0 < self.damp < 1:
@@ -93,6 +124,7 @@ class QuantizeReport:
     quantized: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes: int = 0
+    summary: str = ""  # what the method found, one line (AWQ: its error against RTN's)
 
 
 def check_out(out: Path) -> None:
@@ -106,9 +138,20 @@ def quantize_model(model: str, out: str | Path, opts: QuantizeOptions) -> Quanti
     opts.check()
     out = Path(out).absolute()
     check_out(out)
+    t0 = time.perf_counter()
+    checkpoint = load_float_checkpoint(model)
+    hf = float_model(checkpoint)
+    compressed, summary = quantize_float_model(hf, checkpoint.tokenizer_dir, opts)
+    report = write_directory(out, checkpoint, hf, compressed, opts)
+    report.seconds = time.perf_counter() - t0
+    report.summary = summary
+    return report
+
+
+def load_float_checkpoint(model: str):
+    """The checkpoint of `model`, refused when it is already quantized or has no tokenizer."""
     from soarllm.model.loader import load_checkpoint
 
-    t0 = time.perf_counter()
     checkpoint = load_checkpoint(model)
     qc = getattr(checkpoint.config, "quantization_config", None)
     if qc:
@@ -118,7 +161,15 @@ def quantize_model(model: str, out: str | Path, opts: QuantizeOptions) -> Quanti
     if checkpoint.tokenizer_dir is None:
         raise ConfigError(f"{checkpoint.path} has no tokenizer files; the written directory "
                           "would not load. Give a model directory with its tokenizer")
-    hf = float_model(checkpoint)
+    return checkpoint
+
+
+def quantize_float_model(hf: nn.Module, tokenizer_dir, opts: QuantizeOptions,
+                         ) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """Quantize the decoder linears of a float transformers model in place (weights left on
+    their grid, smoothing folded in) -> (checkpoint module -> file tensors, a summary line).
+    Sets opts.group_size when it was left to choose."""
+    opts.check()
     linears = decoder_linears(hf)
     if opts.scheme == "w4a16" and opts.group_size is None:
         fits = [g for g in sorted(GROUP_SIZES, reverse=True)
@@ -137,15 +188,35 @@ def quantize_model(model: str, out: str | Path, opts: QuantizeOptions) -> Quanti
             )
     if opts.sparsity:
         sparsity.check_prunable(linears)
-    scale_dtype = DTYPES[opts.dtype]
+    fmt = _Format(args, activation_args(opts.scheme), DTYPES[opts.dtype])
     compressed: dict[str, dict[str, torch.Tensor]] = {}
-    if opts.method == "rtn" and not opts.wanda:
-        _rtn(linears, args, scale_dtype, compressed, opts)
+    summary = ""
+    if opts.method == "smoothquant":
+        summary = _smoothquant(hf, tokenizer_dir, opts)
+    if opts.method in ("rtn", "smoothquant") and not opts.wanda:
+        _rtn(linears, fmt, compressed, opts)
+    elif opts.method in ("rtn", "gptq"):  # RTN with a Wanda mask calibrates for the mask
+        _gptq(hf, tokenizer_dir, fmt, compressed, opts)
     else:
-        _gptq(hf, checkpoint, args, scale_dtype, compressed, opts)
-    report = write_directory(out, checkpoint, hf, compressed, opts, args)
-    report.seconds = time.perf_counter() - t0
-    return report
+        summary = _awq(hf, tokenizer_dir, fmt, compressed, opts)
+    return compressed, summary
+
+
+def analyze_model(model: str, opts: QuantizeOptions):
+    """`soar quantize --analyze`: the activation outliers of each decoder linear input of
+    `model` over the calibration text (analyze.InputOutliers rows, the largest ratio first)."""
+    from soarllm.quant.activations import input_stats
+    from soarllm.quant.analyze import outliers
+
+    if opts.num_samples < 1 or opts.seq_len < 2:
+        raise ConfigError("--analyze needs --num-samples >= 1 and --seq-len >= 2")
+    checkpoint = load_float_checkpoint(model)
+    hf = float_model(checkpoint)
+    samples = calibration_samples(checkpoint.tokenizer_dir, opts.calib, opts.num_samples,
+                                  opts.seq_len)
+    stats = input_stats(hf, decoder_linears(hf), samples, opts.progress,
+                        desc="activation statistics")
+    return outliers(stats)
 
 
 def float_model(checkpoint) -> nn.Module:
@@ -182,15 +253,24 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-def _store(name: str, module: nn.Linear, q, scale, zp, args, compressed, mask=None,
+@dataclass
+class _Format:
+    """What a layer is written as: the library's weight (and input) args, the scale dtype."""
+
+    args: object
+    input_args: object | None
+    scale_dtype: torch.dtype
+
+
+def _store(name: str, module: nn.Linear, q, scale, zp, fmt: _Format, compressed, mask=None,
            sparse_format: str = "sparse-24-bitmask") -> None:
-    compressed[name] = compress_linear(q, scale, zp, args)
+    compressed[name] = compress_linear(q, scale, zp, fmt.args, fmt.input_args)
     if mask is not None and sparse_format == "sparse-24-bitmask":
-        compressed[name] = sparsity.compress_24(compressed[name], mask, args)
+        compressed[name] = sparsity.compress_24(compressed[name], mask, fmt.args)
     module.weight.data.copy_(q.to(module.weight.dtype))  # later layers see the quantized layer
 
 
-def _rtn(linears, args, scale_dtype, compressed, opts: QuantizeOptions) -> None:
+def _rtn(linears, fmt: _Format, compressed, opts: QuantizeOptions) -> None:
     from tqdm.auto import tqdm
 
     from soarllm.quant.gptq import rtn_quantize
@@ -200,15 +280,60 @@ def _rtn(linears, args, scale_dtype, compressed, opts: QuantizeOptions) -> None:
         weight, mask = module.weight.data, None
         if opts.sparsity:
             weight, mask = sparsity.prune_24(weight)  # by magnitude
-        q, scale, zp = rtn_quantize(weight, args, scale_dtype)
-        _store(name, module, q, scale, zp, args, compressed, mask, opts.sparse_format)
+        q, scale, zp = rtn_quantize(weight, fmt.args, fmt.scale_dtype)
+        _store(name, module, q, scale, zp, fmt, compressed, mask, opts.sparse_format)
 
 
-def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) -> None:
+def _smoothquant(hf, tokenizer_dir, opts: QuantizeOptions) -> str:
+    """Fold SmoothQuant's factors into the float model (the caller then rounds its weights)."""
+    from soarllm.quant.activations import input_stats
+    from soarllm.quant.smooth import smooth, smoothing_mappings
+
+    mappings = smoothing_mappings(hf)  # an unsupported architecture fails before calibrating
+    alpha = (DEFAULT_SMOOTHING_STRENGTH if opts.smoothing_strength is None
+             else opts.smoothing_strength)
+    samples = calibration_samples(tokenizer_dir, opts.calib, opts.num_samples, opts.seq_len)
+    observed = {m.balance_names[0]: m.balance[0] for m in mappings}
+    stats = input_stats(hf, observed, samples, opts.progress, desc="SmoothQuant calibration")
+    smooth(mappings, {n: st.absmax for n, st in stats.stats.items()}, alpha)
+    return f"SmoothQuant: strength {alpha} over {len(mappings)} mappings"
+
+
+def _awq(hf, tokenizer_dir, fmt: _Format, compressed, opts: QuantizeOptions) -> str:
+    """Layer by layer (awq.quantize_layer): each mapping's factors searched on the layer's
+    calibration inputs and folded, then the weights rounded with the clip search."""
+    from soarllm.quant import awq
+    from soarllm.quant.gptq import SequentialCalibrator
+    from soarllm.quant.smooth import decoder_layers
+
+    _, layers = decoder_layers(hf)
+    observed = {names[0] for layer in layers for names, _ in awq.input_groups(layer)}
+    samples = calibration_samples(tokenizer_dir, opts.calib, opts.num_samples, opts.seq_len)
+    names = {id(m): n for n, m in decoder_linears(hf).items()}
+    errors: list[tuple[float, float]] = []
+
+    def observe(name, module):
+        return awq.AWQObserver(module.in_features) if name in observed else None
+
+    def quantize_layer(index, layer, observers):
+        quantized, results = awq.quantize_layer(layer, observers, fmt.args, fmt.scale_dtype)
+        errors.extend((r.error, r.rtn_error) for r in results)
+        logger.debug("AWQ layer %d: alphas %s", index, [r.alpha for r in results])
+        for local, (q, scale, zp) in quantized.items():
+            module = layer.get_submodule(local)
+            _store(names[id(module)], module, q, scale, zp, fmt, compressed)
+
+    SequentialCalibrator(hf, samples, progress=opts.progress, method="AWQ").run(
+        quantize_layer, observe)
+    ours, rtn = (sum(e) / len(errors) for e in zip(*errors))
+    return (f"AWQ: mean relative output error of the scaled layers on the calibration text "
+            f"{ours:.4f}, RTN's {rtn:.4f} (before the clip search), over {len(errors)} mappings")
+
+
+def _gptq(hf, tokenizer_dir, fmt: _Format, compressed, opts: QuantizeOptions) -> None:
     from soarllm.quant.gptq import SequentialCalibrator, gptq_quantize, rtn_quantize
 
-    samples = calibration_samples(checkpoint.tokenizer_dir, opts.calib, opts.num_samples,
-                                  opts.seq_len)
+    samples = calibration_samples(tokenizer_dir, opts.calib, opts.num_samples, opts.seq_len)
     widest = max(m.in_features for m in decoder_linears(hf).values())
     if samples.numel() < 16 * widest:
         logger.warning(
@@ -224,11 +349,11 @@ def _gptq(hf, checkpoint, args, scale_dtype, compressed, opts: QuantizeOptions) 
             if opts.sparsity:
                 weight, mask = sparsity.prune_24(weight, acc.H if opts.wanda else None)
             if opts.method == "rtn":  # RTN with a Wanda mask: calibrated for the mask only
-                q, scale, zp = rtn_quantize(weight, args, scale_dtype)
+                q, scale, zp = rtn_quantize(weight, fmt.args, fmt.scale_dtype)
             else:  # GPTQ from the unpruned weight: the pruning error is compensated too
-                q, scale, zp = gptq_quantize(module.weight.data, acc.H, args, scale_dtype,
+                q, scale, zp = gptq_quantize(module.weight.data, acc.H, fmt.args, fmt.scale_dtype,
                                              damp=opts.damp, act_order=opts.act_order, mask=mask)
-            _store(names[id(module)], module, q, scale, zp, args, compressed, mask,
+            _store(names[id(module)], module, q, scale, zp, fmt, compressed, mask,
                    opts.sparse_format)
 
     SequentialCalibrator(hf, samples, progress=opts.progress).run(quantize_layer)
@@ -285,10 +410,10 @@ def _calibration_text(source: str, chars: int) -> str:
     return corpus_text(source)[: chars * 2]  # a file path (a clear error when it is not one)
 
 
-def write_directory(out: Path, checkpoint, hf: nn.Module, compressed, opts: QuantizeOptions,
-                    args) -> QuantizeReport:
+def write_directory(out: Path, checkpoint, hf: nn.Module, compressed,
+                    opts: QuantizeOptions) -> QuantizeReport:
     """config.json + tokenizer files + model.safetensors, written to a temporary directory and
-    renamed to `out`."""
+    renamed to `out`. The float tensors are hf's own: norms changed by smoothing included."""
     from safetensors.torch import save_file
 
     dtype = DTYPES[opts.dtype]
