@@ -152,19 +152,19 @@ class RayExecutor:
         cuda = device.startswith("cuda")
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
         actor_cls = ray.remote(concurrency_groups={"sentinel": 1})(RayWorker)
-        actors = [
-            actor_cls.options(
-                num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env}).remote()
-            for i in range(self.world_size)]
-        self.actors.extend(actors)
-        self._sentinels.extend(a.sentinel.options(concurrency_group="sentinel").remote()
-                               for a in actors)
         self.worker_hosts: list[str] = ["?"] * self.world_size
         self.worker_pids: list[int | None] = [None] * self.world_size
         try:
+            actors = [
+                actor_cls.options(
+                    num_cpus=0 if cuda else 1, num_gpus=1 if cuda else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self.placement_group, placement_group_bundle_index=i),
+                    runtime_env={"env_vars": env}).remote()
+                for i in range(self.world_size)]
+            self.actors.extend(actors)
+            self._sentinels.extend(a.sentinel.options(concurrency_group="sentinel").remote()
+                                   for a in actors)
             nodes = self._gather([a.node.remote() for a in actors], None)
             # ranks numbered node by node, the engine's node first: rank 0 sits with the engine
             # where it can, and the ranks of one node are neighbours
