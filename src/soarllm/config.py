@@ -88,10 +88,11 @@ class EngineArgs:
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("SOARLLM_ENFORCE_EAGER") == "1")
     # Tensor parallelism (vLLM's names): ranks the model is split over, one process each, and how
     # they run: "uni" (one process; world size 1 only) | "mp" (worker processes on this machine;
-    # the default above world size 1) | "ray" (not yet). None: chosen from the world size.
+    # the default above world size 1) | "ray" (Ray actors, one or several nodes; the `ray`
+    # extra). None: chosen from the world size.
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
-    # torch threads of each worker process (mp executor); None: the cores / tensor_parallel_size
+    # torch threads of each worker process (mp / ray); None: the cores / ranks on that machine
     worker_threads: int | None = None
 
     @classmethod

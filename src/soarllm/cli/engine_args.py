@@ -70,7 +70,9 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
                    "vocabulary sharded; gloo on CPU, NCCL on GPU); default 1")
     g.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
                    help="how the ranks run: uni (this process; -tp 1 only) | mp (worker "
-                   "processes on this machine; the default above -tp 1) | ray (not yet)")
+                   "processes on this machine; the default above -tp 1) | ray (Ray actors, on "
+                   "one or several nodes of a Ray cluster: RAY_ADDRESS, `ray start`, else a "
+                   "local one; pip install 'soarllm[ray]'; docs/multinode.md)")
     v = parser.add_argument_group("vLLM flag names")
     v.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
                    help="mapped to --kv-cache-memory FRACTION: the share of the *available* "

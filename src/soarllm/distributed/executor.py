@@ -8,6 +8,7 @@ all, outputs from rank 0) plug in behind the same methods.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from soarllm.config import EngineArgs
@@ -83,15 +84,24 @@ def executor_backend(args: EngineArgs) -> str:
     if backend == "uni" and world > 1:
         raise ConfigError(f"the 'uni' executor runs one process, but tensor_parallel_size="
                           f"{world}; use distributed_executor_backend='mp' (or leave it unset)")
-    if backend == "ray":
-        raise ConfigError("the 'ray' executor is not implemented yet; use "
-                          "distributed_executor_backend='mp' (one machine)")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(RAY_MISSING)
     return backend
 
 
+RAY_MISSING = ("distributed_executor_backend='ray' needs Ray, which is not installed: "
+               "pip install 'soarllm[ray]' (or use distributed_executor_backend='mp' to run the "
+               "ranks on this machine)")
+
+
 def make_executor(args: EngineArgs) -> UniProcExecutor | Any:
-    if executor_backend(args) == "mp":
+    backend = executor_backend(args)
+    if backend == "mp":
         from soarllm.distributed.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(args)
+    if backend == "ray":
+        from soarllm.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(args)
     return UniProcExecutor(args)

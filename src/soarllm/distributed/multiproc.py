@@ -47,13 +47,14 @@ class WorkerDiedError(SoarError):
     fatal = True
 
 
-def check_tensor_parallel(config, world_size: int, device: str) -> None:
-    """Refuse, before any worker starts, a world size the model or the machine cannot take."""
+def check_tensor_parallel(config, world_size: int, device: str, local: bool = True) -> None:
+    """Refuse, before any worker starts, a world size the model or the machine cannot take.
+    ``local=False``: the ranks may run on other machines (Ray), whose GPUs are counted there."""
     from soarllm.model.parallel_state import TPGroup, kv_head_range
 
     if world_size < 1:
         raise ConfigError(f"tensor_parallel_size must be at least 1, got {world_size}")
-    if device.startswith("cuda"):
+    if local and device.startswith("cuda"):
         import torch
 
         n = torch.cuda.device_count()

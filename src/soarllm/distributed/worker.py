@@ -3,9 +3,9 @@
 The executor sends pickled ``(method, args)`` messages; the worker runs them on its runner and
 answers ``("ok", result)`` or ``("error", exception)``. Only rank 0 sends back a step's
 ``RunnerOutput``; the other ranks answer ``None`` (they compute, they do not sample). Messages
-named in ``NO_REPLY`` are applied without an answer (a failure is reported with the next one). The worker exits when the executor says
-``shutdown``, when its pipe closes, or when its parent process is gone (a watchdog thread), so a
-killed engine leaves no worker behind.
+named in ``NO_REPLY`` are applied without an answer (a failure is reported with the next one).
+The worker exits when the executor says ``shutdown``, when its pipe closes, or when its parent
+process is gone (a watchdog thread), so a killed engine leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -22,15 +23,22 @@ NO_REPLY = frozenset({"update_states"})
 
 
 class Worker:
-    def __init__(self, args, rank: int, world_size: int, port: int):
+    """The rank's runner and the methods every executor calls on it (the mp worker loop below, a
+    Ray actor in ray_executor.py). ``local_world_size`` is the number of ranks sharing this
+    machine's cores; ``master_addr`` / ``device_index`` as in ``init_distributed``."""
+
+    def __init__(self, args, rank: int, world_size: int, port: int, master_addr: str = "127.0.0.1",
+                 local_world_size: int | None = None, device_index: int | None = None):
         import torch
 
         from soarllm.model.parallel_state import init_distributed
         from soarllm.model.runner import ModelRunner
 
         # the cores shared by the ranks (and by data-parallel replicas, which set worker_threads)
-        torch.set_num_threads(args.worker_threads or max(1, (os.cpu_count() or 1) // world_size))
-        self.tp = init_distributed(rank, world_size, port, args.resolved_device())
+        torch.set_num_threads(args.worker_threads
+                              or max(1, (os.cpu_count() or 1) // (local_world_size or world_size)))
+        self.tp = init_distributed(rank, world_size, port, args.resolved_device(),
+                                   master_addr=master_addr, device_index=device_index)
         self.runner = ModelRunner(args, tp=self.tp)
 
     # -- methods the executor calls --------------------------------------------------------------
@@ -38,7 +46,7 @@ class Worker:
     def info(self) -> dict[str, Any]:
         r = self.runner
         return {"max_model_len": r.max_model_len, "vocab_size": r.model.vocab_size,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "host": socket.gethostname()}
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()

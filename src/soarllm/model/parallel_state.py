@@ -99,23 +99,28 @@ def kv_head_range(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
     return tp.rank // (tp.world_size // num_kv_heads), 1
 
 
-def init_distributed(rank: int, world_size: int, port: int, device: str) -> TPGroup:
-    """Join the localhost process group (gloo on CPU, NCCL on CUDA) as ``rank``."""
+def init_distributed(rank: int, world_size: int, port: int, device: str,
+                     master_addr: str = "127.0.0.1", device_index: int | None = None) -> TPGroup:
+    """Join the process group (gloo on CPU, NCCL on CUDA) as ``rank``; rank 0 listens on
+    ``master_addr:port`` (localhost for the mp executor, rank 0's node for Ray). ``device_index``
+    is the CUDA device this rank uses among those it sees (default: its rank)."""
     import datetime
 
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        torch.cuda.set_device(rank if device_index is None else device_index)
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr  # an IPv6 address
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(minutes=10))
     return TPGroup(rank=rank, world_size=world_size, group=None)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``host`` ("" for every interface) right now."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
