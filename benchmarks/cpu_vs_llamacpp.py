@@ -67,13 +67,13 @@ def llama_batched(bin_dir: Path, gguf: str, threads: int, batches: list[int],
 
 
 def soar_offline(gguf: str, dtype: str, batches: list[int], repeats: int,
-                 enforce_eager: bool = False) -> dict[str, float]:
+                 enforce_eager: bool = False, quantization: str | None = None) -> dict[str, float]:
     import numpy as np
 
     from soarllm import LLM, SamplingParams
 
     llm = LLM(gguf, dtype=dtype, enable_prefix_caching=False, max_num_seqs=max(batches),
-              enforce_eager=enforce_eager)
+              enforce_eager=enforce_eager, quantization=quantization)
     rng = np.random.default_rng(0)
     vocab = llm.get_tokenizer().vocab_size
 
@@ -137,7 +137,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--dtypes", default="bfloat16,bfloat16:eager,float32",
-                   help="soarllm rows: dtypes, ':eager' for the uncompiled model step")
+                   help="soarllm rows: dtypes, ':eager' for the uncompiled model step, ':q=X' "
+                   "for quantization=X (e.g. bfloat16:q=none: the GGUF dequantized to bfloat16; "
+                   "unset: the GGUF's own blocks on the int4/int8 kernels)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-http", dest="http", action="store_false")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu_vs_llamacpp")
@@ -158,9 +160,12 @@ def main() -> int:
             llama[f"decode_b{b}"] = v
     table["llama.cpp"] = llama
     for spec in args.dtypes.split(","):
-        dtype, _, mode = spec.partition(":")
-        name = f"soarllm {dtype}" + (" eager" if mode == "eager" else "")
-        table[name] = soar_offline(gguf, dtype, batches, args.repeats, enforce_eager=mode == "eager")
+        dtype, *modes = spec.split(":")
+        quant = next((m[2:] for m in modes if m.startswith("q=")), None)
+        name = (f"soarllm {dtype}" + (" eager" if "eager" in modes else "")
+                + (f" quantization={quant}" if quant else ""))
+        table[name] = soar_offline(gguf, dtype, batches, args.repeats,
+                                   enforce_eager="eager" in modes, quantization=quant)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"model": gguf, "threads": args.threads, "table": table}
     if args.http:

@@ -320,6 +320,28 @@ def test_matches_reference_backend(dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_rope_fused_into_the_cache_write(dtype):
+    """forward(rope=...) on unrotated q, k = the layer's own rotation, then the reference backend
+    (the cache holds the rotated keys, the output attends with them)."""
+    from soarllm.model.layers.rotary import RotaryEmbedding
+
+    b = _make_batch(decodes=[(3, 1), (20, 1)], prefills=[(12, 0, False), (6, 21, False)],
+                    hq=6, hkv=2, d=64, dtype=dtype)
+    rotary = RotaryEmbedding(64, 128, {"rope_theta": 10000.0, "rope_type": "default"})
+    positions = torch.randint(0, 128, (b.q.shape[0],), generator=torch.Generator().manual_seed(1))
+    cos_sin = rotary.lookup(positions.to(b.q.device), dtype)
+    q, k = b.q.clone(), b.k.clone()
+    ref_cache = b.cache.clone()
+    want = ReferenceAttentionBackend().forward(
+        rotary.rotate(cos_sin, b.q.clone()), rotary.rotate(cos_sin, b.k.clone()), b.v, ref_cache,
+        b.meta, 0.125)
+    got = _backend().forward(q, k, b.v, b.cache, b.meta, 0.125, rope=cos_sin)
+    tol = _tol(dtype)
+    torch.testing.assert_close(b.cache.float(), ref_cache.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     from tests.tiny import make_tiny_model

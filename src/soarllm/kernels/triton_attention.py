@@ -1,7 +1,8 @@
 """The Triton paged-attention backend (GPU; on CPU only under TRITON_INTERPRET=1, for tests).
 
 Same contract as ReferenceAttentionBackend.forward: write the new keys/values into the paged cache,
-then attend. The first ``meta.num_decodes`` rows (one query token each: decodes and the rows of a
+then attend; given ``rope`` (cos, sin), q and k are first rotated in place by the kernel that
+stores k and v (kernels/triton/rotary.py), saving a launch per layer. The first ``meta.num_decodes`` rows (one query token each: decodes and the rows of a
 speculative verification) go through the split-K decode kernel, which reads only the device tensors
 meta.seq_lens / meta.block_tables (graph-capturable); the remaining rows (prefill chunks, prompts,
 rows with a custom mask) through the varlen prefill kernel, planned once per step from the CPU
@@ -20,6 +21,8 @@ class TritonAttentionBackend:
     name = "triton"
     # the decode path reads only device tensors and launches shape-determined grids
     supports_cuda_graphs = True
+    # forward(..., rope=(cos, sin)) rotates q and k in the KV-cache write kernel
+    fuses_rope = True
 
     def forward(
         self,
@@ -31,8 +34,14 @@ class TritonAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        pa.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        if rope is not None:  # q, k rotated in place while k, v are stored (float caches only)
+            from soarllm.kernels.triton.rotary import rotary_embedding_and_cache_write
+
+            rotary_embedding_and_cache_write(q, k, v, *rope, kv_cache, meta.slot_mapping)
+        else:
+            pa.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

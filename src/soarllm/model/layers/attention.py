@@ -24,9 +24,24 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.softcap = softcap
 
+    def fuses_rope(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether ``forward(..., rope=cos_sin)`` may hand q and k over unrotated: the step's
+        backend then rotates them in the kernel that writes the KV cache (Triton on CUDA, float
+        caches: one launch per layer instead of two). Never while compiling."""
+        if torch.compiler.is_compiling() or not q.is_cuda or kv_cache.dtype == torch.int8:
+            return False
+        return getattr(get_forward_context().backend, "fuses_rope", False)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; writes k, v into ``kv_cache``."""
+                kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; writes k, v into ``kv_cache``. With
+        ``rope`` (cos, sin rows of the batch's positions; only where ``fuses_rope``) q and k
+        are rotated in place first, by the backend."""
+        if rope is not None:
+            ctx = get_forward_context()
+            return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale,
+                                       self.sliding_window, self.softcap, rope=rope)
         if torch.compiler.is_compiling():
             return torch.ops.soarllm.attention(q, k, v, kv_cache, self.scale, self.sliding_window,
                                                self.softcap)

@@ -69,11 +69,13 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        # q and k heads side by side: one rotation for both
-        qk = self.rotary_emb[0].rotate(rope, qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d))
-        q, k = qk[:, :nq], qk[:, nq:]
+        qk = qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d)
         v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
-        o = self.attn(q, k, v, kv_cache)
+        if self.attn.fuses_rope(qk, kv_cache):  # rotated by the kernel that stores k and v
+            o = self.attn(qk[:, :nq], qk[:, nq:], v, kv_cache, rope=rope)
+        else:  # q and k heads side by side: one rotation for both
+            qk = self.rotary_emb[0].rotate(rope, qk)
+            o = self.attn(qk[:, :nq], qk[:, nq:], v, kv_cache)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
