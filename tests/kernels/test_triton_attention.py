@@ -328,7 +328,7 @@ def test_rope_fused_into_the_cache_write(dtype):
 
     b = _make_batch(decodes=[(3, 1), (20, 1)], prefills=[(12, 0, False), (6, 21, False)],
                     hq=6, hkv=2, d=64, dtype=dtype)
-    rotary = RotaryEmbedding(64, 128, {"rope_theta": 10000.0, "rope_type": "default"})
+    rotary = RotaryEmbedding(64, 128, {"rope_theta": 10000.0, "rope_type": "default"}).to(DEVICE)
     positions = torch.randint(0, 128, (b.q.shape[0],), generator=torch.Generator().manual_seed(1))
     cos_sin = rotary.lookup(positions.to(b.q.device), dtype)
     q, k = b.q.clone(), b.k.clone()
