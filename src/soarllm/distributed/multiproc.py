@@ -77,7 +77,51 @@ def check_tensor_parallel(config, world_size: int, device: str, local: bool = Tr
         tp.split(text.intermediate_size, "intermediate size (MLP width)")
 
 
-class MultiprocExecutor:
+class RankedExecutor:
+    """The executor seam over worker ranks (processes here, Ray actors in ray_executor.py): each
+    call goes to every rank through ``collective_rpc`` and rank 0's answer is the result.
+    Subclasses provide ``collective_rpc``, ``dead_error`` and ``shutdown``."""
+
+    _phases: StepPhases | None = None
+
+    def collective_rpc(self, method: str, *args) -> list:
+        raise NotImplementedError
+
+    @property
+    def dead_error(self) -> WorkerDiedError | None:
+        raise NotImplementedError
+
+    def determine_num_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_kv_cache", num_blocks)
+
+    def execute(self, so: SchedulerOutput):
+        t0 = time.perf_counter()
+        out = self.collective_rpc("execute", so)[0]
+        if self._phases is not None:  # the workers' phases are not sent back: one figure
+            self._phases.add("forward", time.perf_counter() - t0)
+            self._phases.tokens += so.total_num_scheduled_tokens
+        return out
+
+    def update_states(self, so: SchedulerOutput) -> None:
+        self.collective_rpc("update_states", so)
+
+    @property
+    def phases(self) -> StepPhases | None:
+        return self._phases
+
+    @phases.setter
+    def phases(self, value: StepPhases | None) -> None:
+        self._phases = value
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_error is None
+
+
+class MultiprocExecutor(RankedExecutor):
     """``tensor_parallel_size`` worker processes, rank 0's answers returned."""
 
     def __init__(self, args: EngineArgs):
@@ -196,35 +240,6 @@ class MultiprocExecutor:
         raise self._dead
 
     # -- the executor seam -----------------------------------------------------------------------
-
-    def determine_num_blocks(self) -> int:
-        return min(self.collective_rpc("determine_num_blocks"))
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("initialize_kv_cache", num_blocks)
-
-    def execute(self, so: SchedulerOutput):
-        t0 = time.perf_counter()
-        out = self.collective_rpc("execute", so)[0]
-        if self._phases is not None:  # the workers' phases are not sent back: one figure
-            self._phases.add("forward", time.perf_counter() - t0)
-            self._phases.tokens += so.total_num_scheduled_tokens
-        return out
-
-    def update_states(self, so: SchedulerOutput) -> None:
-        self.collective_rpc("update_states", so)
-
-    @property
-    def phases(self) -> StepPhases | None:
-        return self._phases
-
-    @phases.setter
-    def phases(self, value: StepPhases | None) -> None:
-        self._phases = value
-
-    @property
-    def is_alive(self) -> bool:
-        return self.dead_error is None
 
     @property
     def dead_error(self) -> WorkerDiedError | None:

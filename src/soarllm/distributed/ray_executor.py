@@ -34,6 +34,7 @@ from soarllm.config import EngineArgs
 from soarllm.distributed.executor import RAY_MISSING
 from soarllm.distributed.multiproc import (
     COLLECTIVE_GRACE_S,
+    RankedExecutor,
     WorkerDiedError,
     check_tensor_parallel,
 )
@@ -41,7 +42,6 @@ from soarllm.distributed.worker import NO_REPLY
 from soarllm.errors import ConfigError
 from soarllm.model.loader import load_checkpoint
 from soarllm.profiling import StepPhases
-from soarllm.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def reserve_placement_group(ray, world_size: int, device: str, timeout_s: float)
     return pg, strategy
 
 
-class RayExecutor:
+class RayExecutor(RankedExecutor):
     """``tensor_parallel_size`` Ray actors, rank 0's answers returned."""
 
     def __init__(self, args: EngineArgs):
@@ -270,35 +270,6 @@ class RayExecutor:
         raise self._dead
 
     # -- the executor seam -----------------------------------------------------------------------
-
-    def determine_num_blocks(self) -> int:
-        return min(self.collective_rpc("determine_num_blocks"))
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("initialize_kv_cache", num_blocks)
-
-    def execute(self, so: SchedulerOutput):
-        t0 = time.perf_counter()
-        out = self.collective_rpc("execute", so)[0]
-        if self._phases is not None:  # the workers' phases are not sent back: one figure
-            self._phases.add("forward", time.perf_counter() - t0)
-            self._phases.tokens += so.total_num_scheduled_tokens
-        return out
-
-    def update_states(self, so: SchedulerOutput) -> None:
-        self.collective_rpc("update_states", so)
-
-    @property
-    def phases(self) -> StepPhases | None:
-        return self._phases
-
-    @phases.setter
-    def phases(self, value: StepPhases | None) -> None:
-        self._phases = value
-
-    @property
-    def is_alive(self) -> bool:
-        return self.dead_error is None
 
     @property
     def dead_error(self) -> WorkerDiedError | None:
