@@ -120,7 +120,8 @@ def _run_layouts(args: argparse.Namespace, req, hardware: list, doc: dict) -> tu
     from soarllm.plan.layouts import devices_to_hold, plan_layouts
     from soarllm.plan.report import render_layouts
 
-    lp = plan_layouts(req, hardware, args.devices, args.ep)
+    lp = plan_layouts(req, hardware, args.devices, args.ep,
+                      raise_if_none=not args.context_parallel)
     hold = [h for hw in hardware for h in devices_to_hold(
         req.model, hw, args.batch, req.input_len, req.output_len, req.kv_dtype)]
     doc["layouts"] = [r.to_dict() for r in lp.rows]

@@ -16,7 +16,7 @@ and is chosen only when nothing inside a node meets the SLO.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from soarllm.errors import InvalidRequestError
@@ -181,10 +181,10 @@ def recommend(rows: list[LayoutRow]) -> LayoutRow | None:
 
 
 def plan_layouts(req: PlanRequest, hardware: list[Hardware], devices: int,
-                 expert_parallel: str = "auto") -> LayoutPlan:
+                 expert_parallel: str = "auto", raise_if_none: bool = True) -> LayoutPlan:
     """Every layout of ``devices`` devices on each hardware. A hardware on which no layout holds
-    even one request gets a note naming a device count that does; when that is every hardware,
-    it is an error."""
+    even one request gets a note naming the fix; when that is every hardware, it is an error
+    (unless ``raise_if_none`` is off: the caller sizes context parallel instead)."""
     rows: list[LayoutRow] = []
     recommended: dict[str, LayoutRow] = {}
     notes: list[str] = []
@@ -197,7 +197,7 @@ def plan_layouts(req: PlanRequest, hardware: list[Hardware], devices: int,
         best = recommend(hw_rows)
         if best:
             recommended[hw.id] = best
-    if hardware and not any(r.fits for r in rows):
+    if raise_if_none and hardware and not any(r.fits for r in rows):
         raise InvalidRequestError(" ".join(notes))
     return LayoutPlan(devices, rows, recommended, notes)
 
@@ -206,6 +206,12 @@ def _no_fit_note(req: PlanRequest, hw: Hardware, devices: int, expert_parallel: 
     m = req.model
     tps = [t for t in range(1, devices + 1) if devices % t == 0 and m.num_heads % t == 0]
     what = f"{m.name} ({req.input_len} + {req.output_len} tokens)"
+    short = replace(req, input_len=1, output_len=0)
+    layouts = enumerate_layouts(m, hw, devices, expert_parallel)
+    if any(_fits(short, hw, lay) for lay in layouts):
+        return (f"{what} fits no layout of {devices} x {hw.name}: the weights fit, one "
+                f"request's KV cache does not; split it with context parallel "
+                f"(--context-parallel), use --kv-dtype fp8 or shorten the request.")
     hint = smallest_fitting_devices(req, hw, devices + 1, expert_parallel)
     fix = (f"pass --devices {hint.devices} ({hint.label} holds it)" if hint
            else "quantize (--quant) or pick a larger device")
