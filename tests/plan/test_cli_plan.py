@@ -48,7 +48,7 @@ def test_plan_moe_ep_and_million_token_context(capsys):
                  "--quant", "fp8", "--input-len", "1000000", "--output-len", "1000",
                  "--context-parallel"]) == 0
     out = capsys.readouterr().out
-    assert "EP16" in out and "context parallel" in out and "**fewest**" in out
+    assert "EP16" in out and "context parallel" in out and "**fewest devices**" in out
     assert "exceed DeepSeek-V3's max_position_embeddings" in out
 
 

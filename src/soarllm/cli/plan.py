@@ -144,7 +144,7 @@ def _run_context_parallel(args: argparse.Namespace, model, hardware: list, doc: 
         rows += hw_rows
         best = fewest_devices(hw_rows)
         if best:
-            fewest[hw.id] = best.devices
+            fewest[hw.id] = best
     doc["context_parallel"] = [r.to_dict() for r in rows]
     return render_context_parallel(model, args.input_len, args.output_len, rows, fewest)
 

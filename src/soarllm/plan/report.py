@@ -139,7 +139,8 @@ def render_layouts(req: PlanRequest, lp: LayoutPlan, hold: list[HoldRow],
 
 
 def render_context_parallel(model: ModelShape, input_len: int, output_len: int,
-                            rows: list[ContextParallelRow], fewest: dict[str, int]) -> str:
+                            rows: list[ContextParallelRow],
+                            fewest: dict[str, ContextParallelRow]) -> str:
     lines = [
         f"## One request of {input_len} + {output_len} tokens: context parallel",
         "",
@@ -149,7 +150,7 @@ def render_context_parallel(model: ModelShape, input_len: int, output_len: int,
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mark = " **fewest**" if fewest.get(r.hardware) == r.devices else ""
+        mark = " **fewest devices**" if fewest.get(r.hardware) is r else ""
         lines.append(
             f"| {r.hardware_name} | {r.precision} | {r.tp} x {r.cp}{mark} | {r.devices} | "
             f"{r.nodes} | {r.kv_gib_total:.1f} | {r.weights_gib_per_device:.1f} / "
