@@ -29,3 +29,30 @@ def test_plan_efficiency_file_applies(tmp_path, capsys):
     assert main([*args, "--efficiency", str(eff)]) == 0
     slow = capsys.readouterr().out
     assert fast != slow and "misses SLO" in slow
+
+
+def test_plan_layouts_for_a_device_budget(tmp_path, capsys):
+    code = main(["plan", "Llama-3-70B", "--devices", "16", "--hardware", "ascend-910b",
+                 "--input-len", "1024", "--output-len", "256", "--output-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "TP16 x DP1 (TP across nodes)" in out and "Recommended on Huawei Ascend 910B" in out
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    assert {(r["tp"], r["dp"]) for r in doc["layouts"]} == {(1, 16), (2, 8), (4, 4), (8, 2),
+                                                           (16, 1)}
+    assert [h["precision"] for h in doc["hold"]] == ["bf16", "fp8", "int4"]
+
+
+def test_plan_moe_ep_and_million_token_context(capsys):
+    assert main(["plan", "DeepSeek-V3", "--devices", "16", "--hardware", "h100-sxm",
+                 "--quant", "fp8", "--input-len", "1000000", "--output-len", "1000",
+                 "--context-parallel"]) == 0
+    out = capsys.readouterr().out
+    assert "EP16" in out and "context parallel" in out and "**fewest devices**" in out
+    assert "exceed DeepSeek-V3's max_position_embeddings" in out
+
+
+def test_plan_bad_device_count_is_a_clear_error(capsys):
+    assert main(["plan", "DeepSeek-V3", "--devices", "24", "--ep", "on",
+                 "--hardware", "h100-sxm"]) == 1
+    assert "--devices 16 or 32" in capsys.readouterr().err

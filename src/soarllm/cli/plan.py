@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from soarllm.cli.parser import add_model_argument
 
     p = subparsers.add_parser(
-        "plan", help="size a deployment: hardware x tensor parallel, batch, tokens/s, cost",
+        "plan", help="size a deployment: hardware x parallel layout, batch, tokens/s, cost",
         description="Roofline planner over a hardware catalog (each figure with its source) and "
         "this machine, measured on the spot. --calibrate fits its efficiency factors to soar "
         "bench results and reports prediction error.",
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--slo-ttft", type=float, default=1000.0, metavar="MS")
     p.add_argument("--slo-tpot", type=float, default=50.0, metavar="MS")
-    p.add_argument("--quant", choices=["w8a16", "w4a16", "w8a8"], default=None)
+    p.add_argument("--quant", choices=["w8a16", "w4a16", "w8a8", "fp8"], default=None)
     p.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp8", "int8", "fp32"], default=None)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the hardware's)")
     p.add_argument("--hardware", default=None,
@@ -39,6 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fit efficiency factors to soar bench results (one or more files, e.g. "
                    "runs at several input lengths) and report the error, in-sample and on "
                    "batch sizes held out of the fit")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="plan the parallel layouts of N devices per hardware: TP x DP = N (and "
+                   "EP over the MoE layers), the recommended one, and the devices needed just "
+                   "to hold the model")
+    p.add_argument("--ep", choices=["auto", "on", "off"], default="auto",
+                   help="with --devices, for a MoE model: expert parallel over all N devices "
+                   "(on), experts split with TP in each replica (off), or both (auto)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="with --devices: requests whose KV cache the 'devices to hold' table "
+                   "counts")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="size context parallel (TP x CP) for one request of --input-len tokens; "
+                   "shown anyway when one request fits no layout of a hardware")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="write plan.md, plan.json and plan.png (or calibration.*) here")
     p.set_defaults(func=_run)
@@ -77,20 +90,63 @@ def _run(args: argparse.Namespace) -> int:
 
     req = PlanRequest(model, args.input_len, args.output_len, args.slo_ttft, args.slo_tpot,
                       args.quant, args.kv_dtype, args.dtype)
-    rows = plan(req, _hardware(args))
-    quad = quadrant(req, rows)
-    text = render_plan(req, rows, quad)
+    if args.devices is not None and not args.hardware:
+        args.measure = False  # layouts are for catalog hardware unless 'this' is named
+    hardware = _hardware(args)
+    doc: dict = {"model": model.__dict__,
+                 "request": {k: v for k, v in vars(req).items() if k != "model"}}
+    if args.devices is not None:
+        text, unfit = _run_layouts(args, req, hardware, doc)
+    else:
+        rows = plan(req, hardware)
+        quad = quadrant(req, rows)
+        text = render_plan(req, rows, quad)
+        unfit = {r.hardware for r in rows} - {r.hardware for r in rows if r.fits}
+        doc["rows"] = [r.to_dict() for r in rows]
+        doc["quadrant"] = {"size": quad.size, "latency": quad.latency, "advice": quad.advice}
+    if args.context_parallel or unfit:
+        text += "\n" + _run_context_parallel(args, model, hardware, doc)
     print(text)
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "plan.md").write_text(text)
-        (args.output_dir / "plan.json").write_text(json.dumps({
-            "model": model.__dict__, "request": {k: v for k, v in vars(req).items() if k != "model"},
-            "rows": [r.to_dict() for r in rows],
-            "quadrant": {"size": quad.size, "latency": quad.latency, "advice": quad.advice},
-        }, indent=1))
-        plot_plan(req, rows, args.output_dir / "plan.png")
+        (args.output_dir / "plan.json").write_text(json.dumps(_finite(doc), indent=1))
+        if "rows" in doc:
+            plot_plan(req, rows, args.output_dir / "plan.png")
     return 0
+
+
+def _run_layouts(args: argparse.Namespace, req, hardware: list, doc: dict) -> tuple[str, set]:
+    from soarllm.plan.layouts import devices_to_hold, plan_layouts
+    from soarllm.plan.report import render_layouts
+
+    lp = plan_layouts(req, hardware, args.devices, args.ep,
+                      raise_if_none=not args.context_parallel)
+    hold = [h for hw in hardware for h in devices_to_hold(
+        req.model, hw, args.batch, req.input_len, req.output_len, req.kv_dtype)]
+    doc["layouts"] = [r.to_dict() for r in lp.rows]
+    doc["recommended"] = {k: r.layout for k, r in lp.recommended.items()}
+    doc["notes"] = lp.notes
+    doc["hold"] = [vars(h) for h in hold]
+    unfit = {r.hardware for r in lp.rows} - {r.hardware for r in lp.rows if r.fits}
+    return render_layouts(req, lp, hold, args.batch), unfit
+
+
+def _run_context_parallel(args: argparse.Namespace, model, hardware: list, doc: dict) -> str:
+    from soarllm.plan.long_context import fewest_devices, plan_context_parallel
+    from soarllm.plan.report import render_context_parallel
+    from soarllm.plan.roofline import Precision
+
+    rows, fewest = [], {}
+    for hw in hardware:
+        precision = Precision.make(args.dtype or hw.default_dtype, args.quant, args.kv_dtype)
+        hw_rows = plan_context_parallel(model, hw, precision, args.input_len, args.output_len)
+        rows += hw_rows
+        best = fewest_devices(hw_rows)
+        if best:
+            fewest[hw.id] = best
+    doc["context_parallel"] = [r.to_dict() for r in rows]
+    return render_context_parallel(model, args.input_len, args.output_len, rows, fewest)
 
 
 def _read_results(path: str) -> dict:

@@ -35,6 +35,10 @@ class Hardware:
     interconnect_gbs: float = 0.0
     interconnect_latency_us: float = 0.0
     max_tp: int = 1
+    devices_per_node: int = 0  # devices one interconnect domain joins (0: max_tp)
+    internode_gbs: float = 0.0  # per-device bandwidth to other nodes, one direction (0: none)
+    internode_latency_us: float = 0.0
+    internode: str = ""
     price_per_hour: float | None = None  # USD per device-hour
     vendor: str = ""
     interconnect: str = ""
@@ -52,6 +56,10 @@ class Hardware:
             f"{self.name} has no {dtype} compute figure in the catalog "
             f"(it lists {', '.join(sorted(self.tflops))})"
         )
+
+    @property
+    def node_size(self) -> int:
+        return self.devices_per_node or self.max_tp
 
     @property
     def memory_bytes(self) -> float:
