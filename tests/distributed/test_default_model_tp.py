@@ -1,5 +1,6 @@
 """The real default model (SmolLM2-135M: 9 query heads over 3 KV heads, so 3 ranks) split over
-three worker processes gives transformers' greedy tokens on the same dequantized weights."""
+three worker processes, or three Ray actors, gives transformers' greedy tokens on the same
+dequantized weights."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 N_TOKENS = 12
 
 
-def test_tp3_default_model_greedy_equals_transformers(default_model_path):
+@pytest.fixture(params=["mp", "ray"])
+def backend(request):
+    if request.param == "ray":  # a local cluster of 3 logical CPUs: one bundle per rank
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        yield "ray"
+        ray.shutdown()
+    else:
+        yield "mp"
+
+
+def test_tp3_default_model_greedy_equals_transformers(default_model_path, backend):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, name = str(default_model_path.parent), default_model_path.name
@@ -33,7 +45,8 @@ def test_tp3_default_model_greedy_equals_transformers(default_model_path):
     del model
     # quantization="none": the dequantized weights transformers runs (GGUF blocks do not shard)
     llm = LLM(str(default_model_path), dtype="float32", quantization="none",
-              kv_cache_memory="64MiB", max_model_len=256, tensor_parallel_size=3)
+              kv_cache_memory="64MiB", max_model_len=256, tensor_parallel_size=3,
+              distributed_executor_backend=backend)
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
         ours = [o.outputs[0].token_ids for o in llm.generate([list(p) for p in prompt_ids], sp)]
