@@ -168,6 +168,22 @@ def test_greedy_tokens_equal_transformers_generate(tiny_deepseek):
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == want
 
 
+def test_lookahead_decoding_keeps_greedy_tokens(tiny_deepseek):
+    """Lookahead rows attend under custom masks over the latent cache (and an accepted candidate
+    that is not the first has its KV moved there by the runner's one-plane copy): the tokens
+    stay the plain engine's."""
+    from tests.spec.test_lookahead import ALWAYS
+
+    rng = random.Random(1)
+    motif = [rng.randrange(3, 500) for _ in range(6)]
+    prompts = [motif * 4, [rng.randrange(3, 500) for _ in range(17)]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    plain = LLM(str(tiny_deepseek), dtype="float32", block_size=4)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    spec = LLM(str(tiny_deepseek), dtype="float32", block_size=4, speculative_config=ALWAYS)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
+
+
 def test_dummy_weights_load(tiny_deepseek):
     llm = LLM(str(tiny_deepseek), dtype="float32", load_format="dummy", block_size=4)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3,
