@@ -2,6 +2,8 @@
 
 The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]. A token at
 position p of a request lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+A latent cache (MLA, model/models/deepseek.py) has one plane instead of two, [1, num_blocks, ...]:
+each token's single vector is both its key and its value, stored once.
 
 The reference backend runs on every device and is the oracle for fast backends. It handles any mix of
 requests in one flat batch: single-token decodes go through one padded, batched SDPA call; requests with
@@ -53,12 +55,14 @@ class AttentionMetadata:
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):
     """Store new keys/values [T, H_kv, D] into their slots of the paged cache (quantized first when
     the cache is int8, see kernels/kv_quant.py)."""
-    num_blocks, block_size, h, d = kv_cache.shape[1:]
-    flat = kv_cache.view(2, num_blocks * block_size, h, d)
+    planes, num_blocks, block_size, h, d = kv_cache.shape
+    flat = kv_cache.view(planes, num_blocks * block_size, h, d)
     if kv_quant.is_quantized(kv_cache):
-        k, v = kv_quant.quantize(k), kv_quant.quantize(v)
+        k = kv_quant.quantize(k)
+        v = kv_quant.quantize(v) if planes == 2 else None
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    if planes == 2:  # a latent cache (one plane) reads its keys as the values
+        flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
 def _readable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -73,13 +77,13 @@ def _gather(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int):
     index_select on the flattened block dimension copies only the blocks asked for (advanced
     indexing of the cache would touch the whole tensor).
     """
-    _, num_blocks, block_size, h, d = kv_cache.shape
+    planes, num_blocks, block_size, h, d = kv_cache.shape
     n = (length + block_size - 1) // block_size
     ids = block_table[..., :n]
-    flat = kv_cache.view(2, num_blocks, block_size * h * d)
+    flat = kv_cache.view(planes, num_blocks, block_size * h * d)
     shape = ids.shape[:-1] + (n * block_size, h, d)
     k = flat[0].index_select(0, ids.reshape(-1)).view(shape)
-    v = flat[1].index_select(0, ids.reshape(-1)).view(shape)
+    v = flat[1].index_select(0, ids.reshape(-1)).view(shape) if planes == 2 else k
     return k[..., :length, :, :], v[..., :length, :, :]
 
 
@@ -168,8 +172,8 @@ class ReferenceAttentionBackend:
     def _decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
         """Attention of the first ``nd`` rows (one-token decodes and verification rows), written
         into ``out``; with ``out`` None, returned as a new [nd, Hq, D] tensor."""
-        _, num_blocks, block_size, h, d = kv_cache.shape
-        flat = kv_cache.view(2, num_blocks, block_size * h * d)
+        planes, num_blocks, block_size, h, d = kv_cache.shape
+        flat = kv_cache.view(planes, num_blocks, block_size * h * d)
         plan = _decode_plan(meta, nd, block_size, sliding_window)
         if out is None and not (len(plan) == 1 and plan[0].in_order):
             out = torch.empty_like(q)
@@ -177,7 +181,8 @@ class ReferenceAttentionBackend:
             ids, length, rows = entry.block_ids, entry.length, entry.rows
             shape = (ids.shape[0], ids.shape[1] * block_size, h, d)
             kk = _readable(flat[0].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
-            vv = _readable(flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
+            vv = (_readable(flat[1].index_select(0, ids.reshape(-1)).view(shape)[:, :length], q.dtype)
+                  if planes == 2 else kk)
             # [groups, rows per group, Hq, D]; rows 0..nd-1 in order need no gather
             qq = q[:nd].view(rows.shape[0], rows.shape[1], *q.shape[1:]) if entry.in_order else q[rows]
             small = qq.shape[1] == 1 and qq.shape[0] <= SDPA_MAX_DECODES

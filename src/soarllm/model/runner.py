@@ -85,7 +85,9 @@ class ModelRunner:
         config = self.checkpoint.config
         self.hf_config = config
         model_cls = resolve_model_class(config)
-        self.backend = get_attention_backend(self.device, args.attention_backend)
+        self.backend = get_attention_backend(
+            self.device, _latent_backend(args.attention_backend) if model_cls.latent_kv_cache
+            else args.attention_backend)
         quant_config = get_quant_config(args.quantization, self.checkpoint, model_cls.packed_modules)
         parallel = {}
         if self.tp.world_size > 1:
@@ -123,11 +125,16 @@ class ModelRunner:
 
     # -- KV cache ------------------------------------------------------------------------------
 
+    @property
+    def kv_planes(self) -> int:
+        """K and V planes of a layer's cache; one for a latent cache (MLA: key = value)."""
+        return 1 if self.model.latent_kv_cache else 2
+
     def kv_bytes_per_block(self) -> int:
         m = self.model
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * d * elem
+        return self.kv_planes * m.num_layers * self.block_size * m.num_kv_heads * d * elem
 
     def determine_num_blocks(self) -> int:
         if self.args.num_gpu_blocks_override:
@@ -164,7 +171,7 @@ class ModelRunner:
         """
         m = self.model
         d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
-        shape = (2, num_blocks, self.block_size, m.num_kv_heads, d)
+        shape = (self.kv_planes, num_blocks, self.block_size, m.num_kv_heads, d)
         self.kv_caches = [_zeros(shape, self.kv_dtype, self.device) for _ in range(m.num_layers)]
         self.compile_and_warm_up()
         self.capture_cuda_graphs()
@@ -233,7 +240,7 @@ class ModelRunner:
         s = torch.from_numpy(to_slot(src)).to(self.device)
         d = torch.from_numpy(to_slot(dst)).to(self.device)
         for cache in self.kv_caches:
-            flat = cache.view(2, -1, *cache.shape[3:])
+            flat = cache.view(cache.shape[0], -1, *cache.shape[3:])
             flat[:, d] = flat[:, s]
 
     def update_states(self, so: SchedulerOutput) -> None:
@@ -446,6 +453,15 @@ def _check_parallel(model_cls, quant_config, tp: TPGroup) -> None:
             f"quantization {quant_config.name!r} cannot be split over {tp.world_size} ranks yet; "
             f"run tensor parallel models unquantized (quantization='none', e.g. "
             f"--quantization none for a GGUF file) or with tensor_parallel_size=1")
+
+
+def _latent_backend(name: str | None) -> str:
+    """The attention backend for a latent (MLA) KV cache: only the reference backend reads its
+    one-plane layout yet, so "auto" means reference there."""
+    if (name or "auto").strip().lower() in ("auto", "reference"):
+        return "reference"
+    raise ConfigError(f"attention_backend={name!r} cannot read the latent KV cache of an MLA "
+                      "model (DeepSeek-V2/V3) yet; use attention_backend='reference' or 'auto'")
 
 
 def _warmup_metadata(num_tokens: int, device: str) -> AttentionMetadata:

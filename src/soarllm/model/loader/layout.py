@@ -48,6 +48,8 @@ EXPERT_NAMES: dict[str, tuple[tuple[str, str] | None, str, str, str]] = {
     "mixtral": ((".mlp.", ".block_sparse_moe."), "w1", "w3", "w2"),
     "qwen2_moe": (None, "gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": (None, "gate_proj", "up_proj", "down_proj"),
+    "deepseek_v2": (None, "gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": (None, "gate_proj", "up_proj", "down_proj"),
 }
 
 

@@ -52,6 +52,9 @@ class DecoderForCausalLM(nn.Module):
 
     # models whose layers shard over tensor-parallel ranks (they take a ``tp`` argument)
     supports_tensor_parallel: bool = False
+    # one cache plane per token vector that is key and value at once (MLA's latent), instead
+    # of separate K and V planes; num_kv_heads x head_dim then size that one vector
+    latent_kv_cache: bool = False
 
     def __init__(self, config, dtype, quant_config: QuantizationConfig | None = None, backend=None,
                  tp: TPGroup | None = None):
