@@ -135,7 +135,8 @@ class RayExecutor:
         # the same path (or hub id) itself.
         self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
         self.hf_config = self.checkpoint.config
-        check_tensor_parallel(self.hf_config, self.world_size, device, local=False)
+        check_tensor_parallel(self.hf_config, self.world_size, device, local=False,
+                              enable_expert_parallel=args.enable_expert_parallel)
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS, else this machine's `ray start` cluster, else a local one
         timeout = float(os.environ.get("SOARLLM_RAY_PLACEMENT_TIMEOUT_S", PLACEMENT_TIMEOUT_S))
@@ -284,6 +285,11 @@ class RayExecutor:
             self._phases.add("forward", time.perf_counter() - t0)
             self._phases.tokens += so.total_num_scheduled_tokens
         return out
+
+    def expert_load(self) -> list[list[int]] | None:
+        """Tokens routed to each expert, per MoE layer: rank 0's (every rank routes the whole
+        batch alike)."""
+        return self.collective_rpc("expert_load")[0]
 
     def update_states(self, so: SchedulerOutput) -> None:
         self.collective_rpc("update_states", so)
