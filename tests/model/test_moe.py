@@ -274,7 +274,8 @@ def test_dummy_weights_load(tiny_moe):
 @pytest.mark.slow  # the compiled engine spends tens of seconds in inductor
 def test_compiled_engine_equals_eager(tmp_path):
     """Under torch.compile (fullgraph) the experts run as the custom op soarllm::fused_experts:
-    the warm-up compiles without falling back, and greedy tokens equal the eager engine's."""
+    the warm-up compiles without falling back, and greedy tokens and the tokens routed per
+    expert equal the eager engine's."""
     directory = make_tiny_model(tmp_path, "qwen2_moe", mlp_only_layers=[1])
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(3, 50))] for _ in range(6)]
@@ -286,6 +287,8 @@ def test_compiled_engine_equals_eager(tmp_path):
     runner = compiled.llm_engine.executor.runner
     assert runner.backbone is not runner.model.model, "the warm-up fell back to eager"
     assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want
+    # the routed-token counters (a buffer the compiled graph mutates) count the same tokens
+    assert compiled.llm_engine.get_stats().expert_load == eager.llm_engine.get_stats().expert_load
 
 
 def _by_expert(weights, ids):
