@@ -92,6 +92,10 @@ class EngineArgs:
     # extra). None: chosen from the world size.
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # Expert parallelism (vLLM's name): a Mixture-of-Experts model's experts split whole over the
+    # tensor_parallel_size ranks (rank r owns experts [r E/N, (r+1) E/N)) instead of each expert's
+    # width; attention and dense layers stay tensor parallel
+    enable_expert_parallel: bool = False
     # torch threads of each worker process (mp / ray); None: the cores / ranks on that machine
     worker_threads: int | None = None
 

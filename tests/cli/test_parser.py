@@ -115,6 +115,9 @@ def test_engine_args_take_the_mapped_flags():
     ea = engine_args_from(parse(["chat", "m", "--gpu-memory-utilization", "0.3",
                                  "--trust-remote-code", "--device", "cpu"]))
     assert (ea.model, ea.kv_cache_memory, ea.trust_remote_code) == ("m", 0.3, True)
+    assert engine_args_from(parse(["serve", "m", "-tp", "2", "--enable-expert-parallel"])
+                            ).enable_expert_parallel is True
+    assert engine_args_from(parse(["serve", "m"])).enable_expert_parallel is False
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "99999", "-1", "http"])

@@ -99,9 +99,12 @@ def test_bad_tensor_parallel_sizes_name_the_fix(monkeypatch):
         check_tensor_parallel(_config(4, 2, inter=130), 4, "cpu")
     import torch
 
-    with pytest.raises(ConfigError, match="MixtralForCausalLM does not support tensor par"):
-        check_tensor_parallel(_config(4, 2, arch="MixtralForCausalLM"), 2, "cpu")
-    check_tensor_parallel(_config(4, 2, arch="MixtralForCausalLM"), 1, "cpu")
+    mixtral = _config(4, 2, inter=130, arch="MixtralForCausalLM")
+    mixtral.num_local_experts = 4
+    check_tensor_parallel(mixtral, 2, "cpu")  # MoE: by width (65 rows each) or by expert
+    check_tensor_parallel(mixtral, 2, "cpu", enable_expert_parallel=True)
+    with pytest.raises(ConfigError, match="experts' intermediate size.*--enable-expert-parallel"):
+        check_tensor_parallel(mixtral, 4, "cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="needs 2 GPUs but 1"):
         check_tensor_parallel(_config(4, 2), 2, "cuda")

@@ -123,6 +123,46 @@ def test_fused_experts_equal_transformers_experts(tokens):
     torch.testing.assert_close(loop, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["by-width", "by-expert"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-expert", "stacked"])
+def test_rank_shards_sum_to_transformers_experts(expert_parallel, stacked):
+    """Two ranks' experts (split by width, or whole experts [0, 4) and [4, 8)), each loaded from
+    the full checkpoint tensors through its own weight_loader: their partial outputs add up to
+    transformers' block, and each holds half of the bytes."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from soarllm.model.parallel_state import TPGroup
+
+    cfg = MixtralConfig(hidden_size=48, intermediate_size=80, num_local_experts=8,
+                        num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    torch.manual_seed(5)
+    for p in block.parameters():
+        p.data.normal_(0.0, 0.2)
+    x = torch.randn(33, 48)
+    with torch.no_grad():
+        want = block(x[None])[0]
+    gate_up, down = block.experts.gate_up_proj.data, block.experts.down_proj.data
+    total = torch.zeros_like(want)
+    for rank in range(2):
+        ours = FusedMoE(8, 2, 48, 80, renormalize=True, tp=TPGroup(rank=rank, world_size=2),
+                        expert_parallel=expert_parallel)
+        if stacked:
+            ours.gate_up_proj.weight_loader(ours.gate_up_proj, gate_up, None)
+            ours.down_proj.weight_loader(ours.down_proj, down, None)
+        else:
+            for e in range(8):
+                for part, t in (("gate", gate_up[e, :80]), ("up", gate_up[e, 80:]),
+                                ("down", down[e])):
+                    param = ours.down_proj if part == "down" else ours.gate_up_proj
+                    param.weight_loader(param, t, (e, part))
+        assert ours.gate_up_proj.numel() + ours.down_proj.numel() == (gate_up.numel()
+                                                                       + down.numel()) // 2
+        total += ours(x, x @ block.gate.weight.t())
+        assert ours.expert_load.sum() == 33 * 2  # every token's routing, on every rank
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+
+
 def test_experts_see_only_their_tokens():
     """An expert whose weights are NaN poisons exactly the tokens routed to it."""
     w13, w2 = torch.randn(4, 16, 8), torch.randn(4, 8, 8)
@@ -234,7 +274,8 @@ def test_dummy_weights_load(tiny_moe):
 @pytest.mark.slow  # the compiled engine spends tens of seconds in inductor
 def test_compiled_engine_equals_eager(tmp_path):
     """Under torch.compile (fullgraph) the experts run as the custom op soarllm::fused_experts:
-    the warm-up compiles without falling back, and greedy tokens equal the eager engine's."""
+    the warm-up compiles without falling back, and greedy tokens and the tokens routed per
+    expert equal the eager engine's."""
     directory = make_tiny_model(tmp_path, "qwen2_moe", mlp_only_layers=[1])
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(3, 50))] for _ in range(6)]
@@ -246,6 +287,8 @@ def test_compiled_engine_equals_eager(tmp_path):
     runner = compiled.llm_engine.executor.runner
     assert runner.backbone is not runner.model.model, "the warm-up fell back to eager"
     assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want
+    # the routed-token counters (a buffer the compiled graph mutates) count the same tokens
+    assert compiled.llm_engine.get_stats().expert_load == eager.llm_engine.get_stats().expert_load
 
 
 def _by_expert(weights, ids):

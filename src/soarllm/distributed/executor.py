@@ -57,6 +57,10 @@ class UniProcExecutor:
         """Apply a step message that schedules nothing (finished / preempted ids only)."""
         self.runner.update_states(so)
 
+    def expert_load(self) -> list[list[int]] | None:
+        """Tokens routed to each expert, per MoE layer (None: a dense model)."""
+        return self.runner.expert_load()
+
     @property
     def phases(self) -> StepPhases | None:
         return self.runner.phases

@@ -47,10 +47,13 @@ class WorkerDiedError(SoarError):
     fatal = True
 
 
-def check_tensor_parallel(config, world_size: int, device: str, local: bool = True) -> None:
+def check_tensor_parallel(config, world_size: int, device: str, local: bool = True,
+                          enable_expert_parallel: bool = False) -> None:
     """Refuse, before any worker starts, a world size the model or the machine cannot take.
     ``local=False``: the ranks may run on other machines (Ray), whose GPUs are counted there."""
+    from soarllm.model.models.moe import check_expert_parallel
     from soarllm.model.parallel_state import TPGroup, kv_head_range
+    from soarllm.model.registry import resolve_model_class
 
     if world_size < 1:
         raise ConfigError(f"tensor_parallel_size must be at least 1, got {world_size}")
@@ -62,18 +65,17 @@ def check_tensor_parallel(config, world_size: int, device: str, local: bool = Tr
             raise ConfigError(
                 f"tensor_parallel_size={world_size} needs {world_size} GPUs but {n} are visible; "
                 f"lower tensor_parallel_size to at most {n} (or set CUDA_VISIBLE_DEVICES)")
-    if world_size > 1:
-        from soarllm.model.registry import resolve_model_class
-
-        model_cls = resolve_model_class(config)
-        if not getattr(model_cls, "supports_tensor_parallel", False):
-            raise ConfigError(f"{model_cls.__name__} does not support tensor parallelism yet; "
-                              f"run it with tensor_parallel_size=1")
+    model_cls = resolve_model_class(config)
+    if world_size > 1 and not getattr(model_cls, "supports_tensor_parallel", False):
+        raise ConfigError(f"{model_cls.__name__} does not support tensor parallelism yet; "
+                          f"run it with tensor_parallel_size=1")
     text = getattr(config, "text_config", None) or config
     tp = TPGroup(rank=0, world_size=world_size)
     tp.split(text.num_attention_heads, "attention heads")
     kv_head_range(getattr(text, "num_key_value_heads", None) or text.num_attention_heads, tp)
-    if getattr(text, "intermediate_size", None):
+    # experts, expert and MLP widths (a MoE family says which of its widths split)
+    check_expert_parallel(model_cls, text, world_size, enable_expert_parallel)
+    if getattr(model_cls, "moe_dims", None) is None and getattr(text, "intermediate_size", None):
         tp.split(text.intermediate_size, "intermediate size (MLP width)")
 
 
@@ -105,6 +107,11 @@ class RankedExecutor:
             self._phases.tokens += so.total_num_scheduled_tokens
         return out
 
+    def expert_load(self) -> list[list[int]] | None:
+        """Tokens routed to each expert, per MoE layer: rank 0's (every rank routes the whole
+        batch alike)."""
+        return self.collective_rpc("expert_load")[0]
+
     def update_states(self, so: SchedulerOutput) -> None:
         self.collective_rpc("update_states", so)
 
@@ -134,7 +141,8 @@ class MultiprocExecutor(RankedExecutor):
         # before the workers open it.
         self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
         self.hf_config = self.checkpoint.config
-        check_tensor_parallel(self.hf_config, self.world_size, device)
+        check_tensor_parallel(self.hf_config, self.world_size, device,
+                              enable_expert_parallel=args.enable_expert_parallel)
         ctx = tmp.get_context("spawn")
         port = free_port()
         import os

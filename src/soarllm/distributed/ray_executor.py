@@ -135,7 +135,8 @@ class RayExecutor(RankedExecutor):
         # the same path (or hub id) itself.
         self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
         self.hf_config = self.checkpoint.config
-        check_tensor_parallel(self.hf_config, self.world_size, device, local=False)
+        check_tensor_parallel(self.hf_config, self.world_size, device, local=False,
+                              enable_expert_parallel=args.enable_expert_parallel)
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS, else this machine's `ray start` cluster, else a local one
         timeout = float(os.environ.get("SOARLLM_RAY_PLACEMENT_TIMEOUT_S", PLACEMENT_TIMEOUT_S))

@@ -61,12 +61,16 @@ class Worker:
     def update_states(self, so) -> None:
         self.runner.update_states(so)
 
-    def parameter_bytes(self) -> int:
-        """Bytes of this rank's model parameters (tied ones counted once)."""
+    def expert_load(self) -> list[list[int]] | None:
+        return self.runner.expert_load()
+
+    def parameter_bytes(self, name_contains: str = "") -> int:
+        """Bytes of this rank's model parameters (tied ones counted once), only those whose name
+        contains ``name_contains`` if given."""
         seen: set[int] = set()
         total = 0
-        for p in self.runner.model.parameters():
-            if p.data_ptr() in seen:
+        for name, p in self.runner.model.named_parameters():
+            if name_contains not in name or p.data_ptr() in seen:
                 continue
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()

@@ -111,9 +111,17 @@ def _sum_stats(stats: list[Any], router: RouterStats) -> DataParallelStats | Non
         prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
         prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
         num_preemptions=sum(s.num_preemptions for s in stats),
+        expert_load=_sum_expert_load([getattr(s, "expert_load", None) for s in stats]),
         replicas=list(stats),
         router=dataclasses.replace(router),
     )
+
+
+def _sum_expert_load(loads: list[Any]) -> list[list[int]] | None:
+    """The replicas' per-layer expert counters added up (None when a replica has none)."""
+    if not loads or any(x is None for x in loads):
+        return None
+    return [[sum(col) for col in zip(*rows)] for rows in zip(*loads)]
 
 
 class DataParallelEngine(GeneratesFromStreams):

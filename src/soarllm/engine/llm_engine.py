@@ -38,6 +38,8 @@ from soarllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
+EXPERT_LOAD_REFRESH_S = 1.0  # the expert counters cost a call to every rank: not every step
+
 
 @dataclass
 class EngineStats:
@@ -50,6 +52,9 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     spec: SpecStats | None = None  # speculative decoding counters (drafts, accepted, per position)
+    # MoE load balance: tokens routed to each expert since start, one row per MoE layer (None: a
+    # dense model); read from the runner at most every EXPERT_LOAD_REFRESH_S
+    expert_load: list[list[int]] | None = None
 
 
 class _Group:
@@ -115,6 +120,7 @@ class LLMEngine:
         self._failures: dict[str, RequestFailedError] = {}  # request id -> why it failed
         # steps in a row in which every scheduled request failed (a broken forward, not a request)
         self.num_consecutive_failed_steps = 0
+        self._expert_load: tuple[float, list[list[int]] | None] | None = None  # (read at, counts)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -226,7 +232,21 @@ class LLMEngine:
             prefix_cache_hits=self.kv.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             spec=self.speculator.stats,
+            expert_load=self._latest_expert_load(),
         )
+
+    def _latest_expert_load(self) -> list[list[int]] | None:
+        now = time.monotonic()
+        last = self._expert_load
+        if last is not None and (last[1] is None or now - last[0] < EXPERT_LOAD_REFRESH_S):
+            return last[1]  # a dense model, or read a moment ago
+        read = getattr(self.executor, "expert_load", None)
+        try:
+            counts = read() if read is not None else None
+        except Exception:  # a dead worker: the step that meets it reports it, not the stats
+            return last[1] if last is not None else None
+        self._expert_load = (now, counts)
+        return counts
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()

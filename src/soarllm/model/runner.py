@@ -28,6 +28,7 @@ from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
+from soarllm.model.layers.fused_moe import FusedMoE
 from soarllm.model.layers.rotary import rope_max_position
 from soarllm.model.loader import Checkpoint, load_checkpoint
 from soarllm.model.loader.dummy import RandomSource
@@ -93,6 +94,11 @@ class ModelRunner:
         if self.tp.world_size > 1:
             _check_parallel(model_cls, quant_config, self.tp)
             parallel["tp"] = self.tp
+        if args.enable_expert_parallel:
+            from soarllm.model.models.moe import check_expert_parallel
+
+            check_expert_parallel(model_cls, config, self.tp.world_size, True)
+            parallel["enable_expert_parallel"] = True
         with torch.device(self.device):
             self.model = model_cls(config, dtype=self.dtype, backend=self.backend,
                                    quant_config=quant_config, **parallel)
@@ -175,6 +181,20 @@ class ModelRunner:
         self.kv_caches = [_zeros(shape, self.kv_dtype, self.device) for _ in range(m.num_layers)]
         self.compile_and_warm_up()
         self.capture_cuda_graphs()
+        self.reset_expert_load()  # the warm-up and capture runs routed no request's tokens
+
+    # -- load-balance statistics ---------------------------------------------------------------
+
+    def expert_load(self) -> list[list[int]] | None:
+        """Tokens routed to each expert since start, one row per MoE layer (None: no experts).
+        Every rank routes the whole batch, so every rank's counts are the model's."""
+        loads = [m.expert_load for m in self.model.modules() if isinstance(m, FusedMoE)]
+        return [t.tolist() for t in loads] if loads else None
+
+    def reset_expert_load(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, FusedMoE):
+                m.expert_load.zero_()
 
     # -- compilation ---------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Request metrics (finish reasons, TTFT, TPOT, end-to-end latency, token counters) are observed by
 the serving layer as outputs reach each request; engine gauges (running / waiting requests, KV
-cache usage, prefix-cache hits) are read from the engine's latest stats when /metrics is scraped.
+cache usage, prefix-cache hits, a MoE model's tokens per expert) are read from the engine's latest
+stats when /metrics is scraped.
 Per-API-key usage (requests, prompt and generated tokens, rate-limit refusals) is read from the
 server's UsageLedger at scrape time, labelled by key name (never the key itself).
 Every metric lives in a registry owned by one ServerMetrics, so two apps never share state.
@@ -77,6 +78,18 @@ class _EngineStatsCollector(Collector):
         yield gauge("soar:prefix_cache_hit_rate", "Prefix-cache hits / queries since start.", rate)
         yield counter("soar:num_preemptions", "Requests preempted since start.",
                       stats.num_preemptions)
+        load = getattr(stats, "expert_load", None)
+        if load:  # a Mixture-of-Experts model: how evenly the router spreads the tokens
+            routed = CounterMetricFamily(
+                "soar:moe_expert_routed_tokens",
+                "Tokens routed to each expert (token x layer slots, summed over the MoE layers).",
+                labels=labels + ["expert"])
+            for expert, n in enumerate(map(sum, zip(*load))):
+                routed.add_metric([self._model, str(expert)], n)
+            yield routed
+            yield gauge("soar:moe_expert_load_imbalance",
+                        "Busiest expert's tokens / the mean, in the most unbalanced MoE layer "
+                        "(1 = even).", _imbalance(load))
         replicas = getattr(stats, "replicas", None)
         if replicas:  # data parallel: the gauges above are totals; each replica's beside them
             for name, doc, field in (
@@ -127,6 +140,12 @@ class _EngineStatsCollector(Collector):
             yield gauge("soar:spec_decode_mean_acceptance_length",
                         "Tokens emitted per verification step since start (accepted + 1).",
                         spec.mean_acceptance_length)
+
+
+def _imbalance(load: list[list[int]]) -> float:
+    """max / mean tokens per expert, in the layer where it is largest (1.0 before any token)."""
+    ratios = [max(row) * len(row) / sum(row) for row in load if sum(row)]
+    return max(ratios, default=1.0)
 
 
 class _UsageCollector(Collector):

@@ -80,6 +80,7 @@ def draft_engine_args(target: EngineArgs, model: str | None, num_layers: int | N
         speculative_config=None,
         tensor_parallel_size=1,
         distributed_executor_backend=None,
+        enable_expert_parallel=False,  # one process; a dense draft would refuse it
         kv_cache_memory=None,
         num_gpu_blocks_override=None,
         enable_prefix_caching=False,

@@ -15,6 +15,25 @@ rows through the parameter's ``weight_loader`` with shard id ``(N, "gate" | "up"
 already stacked tensors (transformers 5's ``experts.gate_up_proj`` / ``experts.down_proj``) load
 whole with shard id None.
 
+Tensor parallel (``tp``, world size N) splits the experts one of two ways; either way every rank
+routes the whole (replicated) batch and the ranks' partial outputs are summed with one all-reduce
+(the caller's, so a shared expert's partial sum joins it):
+
+- by width (the default): each rank holds every expert's rows [r * I/N, (r + 1) * I/N) of gate and
+  up (column parallel) and the same columns of down (row parallel);
+- by expert (``enable_expert_parallel``, vLLM's name): rank r holds experts [r * E/N, (r + 1) * E/N)
+  whole and computes only the token slots routed to them; the others add nothing on that rank.
+
+Each rank's loader keeps only its slice: per-expert checkpoint tensors of another rank's experts
+are skipped, never copied. An all-to-all dispatch/combine (each rank sending its tokens to the
+ranks owning their experts and getting the results back) would replace the all-reduce when the
+activations are sharded by token (data-parallel attention); with replicated activations, as here,
+the all-reduce moves the same bytes and needs no second routing step.
+
+``expert_load`` counts the tokens routed to each expert since the last reset (every expert of
+the model, not only this rank's: the routing is replicated); the runner reads it for the engine's
+load-balance statistics.
+
 Under ``torch.compile`` the experts run as the custom op ``soarllm::fused_experts`` (opaque to the
 compiler, like attention): the per-expert slices have data-dependent sizes.
 """
@@ -30,6 +49,7 @@ from torch import nn
 
 from soarllm.errors import ConfigError
 from soarllm.model.layers.activation import ACT_AND_MUL
+from soarllm.model.parallel_state import TPGroup
 from soarllm.quant.base import as_float, new_param, set_weight_loader
 
 # A per-expert checkpoint tensor: <module>.experts.<N>.<projection>.weight
@@ -118,15 +138,31 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t of x [T, H]."""
+                  topk_ids: torch.Tensor, activation: str = "silu",
+                  expert_start: int | None = None) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t of x [T, H].
+
+    ``expert_start`` None: w13 / w2 hold every expert. An int (expert parallel): they hold experts
+    [expert_start, expert_start + len(w13)) of a larger set, and only the slots routed to those
+    count (the sum is this rank's share)."""
     if torch.compiler.is_compiling():
-        return torch.ops.soarllm.fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
-    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+        return torch.ops.soarllm.fused_experts(x, w13, w2, topk_weights, topk_ids, activation,
+                                               expert_start)
+    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start)
 
 
-def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation):
-    order, token_of, counts = sort_by_expert(topk_ids, w13.shape[0])
+def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start=None):
+    num_local = w13.shape[0]
+    if expert_start is None:
+        order, token_of, counts = sort_by_expert(topk_ids, num_local)
+    else:  # other ranks' experts go to one extra bucket, sorted last and cut off
+        local = topk_ids - expert_start
+        local = local.masked_fill((local < 0) | (local >= num_local), num_local)
+        order, token_of, counts = sort_by_expert(local, num_local + 1)
+        kept = int(counts[:num_local].sum())
+        if kept == 0:
+            return torch.zeros_like(x)
+        order, token_of, counts = order[:kept], token_of[:kept], counts[:num_local]
     xs = x.index_select(0, token_of)
     h = ACT_AND_MUL[activation](grouped_matmul(xs, w13, counts))
     out = grouped_matmul(h, w2, counts)
@@ -137,12 +173,12 @@ def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation):
 @torch.library.custom_op("soarllm::fused_experts", mutates_args=())
 def _fused_experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      activation: str) -> torch.Tensor:
-    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation)
+                      activation: str, expert_start: int | None) -> torch.Tensor:
+    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start)
 
 
 @_fused_experts_op.register_fake
-def _(x, w13, w2, topk_weights, topk_ids, activation):
+def _(x, w13, w2, topk_weights, topk_ids, activation, expert_start):
     return torch.empty_like(x)
 
 
@@ -164,56 +200,93 @@ def per_expert_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 class FusedMoE(nn.Module):
     """The routed experts of one MoE block: stacked weights, routing and the fused compute.
 
-    ``forward(x, router_logits)`` -> [T, H]. The router (``gate``) is the block's own Linear.
+    ``forward(x, router_logits)`` -> [T, H]; under tensor parallelism this rank's partial sum,
+    which the caller all-reduces. The router (``gate``) is the block's own Linear.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, activation: str = "silu", dtype: torch.dtype = torch.float32,
-                 prefix: str = ""):
+                 prefix: str = "", tp: TPGroup | None = None, expert_parallel: bool = False):
         super().__init__()
+        where = prefix or "MoE layer"
         if not 1 <= top_k <= num_experts:
             raise ConfigError(
-                f"{prefix or 'MoE layer'}: num_experts_per_tok={top_k} must be between 1 and the "
+                f"{where}: num_experts_per_tok={top_k} must be between 1 and the "
                 f"number of experts ({num_experts}); fix num_experts_per_tok in config.json"
             )
         if activation not in ACT_AND_MUL:
             raise ConfigError(
-                f"{prefix or 'MoE layer'}: expert activation {activation!r} is not supported "
+                f"{where}: expert activation {activation!r} is not supported "
                 f"(supported: {', '.join(sorted(ACT_AND_MUL))})"
             )
+        self.tp = tp = tp or TPGroup.single()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.activation = activation
         self.prefix = prefix
+        # this rank's experts [expert_start, expert_start + local_experts) and rows of each
+        self.expert_parallel = expert_parallel and tp.world_size > 1
+        local_experts, local_inter = num_experts, intermediate_size
+        if self.expert_parallel:
+            check_expert_split(num_experts, tp.world_size, where)
+            local_experts = num_experts // tp.world_size
+        else:
+            check_width_split(intermediate_size, num_experts, tp.world_size, where)
+            local_inter = intermediate_size // tp.world_size
+        self.expert_start = tp.rank * local_experts if self.expert_parallel else 0
+        self.local_experts, self.local_intermediate = local_experts, local_inter
         # transformers 5's names for the stacked tensors, so its state dicts load as they are
         self.gate_up_proj = set_weight_loader(
-            new_param((num_experts, 2 * intermediate_size, hidden_size), dtype), self.weight_loader)
+            new_param((local_experts, 2 * local_inter, hidden_size), dtype), self.weight_loader)
         self.down_proj = set_weight_loader(
-            new_param((num_experts, hidden_size, intermediate_size), dtype), self.weight_loader)
+            new_param((local_experts, hidden_size, local_inter), dtype), self.weight_loader)
+        # tokens routed to each expert of the model (load-balance statistics)
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64),
+                             persistent=False)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id) -> None:
         """shard_id None: the whole stacked tensor; (expert, "gate" | "up" | "down"): one
-        expert's projection [I, H] or [H, I]."""
-        tensor = as_float(loaded)
+        expert's projection [I, H] or [H, I]. Either is cut to this rank's experts and rows."""
         if shard_id is None:
+            tensor = self._rank_slice(as_float(loaded), param is self.down_proj, stacked=True)
             target = param.data
         else:
             expert, part = shard_id
             if not 0 <= expert < self.num_experts:
                 raise ValueError(f"expert {expert} out of range: the config has "
                                  f"{self.num_experts} experts")
-            inter = self.intermediate_size
             if part == "down":
                 if param is not self.down_proj:
                     raise ValueError("a down projection goes to down_proj")
-                target = param.data[expert]
-            else:
-                if param is not self.gate_up_proj:
-                    raise ValueError(f"a {part} projection goes to gate_up_proj")
-                target = param.data[expert, : inter] if part == "gate" else param.data[expert, inter:]
+            elif param is not self.gate_up_proj:
+                raise ValueError(f"a {part} projection goes to gate_up_proj")
+            local = expert - self.expert_start
+            if not 0 <= local < self.local_experts:
+                return  # another rank's expert
+            tensor = self._rank_slice(as_float(loaded), part == "down", stacked=False)
+            inter = self.local_intermediate
+            target = param.data[local]
+            if part != "down":
+                target = target[:inter] if part == "gate" else target[inter:]
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(target.shape)}")
         target.copy_(tensor)
+
+    def _rank_slice(self, tensor: torch.Tensor, down: bool, stacked: bool) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor: its experts (stacked tensors, expert
+        parallel) or its rows of the expert width (gate / up rows, down columns)."""
+        if self.tp.world_size == 1:
+            return tensor
+        if self.expert_parallel:
+            return tensor.narrow(0, self.expert_start, self.local_experts) if stacked else tensor
+        inter, local = self.intermediate_size, self.local_intermediate
+        start = self.tp.rank * local
+        if down:  # [.., H, I]: this rank's columns
+            return tensor.narrow(-1, start, local)
+        if not stacked:  # one gate or up projection [I, H]
+            return tensor.narrow(0, start, local)
+        gate_up = tensor.narrow(-2, start, local), tensor.narrow(-2, inter + start, local)
+        return torch.cat(gate_up, dim=-2)  # [E, 2I, H]: this rank's gate rows, then up rows
 
     def checkpoint_param(self, proj: str) -> nn.Parameter:
         """The stacked parameter a per-expert projection (checkpoint name) loads into."""
@@ -221,8 +294,41 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
-        return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation)
+        flat = ids.reshape(-1)
+        self.expert_load.index_add_(0, flat, torch.ones_like(flat))
+        return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation,
+                             self.expert_start if self.expert_parallel else None)
 
     def extra_repr(self) -> str:
+        split = ""
+        if self.expert_parallel:
+            split = (f", local experts [{self.expert_start}, "
+                     f"{self.expert_start + self.local_experts})")
+        elif self.tp.world_size > 1:
+            split = f", local intermediate={self.local_intermediate}"
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}")
+                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}{split}")
+
+
+def check_expert_split(num_experts: int, world_size: int, where: str = "the model") -> None:
+    """Expert parallel: every rank owns the same number of whole experts."""
+    if num_experts % world_size:
+        raise ConfigError(
+            f"{where}: enable_expert_parallel splits the {num_experts} experts over "
+            f"tensor_parallel_size={world_size} ranks, which must divide {num_experts}; choose a "
+            f"tensor_parallel_size that divides {num_experts}, or leave expert parallelism off "
+            f"(drop --enable-expert-parallel) to split each expert's width instead"
+        )
+
+
+def check_width_split(intermediate_size: int, num_experts: int, world_size: int,
+                      where: str = "the model") -> None:
+    """Tensor parallel by width: every rank owns the same rows of every expert."""
+    if intermediate_size % world_size:
+        hint = (" or split by expert (--enable-expert-parallel)"
+                if num_experts % world_size == 0 else "")
+        raise ConfigError(
+            f"{where}: tensor_parallel_size={world_size} does not divide the experts' "
+            f"intermediate size ({intermediate_size}); choose a tensor_parallel_size that "
+            f"divides {intermediate_size}{hint}"
+        )

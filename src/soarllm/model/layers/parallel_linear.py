@@ -76,21 +76,25 @@ class MergedColumnParallelLinear(MergedLinear):
 
 
 class RowParallelLinear(Linear):
-    """Input columns split over the ranks, partial outputs summed (all-reduce)."""
+    """Input columns split over the ranks, partial outputs summed (all-reduce). With
+    ``reduce_results`` False the caller sums them, together with other partial sums (an MoE
+    block's shared expert and routed experts: one all-reduce for both)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 tp: TPGroup | None = None, what: str = "input features", **kw):
+                 tp: TPGroup | None = None, what: str = "input features",
+                 reduce_results: bool = True, **kw):
         tp = tp or TPGroup.single()
         local = tp.split(in_features, what)
         super().__init__(local, out_features, bias=bias, **kw)
         self.tp = tp
+        self.reduce_results = reduce_results
         if tp.world_size > 1:
             start = tp.rank * local
             _wrap_loaders(self, lambda n, _p, load: _row_parallel_loader(load, n, start, local, tp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x)
-        return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
+        return self.tp.all_reduce(out) if self.tp.world_size > 1 and self.reduce_results else out
 
 
 class VocabParallelEmbedding(nn.Embedding):

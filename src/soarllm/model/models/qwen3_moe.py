@@ -5,13 +5,14 @@ and attention with an RMSNorm over each head of q and of k before rope (no q/k/v
 from __future__ import annotations
 
 from soarllm.model.layers.norm import RMSNorm
-from soarllm.model.models.moe import MoEAttention, MoEForCausalLM, SparseMoeBlock, gated_mlp
-from soarllm.model.models.qwen2_moe import is_sparse_layer
+from soarllm.model.models.moe import MoEAttention, MoEDims, MoEForCausalLM
+from soarllm.model.models.qwen2_moe import is_sparse_layer, qwen_moe_dims
 
 
 class Qwen3MoeAttention(MoEAttention):
-    def __init__(self, config, layer_idx, dtype, rotary_emb, quant_config=None, prefix=""):
-        super().__init__(config, layer_idx, dtype, rotary_emb, quant_config, prefix)
+    def __init__(self, config, layer_idx, dtype, rotary_emb, quant_config=None, prefix="",
+                 tp=None):
+        super().__init__(config, layer_idx, dtype, rotary_emb, quant_config, prefix, tp)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
 
@@ -28,11 +29,15 @@ class Qwen3MoeAttention(MoEAttention):
 class Qwen3MoeForCausalLM(MoEForCausalLM):
     attention_cls = Qwen3MoeAttention
 
+    @classmethod
+    def moe_dims(cls, config) -> MoEDims:
+        return qwen_moe_dims(config)
+
     def build_mlp(self, config, layer_idx, dtype, quant_config, prefix):
         if not is_sparse_layer(config, layer_idx):
-            return gated_mlp(config, config.intermediate_size, dtype, quant_config, prefix)
-        return SparseMoeBlock(
-            config, dtype, num_experts=config.num_experts, top_k=config.num_experts_per_tok,
-            intermediate_size=config.moe_intermediate_size,
-            renormalize=bool(config.norm_topk_prob), quant_config=quant_config, prefix=prefix,
+            return self.dense_mlp(config, dtype, quant_config, prefix)
+        return self.sparse_block(
+            config, dtype, quant_config, prefix, num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok, intermediate_size=config.moe_intermediate_size,
+            renormalize=bool(config.norm_topk_prob),
         )

@@ -1,0 +1,132 @@
+"""Mixture-of-Experts models over two tensor-parallel ranks (gloo on CPU), the experts split by
+width (default) or whole (expert parallel): greedy tokens and their log-probabilities equal
+transformers' on the same weights, batched and with chunked prefill; each rank holds half of the
+experts' bytes; the tokens routed per expert (engine stats and /metrics) equal the counts of
+transformers' own router; splits the model cannot take are refused before any worker starts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from soarllm import LLM, SamplingParams
+from soarllm.config import EngineArgs
+from soarllm.errors import ConfigError
+from tests.tiny import make_tiny_model
+
+N_TOKENS = 10
+# Mixtral: 4 experts, top 2, renormalised. Qwen2-MoE: a dense first layer, then 4 experts
+# (top 2, not renormalised) beside a shared expert behind its sigmoid gate, q/k/v biases.
+FAMILIES = {"mixtral": {}, "qwen2_moe": {"mlp_only_layers": [0]}}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def moe_dir(request, tmp_path_factory):
+    d = make_tiny_model(tmp_path_factory.mktemp(f"ep-{request.param}"), request.param,
+                        **FAMILIES[request.param])
+    if request.param == "qwen2_moe":
+        from tests.distributed.conftest import randomize_biases
+
+        randomize_biases(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(0)
+    return [[rng.randrange(3, 500) for _ in range(rng.randint(5, 40))] for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(moe_dir, prompts):
+    """transformers' greedy tokens, their log-probabilities, the expert bytes of the whole model
+    and, per MoE layer, the tokens its router sends to each expert (every token the engine
+    computes: the prompt and each generated token but the last)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32).eval()
+    cfg = model.config
+    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    tokens, logprobs, load = [], [], None
+    with torch.inference_mode():
+        for ids in prompts:
+            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                 dtype=torch.long), do_sample=False, max_new_tokens=N_TOKENS,
+                                 min_new_tokens=N_TOKENS)
+            new = gen[0, len(ids):]
+            out = model(gen[:, :-1], output_router_logits=True)
+            lp = torch.log_softmax(out.logits[0, len(ids) - 1 :].double(), dim=-1)
+            tokens.append(new.tolist())
+            logprobs.append(lp.gather(1, new[:, None])[:, 0])
+            counts = torch.stack([
+                torch.bincount(r.topk(cfg.num_experts_per_tok, dim=-1).indices.flatten(),
+                               minlength=num_experts)
+                for r in out.router_logits])
+            load = counts if load is None else load + counts
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                       if ".experts." in n)
+    return tokens, logprobs, load.tolist(), expert_bytes
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["by-width", "expert-parallel"])
+def tp2(request, moe_dir):
+    """Two ranks, a small token budget: prompts are prefilled in chunks beside other requests'
+    decodes."""
+    llm = LLM(str(moe_dir), dtype="float32", kv_cache_memory="32MiB", tensor_parallel_size=2,
+              enable_expert_parallel=request.param, block_size=4, max_num_batched_tokens=16,
+              enable_prefix_caching=False)
+    yield llm
+    llm.llm_engine.shutdown()
+
+
+def test_greedy_equals_transformers(tp2, prompts, hf_reference):
+    ref_tokens, ref_logprobs, _, _ = hf_reference
+    sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=1)
+    outs = [o.outputs[0] for o in tp2.generate(prompts, sp)]
+    assert [o.token_ids for o in outs] == ref_tokens
+    for o, ref in zip(outs, ref_logprobs):
+        ours = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
+                            dtype=torch.float64)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    # load balance: every rank routed the whole batch, as transformers' router does
+    per_rank = tp2.llm_engine.executor.collective_rpc("expert_load")
+    assert per_rank[0] == per_rank[1] == hf_reference[2]
+    stats = tp2.llm_engine.get_stats()
+    assert stats.expert_load == hf_reference[2]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from soarllm.serve.metrics import ServerMetrics
+
+    text = ServerMetrics("m", lambda: stats).render().decode()
+    routed = {s.labels["expert"]: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "soar:moe_expert_routed_tokens_total"}
+    assert routed == {str(e): sum(col) for e, col in enumerate(zip(*hf_reference[2]))}
+
+
+def test_each_rank_holds_half_the_experts(tp2, hf_reference):
+    per_rank = tp2.llm_engine.executor.collective_rpc("parameter_bytes", ".experts.")
+    assert per_rank == [hf_reference[3] // 2] * 2
+
+
+def _args(model_dir, **kw) -> EngineArgs:
+    return EngineArgs(model=str(model_dir), dtype="float32", **kw)
+
+
+def test_bad_splits_are_refused_before_workers_start(tmp_path):
+    from soarllm.distributed.multiproc import MultiprocExecutor
+
+    odd = make_tiny_model(tmp_path / "odd", "mixtral", num_local_experts=3,
+                          intermediate_size=125)
+    with pytest.raises(ConfigError, match=r"splits the 3 experts over tensor_parallel_size=2 "
+                       r"ranks.*choose a tensor_parallel_size that divides 3"):
+        MultiprocExecutor(_args(odd, tensor_parallel_size=2, enable_expert_parallel=True))
+    with pytest.raises(ConfigError, match=r"does not divide the experts' intermediate size "
+                       r"\(125\); choose a tensor_parallel_size that divides 125"):
+        MultiprocExecutor(_args(odd, tensor_parallel_size=2))
+    dense = make_tiny_model(tmp_path / "dense", "llama")
+    with pytest.raises(ConfigError, match="has none; drop --enable-expert-parallel"):
+        MultiprocExecutor(_args(dense, tensor_parallel_size=2, enable_expert_parallel=True))
+    with pytest.raises(ConfigError, match="has none; drop --enable-expert-parallel"):
+        LLM(str(dense), dtype="float32", enable_expert_parallel=True)
