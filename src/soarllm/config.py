@@ -92,6 +92,10 @@ class EngineArgs:
     # extra). None: chosen from the world size.
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # Context parallelism (long prompts): ranks a request's tokens and KV cache are split over,
+    # one mp worker each (token p on rank p % N); prefill by ring attention, decode merged across
+    # ranks (kernels/context_parallel_attention.py). Tensor parallel size 1 only.
+    context_parallel_size: int = 1
     # torch threads of each worker process (mp / ray); None: the cores / ranks on that machine
     worker_threads: int | None = None
 
@@ -104,6 +108,12 @@ class EngineArgs:
                 f"unknown engine argument(s) {unknown}; known ones are {sorted(names)}"
             )
         return cls(**kwargs)
+
+    @property
+    def tokens_per_block(self) -> int:
+        """Tokens one KV block holds for the scheduler: ``block_size`` slots on every
+        context-parallel rank, each rank storing its share of the block's tokens."""
+        return self.block_size * self.context_parallel_size
 
     def resolved_device(self) -> str:
         if self.device != "auto":

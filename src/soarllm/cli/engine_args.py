@@ -68,6 +68,10 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
                    help="split the model over N ranks, one process each (heads, MLP width and "
                    "vocabulary sharded; gloo on CPU, NCCL on GPU); default 1")
+    g.add_argument("--context-parallel-size", "-cp", type=int, default=None, metavar="N",
+                   help="split each request's tokens and KV cache over N ranks, one process each "
+                   "(long prompts: ring-attention prefill, each rank holding 1/N of the KV); "
+                   "-tp 1 only; default 1")
     g.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
                    help="how the ranks run: uni (this process; -tp 1 only) | mp (worker "
                    "processes on this machine; the default above -tp 1) | ray (Ray actors, on "
