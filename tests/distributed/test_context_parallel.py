@@ -84,17 +84,19 @@ def test_ring_attention_equals_sdpa_over_the_whole_sequence():
 N_TOKENS = 8
 
 
-def _run(llm, prompt_ids):
-    """Greedy tokens, their logprobs and every prompt position's logprob of the next token."""
+def _run(llm, prompt_ids, prompt_logprobs=True):
+    """Greedy tokens, their logprobs and (asked for) every prompt position's logprob of the next
+    token; a request asking for prompt logprobs skips the prefix cache."""
     from soarllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=1,
-                        prompt_logprobs=1)
+                        prompt_logprobs=1 if prompt_logprobs else None)
     outs = llm.generate([list(p) for p in prompt_ids], sp)
     result = []
     for o in outs:
         c = o.outputs[0]
-        prompt = [lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+        prompt = [lp[t].logprob for lp, t in zip((o.prompt_logprobs or [])[1:],
+                                                   o.prompt_token_ids[1:])]
         sampled = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
         result.append((c.token_ids, torch.tensor(prompt + sampled, dtype=torch.float64)))
     return result
@@ -102,7 +104,8 @@ def _run(llm, prompt_ids):
 
 def test_context_parallel_2_equals_1_with_half_the_kv_per_rank(tiny_gqa_dir):
     """A long prompt (chunked: later chunks attend to KV the earlier ones left on both ranks) and
-    a short one in the same batch; then decodes over the distributed KV. Every prompt position's
+    a short one in the same batch, then one that starts with the long one's prefix (a prefix
+    cache hit on both ranks' shards); decodes over the distributed KV. Every prompt position's
     logprob and the greedy continuation match CP=1 (itself tested against transformers); each
     rank's KV cache is half of CP=1's for the same token capacity."""
     from soarllm import LLM
@@ -110,16 +113,18 @@ def test_context_parallel_2_equals_1_with_half_the_kv_per_rank(tiny_gqa_dir):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 500, (150,), generator=gen).tolist(),
                torch.randint(3, 500, (9,), generator=gen).tolist()]
+    later = [prompts[0][:100] + torch.randint(3, 500, (20,), generator=gen).tolist()]
     common = dict(dtype="float32", kv_cache_memory="8MiB", max_num_batched_tokens=64,
-                  max_model_len=256, enable_prefix_caching=False)
+                  max_model_len=256)
     one = LLM(str(tiny_gqa_dir), **common)
-    ref = _run(one, prompts)
+    ref = _run(one, prompts) + _run(one, later, prompt_logprobs=False)
     ref_bytes = sum(c.numel() * c.element_size() for c in one.llm_engine.executor.runner.kv_caches)
     ref_tokens = one.llm_engine.cache_config.num_blocks * one.llm_engine.cache_config.block_size
     one.llm_engine.shutdown()
     two = LLM(str(tiny_gqa_dir), context_parallel_size=2, **common)
     try:
-        got = _run(two, prompts)
+        got = _run(two, prompts) + _run(two, later, prompt_logprobs=False)
+        assert two.llm_engine.kv.prefix_cache_hits >= 96  # three blocks of 32 tokens
         per_rank = two.llm_engine.executor.collective_rpc("kv_cache_bytes")
         cache = two.llm_engine.cache_config
         assert cache.num_blocks * cache.block_size == ref_tokens  # the same tokens fit ...
