@@ -96,6 +96,10 @@ class EngineArgs:
     # tensor_parallel_size ranks (rank r owns experts [r E/N, (r+1) E/N)) instead of each expert's
     # width; attention and dense layers stay tensor parallel
     enable_expert_parallel: bool = False
+    # Context parallelism (long prompts): ranks a request's tokens and KV cache are split over,
+    # one mp worker each (token p on rank p % N); prefill by ring attention, decode merged across
+    # ranks (kernels/context_parallel_attention.py). Tensor parallel size 1 only.
+    context_parallel_size: int = 1
     # torch threads of each worker process (mp / ray); None: the cores / ranks on that machine
     worker_threads: int | None = None
 
@@ -108,6 +112,12 @@ class EngineArgs:
                 f"unknown engine argument(s) {unknown}; known ones are {sorted(names)}"
             )
         return cls(**kwargs)
+
+    @property
+    def tokens_per_block(self) -> int:
+        """Tokens one KV block holds for the scheduler: ``block_size`` slots on every
+        context-parallel rank, each rank storing its share of the block's tokens."""
+        return self.block_size * self.context_parallel_size
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -81,16 +81,44 @@ def executor_backend(args: EngineArgs) -> str:
     world = args.tensor_parallel_size
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ConfigError(f"tensor_parallel_size must be a positive integer, got {world!r}")
-    backend = args.distributed_executor_backend or ("mp" if world > 1 else "uni")
+    cp = args.context_parallel_size
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ConfigError(f"context_parallel_size must be a positive integer, got {cp!r}")
+    backend = args.distributed_executor_backend or ("mp" if world * cp > 1 else "uni")
     if backend not in EXECUTOR_BACKENDS:
         raise ConfigError(f"unknown distributed_executor_backend {backend!r}; use one of "
                           f"{', '.join(EXECUTOR_BACKENDS)}")
+    if cp > 1:
+        check_context_parallel(args, backend)
     if backend == "uni" and world > 1:
         raise ConfigError(f"the 'uni' executor runs one process, but tensor_parallel_size="
                           f"{world}; use distributed_executor_backend='mp' (or leave it unset)")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError(RAY_MISSING)
     return backend
+
+
+def check_context_parallel(args: EngineArgs, backend: str) -> None:
+    """Refuse, before any worker starts, what context parallelism does not combine with yet."""
+    cp = args.context_parallel_size
+    if args.tensor_parallel_size > 1:
+        raise ConfigError(f"context_parallel_size={cp} with tensor_parallel_size="
+                          f"{args.tensor_parallel_size} is not supported yet; use one of them "
+                          f"(the other at 1)")
+    if backend != "mp":
+        raise ConfigError(f"context_parallel_size={cp} runs its ranks as worker processes on "
+                          f"this machine: use distributed_executor_backend='mp' (or leave it "
+                          f"unset), not {backend!r}")
+    if args.speculative_config is not None:
+        raise ConfigError(f"speculative decoding is not supported with context_parallel_size="
+                          f"{cp}; drop speculative_config or use context_parallel_size=1")
+    if (args.attention_backend or "auto").strip().lower() == "triton":
+        raise ConfigError(f"context_parallel_size={cp} brings its own attention (ring attention "
+                          f"over the reference kernels); use attention_backend='auto' or "
+                          f"'reference'")
+    if args.resolved_device() != "cpu":
+        raise ConfigError(f"context_parallel_size={cp} runs on CPU (gloo) only for now; use "
+                          f"device='cpu' or context_parallel_size=1")
 
 
 RAY_MISSING = ("distributed_executor_backend='ray' needs Ray, which is not installed: "

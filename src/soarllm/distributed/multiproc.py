@@ -135,13 +135,14 @@ class MultiprocExecutor(RankedExecutor):
         import torch.multiprocessing as tmp
 
         self.args = args
-        self.world_size = args.tensor_parallel_size
+        # one process per rank: tensor-parallel or context-parallel (one of them is 1)
+        self.world_size = args.tensor_parallel_size * args.context_parallel_size
         device = args.resolved_device()
         # The engine process reads the config and tokenizer; a GGUF file is converted once here,
         # before the workers open it.
         self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
         self.hf_config = self.checkpoint.config
-        check_tensor_parallel(self.hf_config, self.world_size, device,
+        check_tensor_parallel(self.hf_config, args.tensor_parallel_size, device,
                               enable_expert_parallel=args.enable_expert_parallel)
         ctx = tmp.get_context("spawn")
         port = free_port()

@@ -39,7 +39,10 @@ class Worker:
                               or max(1, (os.cpu_count() or 1) // (local_world_size or world_size)))
         self.tp = init_distributed(rank, world_size, port, args.resolved_device(),
                                    master_addr=master_addr, device_index=device_index)
-        self.runner = ModelRunner(args, tp=self.tp)
+        if args.context_parallel_size > 1:  # the ranks split the tokens, not the weights
+            self.runner = ModelRunner(args, cp=self.tp)
+        else:
+            self.runner = ModelRunner(args, tp=self.tp)
 
     # -- methods the executor calls --------------------------------------------------------------
 
@@ -75,6 +78,10 @@ class Worker:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
         return total
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of this rank's KV cache (every layer)."""
+        return sum(c.numel() * c.element_size() for c in self.runner.kv_caches)
 
     def comm_stats(self, reset: bool = False) -> tuple[float, int]:
         c = self.tp.comm

@@ -91,9 +91,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.executor.hf_config, self.tokenizer)
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_kv_cache(num_blocks)
-        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.cache_config = CacheConfig(args.tokens_per_block, num_blocks, args.enable_prefix_caching)
         budget = args.max_num_batched_tokens or (
-            max(2048, args.block_size) if args.enable_chunked_prefill else self.max_model_len
+            max(2048, args.tokens_per_block) if args.enable_chunked_prefill else self.max_model_len
         )
         if not args.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
@@ -103,7 +103,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
-        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, args.tokens_per_block, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         draft = None
         if spec_config is not None and spec_config.method == "draft_model":

@@ -24,7 +24,9 @@ from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, pars
 from soarllm.errors import ConfigError
 from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
+from soarllm.kernels.context_parallel_attention import ContextParallelAttentionBackend
 from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
+from soarllm.model.context_parallel import gather_logit_rows, shard_step
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
@@ -72,10 +74,13 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, tp: TPGroup | None = None):
+    def __init__(self, args: EngineArgs, tp: TPGroup | None = None, cp: TPGroup | None = None):
         self.args = args
         # this runner's tensor-parallel rank; only rank 0 (the driver) samples
         self.tp = tp or TPGroup.single()
+        # its context-parallel rank (model/context_parallel.py): the same collectives, over ranks
+        # that split the tokens instead of the weights
+        self.cp = cp or TPGroup.single()
         self.device = args.resolved_device()
         self.dtype = parse_dtype(args.dtype, self.device)
         torch.manual_seed(args.seed)
@@ -89,6 +94,13 @@ class ModelRunner:
         self.backend = get_attention_backend(
             self.device, _latent_backend(args.attention_backend) if model_cls.latent_kv_cache
             else args.attention_backend)
+        if self.cp.world_size > 1:
+            if model_cls.latent_kv_cache:
+                raise ConfigError(
+                    f"{model_cls.__name__} keeps an MLA latent KV cache, which context "
+                    "parallelism does not split yet; run it with context_parallel_size=1")
+            self.backend = ContextParallelAttentionBackend(self.cp.rank, self.cp.world_size,
+                                                           self.cp.group)
         quant_config = get_quant_config(args.quantization, self.checkpoint, model_cls.packed_modules)
         parallel = {}
         if self.tp.world_size > 1:
@@ -117,12 +129,14 @@ class ModelRunner:
                 f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
                 f"({max_pos}, with its rope scaling); lower max_model_len"
             )
-        self.block_size = args.block_size
+        self.block_size = args.block_size  # slots of one cache block (on this rank)
+        self.tokens_per_block = args.tokens_per_block  # tokens of one scheduler block (all ranks)
         # KV cache: the model dtype, or int8 with per-token-head scales (kernels/kv_quant.py)
         self.kv_cache_dtype = kv_quant.parse_kv_cache_dtype(args.kv_cache_dtype)
         self.kv_dtype = torch.int8 if self.kv_cache_dtype == "int8" else self.dtype
         self.sampler = Sampler()
-        self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len, self.block_size)
+        self.input_batch = InputBatch(args.max_num_seqs, self.max_model_len,
+                                      self.tokens_per_block)
         self.phases: StepPhases | None = None  # attach one to time the step's phases
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only)
@@ -156,10 +170,10 @@ class ModelRunner:
             kind, value = parse_memory(setting)
             budget = value * available_memory_bytes(self.device) if kind == "fraction" else value
         if self.device == "cpu":  # the ranks of a CPU engine share one memory: split the budget
-            budget /= self.tp.world_size
+            budget /= self.tp.world_size * self.cp.world_size
         num_blocks = int(budget // self.kv_bytes_per_block())
-        if num_blocks * self.block_size < self.max_model_len:
-            need = -(-self.max_model_len // self.block_size) * self.kv_bytes_per_block()
+        if num_blocks * self.tokens_per_block < self.max_model_len:
+            need = -(-self.max_model_len // self.tokens_per_block) * self.kv_bytes_per_block()
             raise ConfigError(
                 f"the KV cache ({int(budget) / 2**20:.0f} MiB, {num_blocks} blocks of "
                 f"{self.block_size} tokens) cannot hold one request of max_model_len="
@@ -202,6 +216,8 @@ class ModelRunner:
     def compile_and_warm_up(self) -> None:
         """Compile the decoder stack and run it once per warm-up size, so no request pays for
         compilation; any compile failure leaves the runner eager (with a warning), never broken."""
+        if self.cp.world_size > 1:  # context parallel runs eagerly (not yet tried compiled)
+            return
         compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager)
         if compiled is None:
             return
@@ -282,7 +298,7 @@ class ModelRunner:
         if so.is_empty:
             return RunnerOutput()
         b = self.input_batch
-        bs = self.block_size
+        bs = self.tokens_per_block
         ids = list(so.num_scheduled_tokens)
         rows = np.fromiter((b.row_of[r] for r in ids), dtype=np.int64, count=len(ids))
         n = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(ids))
@@ -363,6 +379,17 @@ class ModelRunner:
         logits_rows = np.concatenate(prompt_flat + [sample_flat, window_flat]).astype(np.int64)
         num_prompt_rows = sum(len(x) for x in prompt_flat)
         dev = self.device
+        local = None
+        if self.cp.world_size > 1:  # this rank's tokens only
+            if so.spec_token_ids or layouts:  # every rank refuses alike, before any collective
+                raise ConfigError("speculative decoding (a request's `prediction` included) is "
+                                  "not supported with context_parallel_size > 1; send the "
+                                  "request without a prediction")
+            local = shard_step(positions, slots, req_idx, single, logits_rows, self.block_size,
+                               self.cp.rank, self.cp.world_size)
+            positions, input_ids, slots = positions[local.keep], input_ids[local.keep], local.slots
+            att_qsl = local.query_start_loc
+            att_qlen = np.diff(att_qsl)
         meta = AttentionMetadata(
             positions=torch.from_numpy(positions).to(dev),
             query_start_loc=torch.from_numpy(att_qsl).to(dev),
@@ -387,8 +414,14 @@ class ModelRunner:
             with set_forward_context(meta, self.backend):
                 hidden = self.backbone(input_t, meta.positions, self.kv_caches)
         out = RunnerOutput()
+        if local is not None:
+            if len(logits_rows):
+                hidden = gather_logit_rows(hidden, local, self.cp)
+            if not self.cp.is_driver:
+                return out
         if len(logits_rows):
-            logits = self.model.compute_logits(hidden[meta.logits_indices])
+            rows_h = hidden if local is not None else hidden[meta.logits_indices]
+            logits = self.model.compute_logits(rows_h)
         t_sample = time.perf_counter()
         if self.phases is not None:
             self.phases.add("prepare", t_forward - t_start)
