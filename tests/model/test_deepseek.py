@@ -163,6 +163,13 @@ def test_greedy_tokens_equal_transformers_generate(tiny_deepseek):
     assert tuple(runner.kv_caches[0].shape[::3]) == (1, 1) and runner.kv_caches[0].shape[-1] == width
     assert runner.kv_bytes_per_block() == cfg.num_hidden_layers * 4 * width * 4
     assert [o.outputs[0].token_ids for o in batched.generate(prompts, params)] == want
+    # every token forwarded (prompt + all but the last generated) routed to top_k experts, per
+    # MoE layer (the warm-up's counts are cleared)
+    forwarded = sum(len(p) + 9 for p in prompts)
+    load = batched.llm_engine.executor.expert_load()
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert len(load) == moe_layers
+    assert all(sum(layer) == forwarded * cfg.num_experts_per_tok for layer in load), load
     chunked = LLM(str(tiny_deepseek), dtype="float32", block_size=4, max_num_batched_tokens=16,
                   enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == want
@@ -214,6 +221,16 @@ def test_bad_expert_groups_are_a_clear_error():
     cfg.architectures = ["DeepseekV3ForCausalLM"]
     with pytest.raises(ConfigError, match="fix n_group / topk_group in config.json"):
         resolve_model_class(cfg)(cfg, torch.float32)
+
+
+def test_tensor_and_expert_parallel_are_refused_clearly():
+    from soarllm.distributed.multiproc import check_tensor_parallel
+
+    cfg = v3_config()
+    cfg.architectures = ["DeepseekV3ForCausalLM"]
+    for ep in (False, True):
+        with pytest.raises(ConfigError, match="does not support tensor parallelism yet"):
+            check_tensor_parallel(cfg, 2, "cpu", enable_expert_parallel=ep)
 
 
 def test_triton_backend_is_refused_for_the_latent_cache(tiny_deepseek):

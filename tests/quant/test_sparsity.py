@@ -329,3 +329,7 @@ def test_unsupported_sparsity_configs_are_refused(tiny, written, tmp_path):
         shutil.rmtree(path)
     with pytest.raises(ConfigError, match="'densify' applies to a compressed-tensors 2:4"):
         load_model(str(tiny), "densify")
+    dense = tmp_path / "dense"  # a compressed-tensors checkpoint without 2:4 layers
+    assert _quantize(tiny, dense, "--scheme", "w8a16", "--method", "rtn") == 0
+    with pytest.raises(ConfigError, match="has no 2:4 layers"):
+        load_model(str(dense), "densify")

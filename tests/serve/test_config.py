@@ -69,6 +69,8 @@ def test_model_runs_in_a_worker_process_on_cpu_unless_told(monkeypatch):
     assert not runs_model_in_worker(EngineArgs(model="m", distributed_executor_backend="uni"), 1,
                                     "cpu")
     assert not runs_model_in_worker(EngineArgs(model="m", tensor_parallel_size=2), 1, "cpu")
+    # context-parallel ranks are worker processes already, sharing the cores
+    assert not runs_model_in_worker(EngineArgs(model="m", context_parallel_size=2), 1, "cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert model_process_threads(None) == 8  # every core: the HTTP process is idle in the step

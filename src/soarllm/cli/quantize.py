@@ -90,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--json applies to --analyze only")
     else:
         check_out(args.out.absolute())  # before any loading
-    num_samples = args.num_samples or (32 if args.analyze else 128)
+    num_samples = args.num_samples if args.num_samples is not None else (
+        32 if args.analyze else 128)
     opts = QuantizeOptions(
         scheme=args.scheme, method=args.method, group_size=args.group_size, calib=args.calib,
         num_samples=num_samples, seq_len=args.seq_len, dtype=args.dtype,

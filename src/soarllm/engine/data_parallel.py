@@ -145,7 +145,8 @@ class DataParallelEngine(GeneratesFromStreams):
             # the model of each replica in its own worker process(es): replicas compute in parallel
             args = dataclasses.replace(args, distributed_executor_backend="mp")
         if args.worker_threads is None:  # every replica's workers share the cores
-            ranks = data_parallel_size * args.tensor_parallel_size
+            ranks = (data_parallel_size * args.tensor_parallel_size
+                     * args.context_parallel_size)
             args = dataclasses.replace(args, worker_threads=max(1, (os.cpu_count() or 1) // ranks))
         replicas = []
         try:

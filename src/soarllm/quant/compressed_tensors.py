@@ -358,6 +358,10 @@ class CompressedTensorsConfig(QuantizationConfig):
         if fmt not in _READ_FORMATS:
             problems.append(f"format {fmt!r}")
         self.sparse = _sparse_config(raw.get("sparsity_config"), fmt, problems)
+        if densify and self.sparse is None:
+            raise ConfigError(f"quantization='densify' applies to a compressed-tensors 2:4 "
+                              f"checkpoint (soar quantize --sparsity 2:4); {where} has no 2:4 "
+                              "layers. Leave quantization unset")
         if self.ct.kv_cache_scheme is not None:
             problems.append("a kv_cache_scheme")
         for name, scheme in self.ct.config_groups.items():

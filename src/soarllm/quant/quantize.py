@@ -335,7 +335,8 @@ def _gptq(hf, tokenizer_dir, fmt: _Format, compressed, opts: QuantizeOptions) ->
 
     samples = calibration_samples(tokenizer_dir, opts.calib, opts.num_samples, opts.seq_len)
     widest = max(m.in_features for m in decoder_linears(hf).values())
-    if samples.numel() < 16 * widest:
+    method = "GPTQ" if opts.method == "gptq" else "Wanda"  # RTN with a Wanda mask calibrates too
+    if method == "GPTQ" and samples.numel() < 16 * widest:
         logger.warning(
             "GPTQ calibrates on %d tokens, fewer than 16x the widest layer's %d inputs: it may fit "
             "the calibration text and do worse than RTN elsewhere; raise --num-samples/--seq-len",
@@ -356,7 +357,7 @@ def _gptq(hf, tokenizer_dir, fmt: _Format, compressed, opts: QuantizeOptions) ->
             _store(names[id(module)], module, q, scale, zp, fmt, compressed, mask,
                    opts.sparse_format)
 
-    SequentialCalibrator(hf, samples, progress=opts.progress).run(quantize_layer)
+    SequentialCalibrator(hf, samples, progress=opts.progress, method=method).run(quantize_layer)
 
 
 def calibration_samples(tokenizer_dir, calib: str, num_samples: int, seq_len: int) -> torch.Tensor:

@@ -58,11 +58,11 @@ def w8a16_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return out.reshape(*lead, qweight.shape[0]).to(x.dtype)
 
 
-class W8A16Method(QuantMethod):
-    checkpoint_params = {"weight": "qweight", "bias": "bias"}
+class Int8RowsMethod(QuantMethod):
+    """int8 weights [out, in] with one float32 scale per output row (W8A16, W8A8): their
+    parameters and their round-to-nearest loading; subclasses choose the kernel."""
 
-    def describe(self) -> str:
-        return "W8A16 (per channel)"
+    checkpoint_params = {"weight": "qweight", "bias": "bias"}
 
     def create_weights(self, layer, in_features, out_features, bias, dtype):
         layer.qweight = set_weight_loader(
@@ -75,8 +75,6 @@ class W8A16Method(QuantMethod):
             set_weight_loader(new_param((out_features,), dtype), functools.partial(load_rows, layer))
             if bias else None
         )
-        layer.use_cpu_kernel = False
-        layer.use_triton_kernel = False
 
     def load_weight(self, layer, param, loaded, shard_id=None) -> None:
         """Float weights (or dequantized blocks) are quantized per output row (RTN)."""
@@ -86,6 +84,16 @@ class W8A16Method(QuantMethod):
         q, scale = quantize_w8(weight)
         layer.qweight.data[off : off + size] = q
         layer.scales.data[off : off + size] = scale
+
+
+class W8A16Method(Int8RowsMethod):
+    def describe(self) -> str:
+        return "W8A16 (per channel)"
+
+    def create_weights(self, layer, in_features, out_features, bias, dtype):
+        super().create_weights(layer, in_features, out_features, bias, dtype)
+        layer.use_cpu_kernel = False
+        layer.use_triton_kernel = False
 
     def process_weights_after_loading(self, layer) -> None:
         if layer.qweight.device.type == "cuda" and triton_available():

@@ -22,21 +22,10 @@ checkpoints are quantized by round-to-nearest at load.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from soarllm.quant.base import (
-    QuantMethod,
-    as_float,
-    check_rows,
-    load_rows,
-    new_param,
-    set_weight_loader,
-    shard_range,
-)
-from soarllm.quant.w8a16 import dequantize_w8, quantize_w8
+from soarllm.quant.w8a16 import Int8RowsMethod, dequantize_w8
 
 _CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: more than 16 rows
 _CUDA_MULTIPLE = 8  # ... and input / output sizes that are multiples of 8
@@ -85,33 +74,13 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out.to(x.dtype).reshape(*lead, qweight.shape[0])
 
 
-class W8A8Method(QuantMethod):
-    checkpoint_params = {"weight": "qweight", "bias": "bias"}
-
+class W8A8Method(Int8RowsMethod):
     def describe(self) -> str:
         return "W8A8 (per channel, dynamic per token)"
 
     def create_weights(self, layer, in_features, out_features, bias, dtype):
-        layer.qweight = set_weight_loader(
-            new_param((out_features, in_features), torch.int8),
-            functools.partial(self.load_weight, layer),
-        )
-        layer.scales = new_param((out_features,), torch.float32)
-        layer.scales.filled_by = "qweight"
-        layer.bias = (
-            set_weight_loader(new_param((out_features,), dtype), functools.partial(load_rows, layer))
-            if bias else None
-        )
+        super().create_weights(layer, in_features, out_features, bias, dtype)
         layer.int_mm_min_rows = None
-
-    def load_weight(self, layer, param, loaded, shard_id=None) -> None:
-        """Float weights (or dequantized blocks) are quantized per output row (RTN)."""
-        weight = as_float(loaded)
-        off, size = shard_range(layer, shard_id, layer.out_features)
-        check_rows("weight", shard_id, (size, layer.in_features), weight.shape)
-        q, scale = quantize_w8(weight)
-        layer.qweight.data[off : off + size] = q
-        layer.scales.data[off : off + size] = scale
 
     def process_weights_after_loading(self, layer) -> None:
         layer.qweight.data = layer.qweight.data.contiguous()

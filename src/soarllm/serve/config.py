@@ -135,4 +135,5 @@ def runs_model_in_worker(engine_args, data_parallel_size: int, device: str) -> b
     has the side-by-side with llama-server)."""
     return (device.startswith("cpu") and data_parallel_size == 1
             and engine_args.distributed_executor_backend is None
-            and engine_args.tensor_parallel_size == 1)
+            and engine_args.tensor_parallel_size == 1
+            and engine_args.context_parallel_size == 1)

@@ -294,6 +294,11 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return self.run(x, weights, ids)
+
+    def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The experts on tokens already routed (weights, ids [T, top_k]; a family's own router,
+        e.g. DeepSeek's grouped top-k), counted in ``expert_load``."""
         flat = ids.reshape(-1)
         self.expert_load.index_add_(0, flat, torch.ones_like(flat))
         return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation,

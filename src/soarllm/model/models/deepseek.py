@@ -48,7 +48,7 @@ from torch import nn
 
 from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.model.layers.attention import Attention
-from soarllm.model.layers.fused_moe import FusedMoE, fused_experts, grouped_topk
+from soarllm.model.layers.fused_moe import FusedMoE, grouped_topk
 from soarllm.model.layers.linear import Linear
 from soarllm.model.layers.norm import RMSNorm
 from soarllm.model.layers.rotary import RotaryEmbedding, rope_parameters
@@ -184,8 +184,7 @@ class DeepseekMoE(nn.Module):
                                     self.topk_groups, self.scoring,
                                     self.gate.e_score_correction_bias, self.renormalize,
                                     self.scaling_factor)
-        e = self.experts
-        out = fused_experts(x, e.gate_up_proj, e.down_proj, weights, ids, e.activation)
+        out = self.experts.run(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -217,8 +216,12 @@ class DeepseekV2ForCausalLM(MoEForCausalLM):
     packed_modules = {"gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
     # the cache holds one latent vector per token, key and value at once (kernels/attention.py)
     latent_kv_cache = True
+    # the latent attention and DeepSeekMoE are not split over ranks yet
+    supports_tensor_parallel = False
 
-    def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None):
+    def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None,
+                 tp=None, enable_expert_parallel: bool = False):
+        # one rank: expert parallelism over a world of 1 changes nothing
         DecoderForCausalLM.__init__(self, config, dtype, quant_config, backend)
         self.routing = self.check_routing(config)
         # what the runner sizes the KV cache by: one "KV head" of the latent's width
