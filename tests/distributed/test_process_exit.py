@@ -20,7 +20,7 @@ import sys, time
 from soarllm.config import EngineArgs
 from soarllm.engine.llm_engine import LLMEngine
 engine = LLMEngine(EngineArgs(model=sys.argv[1], dtype="float32", kv_cache_memory="32MiB",
-                              tensor_parallel_size=2))
+                              tensor_parallel_size=2, distributed_executor_backend=sys.argv[2]))
 print(" ".join(map(str, engine.executor.worker_pids)), flush=True)
 time.sleep(600)
 """
@@ -28,9 +28,11 @@ time.sleep(600)
 
 # SIGTERM without a handler ends the process like SIGKILL (the workers' parent watch); Ctrl-C
 # (SIGINT) unwinds it (the executor's exit hook)
+# (the Ray backend: the actors of a local cluster the engine started, which Ray ends with its driver)
+@pytest.mark.parametrize("backend", ["mp", "ray"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_engine_process_exit_stops_its_workers(tiny_gqa_dir, sig):
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_gqa_dir)],
+def test_engine_process_exit_stops_its_workers(tiny_gqa_dir, sig, backend):
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_gqa_dir), backend],
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "SOARLLM_ENFORCE_EAGER": "1"})
     try:
