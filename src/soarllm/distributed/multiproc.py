@@ -93,6 +93,36 @@ class RankedExecutor:
     def dead_error(self) -> WorkerDiedError | None:
         raise NotImplementedError
 
+    def shutdown(self, timeout: float = 5.0) -> None:
+        raise NotImplementedError
+
+    # where else to look for the cause of a dead rank (Ray: lost nodes)
+    death_hint = ""
+    # how long a dying executor waits for the survivors, which may be stuck in a collective
+    die_timeout_s = 0.5
+
+    def _die(self, what: str) -> None:
+        self._dead = WorkerDiedError(
+            f"tensor-parallel {what}; the engine cannot continue: restart it (check the "
+            f"worker's log for the cause, e.g. out of memory{self.death_hint})")
+        logger.error("%s", self._dead)
+        self.shutdown(timeout=self.die_timeout_s)
+        raise self._dead
+
+    def _results(self, answers: dict[int, tuple[str, Any]], method: str | None) -> list:
+        """Every rank's ("ok" | "error", value) -> the values in rank order, or the error: a
+        start-up error as it is (it says what to change), one that only some ranks raised as
+        fatal (their states drifted apart)."""
+        errors = [a[1] for _, a in sorted(answers.items()) if a[0] == "error"]
+        if errors:
+            if method is None:
+                raise errors[0]
+            if len(errors) < len(answers):
+                self._die(f"{len(errors)} of {len(answers)} workers failed in {method}: "
+                          f"{errors[0]!r}")
+            raise errors[0]
+        return [answers[r][1] for r in sorted(answers)]
+
     def determine_num_blocks(self) -> int:
         return min(self.collective_rpc("determine_num_blocks"))
 
@@ -222,15 +252,7 @@ class MultiprocExecutor(RankedExecutor):
                 del pending[rank]
                 if answers[rank][0] == "error" and deadline is None:
                     deadline = time.monotonic() + COLLECTIVE_GRACE_S
-        errors = [a[1] for _, a in sorted(answers.items()) if a[0] == "error"]
-        if errors:
-            if method is None:  # start-up: a configuration error says what to change
-                raise errors[0]
-            if len(errors) < self.world_size:  # the ranks disagree: their states drifted apart
-                self._die(f"{len(errors)} of {self.world_size} workers failed in {method}: "
-                          f"{errors[0]!r}")
-            raise errors[0]
-        return [answers[r][1] for r in range(self.world_size)]
+        return self._results(answers, method)
 
     def _exit_note(self, rank: int) -> str:
         p = self.procs[rank]
@@ -239,14 +261,6 @@ class MultiprocExecutor(RankedExecutor):
         if code is None:
             return ""
         return f" (exit code {code}{', killed by signal ' + str(-code) if code < 0 else ''})"
-
-    def _die(self, what: str) -> None:
-        self._dead = WorkerDiedError(
-            f"tensor-parallel {what}; the engine cannot continue: restart it (check the "
-            f"worker's log for the cause, e.g. out of memory)")
-        logger.error("%s", self._dead)
-        self.shutdown(timeout=0.5)  # the survivors may be stuck in a collective: do not wait
-        raise self._dead
 
     # -- the executor seam -----------------------------------------------------------------------
 

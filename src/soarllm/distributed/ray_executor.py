@@ -123,6 +123,9 @@ def reserve_placement_group(ray, world_size: int, device: str, timeout_s: float)
 class RayExecutor(RankedExecutor):
     """``tensor_parallel_size`` Ray actors, rank 0's answers returned."""
 
+    death_hint = "; `ray status` for lost nodes"
+    die_timeout_s = 5.0  # shutdown kills the actors first: the wait is for their exit
+
     def __init__(self, args: EngineArgs):
         ray = import_ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -248,27 +251,11 @@ class RayExecutor(RankedExecutor):
             del pending[rank]
             if answers[rank][0] == "error" and deadline is None:
                 deadline = time.monotonic() + COLLECTIVE_GRACE_S
-        errors = [a[1] for _, a in sorted(answers.items()) if a[0] == "error"]
-        if errors:
-            if method is None:
-                raise errors[0]
-            if len(errors) < len(answers):  # the ranks disagree: their states drifted apart
-                self._die(f"{len(errors)} of {len(answers)} workers failed in {method}: "
-                          f"{errors[0]!r}")
-            raise errors[0]
-        return [answers[r][1] for r in sorted(answers)]
+        return self._results(answers, method)
 
     def _where(self, rank: int) -> str:
         pid = self.worker_pids[rank]
         return f" (pid {pid} on {self.worker_hosts[rank]})" if pid is not None else ""
-
-    def _die(self, what: str) -> None:
-        self._dead = WorkerDiedError(
-            f"tensor-parallel {what}; the engine cannot continue: restart it (check the "
-            f"worker's log for the cause, e.g. out of memory; `ray status` for lost nodes)")
-        logger.error("%s", self._dead)
-        self.shutdown()  # the survivors may be stuck in a collective: kill them
-        raise self._dead
 
     # -- the executor seam -----------------------------------------------------------------------
 
