@@ -69,7 +69,7 @@ def measure(label: str, command: str, port: int, log_dir: Path) -> dict:
         model = asyncio.run(model_name())
         for _ in range(2):
             asyncio.run(load(endpoint, model, 8, 128))
-        pss = tree_pss_mb(server._proc.pid)
+        pss = tree_pss_mb(server.pid)
     return {"label": label, "command": command, "peak_rss_mb": server.ease.peak_rss_mb,
             "pss_mb": pss, "time_to_ready_s": server.ease.time_to_ready_s}
 

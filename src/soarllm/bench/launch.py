@@ -139,6 +139,11 @@ class LaunchedServer:
         self.ease.startup_peak_rss_mb = self._sampler.peak / 2**20
         return self.ease
 
+    @property
+    def pid(self) -> int | None:
+        """The launched process (the root of the tree whose memory is sampled)."""
+        return self._proc.pid if self._proc is not None else None
+
     def _check_alive(self) -> None:
         assert self._proc is not None
         if self._proc.poll() is not None:
