@@ -72,8 +72,9 @@ class EngineArgs:
     # KV cache storage (vLLM's name): "auto" = the model dtype, "int8" = int8 with one scale per
     # token and KV head (about half the memory of bfloat16)
     kv_cache_dtype: str = "auto"
-    # Attention kernels: None/"auto" (Triton on CUDA where installed, else the reference PyTorch
-    # backend) | "reference" | "triton". The default comes from SOARLLM_ATTENTION_BACKEND when set.
+    # Attention kernels: None/"auto" (Triton on CUDA where installed, the native CPU kernel on the
+    # CPU where it builds, else the reference PyTorch backend) | "reference" | "triton" | "cpu".
+    # The default comes from SOARLLM_ATTENTION_BACKEND when set.
     attention_backend: str | None = field(
         default_factory=lambda: os.environ.get("SOARLLM_ATTENTION_BACKEND") or None)
     revision: str | None = None

@@ -1,5 +1,7 @@
-"""The reference paged-attention backend against a naive oracle written here: per request, gather
-its keys/values position by position from the block table, and softmax(q k^T * scale) v in float64.
+"""The CPU paged-attention backends (the reference one, and the native kernel of
+kernels/cpu_attention.py) against a naive oracle written here: per request, gather its keys/values
+position by position from the block table, and softmax(q k^T * scale) v in float64 (with the
+softcap, when asked, applied to the scaled scores as tanh(s / cap) * cap).
 
 Covers decodes of mixed context lengths (several gather buckets), bfloat16 (grouped matmul path) and
 float32 (SDPA path), sliding windows, and prefill chunks on cached context mixed into the same batch;
@@ -16,12 +18,12 @@ import pytest
 import torch
 
 from soarllm.kernels import kv_quant
-from soarllm.kernels.attention import AttentionMetadata, ReferenceAttentionBackend
+from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
 
 HQ, HKV, D, BS = 6, 2, 16, 4
 
 
-def _oracle(q, keys, values, scale, window):
+def _oracle(q, keys, values, scale, window, softcap=None):
     """q [Lq, Hq, D]; keys/values [ctx, Hkv, D]; causal over the last Lq positions."""
     ctx, lq = keys.shape[0], q.shape[0]
     out = np.zeros(q.shape)
@@ -32,6 +34,8 @@ def _oracle(q, keys, values, scale, window):
             ks = keys[: pos + 1, h // g].astype(np.float64)
             vs = values[: pos + 1, h // g].astype(np.float64)
             s = ks @ q[i, h].astype(np.float64) * scale
+            if softcap is not None:
+                s = np.tanh(s / softcap) * softcap
             if window is not None:
                 s[: max(0, pos + 1 - window)] = -np.inf
             p = np.exp(s - s.max())
@@ -46,10 +50,11 @@ def _int8_round_trip(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x / scale), -127, 127).astype(np.float32) * scale
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("window", [None, 5])
-def test_mixed_batch_matches_naive_oracle(dtype, window, kv):
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 2.0)])
+def test_mixed_batch_matches_naive_oracle(dtype, window, softcap, kv, backend_name):
     g = torch.Generator().manual_seed(0)
     # 12 decodes with spread-out context lengths (several buckets), then two prefill chunks.
     ctx_lens = [3, 4, 6, 9, 11, 12, 17, 20, 25, 31, 40, 57]
@@ -89,13 +94,14 @@ def test_mixed_batch_matches_naive_oracle(dtype, window, kv):
     )
     q = torch.randn(qsl[-1], HQ, D, generator=g).to(dtype)
     scale = D**-0.5
-    backend = ReferenceAttentionBackend()
+    backend = get_attention_backend("cpu", backend_name)
     for _layer in range(2):  # a second layer reuses the per-step decode plan
-        out = backend.forward(q, torch.cat(new_k), torch.cat(new_v), cache, meta, scale, window)
+        out = backend.forward(q, torch.cat(new_k), torch.cat(new_v), cache, meta, scale, window,
+                              softcap)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     seen = _int8_round_trip if int8 else (lambda x: x)
     for i, (keys, vals) in enumerate(olds):
         s, e = qsl[i], qsl[i + 1]
         want = _oracle(q[s:e].float().numpy(), seen(keys.float().numpy()),
-                       seen(vals.float().numpy()), scale, window)
+                       seen(vals.float().numpy()), scale, window, softcap)
         np.testing.assert_allclose(out[s:e].float().numpy(), want, atol=tol, rtol=tol)

@@ -54,9 +54,11 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                    help="KV cache storage: auto (the model dtype) | int8 (one scale per token "
                    "and KV head: about half the memory of bfloat16, twice the tokens cached)")
-    g.add_argument("--attention-backend", default=None, choices=("auto", "reference", "triton"),
-                   help="attention kernels: auto (Triton on CUDA where triton is installed, else "
-                   "the reference PyTorch backend) | reference | triton (default: "
+    g.add_argument("--attention-backend", default=None,
+                   choices=("auto", "reference", "triton", "cpu"),
+                   help="attention kernels: auto (Triton on CUDA where triton is installed, the "
+                   "native CPU kernel on the CPU where a C compiler builds it, else the reference "
+                   "PyTorch backend) | reference | triton | cpu (default: "
                    "$SOARLLM_ATTENTION_BACKEND, else auto)")
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="exact number of KV cache blocks (testing; overrides --kv-cache-memory)")

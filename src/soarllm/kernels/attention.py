@@ -291,13 +291,20 @@ def _buckets(lens: list[int], max_buckets: int = 4, min_size: int = 8) -> list[t
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
-ATTENTION_BACKENDS = ("auto", "reference", "triton")
+def _cpu_kernel():
+    from soarllm.kernels.cpu_attention import load_kernel
+
+    return load_kernel()
+
+
+ATTENTION_BACKENDS = ("auto", "reference", "triton", "cpu")
 
 
 def get_attention_backend(device: str, name: str | None = None):
     """The attention backend for ``device``: ``name`` None or "auto" picks Triton on CUDA where
-    triton is installed, else the reference backend (the oracle, every device); "reference" and
-    "triton" ask for one (Triton on CPU only under TRITON_INTERPRET=1, for tests)."""
+    triton is installed, the native CPU kernel (kernels/cpu_attention.py) on CPU where a C compiler
+    builds it, else the reference backend (the oracle, every device); "reference", "triton" and
+    "cpu" ask for one (Triton on CPU only under TRITON_INTERPRET=1, for tests)."""
     from soarllm.errors import ConfigError
     from soarllm.kernels.triton_utils import interpreter_enabled, triton_available
 
@@ -307,9 +314,24 @@ def get_attention_backend(device: str, name: str | None = None):
                           f"{', '.join(ATTENTION_BACKENDS)}")
     on_cuda = str(device).startswith("cuda")
     if choice == "auto":
-        choice = "triton" if on_cuda and triton_available() else "reference"
+        if on_cuda:
+            choice = "triton" if triton_available() else "reference"
+        else:
+            choice = "cpu" if str(device) == "cpu" and _cpu_kernel() is not None else "reference"
     if choice == "reference":
         return ReferenceAttentionBackend()
+    if choice == "cpu":
+        if str(device) != "cpu":
+            raise ConfigError(f"attention_backend='cpu' runs on the CPU, not {device!r}: use "
+                              "'auto' or 'reference' there")
+        kernel = _cpu_kernel()
+        if kernel is None:
+            raise ConfigError("attention_backend='cpu' needs its native kernel, which could not be "
+                              "built here (a C compiler: cc/gcc/clang, or set CC; see the warning "
+                              "above); use attention_backend='reference'")
+        from soarllm.kernels.cpu_attention import CpuAttentionBackend
+
+        return CpuAttentionBackend(kernel)
     if not triton_available():
         raise ConfigError("attention_backend='triton' needs the triton package: install it "
                           "(pip install triton) or use attention_backend='reference'")

@@ -1,0 +1,86 @@
+"""The CPU attention backend: decode rows read the paged KV cache in place, in a native kernel.
+
+The reference backend gathers (copies) each decode's whole context every layer and runs a chain of
+small PyTorch ops on it (~145 us per layer for one decode at 200 tokens on a 2-core CPU, most of it
+dispatch). Here one C call (kernels/csrc/paged_attention.c) walks each row's block table and
+attends over its keys and values where they lie, with an online softmax in float32, every (row,
+KV head) pair a task on PyTorch's OpenMP threads. It serves float32 and bfloat16 activations over
+float32, bfloat16 and int8 (kernels/kv_quant.py) caches, sliding windows, softcaps and speculative
+verification rows (each row its own context length). Prefill chunks (several query tokens of one
+request, and custom masks) keep the reference path: PyTorch's flash kernel is the fast one there.
+
+Anything the kernel does not cover (another dtype, a latent one-plane cache, a head size over 256
+or more than 32 query heads per KV head) goes through the reference backend, the oracle this one is
+tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from soarllm.kernels import cpu_native, kv_quant
+from soarllm.kernels.attention import AttentionMetadata, ReferenceAttentionBackend
+
+_IO_TYPES = {torch.float32: 0, torch.bfloat16: 1}
+_INT8 = 2
+
+
+def load_kernel():
+    """The ctypes function ``paged_decode_attention``, or None where it cannot be built."""
+    lib = cpu_native.load("paged_attention")
+    if lib is None:
+        return None
+    fn = lib.paged_decode_attention
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, i32, i32, i32, i32, i32,
+                   i32, f32, f32, i32]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class CpuAttentionBackend(ReferenceAttentionBackend):
+    """The reference backend with its decode path in a native, gather-free kernel."""
+
+    name = "cpu"
+
+    def __init__(self, kernel=None):
+        self._kernel = kernel if kernel is not None else load_kernel()
+        if self._kernel is None:
+            raise RuntimeError("the native paged-attention kernel could not be built")
+
+    def _decode(self, q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
+        planes, _, block_size, hkv, stride = kv_cache.shape
+        hq, d = q.shape[1], q.shape[2]
+        io_type = _IO_TYPES.get(q.dtype)
+        kv_type = _INT8 if kv_quant.is_quantized(kv_cache) else _IO_TYPES.get(kv_cache.dtype)
+        if (planes != 2 or io_type is None or kv_type is None
+                or (kv_type != _INT8 and kv_cache.dtype != q.dtype)
+                or q.device.type != "cpu" or not kv_cache.is_contiguous()):
+            return super()._decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
+        qd = q[:nd]
+        if qd.stride(2) != 1 or qd.stride(1) != d:
+            qd = qd.contiguous()
+        res = out[:nd] if out is not None else torch.empty((nd, hq, d), dtype=q.dtype)
+        tables, lens = _decode_rows(meta, nd)
+        plane = kv_cache[0].numel() * kv_cache.element_size()
+        base = kv_cache.data_ptr()
+        rc = self._kernel(qd.data_ptr(), qd.stride(0), base, base + plane, tables.data_ptr(),
+                          tables.stride(0), lens.data_ptr(), res.data_ptr(), io_type, kv_type, nd,
+                          hq, hkv, d, stride, block_size, float(scale),
+                          float(softcap or 0.0), int(sliding_window or 0))
+        if rc != 0:  # a size beyond the kernel's buffers
+            return super()._decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
+        return res if out is None else out
+
+
+def _decode_rows(meta: AttentionMetadata, nd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode rows' block tables [nd, max_blocks] and context lengths [nd] as contiguous int64,
+    once per step (every layer reuses them)."""
+    got = meta.cache.get("cpu_decode_rows")
+    if got is None:
+        tables = meta.block_tables[:nd].to(torch.int64).contiguous()
+        lens = meta.seq_lens[:nd].to(torch.int64).contiguous()
+        got = meta.cache["cpu_decode_rows"] = (tables, lens)
+    return got
