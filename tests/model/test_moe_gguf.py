@@ -275,3 +275,19 @@ def test_unknown_or_unsupported_moe_gguf_is_a_clear_error(tmp_path):
         "qwen3moe.expert_used_count": (9, gguf.GGUFValueType.UINT32)})
     with pytest.raises(ConfigError, match="expert_used_count <= expert_count"):
         load_checkpoint(str(too_many))
+
+
+def test_gguf_experts_quantized_at_load(tmp_path):
+    """quantization="w8a16" on a GGUF MoE file: its (dequantized) stacked experts load whole
+    into int8 experts, the routers stay float."""
+    from soarllm.model.layers.fused_moe import FusedMoE
+
+    hf_dir = make_tiny_model(tmp_path / "hf", "qwen2_moe", **FAMILIES["qwen2_moe"])
+    path = write_moe_gguf(hf_dir, tmp_path / "qwen2moe-q8.gguf", "Q8_0")
+    llm = LLM(str(path), dtype="float32", quantization="w8a16", block_size=4)
+    model = llm.llm_engine.executor.runner.model
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert experts and all(m.gate_up_proj.dtype == m.down_proj.dtype == torch.int8 for m in experts)
+    assert all(m.gate.weight.dtype == torch.float32 for m in model.modules() if hasattr(m, "experts"))
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
