@@ -53,6 +53,11 @@ class QuantizationConfig:
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod:
         raise NotImplementedError
 
+    def get_moe_method(self, layer: nn.Module, prefix: str):
+        """How a FusedMoE layer stores its experts (a quant/moe.py method); None: in the model
+        dtype, as a config that knows no expert format leaves them."""
+        return None
+
     def weights(self, checkpoint: Checkpoint, dtype: torch.dtype):
         """The checkpoint's tensor stream this config's methods load from."""
         return checkpoint.weights(dtype)

@@ -18,7 +18,9 @@ dequantized with "none", or with its 2:4 layers densified with "densify"; other 
 refused for it.
 
 Quantizing at load leaves `lm_head` in the model dtype, as quantization tools do by default
-(the logits are the most sensitive product); a GGUF file's head follows the file.
+(the logits are the most sensitive product); a GGUF file's head follows the file. In a
+Mixture-of-Experts model "w8a16" and "w4a16" quantize the experts too (quant/moe.py; the routers
+stay in the model dtype); "w8a8" is refused there (no int8 x int8 grouped matmul yet).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.quant.base import QuantizationConfig, QuantMethod, UnquantizedMethod
+from soarllm.quant.moe import W4A16FusedMoEMethod, W8A16FusedMoEMethod
 from soarllm.quant.w4a16 import GROUP_SIZES, W4A16Method
 from soarllm.quant.w8a8 import W8A8Method
 from soarllm.quant.w8a16 import W8A16Method
@@ -49,6 +52,7 @@ class RTNConfig(QuantizationConfig):
         self.scheme, self.group_size = scheme, group_size
         self.name = scheme if scheme in ("w8a16", "w8a8") else f"w4a16-g{group_size}"
         self.quantized = 0
+        self.quantized_experts = 0
 
     def _method(self) -> QuantMethod:
         if self.scheme == "w8a16":
@@ -63,13 +67,25 @@ class RTNConfig(QuantizationConfig):
         self.quantized += 1
         return self._method()
 
+    def get_moe_method(self, layer, prefix: str):
+        if self.scheme == "w8a8":
+            raise ConfigError(
+                f"{prefix or 'the model'}: quantization='w8a8' has no kernel for the experts of a "
+                "Mixture-of-Experts model yet; use quantization='w8a16' (or 'w4a16'), which "
+                "quantizes the experts too, or leave quantization unset")
+        self.quantized_experts += 1
+        return W8A16FusedMoEMethod() if self.scheme == "w8a16" else W4A16FusedMoEMethod(self.group_size)
+
     def weights(self, checkpoint, dtype):
         # quantize from full precision, not from weights already rounded to the model dtype
         return checkpoint.weights(torch.float32)
 
     def summary(self) -> str:
         method = self._method().describe()
-        return f"quantized at load (round to nearest): {self.quantized} linear layers {method}; lm_head unquantized"
+        line = f"quantized at load (round to nearest): {self.quantized} linear layers {method}"
+        if self.quantized_experts:
+            line += f", the experts of {self.quantized_experts} MoE layers too (routers unquantized)"
+        return line + "; lm_head unquantized"
 
 
 def parse_quantization(quantization: str | None) -> str | None:

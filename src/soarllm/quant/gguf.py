@@ -178,6 +178,7 @@ class GGUFQuantConfig(QuantizationConfig):
         self.tied = tie_word_embeddings
         self.repacked: Counter[str] = Counter()
         self.dequantized: Counter[str] = Counter()
+        self.expert_layers = 0
 
     def weights(self, checkpoint, dtype):
         return checkpoint.weights(dtype, packed=True)
@@ -202,6 +203,10 @@ class GGUFQuantConfig(QuantizationConfig):
         self.dequantized.update(t for t in types if t not in FLOAT_TYPES)
         return UnquantizedMethod()
 
+    def get_moe_method(self, layer, prefix: str):
+        self.expert_layers += 1
+        return None  # stacked experts come dequantized (loader/gguf_tensors.py)
+
     def summary(self) -> str:
         def fmt(counter: Counter) -> str:
             return ", ".join(f"{n} {t}" for t, n in sorted(counter.items())) or "none"
@@ -212,4 +217,7 @@ class GGUFQuantConfig(QuantizationConfig):
                      f"with one): "
                      f"{fmt(self.dequantized)}")
         embedding = self.types.get("model.embed_tokens.weight", "F32")
-        return line + f"; token embedding dequantized ({embedding})"
+        line += f"; token embedding dequantized ({embedding})"
+        if self.expert_layers:
+            line += f"; the experts of {self.expert_layers} MoE layers dequantized to the model dtype"
+        return line

@@ -34,6 +34,11 @@ the all-reduce moves the same bytes and needs no second routing step.
 the model, not only this rank's: the routing is replicated); the runner reads it for the engine's
 load-balance statistics.
 
+Quantized experts (``quantization="w8a16"`` / ``"w4a16"``, quant/moe.py) keep the stacks' names
+with int8 or packed int4 values and add per-row or per-group scales (``gate_up_proj_scale``, ...);
+the grouped matmul then loops over the experts that got tokens and dequantizes only their weights
+(``torch._grouped_mm`` takes float weights only).
+
 Under ``torch.compile`` the experts run as the custom op ``soarllm::fused_experts`` (opaque to the
 compiler, like attention): the per-expert slices have data-dependent sizes.
 """
@@ -50,7 +55,8 @@ from torch import nn
 from soarllm.errors import ConfigError
 from soarllm.model.layers.activation import ACT_AND_MUL
 from soarllm.model.parallel_state import TPGroup
-from soarllm.quant.base import as_float, new_param, set_weight_loader
+from soarllm.quant.base import QuantizationConfig, as_float, set_weight_loader
+from soarllm.quant.moe import STACKS, UnquantizedFusedMoEMethod, dequantize_expert
 
 # A per-expert checkpoint tensor: <module>.experts.<N>.<projection>.weight
 EXPERT_TENSOR = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
@@ -122,36 +128,48 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
     return order, token_of, counts
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                   scale: torch.Tensor | None = None,
+                   zero: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] in expert-sorted order, weight [E, N, K], counts [E] rows per expert -> [M, N]:
-    each expert's contiguous rows times its own weight, nothing else."""
-    if x.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
+    each expert's contiguous rows times its own weight, nothing else. With ``scale`` (and
+    ``zero``) the weight is quantized (quant/moe.py) and each expert that has rows is
+    dequantized for its own matmul."""
+    if scale is None and x.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
-    out = x.new_empty(x.shape[0], weight.shape[1])
+    rows = weight.shape[1]
+    out = x.new_empty(x.shape[0], rows)
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            torch.mm(x[start : start + n], weight[e].t(), out=out[start : start + n])
+            w = weight[e] if scale is None else dequantize_expert(
+                weight[e], scale[e], None if zero is None else zero[e]).to(x.dtype)
+            torch.mm(x[start : start + n], w.t(), out=out[start : start + n])
             start += n
     return out
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, activation: str = "silu",
-                  expert_start: int | None = None) -> torch.Tensor:
+                  expert_start: int | None = None, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None, w13_zero: torch.Tensor | None = None,
+                  w2_zero: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t of x [T, H].
 
     ``expert_start`` None: w13 / w2 hold every expert. An int (expert parallel): they hold experts
     [expert_start, expert_start + len(w13)) of a larger set, and only the slots routed to those
-    count (the sum is this rank's share)."""
+    count (the sum is this rank's share). Scales (and zeros): w13 / w2 are quantized
+    (quant/moe.py)."""
+    args = (x, w13, w2, topk_weights, topk_ids, activation, expert_start, w13_scale, w2_scale,
+            w13_zero, w2_zero)
     if torch.compiler.is_compiling():
-        return torch.ops.soarllm.fused_experts(x, w13, w2, topk_weights, topk_ids, activation,
-                                               expert_start)
-    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start)
+        return torch.ops.soarllm.fused_experts(*args)
+    return _fused_experts(*args)
 
 
-def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start=None):
+def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start=None,
+                   w13_scale=None, w2_scale=None, w13_zero=None, w2_zero=None):
     num_local = w13.shape[0]
     if expert_start is None:
         order, token_of, counts = sort_by_expert(topk_ids, num_local)
@@ -164,8 +182,8 @@ def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start=
             return torch.zeros_like(x)
         order, token_of, counts = order[:kept], token_of[:kept], counts[:num_local]
     xs = x.index_select(0, token_of)
-    h = ACT_AND_MUL[activation](grouped_matmul(xs, w13, counts))
-    out = grouped_matmul(h, w2, counts)
+    h = ACT_AND_MUL[activation](grouped_matmul(xs, w13, counts, w13_scale, w13_zero))
+    out = grouped_matmul(h, w2, counts, w2_scale, w2_zero)
     out = out * topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, out)
 
@@ -173,12 +191,16 @@ def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start=
 @torch.library.custom_op("soarllm::fused_experts", mutates_args=())
 def _fused_experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      activation: str, expert_start: int | None) -> torch.Tensor:
-    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start)
+                      activation: str, expert_start: int | None,
+                      w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
+                      w13_zero: torch.Tensor | None, w2_zero: torch.Tensor | None) -> torch.Tensor:
+    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start,
+                          w13_scale, w2_scale, w13_zero, w2_zero)
 
 
 @_fused_experts_op.register_fake
-def _(x, w13, w2, topk_weights, topk_ids, activation, expert_start):
+def _(x, w13, w2, topk_weights, topk_ids, activation, expert_start, w13_scale, w2_scale,
+      w13_zero, w2_zero):
     return torch.empty_like(x)
 
 
@@ -201,12 +223,14 @@ class FusedMoE(nn.Module):
     """The routed experts of one MoE block: stacked weights, routing and the fused compute.
 
     ``forward(x, router_logits)`` -> [T, H]; under tensor parallelism this rank's partial sum,
-    which the caller all-reduces. The router (``gate``) is the block's own Linear.
+    which the caller all-reduces. The router (``gate``) is the block's own Linear. A
+    ``quant_config`` picks how the experts are stored (``get_moe_method``; None: model dtype).
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, activation: str = "silu", dtype: torch.dtype = torch.float32,
-                 prefix: str = "", tp: TPGroup | None = None, expert_parallel: bool = False):
+                 prefix: str = "", tp: TPGroup | None = None, expert_parallel: bool = False,
+                 quant_config: QuantizationConfig | None = None):
         super().__init__()
         where = prefix or "MoE layer"
         if not 1 <= top_k <= num_experts:
@@ -236,41 +260,45 @@ class FusedMoE(nn.Module):
         self.expert_start = tp.rank * local_experts if self.expert_parallel else 0
         self.local_experts, self.local_intermediate = local_experts, local_inter
         # transformers 5's names for the stacked tensors, so its state dicts load as they are
-        self.gate_up_proj = set_weight_loader(
-            new_param((local_experts, 2 * local_inter, hidden_size), dtype), self.weight_loader)
-        self.down_proj = set_weight_loader(
-            new_param((local_experts, hidden_size, local_inter), dtype), self.weight_loader)
+        method = quant_config.get_moe_method(self, prefix) if quant_config is not None else None
+        self.quant_method = method or UnquantizedFusedMoEMethod()
+        self.quant_method.create_weights(self, dtype)
+        for name in STACKS:
+            set_weight_loader(getattr(self, name), self.weight_loader)
         # tokens routed to each expert of the model (load-balance statistics)
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64),
                              persistent=False)
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id) -> None:
         """shard_id None: the whole stacked tensor; (expert, "gate" | "up" | "down"): one
-        expert's projection [I, H] or [H, I]. Either is cut to this rank's experts and rows."""
+        expert's projection [I, H] or [H, I]. Either is cut to this rank's experts and rows and
+        stored by the quant method (in the model dtype, or quantized)."""
+        down = param is self.down_proj
+        inter, hidden = self.local_intermediate, self.hidden_size
         if shard_id is None:
-            tensor = self._rank_slice(as_float(loaded), param is self.down_proj, stacked=True)
-            target = param.data
+            tensor = self._rank_slice(as_float(loaded), down, stacked=True)
+            experts, rows = slice(None), slice(None)
+            expected = (self.local_experts, *((hidden, inter) if down else (2 * inter, hidden)))
         else:
             expert, part = shard_id
             if not 0 <= expert < self.num_experts:
                 raise ValueError(f"expert {expert} out of range: the config has "
                                  f"{self.num_experts} experts")
             if part == "down":
-                if param is not self.down_proj:
+                if not down:
                     raise ValueError("a down projection goes to down_proj")
             elif param is not self.gate_up_proj:
                 raise ValueError(f"a {part} projection goes to gate_up_proj")
-            local = expert - self.expert_start
-            if not 0 <= local < self.local_experts:
+            experts = expert - self.expert_start
+            if not 0 <= experts < self.local_experts:
                 return  # another rank's expert
-            tensor = self._rank_slice(as_float(loaded), part == "down", stacked=False)
-            inter = self.local_intermediate
-            target = param.data[local]
-            if part != "down":
-                target = target[:inter] if part == "gate" else target[inter:]
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {tuple(target.shape)}")
-        target.copy_(tensor)
+            tensor = self._rank_slice(as_float(loaded), down, stacked=False)
+            rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter)}.get(part, slice(None))
+            expected = (hidden, inter) if down else (inter, hidden)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {expected}")
+        self.quant_method.store(self, "down_proj" if down else "gate_up_proj", experts, rows,
+                                tensor)
 
     def _rank_slice(self, tensor: torch.Tensor, down: bool, stacked: bool) -> torch.Tensor:
         """This rank's part of a checkpoint tensor: its experts (stacked tensors, expert
@@ -301,8 +329,11 @@ class FusedMoE(nn.Module):
         e.g. DeepSeek's grouped top-k), counted in ``expert_load``."""
         flat = ids.reshape(-1)
         self.expert_load.index_add_(0, flat, torch.ones_like(flat))
+        quantized = {f"{w}_{part}": getattr(self, f"{stack}_{part}", None)
+                     for w, stack in (("w13", "gate_up_proj"), ("w2", "down_proj"))
+                     for part in ("scale", "zero")}
         return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation,
-                             self.expert_start if self.expert_parallel else None)
+                             self.expert_start if self.expert_parallel else None, **quantized)
 
     def extra_repr(self) -> str:
         split = ""
@@ -312,7 +343,8 @@ class FusedMoE(nn.Module):
         elif self.tp.world_size > 1:
             split = f", local intermediate={self.local_intermediate}"
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}{split}")
+                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}{split}, "
+                f"{self.quant_method.describe()}")
 
 
 def check_expert_split(num_experts: int, world_size: int, where: str = "the model") -> None:

@@ -17,13 +17,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # GGUF general.architecture -> (transformers config class, HF architecture). llama.cpp stores
-# Mistral checkpoints as "llama"; LlamaForCausalLM runs them unchanged.
+# Mistral checkpoints as "llama"; LlamaForCausalLM runs them unchanged. It stores Mixtral as
+# "llama" too, with {arch}.expert_count set (MIXTRAL below).
 ARCHITECTURES: Mapping[str, tuple[str, str]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
+MIXTRAL = ("MixtralConfig", "MixtralForCausalLM")
+# Whether llama.cpp renormalises the k router weights of an MoE architecture (its graph hard-codes
+# it: src/models/*.cpp, build_moe_ffn's norm_w) unless the file says {arch}.expert_weights_norm.
+MOE_RENORMALIZE: Mapping[str, bool] = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 
 # llama.cpp hard-codes these for Gemma 3 (src/llama-model.cpp) instead of storing them.
 GEMMA3_SLIDING_WINDOW_PATTERN = 6
@@ -64,16 +71,25 @@ def config_from_gguf(reader: GGUFReader) -> PretrainedConfig:
 
     meta = GGUFMetadata(reader)
     arch = meta.architecture
+    experts = meta.get("{arch}.expert_count") or 0
     if arch not in ARCHITECTURES:
+        kind = "Mixture-of-Experts architecture" if experts else "architecture"
         raise UnsupportedModelError(
-            f"GGUF architecture {arch!r} is not supported; supported GGUF architectures: "
-            f"{', '.join(sorted(ARCHITECTURES))}. Convert the original HF checkpoint instead."
+            f"GGUF {kind} {arch!r} is not supported; supported GGUF architectures: "
+            f"{', '.join(sorted(ARCHITECTURES))} (Mixture-of-Experts: llama with experts "
+            "(Mixtral), qwen2moe, qwen3moe). Load the original HF checkpoint instead."
         )
-    config_class, hf_arch = ARCHITECTURES[arch]
+    config_class, hf_arch = MIXTRAL if arch == "llama" and experts else ARCHITECTURES[arch]
     kwargs = _common_kwargs(meta)
     kwargs["architectures"] = [hf_arch]
+    if arch in MOE_RENORMALIZE and (experts or arch != "llama"):
+        kwargs.update(_moe_kwargs(meta, kwargs))
     if arch == "gemma3":
         kwargs.update(_gemma3_kwargs(meta, kwargs))
+    elif arch == "qwen2moe":
+        kwargs["qkv_bias"] = "blk.0.attn_q.bias" in meta.tensor_names
+    elif arch == "qwen3moe":
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in meta.tensor_names
     elif arch == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in meta.tensor_names
         if "rope_freqs.weight" in meta.tensor_names:
@@ -119,6 +135,70 @@ def _common_kwargs(meta: GGUFMetadata) -> dict[str, Any]:
     if window:
         kwargs["sliding_window"] = window
     return kwargs
+
+
+def _moe_kwargs(meta: GGUFMetadata, common: dict[str, Any]) -> dict[str, Any]:
+    """The routing and expert widths of an MoE file (llama.cpp's keys and its defaults), or a
+    clear refusal of routing our MoE layers do not compute."""
+    import gguf
+
+    arch = meta.architecture
+    experts = meta.get("{arch}.expert_count") or 0
+    used = meta.get("{arch}.expert_used_count") or 0
+    if not experts or not 1 <= used <= experts:
+        raise ConfigError(
+            f"the {arch} GGUF file says expert_count={experts}, expert_used_count={used}; a "
+            "Mixture-of-Experts file needs 1 <= expert_used_count <= expert_count (a broken "
+            "conversion: convert the HF checkpoint again)")
+    gating = meta.get("{arch}.expert_gating_func")
+    if gating not in (None, gguf.ExpertGatingFuncType.SOFTMAX.value):
+        raise UnsupportedModelError(
+            f"the {arch} GGUF file routes with gating function {gating} (sigmoid); soarllm's "
+            f"{arch} experts route by softmax. Load the original HF checkpoint instead")
+    scale = meta.get("{arch}.expert_weights_scale")
+    if scale not in (None, 0.0, 1.0):
+        raise UnsupportedModelError(
+            f"the {arch} GGUF file scales the router weights by {scale}, which {arch} models "
+            "do not; load the original HF checkpoint instead")
+    renormalize = bool(meta.get("{arch}.expert_weights_norm", MOE_RENORMALIZE[arch]))
+    if arch == "llama":  # Mixtral: every layer sparse, experts as wide as feed_forward_length
+        if not renormalize:
+            raise UnsupportedModelError("a llama GGUF with experts that does not renormalise "
+                                        "the router weights is not Mixtral; load the HF checkpoint")
+        dense = _dense_layers(meta, common["num_hidden_layers"])
+        if dense:
+            raise UnsupportedModelError(
+                f"the llama GGUF file has experts but layers {dense} hold none; Mixtral has "
+                "experts in every layer. Load the original HF checkpoint instead")
+        return {"num_local_experts": experts, "num_experts_per_tok": used}
+    dense_width = common["intermediate_size"] or 0
+    # llama.cpp's fallback when the width is not stored: feed_forward_length / used
+    width = meta.get("{arch}.expert_feed_forward_length") or dense_width // used
+    if not width:
+        raise ConfigError(f"the {arch} GGUF file stores neither expert_feed_forward_length nor "
+                          "feed_forward_length; convert the HF checkpoint again")
+    kwargs: dict[str, Any] = {
+        "num_experts": experts,
+        "num_experts_per_tok": used,
+        "norm_topk_prob": renormalize,
+        "moe_intermediate_size": width,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": _dense_layers(meta, common["num_hidden_layers"]),
+    }
+    if arch == "qwen2moe":
+        shared = meta.get("{arch}.expert_shared_count")
+        if shared not in (None, 1):
+            raise UnsupportedModelError(
+                f"the qwen2moe GGUF file has {shared} shared experts; Qwen2-MoE has one. "
+                "Load the original HF checkpoint instead")
+        kwargs["shared_expert_intermediate_size"] = (
+            meta.get("{arch}.expert_shared_feed_forward_length") or dense_width)
+    return kwargs
+
+
+def _dense_layers(meta: GGUFMetadata, layers: int) -> list[int]:
+    """Layers without a router (ffn_gate_inp): dense MLPs in a sparse model."""
+    return [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in meta.tensor_names]
 
 
 def _rope_parameters(meta: GGUFMetadata) -> dict[str, Any]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from soarllm.errors import ConfigError, UnsupportedModelError
+from soarllm.model.layers.fused_moe import EXPERT_SHARDS, EXPERT_TENSOR
 from soarllm.model.loader.gguf_config import gguf_architecture
 from soarllm.model.loader.layout import expected_tensors
 
@@ -25,11 +27,25 @@ PERMUTED_QK_ARCHS = frozenset({"llama"})
 SHIFTED_NORM_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
 
-def gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
-    """GGUF tensor name -> HF tensor name, for every tensor the HF model of `config` holds.
+@dataclass(frozen=True)
+class HFTarget:
+    """Where a GGUF tensor goes: an HF tensor name and shape; `part` "gate" / "up" when it is one
+    half of a layer's stacked experts ``gate_up_proj`` (the other half is another GGUF tensor)."""
+
+    name: str
+    shape: tuple[int, ...]
+    part: str | None = None
+
+
+def gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, HFTarget]:
+    """GGUF tensor name -> its HF target, for every tensor the HF model of `config` holds.
 
     gguf's TensorNameMap knows, per architecture, the HF module names of each GGUF tensor; asking
-    it for each name transformers' model holds picks the right one among its aliases.
+    it for each name transformers' model holds picks the right one among its aliases. llama.cpp
+    stacks the experts of a layer per projection (``ffn_gate_exps`` [E, I, H], ``ffn_up_exps``,
+    ``ffn_down_exps`` [E, H, I]); the table knows them by the per-expert name without its index
+    (``...experts.w1``), and they become transformers 5's stacked ``experts.gate_up_proj``
+    [E, 2I, H] (gate rows, then up rows) and ``experts.down_proj``, which FusedMoE loads whole.
     """
     import gguf
 
@@ -37,15 +53,23 @@ def gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
     if arch_enum is None:
         raise UnsupportedModelError(f"gguf {gguf.__version__} does not know architecture {arch!r}")
     name_map = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
-    mapping: dict[str, str] = {}
-    for hf_name in expected_tensors(config):
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    targets: dict[str, HFTarget] = {}
+    for hf_name, (shape, _) in expected_tensors(config).items():
+        expert = EXPERT_TENSOR.match(hf_name)
+        lookup = hf_name if expert is None else f"{expert['module']}.{expert['proj']}.weight"
+        gguf_name = name_map.get_name(lookup, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UnsupportedModelError(
                 f"no GGUF tensor name for {hf_name!r} ({arch} architecture)"
             )
-        mapping[gguf_name] = hf_name
-    return mapping
+        if expert is None:
+            targets[gguf_name] = HFTarget(hf_name, tuple(shape))
+        elif gguf_name not in targets:
+            part = EXPERT_SHARDS[expert["proj"]]
+            stacked = f"{expert['module']}.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+            targets[gguf_name] = HFTarget(stacked, (config.num_experts, *shape),
+                                          None if part == "down" else part)
+    return targets
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -69,42 +93,75 @@ def hf_tensors(
     from tqdm.auto import tqdm
 
     arch = gguf_architecture(reader)
-    names = gguf_to_hf_names(arch, config)
-    _check_complete(names, (t.name for t in reader.tensors))
-    bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress)
-    for tensor in bar:
-        hf_name = names.get(tensor.name)
-        if hf_name is None:
-            logger.warning("skipping GGUF tensor %s: the HF model has no such weight", tensor.name)
-            continue
-        yield hf_name, _to_hf(arch, tensor, dequantize(tensor.data, tensor.tensor_type), config)
+    targets = gguf_to_hf_names(arch, config)
+    _check_complete(targets, (t.name for t in reader.tensors))
+
+    def converted():
+        bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress)
+        for tensor in bar:
+            target = targets.get(tensor.name)
+            if target is None:
+                logger.warning("skipping GGUF tensor %s: the HF model has no such weight",
+                               tensor.name)
+                continue
+            values = dequantize(tensor.data, tensor.tensor_type)
+            yield target, "F32", _to_hf(arch, tensor, values, config, target=target)
+
+    for name, _, weight in _join_gate_up(converted()):
+        yield name, weight
 
 
 def hf_packed_tensors(
     reader: GGUFReader, config: PretrainedConfig
 ) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Every tensor as (HF name, GGML type name, tensor in HF row order), quantized ones kept as
-    stored: uint8 [rows, bytes per row] of blocks. Float and 1-D tensors come dequantized (float32).
-    """
+    stored: uint8 [rows, bytes per row] of blocks. Float and 1-D tensors come dequantized
+    (float32), and so do stacked experts (3-D: FusedMoE holds them in the model dtype)."""
     from gguf.quants import dequantize
 
     arch = gguf_architecture(reader)
-    names = gguf_to_hf_names(arch, config)
-    _check_complete(names, (t.name for t in reader.tensors))
-    for tensor in reader.tensors:
-        hf_name = names.get(tensor.name)
-        if hf_name is None:
-            logger.warning("skipping GGUF tensor %s: the HF model has no such weight", tensor.name)
+    targets = gguf_to_hf_names(arch, config)
+    _check_complete(targets, (t.name for t in reader.tensors))
+
+    def converted():
+        for tensor in reader.tensors:
+            target = targets.get(tensor.name)
+            if target is None:
+                logger.warning("skipping GGUF tensor %s: the HF model has no such weight",
+                               tensor.name)
+                continue
+            qtype = tensor.tensor_type.name
+            if qtype in ("F32", "F16", "BF16", "F64") or tensor.data.ndim != 2:
+                values = dequantize(tensor.data, tensor.tensor_type)
+                yield target, "F32", _to_hf(arch, tensor, values, config, target=target)
+            else:  # rows of blocks: only the row order changes
+                yield target, qtype, _to_hf(arch, tensor, tensor.data, config, dtype=torch.uint8)
+
+    yield from _join_gate_up(converted())
+
+
+def _join_gate_up(
+    items: Iterable[tuple[HFTarget, str, torch.Tensor]],
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(HF name, type, tensor) for each target; a layer's stacked gate and up experts (float
+    [E, I, H]) are held until both are read and come as one gate_up_proj [E, 2I, H]."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for target, qtype, tensor in items:
+        if target.part is None:
+            yield target.name, qtype, tensor
             continue
-        qtype = tensor.tensor_type.name
-        if qtype in ("F32", "F16", "BF16", "F64") or tensor.data.ndim != 2:
-            yield hf_name, "F32", _to_hf(arch, tensor, dequantize(tensor.data, tensor.tensor_type), config)
-        else:  # rows of blocks: only the row order changes
-            yield hf_name, qtype, _to_hf(arch, tensor, tensor.data, config, dtype=torch.uint8)
+        pair = halves.setdefault(target.name, {})
+        pair[target.part] = tensor
+        if len(pair) == 2:
+            del halves[target.name]
+            yield target.name, qtype, torch.cat([pair["gate"], pair["up"]], dim=1)
+    if halves:
+        raise ConfigError(f"the GGUF file holds only one of the gate / up expert stacks of "
+                          f"{sorted(halves)[:3]}; it may be a partial file")
 
 
 def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           dtype: torch.dtype = torch.float32, target: HFTarget | None = None) -> torch.Tensor:
     # dequantize returns numpy's (rows, cols) order, the reverse of GGUF's ne[]; F32 data comes
     # back as a view of the memory-mapped file, so copy.
     weight = torch.tensor(values, dtype=dtype)
@@ -115,10 +172,19 @@ def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig,
             weight = unpermute_qk(weight, config.num_key_value_heads)
     if arch in SHIFTED_NORM_ARCHS and tensor.name.endswith("norm.weight") and dtype != torch.uint8:
         weight -= 1.0
+    if target is not None and tuple(weight.shape) != target.shape:
+        # llama.cpp's converter squeezes size-1 dims (Qwen2-MoE's shared_expert_gate [1, H]
+        # is stored as [H]); any other difference is a file that does not fit its config
+        if weight.numel() != torch.Size(target.shape).numel():
+            raise ConfigError(
+                f"GGUF tensor {tensor.name} has shape {tuple(weight.shape)}, but the file's "
+                f"config makes {target.name} {target.shape}; the file's metadata and tensors "
+                "disagree (a broken conversion)")
+        weight = weight.reshape(target.shape)
     return weight
 
 
-def _check_complete(names: dict[str, str], present: Iterable[str]) -> None:
+def _check_complete(names: dict[str, HFTarget], present: Iterable[str]) -> None:
     missing = sorted(set(names) - set(present))
     if missing:
         raise ConfigError(

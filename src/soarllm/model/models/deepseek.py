@@ -173,7 +173,7 @@ class DeepseekMoE(nn.Module):
         self.gate = DeepseekRouter(config.hidden_size, experts, scoring == "sigmoid")
         self.experts = FusedMoE(experts, config.num_experts_per_tok, config.hidden_size,
                                 config.moe_intermediate_size, renormalize, config.hidden_act,
-                                dtype, prefix=f"{prefix}.experts")
+                                dtype, prefix=f"{prefix}.experts", quant_config=quant_config)
         shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = (gated_mlp(config, config.moe_intermediate_size * shared, dtype,
                                          quant_config, f"{prefix}.shared_experts")

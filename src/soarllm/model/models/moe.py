@@ -17,6 +17,7 @@ sums (routed + shared expert) are added up with one all-reduce.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from soarllm.errors import ConfigError
+from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.fused_moe import (
     EXPERT_SHARDS,
@@ -40,6 +41,9 @@ from soarllm.model.layers.rotary import RotaryEmbedding, rope_parameters
 from soarllm.model.models.base import DecoderForCausalLM
 from soarllm.model.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
 from soarllm.model.parallel_state import TPGroup
+
+# a per-expert tensor other than the float weight: a quantized checkpoint's packed values, scales
+QUANTIZED_EXPERT_TENSOR = re.compile(r"^.+\.experts\.\d+\.\w+\.(?:weight_\w+|input_scale)$")
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(hidden, num_experts, bias=False, dtype=dtype, prefix=f"{prefix}.gate")
         self.experts = FusedMoE(num_experts, top_k, hidden, intermediate_size, renormalize,
                                 config.hidden_act, dtype, prefix=f"{prefix}.experts", tp=tp,
-                                expert_parallel=expert_parallel)
+                                expert_parallel=expert_parallel, quant_config=quant_config)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size:
             # its partial sum joins the experts' in the block's one all-reduce
@@ -208,6 +212,11 @@ class MoEForCausalLM(DecoderForCausalLM):
         for old, new in self.checkpoint_renames.items():
             name = name.replace(old, new)
         match = EXPERT_TENSOR.match(name)
+        if match is None and QUANTIZED_EXPERT_TENSOR.match(name):
+            raise UnsupportedModelError(
+                f"checkpoint tensor {name!r}: experts stored quantized (compressed-tensors "
+                "weight_packed / weight_scale, ...) cannot be loaded yet; serve the unquantized "
+                "checkpoint with quantization='w8a16' (or 'w4a16') to quantize the experts at load")
         if match is None or match["proj"] not in EXPERT_SHARDS:
             return super()._load_one(name, tensor, params)
         try:
