@@ -15,7 +15,7 @@ import torch
 from soarllm.errors import ConfigError
 from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.quant.config import RTNConfig, parse_quantization
-from soarllm.quant.w4a16 import W4A16Method, quantize_w4, unpack_nibbles
+from soarllm.quant.w4a16 import DEQUANT_MIN_ROWS, W4A16Method, quantize_w4, unpack_nibbles
 from soarllm.quant.w8a16 import W8A16Method, quantize_w8
 
 # (out, in): odd and non-multiple-of-16 output sizes pad to the int4 kernel's tile of 16
@@ -69,7 +69,8 @@ def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype):
     bias = torch.randn(out_f)
     layer, (q, s, z) = _w4_layer(out_f, in_f, group, dtype, weight, bias)
     assert layer.use_cpu_kernel
-    for m in (1, 3, 17):
+    # 64 rows and more: the weight unpacked to bfloat16 natively, then one GEMM
+    for m in (1, 3, 17, DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS + 7):
         x = torch.randn(m, in_f).to(dtype)
         w = _oracle_w4(q, _rounded(s, BF16), _rounded(z, BF16), group)
         want = _rounded(x, BF16) @ w.t() + bias.to(dtype).float()
@@ -77,6 +78,28 @@ def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype):
             got = layer(x)
         assert got.dtype == dtype and got.shape == (m, out_f)
         _close(got, want)
+
+
+def test_w4a16_cpu_rows_branch_at_run_time_under_compile():
+    """Compiled with a symbolic row count, one graph serves few rows (the int4 kernel) and many
+    (the unpacked GEMM), both equal to the eager layer, without recompiling."""
+    from soarllm.quant.w4a16 import _unpacker
+
+    assert _unpacker() is not None  # this machine builds and checks the native unpacker
+    torch.manual_seed(3)
+    layer, _ = _w4_layer(48, 128, 32, BF16, torch.randn(48, 128) * 0.05)
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        for m in (2, DEQUANT_MIN_ROWS + 3, 5, 3 * DEQUANT_MIN_ROWS):
+            x = torch.randn(m, 128).to(BF16)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert len(frames) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -97,11 +97,84 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return packed, scale_and_zero
 
 
+# From this many rows on (prefill chunks, large batches) the CPU path unpacks the weight to
+# bfloat16 in a native kernel and runs one bfloat16 GEMM: PyTorch's int4 kernel is built for a few
+# rows (see benchmarks/cpu_int4_prefill.py for where the two cross on this machine kind).
+DEQUANT_MIN_ROWS = 64
+
+
+@functools.cache
+def _unpacker():
+    """The native unpacker of the CPU int4 layout (kernels/csrc/int4pack.c), or None: not built
+    here, or its reading of the layout disagrees with this PyTorch build's packing op (checked once,
+    on a tile of 64 rows and a tail of 16, against the dequantization formula)."""
+    import ctypes
+
+    from soarllm.kernels import cpu_native
+
+    lib = cpu_native.load("int4pack")
+    if lib is None:
+        return None
+    fn = lib.int4pack_to_bf16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
+    fn.restype = None
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.uint8)
+    scales = torch.rand(80, 2, generator=g) + 0.5
+    zeros = torch.randn(80, 2, generator=g)
+    packed, scale_and_zero = int4pack_cpu(q, scales, zeros)
+    got = _unpack(fn, packed, scale_and_zero, 32, 64)
+    sz = scale_and_zero.float()
+    want = dequantize_w4(pack_nibbles(q), sz[..., 0].t(), sz[..., 1].t(), 32).to(torch.bfloat16)
+    if not torch.equal(got, want):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "this PyTorch build packs int4 weights differently from what kernels/csrc/int4pack.c "
+            "reads: prefill batches keep PyTorch's int4 kernel")
+        return None
+    return fn
+
+
+def _unpack(fn, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
+            in_features: int) -> torch.Tensor:
+    rows = scale_and_zero.shape[1]
+    out = torch.empty(rows, in_features, dtype=torch.bfloat16)
+    fn(packed.data_ptr(), scale_and_zero.data_ptr(), rows, in_features, group_size,
+       out.data_ptr())
+    return out
+
+
+@torch.library.custom_op("soarllm::w4a16_linear_cpu", mutates_args=())
+def _w4a16_rows_op(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    """x [M, K] bfloat16 -> [M, N padded]: the int4 kernel for a few rows, else unpack + GEMM. An
+    op of its own so that the compiled graph with a symbolic row count takes the branch at run
+    time instead of guarding (and recompiling) on the count."""
+    usable = x.shape[0] >= DEQUANT_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
+    fn = _unpacker() if usable else None
+    if fn is None:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+    return F.linear(x, _unpack(fn, packed, scale_and_zero, group_size, x.shape[1]))
+
+
+@_w4a16_rows_op.register_fake
+def _(x, packed, scale_and_zero, group_size):
+    return x.new_empty(x.shape[0], scale_and_zero.shape[1])
+
+
 def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
                      group_size: int, out_features: int) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
+    rows = x2.shape[0]
+    # one row (eager, or the compiled single-token graph; a symbolic count is never 1), or a small
+    # count known eagerly: the int4 kernel directly, without the op's dispatch
+    if rows == 1 or (not torch.compiler.is_compiling() and rows < DEQUANT_MIN_ROWS):
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
+    else:
+        out = torch.ops.soarllm.w4a16_linear_cpu(x2, packed, scale_and_zero, group_size)
     if out.shape[-1] != out_features:
         out = out[:, :out_features]
     return out.reshape(*lead, out_features).to(x.dtype)
