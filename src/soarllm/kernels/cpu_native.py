@@ -6,8 +6,8 @@ kernels are plain C (no PyTorch headers, so a build takes about a second) compil
 OpenMP runtime by its soname, ``libgomp.so.1``, which is the copy PyTorch has already loaded: the
 kernels run on PyTorch's threads, never on a second pool competing for the same cores.
 
-A built library is cached under ``$SOARLLM_HOME/kernels/<hash>/`` (the hash covers the source, the
-compiler's version and flags, and this CPU's model and instruction-set flags), written to a temporary
+A built library is cached under ``$SOARLLM_HOME/kernels/<hash>/`` (the hash covers the source and
+the shared headers, the compiler's version and flags, and this CPU's model and instruction-set flags), written to a temporary
 name and renamed, so ranks that build it at the same time never load a half-written file. No
 compiler, a failed build, or ``SOARLLM_NATIVE_KERNELS=0``: ``load`` returns None (one warning line)
 and callers keep the pure-PyTorch path.
@@ -74,7 +74,8 @@ def build(name: str) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (cc/gcc/clang; set CC)")
     source = (SOURCES / f"{name}.c").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(),
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.h")))
+    key = hashlib.sha256(b"\0".join([source, headers, " ".join(FLAGS).encode(),
                                       _compiler_version(cc).encode(),
                                       _cpu_identity().encode()])).hexdigest()[:16]
     out_dir = _cache_dir() / key
@@ -85,7 +86,8 @@ def build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".lib{name}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCES / f"{name}.c"), "-o", tmp, "-lm"],
+        proc = subprocess.run([cc, *FLAGS, f"-I{SOURCES}", str(SOURCES / f"{name}.c"), "-o", tmp,
+                               "-lm"],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed to build {name}.c: {proc.stderr.strip()[-2000:]}")

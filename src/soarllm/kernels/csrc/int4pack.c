@@ -14,19 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t x = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &x, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    x += 0x7fffu + ((x >> 16) & 1u); /* round to nearest even (no NaN can arise here) */
-    return (uint16_t)(x >> 16);
-}
+#include "bf16.h"
 
 /* packed: N * K / 2 bytes; scale_zero: [K / group][N][2] bfloat16; out: [N][K] bfloat16. */
 void int4pack_to_bf16(const uint8_t *packed, const uint16_t *scale_zero, int64_t n, int64_t k,

@@ -18,26 +18,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 enum { F32 = 0, BF16 = 1, I8 = 2 };
 
 #define MAX_D 256
 #define MAX_G 32
 #define CHUNK 32
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t x = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &x, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    x += 0x7fffu + ((x >> 16) & 1u);                     /* round to nearest even */
-    return (uint16_t)(x >> 16);
-}
 
 /* One cached token-head row as float32. */
 static inline void load_row(const void *base, int64_t index, int stride, int d, int type, float *dst) {
