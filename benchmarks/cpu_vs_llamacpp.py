@@ -67,13 +67,15 @@ def llama_batched(bin_dir: Path, gguf: str, threads: int, batches: list[int],
 
 
 def soar_offline(gguf: str, dtype: str, batches: list[int], repeats: int,
-                 enforce_eager: bool = False, quantization: str | None = None) -> dict[str, float]:
+                 enforce_eager: bool = False, quantization: str | None = None,
+                 attention_backend: str | None = None) -> dict[str, float]:
     import numpy as np
 
     from soarllm import LLM, SamplingParams
 
     llm = LLM(gguf, dtype=dtype, enable_prefix_caching=False, max_num_seqs=max(batches),
-              enforce_eager=enforce_eager, quantization=quantization)
+              enforce_eager=enforce_eager, quantization=quantization,
+              attention_backend=attention_backend)
     rng = np.random.default_rng(0)
     vocab = llm.get_tokenizer().vocab_size
 
@@ -137,7 +139,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--dtypes", default="bfloat16,bfloat16:eager,float32",
-                   help="soarllm rows: dtypes, ':eager' for the uncompiled model step, ':q=X' "
+                   help="soarllm rows: dtypes, ':eager' for the uncompiled model step, "
+                   "':attn=NAME' for attention_backend=NAME (e.g. reference), ':q=X' "
                    "for quantization=X (e.g. bfloat16:q=none: the GGUF dequantized to bfloat16; "
                    "unset: the GGUF's own blocks on the int4/int8 kernels)")
     p.add_argument("--repeats", type=int, default=3)
@@ -162,10 +165,13 @@ def main() -> int:
     for spec in args.dtypes.split(","):
         dtype, *modes = spec.split(":")
         quant = next((m[2:] for m in modes if m.startswith("q=")), None)
+        attn = next((m[5:] for m in modes if m.startswith("attn=")), None)
         name = (f"soarllm {dtype}" + (" eager" if "eager" in modes else "")
-                + (f" quantization={quant}" if quant else ""))
+                + (f" quantization={quant}" if quant else "")
+                + (f" attention={attn}" if attn else ""))
         table[name] = soar_offline(gguf, dtype, batches, args.repeats,
-                                   enforce_eager="eager" in modes, quantization=quant)
+                                   enforce_eager="eager" in modes, quantization=quant,
+                                   attention_backend=attn)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"model": gguf, "threads": args.threads, "table": table}
     if args.http:
