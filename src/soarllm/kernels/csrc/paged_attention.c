@@ -44,9 +44,12 @@ static inline void load_row(const void *base, int64_t index, int stride, int d, 
     }
 }
 
-static void attend(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, const int64_t *block_table,
-                   int64_t seq_len, void *out, int io_type, int kv_type, int r, int h, int hq, int hkv,
-                   int d, int stride, int block_size, float scale, float softcap, int window) {
+/* One (query row, KV head) pair: its g query heads over the row's keys, a chunk at a time. Always
+ * inlined, so each call site with a constant head size gets its own unrolled copy. */
+static inline __attribute__((always_inline)) void attend(
+    const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+    const int64_t *block_table, int64_t seq_len, void *out, int io_type, int kv_type, int r, int h,
+    int hq, int hkv, int d, int stride, int block_size, float scale, float softcap, int window) {
     const int g = hq / hkv;
     float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D];
     float m[MAX_G], l[MAX_G];
@@ -65,15 +68,15 @@ static void attend(const void *q, int64_t q_stride, const void *k_cache, const v
         l[j] = 0.0f;
     }
     int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
+    int64_t bi = start / block_size, bo = start % block_size; /* walk the table, no division */
     for (int64_t t0 = start; t0 < seq_len; t0 += CHUNK) {
         int n = (int)((seq_len - t0) < CHUNK ? (seq_len - t0) : CHUNK);
         int64_t slot[CHUNK];
         for (int c = 0; c < n; c++) {
-            int64_t t = t0 + c;
-            int64_t blk = block_table[t / block_size];
-            slot[c] = (blk * block_size + t % block_size) * hkv + h;
-            load_row(k_cache, slot[c], stride, d, kv_type, kf[c]);
+            slot[c] = (block_table[bi] * block_size + bo) * hkv + h;
+            if (++bo == block_size) bo = 0, bi++;
         }
+        for (int c = 0; c < n; c++) load_row(k_cache, slot[c], stride, d, kv_type, kf[c]);
         for (int j = 0; j < g; j++) {
             float cmax = -INFINITY;
             for (int c = 0; c < n; c++) {
@@ -124,8 +127,21 @@ int paged_decode_attention(const void *q, int64_t q_stride, const void *k_cache,
 #pragma omp parallel for collapse(2) schedule(static)
     for (int r = 0; r < n; r++) {
         for (int h = 0; h < hkv; h++) {
-            attend(q, q_stride, k_cache, v_cache, block_tables + (int64_t)r * bt_stride, seq_lens[r], out,
-                   io_type, kv_type, r, h, hq, hkv, d, stride, block_size, scale, softcap, window);
+            const int64_t *bt = block_tables + (int64_t)r * bt_stride;
+            /* the usual head sizes as constants, so the compiler unrolls the row loops */
+            switch (d) {
+            case 64:
+                attend(q, q_stride, k_cache, v_cache, bt, seq_lens[r], out, io_type, kv_type, r, h,
+                       hq, hkv, 64, stride, block_size, scale, softcap, window);
+                break;
+            case 128:
+                attend(q, q_stride, k_cache, v_cache, bt, seq_lens[r], out, io_type, kv_type, r, h,
+                       hq, hkv, 128, stride, block_size, scale, softcap, window);
+                break;
+            default:
+                attend(q, q_stride, k_cache, v_cache, bt, seq_lens[r], out, io_type, kv_type, r, h,
+                       hq, hkv, d, stride, block_size, scale, softcap, window);
+            }
         }
     }
     return 0;
