@@ -76,15 +76,16 @@ def cpu_backend():
     return get_attention_backend("cpu", "cpu")
 
 
+@pytest.mark.parametrize("d", [32, 64, 128])  # 64 and 128: the kernel's specialised head sizes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_verification_rows_read_their_own_context_length(cpu_backend, dtype):
+def test_verification_rows_read_their_own_context_length(cpu_backend, dtype, d):
     # two plain decodes and a verification of 1 + 3 rows (consecutive lengths, the same blocks)
     lens = [5, 33, 18, 19, 20, 21]
-    cache, meta, k, v, contexts, g = _decode_batch(lens, 4, 2, 32, 8, dtype,
+    cache, meta, k, v, contexts, g = _decode_batch(lens, 4, 2, d, 8, dtype,
                                                    group_sizes=[1, 1, 4])
-    q = torch.randn(len(lens), 4, 32, generator=g).to(dtype)
-    out = cpu_backend.forward(q, k, v, cache, meta, 32**-0.5)
-    _check(out, q, contexts, 32**-0.5, 4, 2, 1e-4 if dtype == torch.float32 else 3e-2)
+    q = torch.randn(len(lens), 4, d, generator=g).to(dtype)
+    out = cpu_backend.forward(q, k, v, cache, meta, d**-0.5)
+    _check(out, q, contexts, d**-0.5, 4, 2, 1e-4 if dtype == torch.float32 else 3e-2)
 
 
 def test_head_size_256_and_a_strided_query(cpu_backend):
