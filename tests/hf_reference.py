@@ -1,9 +1,10 @@
 """transformers' reading of a pulled GGUF model, the oracle of the tests that run the real models.
 
 Dequantizing a GGUF into transformers takes 15 to 60 s on two cores, and eight test modules read
-the same three files: each is read once per session here and shared (the two most recently used
-are kept, which bounds the memory held to about 2.5 GB). Tests only read the models (forward,
-generate, state_dict): none may change one."""
+the same three files: each is read once per session here and shared. At most two are kept, and
+no more than CAP_BYTES of float32 weights (SmolLM2 and Gemma 3 together, or Qwen2.5-Coder alone):
+the least recently used goes first. Tests only read the models (forward, generate, state_dict):
+none may change one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 KEEP = 2
+CAP_BYTES = 2_600_000_000
 _models: OrderedDict[str, tuple] = OrderedDict()
 _greedy: dict[tuple, list[int]] = {}
 
@@ -34,7 +36,15 @@ def hf_gguf(path) -> tuple:
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     _models[key] = (tok, model)
+    while len(_models) > 1 and sum(_nbytes(m) for _, m in _models.values()) > CAP_BYTES:
+        _models.popitem(last=False)
+        gc.collect()
     return tok, model
+
+
+def _nbytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in {p.data_ptr(): p
+                                                       for p in model.parameters()}.values())
 
 
 def hf_greedy(path, ids: list[int], n: int) -> list[int]:
