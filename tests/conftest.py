@@ -53,6 +53,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint (tests/cli and tests/eval shadow it with their own)."""
+    from tests.tiny import make_tiny_model
+
+    # a long context so that a stream can outlast the shutdown test's timeout
+    return make_tiny_model(tmp_path_factory.mktemp("serve-tiny-llama"), "llama",
+                           max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    """A real ``soar serve`` over tiny_model_dir, one for the session (starting one takes 5-10 s
+    on two cores): tests/serve and tests/structured send it requests and read answers, none
+    stops it or asserts on counters another module's requests would move."""
+    from tests.serve.conftest import start_soar_serve
+
+    log = tmp_path_factory.mktemp("tiny-serve") / "server.log"
+    srv = start_soar_serve(str(tiny_model_dir), "--max-num-seqs", "256", "--no-access-log",
+                           "--served-model-name", "tiny", log_path=log)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """Path of the default model's GGUF file (pulled on first use)."""
     from soarllm import hub

@@ -5,9 +5,9 @@ dequantized weights."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from soarllm import LLM, SamplingParams
+from tests.hf_reference import hf_gguf, hf_greedy
 
 pytestmark = pytest.mark.model
 
@@ -27,22 +27,12 @@ def backend(request):
 
 
 def test_tp3_default_model_greedy_equals_transformers(default_model_path, backend):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = str(default_model_path.parent), default_model_path.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    # transformers' reading of the GGUF and its greedy tokens: computed once for both backends
+    tok, model = hf_gguf(default_model_path)
     prompt_ids = [tok.encode(p) for p in PROMPTS]
-    expected = []
-    with torch.inference_mode():
-        for ids in prompt_ids:
-            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                 dtype=torch.long), do_sample=False, max_new_tokens=N_TOKENS,
-                                 min_new_tokens=N_TOKENS)
-            expected.append(gen[0, len(ids):].tolist())
+    expected = [hf_greedy(default_model_path, ids, N_TOKENS) for ids in prompt_ids]
     whole = sum(p.numel() * p.element_size()
                 for p in {p.data_ptr(): p for p in model.parameters()}.values())
-    del model
     # quantization="none": the dequantized weights transformers runs (GGUF blocks do not shard)
     llm = LLM(str(default_model_path), dtype="float32", quantization="none",
               kv_cache_memory="64MiB", max_model_len=256, tensor_parallel_size=3,

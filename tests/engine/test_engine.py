@@ -10,6 +10,10 @@ import pytest
 from soarllm import LLM, SamplingParams
 from soarllm.errors import ConfigError, ContextLengthError, InvalidRequestError
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
@@ -31,7 +35,8 @@ def _assert_pool_free(llm):
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), dtype="float32", max_num_seqs=32, block_size=4)
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               max_num_seqs=32, block_size=4)
 
 
 def test_alone_equals_in_a_batch_of_17(llm):
@@ -47,7 +52,8 @@ def test_alone_equals_in_a_batch_of_17(llm):
 def test_chunked_prefill_and_small_budget_do_not_change_output(tiny_llama_dir, llm):
     prompts = _prompts(llm, 6, lo=40, hi=120, seed=1)
     want = _ids(llm.generate(prompts, GREEDY))
-    chunked = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_batched_tokens=16,
+    chunked = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+                  block_size=4, max_num_batched_tokens=16,
                   enable_prefix_caching=False)
     assert _ids(chunked.generate(prompts, GREEDY)) == want
     _assert_pool_free(chunked)
@@ -66,7 +72,7 @@ def test_preemption_recomputes_without_changing_output(tiny_llama_dir, llm):
 
 
 def test_prefix_cache_hit_is_counted_and_output_unchanged(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV, block_size=4)
     shared = _prompts(llm, 1, lo=40, hi=40, seed=3)[0]
     a, b = shared + [5, 6, 7], shared + [8, 9]
     cold = _ids(llm.generate([b], GREEDY))

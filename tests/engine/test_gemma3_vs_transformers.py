@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from soarllm import LLM, SamplingParams
+from tests.hf_reference import hf_gguf
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -16,8 +17,6 @@ N_TOKENS = 32
 
 
 def test_gemma3_greedy_matches_transformers():
-    from transformers import AutoModelForCausalLM
-
     from soarllm import hub
 
     path = Path(hub.pull("gemma3-270m", progress=False))
@@ -26,9 +25,7 @@ def test_gemma3_greedy_matches_transformers():
     prompts = [tok.encode(p) for p in PROMPTS]
     got = ours.generate(prompts, SamplingParams(temperature=0.0, max_tokens=N_TOKENS,
                                                 min_tokens=N_TOKENS))
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    _, hf = hf_gguf(path)
     for ids, out in zip(prompts, got):
         with torch.inference_mode():
             want = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=N_TOKENS,

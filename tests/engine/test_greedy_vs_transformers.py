@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from soarllm import LLM, SamplingParams
+from tests.hf_reference import hf_gguf
 
 pytestmark = pytest.mark.model
 
@@ -30,12 +31,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def hf_reference(default_model_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = str(default_model_path.parent), default_model_path.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
+    return hf_gguf(default_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,10 @@ from soarllm import LLM, SamplingParams
 from soarllm.errors import ConfigError
 from tests.engine.test_engine import _assert_pool_free, _ids
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 D = 16  # tests/tiny.py: hidden 64 / 4 heads
 
 
@@ -64,7 +68,8 @@ def test_same_memory_holds_about_twice_the_tokens(pair):
 
 
 def test_prefix_hit_on_an_int8_cache_gives_the_cold_output(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enforce_eager=True,
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+              block_size=4, enforce_eager=True,
               kv_cache_dtype="int8")
     shared = sum(_prompts(llm.llm_engine.vocab_size, 2, seed=2), [])[:40]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from soarllm.cli.main import main
+from tests.hf_reference import hf_gguf
 
 pytestmark = pytest.mark.model
 
@@ -25,12 +26,7 @@ HE_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert 
 
 @pytest.fixture(scope="module")
 def hf_reference(default_model_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = str(default_model_path.parent), default_model_path.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
+    return hf_gguf(default_model_path)
 
 
 def _hf_perplexity(model, ids: list[int]) -> tuple[float, int]:

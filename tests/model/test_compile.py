@@ -15,6 +15,10 @@ from soarllm import LLM, SamplingParams
 from soarllm.model import compilation
 from tests.tiny import make_tiny_model
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 pytestmark = pytest.mark.slow  # each compiled engine spends tens of seconds in inductor
 
 
@@ -39,7 +43,8 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eager(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enforce_eager=True)
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,10 @@ from soarllm.model.registry import resolve_model_class
 from tests.model.test_logits_vs_hf import BLOCK, PagedRun
 from tests.tiny import train_tokenizer
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 1-2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 # MLA widths all different, so a swapped dimension cannot pass; 8 experts in 4 groups
 MLA = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -155,7 +159,8 @@ def test_greedy_tokens_equal_transformers_generate(tiny_deepseek):
                         attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist()
             for p in prompts
         ]
-    batched = LLM(str(tiny_deepseek), dtype="float32", block_size=4, max_num_seqs=8)
+    batched = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV,
+                  block_size=4, max_num_seqs=8)
     runner = batched.llm_engine.executor.runner
     cfg = runner.hf_config
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -170,7 +175,8 @@ def test_greedy_tokens_equal_transformers_generate(tiny_deepseek):
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     assert len(load) == moe_layers
     assert all(sum(layer) == forwarded * cfg.num_experts_per_tok for layer in load), load
-    chunked = LLM(str(tiny_deepseek), dtype="float32", block_size=4, max_num_batched_tokens=16,
+    chunked = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV,
+                  block_size=4, max_num_batched_tokens=16,
                   enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == want
 
@@ -185,14 +191,16 @@ def test_lookahead_decoding_keeps_greedy_tokens(tiny_deepseek):
     motif = [rng.randrange(3, 500) for _ in range(6)]
     prompts = [motif * 4, [rng.randrange(3, 500) for _ in range(17)]]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    plain = LLM(str(tiny_deepseek), dtype="float32", block_size=4)
+    plain = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV, block_size=4)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
-    spec = LLM(str(tiny_deepseek), dtype="float32", block_size=4, speculative_config=ALWAYS)
+    spec = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV,
+               block_size=4, speculative_config=ALWAYS)
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
 
 
 def test_dummy_weights_load(tiny_deepseek):
-    llm = LLM(str(tiny_deepseek), dtype="float32", load_format="dummy", block_size=4)
+    llm = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV,
+              load_format="dummy", block_size=4)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3,
                                                     ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
@@ -235,4 +243,4 @@ def test_tensor_and_expert_parallel_are_refused_clearly():
 
 def test_triton_backend_is_refused_for_the_latent_cache(tiny_deepseek):
     with pytest.raises(ConfigError, match="use attention_backend='reference' or 'auto'"):
-        LLM(str(tiny_deepseek), dtype="float32", attention_backend="triton")
+        LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV, attention_backend="triton")

@@ -14,6 +14,7 @@ import torch
 from soarllm.errors import ConfigError, ModelNotFoundError
 from soarllm.model.loader import load_checkpoint
 from soarllm.model.tokenizer import fim_tokens, load_tokenizer
+from tests.hf_reference import hf_gguf
 from tests.tiny import make_tiny_model
 
 
@@ -414,11 +415,8 @@ def test_fim_tokens():
 
 @pytest.fixture(scope="module")
 def transformers_gguf(default_model_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = str(default_model_path.parent), default_model_path.name
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(d, gguf_file=name)
+    tok, model = hf_gguf(default_model_path)
+    return model, tok
 
 
 @pytest.mark.model
@@ -494,12 +492,9 @@ def gemma_path() -> Path:
 @pytest.mark.model
 @pytest.mark.slow
 def test_gemma3_matches_transformers(gemma_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = str(gemma_path.parent), gemma_path.name
     ckpt = load_checkpoint(str(gemma_path))
     assert ckpt.config.architectures == ["Gemma3ForCausalLM"]
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    tok_ref, model = hf_gguf(gemma_path)  # shared with tests/engine/test_gemma3_vs_transformers.py
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "intermediate_size", "vocab_size", "sliding_window", "layer_types",
                 "query_pre_attn_scalar", "rope_parameters", "tie_word_embeddings"):  # fmt: skip
@@ -509,7 +504,6 @@ def test_gemma3_matches_transformers(gemma_path):
     assert_same_tensors(dict(ckpt.weights(torch.float32)), ref)  # norms shifted back by -1 too
     del model, ref
 
-    tok_ref = AutoTokenizer.from_pretrained(d, gguf_file=name)
     ours = load_tokenizer(ckpt)
     for text in ["Hello, world!", "def f(x):\n    return x  # 日本語", "<start_of_turn>user\nhi"]:
         assert ours.encode(text) == tok_ref.encode(text)

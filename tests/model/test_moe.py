@@ -35,6 +35,10 @@ from soarllm.model.registry import resolve_model_class
 from tests.model.test_logits_vs_hf import PagedRun
 from tests.tiny import make_tiny_model
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 1-2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 SMALL = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -257,15 +261,16 @@ def test_greedy_tokens_equal_transformers_generate(tiny_moe):
                         attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist()
             for p in prompts
         ]
-    batched = LLM(str(tiny_moe), dtype="float32", block_size=4, max_num_seqs=8)
+    batched = LLM(str(tiny_moe), dtype="float32", kv_cache_memory=KV, block_size=4, max_num_seqs=8)
     assert [o.outputs[0].token_ids for o in batched.generate(prompts, params)] == want
-    chunked = LLM(str(tiny_moe), dtype="float32", block_size=4, max_num_batched_tokens=16,
+    chunked = LLM(str(tiny_moe), dtype="float32", kv_cache_memory=KV,
+                  block_size=4, max_num_batched_tokens=16,
                   enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == want
 
 
 def test_dummy_weights_load(tiny_moe):
-    llm = LLM(str(tiny_moe), dtype="float32", load_format="dummy", block_size=4)
+    llm = LLM(str(tiny_moe), dtype="float32", kv_cache_memory=KV, load_format="dummy", block_size=4)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3,
                                                     ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
@@ -280,9 +285,11 @@ def test_compiled_engine_equals_eager(tmp_path):
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(3, 50))] for _ in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    eager = LLM(str(directory), dtype="float32", block_size=4, enforce_eager=True)
+    eager = LLM(str(directory), dtype="float32", kv_cache_memory=KV,
+                block_size=4, enforce_eager=True)
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
-    compiled = LLM(str(directory), dtype="float32", block_size=4, enforce_eager=False,
+    compiled = LLM(str(directory), dtype="float32", kv_cache_memory=KV,
+                   block_size=4, enforce_eager=False,
                    max_num_batched_tokens=32)
     runner = compiled.llm_engine.executor.runner
     assert runner.backbone is not runner.model.model, "the warm-up fell back to eager"

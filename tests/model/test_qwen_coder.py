@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from soarllm import LLM, SamplingParams
+from tests.hf_reference import hf_gguf
 from tests.serve.conftest import start_soar_serve
 
 pytestmark = pytest.mark.model
@@ -47,12 +48,7 @@ def qwen_path() -> Path:
 
 @pytest.fixture(scope="module")
 def hf_reference(qwen_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = str(qwen_path.parent), qwen_path.name
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
+    return hf_gguf(qwen_path)  # shared with tests/serve/test_tool_calls.py
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 - ``fake_server``: the real app and AsyncLLMEngine over FakeEngine, served by uvicorn on a thread
   of the test process (fast; the engine is inspectable).
-- ``tiny_server``: a real ``soar serve`` process over a tiny random Llama checkpoint.
+- ``tiny_server``: a real ``soar serve`` process over a tiny random Llama checkpoint (defined in
+  tests/conftest.py: one server for the session, shared with tests/structured).
 - ``model_server``: a real ``soar serve`` process over the pulled default model (tests marked
   ``model``).
 """
@@ -128,24 +129,6 @@ def start_soar_serve(model: str, *args: str, log_path: Path, env: dict | None = 
             srv.stop()
             raise RuntimeError(f"soar serve did not become healthy:\n{srv.log()[-4000:]}")
         time.sleep(0.25)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from tests.tiny import make_tiny_model
-
-    # a long context so that a stream can outlast the shutdown test's timeout
-    return make_tiny_model(tmp_path_factory.mktemp("serve-tiny-llama"), "llama",
-                           max_position_embeddings=4096)
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_model_dir, tmp_path_factory) -> Iterator[ProcessServer]:
-    log = tmp_path_factory.mktemp("tiny-serve") / "server.log"
-    srv = start_soar_serve(str(tiny_model_dir), "--max-num-seqs", "256", "--no-access-log",
-                           "--served-model-name", "tiny", log_path=log)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

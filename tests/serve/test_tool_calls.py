@@ -359,7 +359,8 @@ def test_qwen_coder_forced_call_and_round_trip(qwen_server):
     greedy continuation of it. So the answer is asked for with tool_choice "none", as an agent
     does once it has what it needs."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.hf_reference import hf_gguf
 
     server, gguf = qwen_server
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none",
@@ -382,7 +383,7 @@ def test_qwen_coder_forced_call_and_round_trip(qwen_server):
     choice = answer.choices[0]
     assert not choice.message.tool_calls
     assert "21" in choice.message.content  # the answer reads the tool's result
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok, hf = hf_gguf(gguf)  # transformers' reading of the GGUF (tokenizer and model)
     text = tok.apply_chat_template([_as_template_reads_it(m) for m in messages], tokenize=False,
                                    add_generation_prompt=True)
     assert "<tool_response>\n21 degrees" in text and '"name": "get_weather"' in text
@@ -396,8 +397,6 @@ def test_qwen_coder_forced_call_and_round_trip(qwen_server):
                                    tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert again.usage.prompt_tokens == len(ids)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                              dtype=torch.float32).eval()
     with torch.inference_mode():
         out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
                           dtype=torch.long), do_sample=False, max_new_tokens=24)

@@ -18,6 +18,10 @@ from tests.engine.test_engine import _ids
 from tests.spec.helpers import assert_same_tokens_and_logprobs, assert_same_under_pressure
 from tests.tiny import make_tiny_model, train_tokenizer
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
@@ -34,7 +38,7 @@ def deep_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(deep_dir):
-    return LLM(str(deep_dir), dtype="float32", block_size=4, max_num_seqs=16)
+    return LLM(str(deep_dir), dtype="float32", kv_cache_memory=KV, block_size=4, max_num_seqs=16)
 
 
 def _self_draft(layers: int, k: int = 3) -> dict:
@@ -44,7 +48,7 @@ def _self_draft(layers: int, k: int = 3) -> dict:
 
 @pytest.fixture(scope="module")
 def self_draft(deep_dir):
-    return LLM(str(deep_dir), dtype="float32", block_size=4, max_num_seqs=16,
+    return LLM(str(deep_dir), dtype="float32", kv_cache_memory=KV, block_size=4, max_num_seqs=16,
                speculative_config=_self_draft(2))
 
 
@@ -63,7 +67,8 @@ def test_a_draft_equal_to_the_target_is_accepted_whole(deep_dir, plain):
     """A separate draft checkpoint (here: the target's own) with the same tokenizer."""
     prompts = _prompts(plain.llm_engine.vocab_size, 4, seed=1)
     want = _ids(plain.generate(prompts, GREEDY))
-    spec = LLM(str(deep_dir), dtype="float32", block_size=4, speculative_config={
+    spec = LLM(str(deep_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, speculative_config={
         "method": "draft", "model": str(deep_dir), "num_speculative_tokens": 4, "adaptive": False})
     assert _ids(spec.generate(prompts, GREEDY)) == want
     st = spec.llm_engine.speculator.stats

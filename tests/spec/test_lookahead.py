@@ -19,6 +19,10 @@ from tests.engine.test_engine import _assert_pool_free as _pool_free
 from tests.engine.test_engine import _ids
 from tests.spec.helpers import assert_same_tokens_and_logprobs, assert_same_under_pressure
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 ALWAYS = {"method": "lookahead", "lookahead_window_size": 5, "lookahead_ngram_size": 3,
           "lookahead_guess_set_size": 6, "adaptive": False}
@@ -71,12 +75,14 @@ def test_window_update_makes_ngrams():
 
 @pytest.fixture(scope="module")
 def plain(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_seqs=16)
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, max_num_seqs=16)
 
 
 @pytest.fixture(scope="module")
 def spec(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_seqs=16,
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, max_num_seqs=16,
                speculative_config=ALWAYS)
 
 
@@ -129,7 +135,8 @@ def test_lookahead_through_a_worker_process(tiny_llama_dir, plain):
     under `soar serve` on CPU."""
     prompts = _prompts(plain.llm_engine.vocab_size, 4, seed=3)
     want = _ids(plain.generate(prompts, GREEDY))
-    mp = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, distributed_executor_backend="mp",
+    mp = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+             block_size=4, distributed_executor_backend="mp",
              speculative_config=ALWAYS)
     try:
         assert _ids(mp.generate(prompts, GREEDY)) == want

@@ -16,6 +16,10 @@ from soarllm.errors import ConfigError, InvalidRequestError
 from tests.engine.test_engine import _assert_pool_free as _pool_free
 from tests.engine.test_engine import _ids
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 ALWAYS = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
 
 
@@ -31,12 +35,14 @@ def _prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def plain(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_seqs=32)
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, max_num_seqs=32)
 
 
 @pytest.fixture(scope="module")
 def spec(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, max_num_seqs=32,
+    return LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, max_num_seqs=32,
                speculative_config=ALWAYS)
 
 
@@ -177,7 +183,8 @@ def test_streaming_deltas_carry_every_accepted_token(plain, spec):
 
 
 def test_rejected_draft_blocks_go_back_to_the_pool(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enable_prefix_caching=False,
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+              block_size=4, enable_prefix_caching=False,
               speculative_config=ALWAYS)
     eng = llm.llm_engine
     prompt = list(range(5, 25))

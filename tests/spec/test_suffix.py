@@ -14,6 +14,10 @@ from soarllm.spec.suffix import SuffixProposer
 from tests.engine.test_engine import _assert_pool_free as _pool_free
 from tests.engine.test_engine import _ids
 
+# The engines hold a few short requests: a small KV pool instead of the CPU default (up to 4 GiB,
+# millions of these 2 KiB blocks, each a Python object built at start-up).
+KV = "32MiB"
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 
 
@@ -49,8 +53,9 @@ def test_the_table_is_bounded():
 
 
 def test_suffix_greedy_equals_plain_and_remembers(tiny_llama_dir):
-    plain = LLM(str(tiny_llama_dir), dtype="float32", block_size=4)
-    spec = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, speculative_config={
+    plain = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV, block_size=4)
+    spec = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=KV,
+               block_size=4, speculative_config={
         "method": "suffix", "num_speculative_tokens": 4, "adaptive": False,
         "prompt_lookup_min": 2})
     rng = random.Random(1)

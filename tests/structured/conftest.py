@@ -1,12 +1,10 @@
-"""Fixtures of the structured-output tests: a hand-written tiny vocabulary for mask unit tests,
-and (re-exported from tests/serve) the tiny random checkpoint and a real ``soar serve`` over it."""
+"""Fixtures of the structured-output tests: a hand-written tiny vocabulary for mask unit tests
+(the tiny random checkpoint and the real ``soar serve`` over it come from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import llguidance
 import pytest
-
-from tests.serve.conftest import tiny_model_dir, tiny_server  # noqa: F401  (fixtures)
 
 # id -> token text; id 0 is the end-of-sequence token
 VOCAB = ["<eos>", "a", "b", "ab", "aa", "ba", "c", "{", "}", '"', ":", ",", " ", "1", "12", "0",
