@@ -98,3 +98,35 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id}))
     return out_dir
+
+
+def gguf_header(writer, cfg, head_dim: int | None = None) -> None:
+    """The llama-family hyperparameters llama.cpp's converter writes for a transformers config."""
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(head_dim or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def gguf_tokenizer(writer, hf_dir: Path) -> dict[str, int]:
+    """The tiny model's byte-level BPE as a gpt2 GGUF vocabulary with its BOS / EOS (what
+    llama.cpp writes); returns the special tokens' ids."""
+    import json
+
+    tok = json.loads((Path(hf_dir) / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    merges = tok["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(specials["<|im_start|>"])
+    writer.add_eos_token_id(specials["<|im_end|>"])
+    return specials

@@ -15,7 +15,7 @@ from soarllm.errors import ConfigError, ModelNotFoundError
 from soarllm.model.loader import load_checkpoint
 from soarllm.model.tokenizer import fim_tokens, load_tokenizer
 from tests.hf_reference import hf_gguf
-from tests.tiny import make_tiny_model
+from tests.tiny import gguf_header, gguf_tokenizer, make_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -218,26 +218,8 @@ def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
     name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name("tiny")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
-    merges = tok["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(specials["<|im_start|>"])
-    writer.add_eos_token_id(specials["<|im_end|>"])
+    gguf_header(writer, cfg)
+    specials = gguf_tokenizer(writer, hf_dir)
     writer.add_pad_token_id(specials["<|endoftext|>"])
     writer.add_add_bos_token(False)
     writer.add_chat_template(

@@ -6,7 +6,6 @@ own quantizer; the oracle then runs transformers on gguf's dequantization of the
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -21,7 +20,7 @@ from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.kernels.attention import ReferenceAttentionBackend
 from soarllm.model.loader import load_checkpoint
 from tests.model.test_logits_vs_hf import PagedRun
-from tests.tiny import make_tiny_model
+from tests.tiny import gguf_header, gguf_tokenizer, make_tiny_model
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 FAMILIES = {
@@ -90,16 +89,8 @@ def write_moe_gguf(hf_dir: Path, out: Path, expert_type: str = "F32") -> Path:
     arch = ARCH[cfg.model_type]
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name("tiny-moe")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer.add_rope_dimension_count(head_dim)
+    gguf_header(writer, cfg, head_dim)
     if getattr(cfg, "head_dim", None):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -125,16 +116,7 @@ def write_moe_gguf(hf_dir: Path, out: Path, expert_type: str = "F32") -> Path:
 
 def _add_tokenizer(writer, hf_dir: Path) -> None:
     """The tiny model's byte-level BPE as a gpt2 GGUF vocabulary (what llama.cpp writes)."""
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    writer.add_bos_token_id(specials["<|im_start|>"])
-    writer.add_eos_token_id(specials["<|im_end|>"])
+    specials = gguf_tokenizer(writer, hf_dir)
     writer.add_pad_token_id(specials["<|endoftext|>"])
     writer.add_add_bos_token(False)
 

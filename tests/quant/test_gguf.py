@@ -5,7 +5,6 @@ and Q8_0."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from soarllm.quant.config import get_quant_config
 from soarllm.quant.gguf import GGUFBlocks, GGUFQuantConfig, Q8AsInt4PairMethod
 from soarllm.quant.w4a16 import W4A16Method
 from tests.model.test_logits_vs_hf import PagedRun
-from tests.tiny import make_tiny_model
+from tests.tiny import gguf_header, gguf_tokenizer, make_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -184,25 +183,8 @@ def _write_gguf(hf_dir: Path, out: Path) -> Path:
     arch_enum = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
     w = gguf.GGUFWriter(str(out), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.add_bos_token_id(specials["<|im_start|>"])
-    w.add_eos_token_id(specials["<|im_end|>"])
+    gguf_header(w, cfg)
+    gguf_tokenizer(w, hf_dir)
     for hf_name, tensor in state.items():
         data = tensor.numpy()
         if arch == "llama" and hf_name.endswith("q_proj.weight"):
