@@ -177,7 +177,8 @@ def test_engine_with_the_native_kernel_matches_the_reference_backend(tiny_llama_
     outs = {}
     for name in ("reference", "cpu"):
         llm = LLM(str(tiny_llama_dir), dtype=dtype, attention_backend=name, block_size=4,
-                  max_num_batched_tokens=32, enable_prefix_caching=True, enforce_eager=True)
+                  max_num_batched_tokens=32, enable_prefix_caching=True, enforce_eager=True,
+                  kv_cache_memory="32MiB")
         assert llm.llm_engine.executor.runner.backend.name == name
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outs["cpu"] == outs["reference"]
