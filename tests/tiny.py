@@ -130,3 +130,11 @@ def gguf_tokenizer(writer, hf_dir: Path) -> dict[str, int]:
     writer.add_bos_token_id(specials["<|im_start|>"])
     writer.add_eos_token_id(specials["<|im_end|>"])
     return specials
+
+
+def gguf_write(writer) -> None:
+    """Write a GGUFWriter's header, metadata and tensors to its file and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

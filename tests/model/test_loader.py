@@ -15,7 +15,7 @@ from soarllm.errors import ConfigError, ModelNotFoundError
 from soarllm.model.loader import load_checkpoint
 from soarllm.model.tokenizer import fim_tokens, load_tokenizer
 from tests.hf_reference import hf_gguf
-from tests.tiny import gguf_header, gguf_tokenizer, make_tiny_model
+from tests.tiny import gguf_header, gguf_tokenizer, gguf_write, make_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -240,10 +240,7 @@ def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
             writer.add_tensor(name, gguf.quants.quantize(data, quant), raw_dtype=quant)
         else:
             writer.add_tensor(name, np.ascontiguousarray(data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_write(writer)
     return out
 
 

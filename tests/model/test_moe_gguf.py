@@ -20,7 +20,7 @@ from soarllm.errors import ConfigError, UnsupportedModelError
 from soarllm.kernels.attention import ReferenceAttentionBackend
 from soarllm.model.loader import load_checkpoint
 from tests.model.test_logits_vs_hf import PagedRun
-from tests.tiny import gguf_header, gguf_tokenizer, make_tiny_model
+from tests.tiny import gguf_header, gguf_tokenizer, gguf_write, make_tiny_model
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 FAMILIES = {
@@ -107,10 +107,7 @@ def write_moe_gguf(hf_dir: Path, out: Path, expert_type: str = "F32") -> Path:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(name, np.ascontiguousarray(data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_write(writer)
     return out
 
 
@@ -233,10 +230,7 @@ def _write_with(tmp_path: Path, hf_dir: Path, **metadata) -> Path:
         writer.add_key_value(key, value, vtype)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_write(writer)
     return tmp_path / "bad.gguf"
 
 

@@ -21,7 +21,7 @@ from soarllm.quant.config import get_quant_config
 from soarllm.quant.gguf import GGUFBlocks, GGUFQuantConfig, Q8AsInt4PairMethod
 from soarllm.quant.w4a16 import W4A16Method
 from tests.model.test_logits_vs_hf import PagedRun
-from tests.tiny import gguf_header, gguf_tokenizer, make_tiny_model
+from tests.tiny import gguf_header, gguf_tokenizer, gguf_write, make_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -198,10 +198,7 @@ def _write_gguf(hf_dir: Path, out: Path) -> Path:
         else:
             t = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    gguf_write(w)
     return out
 
 

@@ -313,18 +313,20 @@ def get_attention_backend(device: str, name: str | None = None):
         raise ConfigError(f"attention_backend={name!r} is not known; use one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
     on_cuda = str(device).startswith("cuda")
+    kernel = None
     if choice == "auto":
         if on_cuda:
             choice = "triton" if triton_available() else "reference"
         else:
-            choice = "cpu" if str(device) == "cpu" and _cpu_kernel() is not None else "reference"
+            kernel = _cpu_kernel() if str(device) == "cpu" else None
+            choice = "cpu" if kernel is not None else "reference"
     if choice == "reference":
         return ReferenceAttentionBackend()
     if choice == "cpu":
         if str(device) != "cpu":
             raise ConfigError(f"attention_backend='cpu' runs on the CPU, not {device!r}: use "
                               "'auto' or 'reference' there")
-        kernel = _cpu_kernel()
+        kernel = kernel or _cpu_kernel()
         if kernel is None:
             raise ConfigError("attention_backend='cpu' needs its native kernel, which could not be "
                               "built here (a C compiler: cc/gcc/clang, or set CC; see the warning "
