@@ -100,6 +100,25 @@ def test_head_size_256_and_a_strided_query(cpu_backend):
     _check(out, q, contexts, 0.0625, hq, hkv, 1e-4, window=20)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_stores_strided_new_keys_before_attending(cpu_backend, dtype):
+    # the usual step: q, k, v are views of one fused qkv projection and the new tokens' slots are
+    # still empty; the kernel stores k and v there, then attends over them
+    hq, hkv, d = 4, 2, 64
+    lens = [3, 17, 40]
+    cache, meta, k, v, contexts, g = _decode_batch(lens, hq, hkv, d, 8, dtype)
+    flat = cache.view(2, -1, hkv, d)
+    flat[:, meta.slot_mapping] = 0
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    qs, ks, vs = (part.view(len(lens), -1, d) for part in qkv.split([hq * d, hkv * d, hkv * d], 1))
+    assert not ks.is_contiguous()
+    out = cpu_backend.forward(qs, ks, vs, cache, meta, d**-0.5)
+    assert torch.equal(flat[0, meta.slot_mapping], k)
+    assert torch.equal(flat[1, meta.slot_mapping], v)
+    _check(out, q, contexts, d**-0.5, hq, hkv, 1e-4 if dtype == torch.float32 else 3e-2)
+
+
 def test_shapes_beyond_the_kernel_fall_back_to_the_reference_path(cpu_backend):
     # 64 query heads on one KV head: more than the kernel's 32 per KV head
     lens = [9, 3]

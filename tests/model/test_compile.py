@@ -89,6 +89,27 @@ def test_no_recompilation_after_warm_up(compiled):
     assert counters["stats"]["unique_graphs"] == before["unique_graphs"]
 
 
+def test_two_compiled_models_of_one_architecture_keep_their_own_graphs(
+        tiny_llama_dir, eager, compiled, tmp_path):
+    # After warm-up a call evaluates only the guards that tell cached graphs apart; a second model
+    # of the same class (other weights) adds graphs to the same code's cache, and each engine must
+    # still run its own, alternating, for one token and for several.
+    other_dir = make_tiny_model(tmp_path / "other", "llama", seed=1)
+    other = LLM(str(other_dir), dtype="float32", kv_cache_memory=KV, block_size=4,
+                enforce_eager=False)
+    other_eager = LLM(str(other_dir), dtype="float32", kv_cache_memory=KV, block_size=4,
+                      enforce_eager=True)
+    prompts = _prompts(eager.llm_engine.vocab_size, 3, 4, 20, seed=4)
+    params = _params(len(prompts))
+    want, want_other = _ids(eager.generate(prompts, params)), _ids(other_eager.generate(prompts, params))
+    assert want != want_other  # the two models differ
+    for _ in range(2):
+        assert _ids(compiled.generate(prompts[:1], params[:1])) == want[:1]
+        assert _ids(other.generate(prompts[:1], params[:1])) == want_other[:1]
+        assert _ids(compiled.generate(prompts, params)) == want
+        assert _ids(other.generate(prompts, params)) == want_other
+
+
 def test_no_cxx_compiler_runs_eagerly_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(compilation, "cxx_compiler", lambda: None)
     with caplog.at_level(logging.WARNING, logger="soarllm.model.compilation"):

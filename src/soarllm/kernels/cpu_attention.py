@@ -34,8 +34,8 @@ def load_kernel():
         return None
     fn = lib.paged_decode_attention
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, i32, i32, i32, i32, i32,
-                   i32, f32, f32, i32]
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, i32, i32,
+                   i32, i32, i32, i32, f32, f32, i32]
     fn.restype = ctypes.c_int
     return fn
 
@@ -50,37 +50,77 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
         if self._kernel is None:
             raise RuntimeError("the native paged-attention kernel could not be built")
 
+    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window=None, softcap=None):
+        """A step of decode rows only (the usual one) over a float cache: one native call stores
+        the new keys and values and attends; anything else takes the reference path, with its
+        decode rows through ``_decode`` below."""
+        if (meta.num_decodes == q.shape[0] and _kernel_types(q, kv_cache) is not None
+                and kv_cache.dtype == q.dtype and _rows_of_heads(k) and _rows_of_heads(v)):
+            out = self._call(q, kv_cache, meta, q.shape[0], scale, sliding_window, softcap,
+                             k, v)
+            if out is not None:
+                return out
+        return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap)
+
     def _decode(self, q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
-        planes, _, block_size, hkv, stride = kv_cache.shape
-        hq, d = q.shape[1], q.shape[2]
-        io_type = _IO_TYPES.get(q.dtype)
-        kv_type = _INT8 if kv_quant.is_quantized(kv_cache) else _IO_TYPES.get(kv_cache.dtype)
-        if (planes != 2 or io_type is None or kv_type is None
-                or (kv_type != _INT8 and kv_cache.dtype != q.dtype)
-                or q.device.type != "cpu" or not kv_cache.is_contiguous()):
+        res = None
+        if _kernel_types(q, kv_cache) is not None:
+            res = self._call(q, kv_cache, meta, nd, scale, sliding_window, softcap, None, None,
+                             out)
+        if res is None:
             return super()._decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
+        return res
+
+    def _call(self, q, kv_cache, meta, nd, scale, sliding_window, softcap, k_new, v_new,
+              out=None):
+        """The kernel over the first ``nd`` rows, storing ``k_new``/``v_new`` first when given;
+        None where a size is beyond the kernel's buffers (the caller falls back)."""
+        _, _, block_size, hkv, stride = kv_cache.shape
+        hq, d = q.shape[1], q.shape[2]
+        io_type, kv_type = _kernel_types(q, kv_cache)
         qd = q[:nd]
-        if qd.stride(2) != 1 or qd.stride(1) != d:
+        if not _rows_of_heads(qd):
             qd = qd.contiguous()
         res = out[:nd] if out is not None else torch.empty((nd, hq, d), dtype=q.dtype)
-        tables, lens = _decode_rows(meta, nd)
+        tables, lens, slots = _decode_rows(meta, nd)
         plane = kv_cache[0].numel() * kv_cache.element_size()
         base = kv_cache.data_ptr()
-        rc = self._kernel(qd.data_ptr(), qd.stride(0), base, base + plane, tables.data_ptr(),
+        if k_new is None:
+            new = (0, 0, 0, 0)
+        else:
+            new = (k_new.data_ptr(), k_new.stride(0), v_new.data_ptr(), v_new.stride(0))
+        rc = self._kernel(qd.data_ptr(), qd.stride(0), *new, slots.data_ptr(), base, base + plane, tables.data_ptr(),
                           tables.stride(0), lens.data_ptr(), res.data_ptr(), io_type, kv_type, nd,
-                          hq, hkv, d, stride, block_size, float(scale),
-                          float(softcap or 0.0), int(sliding_window or 0))
-        if rc != 0:  # a size beyond the kernel's buffers
-            return super()._decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
+                          hq, hkv, d, stride, block_size, float(scale), float(softcap or 0.0),
+                          int(sliding_window or 0))
+        if rc != 0:
+            return None
         return res if out is None else out
 
 
-def _decode_rows(meta: AttentionMetadata, nd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode rows' block tables [nd, max_blocks] and context lengths [nd] as contiguous int64,
-    once per step (every layer reuses them)."""
+def _kernel_types(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int] | None:
+    """(activation type, cache type) codes of the kernel, or None where it does not apply."""
+    io_type = _IO_TYPES.get(q.dtype)
+    kv_type = _INT8 if kv_quant.is_quantized(kv_cache) else _IO_TYPES.get(kv_cache.dtype)
+    if (kv_cache.shape[0] != 2 or io_type is None or kv_type is None
+            or (kv_type != _INT8 and kv_cache.dtype != q.dtype)
+            or q.device.type != "cpu" or not kv_cache.is_contiguous()):
+        return None
+    return io_type, kv_type
+
+
+def _rows_of_heads(x: torch.Tensor) -> bool:
+    """[T, H, D] with each row's heads back to back (rows may be strided)."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def _decode_rows(meta: AttentionMetadata, nd: int):
+    """The decode rows' block tables [nd, max_blocks], context lengths [nd] and new tokens' slots
+    [nd] as contiguous int64, once per step (every layer reuses them)."""
     got = meta.cache.get("cpu_decode_rows")
     if got is None:
         tables = meta.block_tables[:nd].to(torch.int64).contiguous()
         lens = meta.seq_lens[:nd].to(torch.int64).contiguous()
-        got = meta.cache["cpu_decode_rows"] = (tables, lens)
+        slots = meta.slot_mapping[:nd].to(torch.int64).contiguous()
+        got = meta.cache["cpu_decode_rows"] = (tables, lens, slots)
     return got

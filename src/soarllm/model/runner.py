@@ -238,6 +238,7 @@ class ModelRunner:
         finally:
             for cache in self.kv_caches:  # the warm-up wrote block 0: leave it as allocated
                 cache[:, 0].zero_()
+        compiled.warmed_up = True
         self.backbone = compiled
         logger.info("model step compiled in %.1fs", time.perf_counter() - t0)
 

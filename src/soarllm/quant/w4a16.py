@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soarllm.errors import ConfigError
+from soarllm.kernels.ops import define_op
 from soarllm.kernels.triton_utils import triton_available
 from soarllm.quant.base import (
     QuantMethod,
@@ -147,12 +148,11 @@ def _unpack(fn, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: 
     return out
 
 
-@torch.library.custom_op("soarllm::w4a16_linear_cpu", mutates_args=())
-def _w4a16_rows_op(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
+def _w4a16_rows(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+                group_size: int) -> torch.Tensor:
     """x [M, K] bfloat16 -> [M, N padded]: the int4 kernel for a few rows, else unpack + GEMM. An
-    op of its own so that the compiled graph with a symbolic row count takes the branch at run
-    time instead of guarding (and recompiling) on the count."""
+    op of its own (``soarllm::w4a16_linear_cpu``) so that the compiled graph with a symbolic row
+    count takes the branch at run time instead of guarding (and recompiling) on the count."""
     usable = x.shape[0] >= DEQUANT_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
     fn = _unpacker() if usable else None
     if fn is None:
@@ -160,9 +160,12 @@ def _w4a16_rows_op(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.
     return F.linear(x, _unpack(fn, packed, scale_and_zero, group_size, x.shape[1]))
 
 
-@_w4a16_rows_op.register_fake
-def _(x, packed, scale_and_zero, group_size):
-    return x.new_empty(x.shape[0], scale_and_zero.shape[1])
+define_op(
+    "w4a16_linear_cpu",
+    "(Tensor x, Tensor packed, Tensor scale_and_zero, int group_size) -> Tensor",
+    _w4a16_rows,
+    lambda x, packed, scale_and_zero, group_size: x.new_empty(x.shape[0], scale_and_zero.shape[1]),
+)
 
 
 def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,

@@ -12,6 +12,9 @@
  *               followed by the 4 bytes of their float32 scale (stride = d + 4; value = q * scale)
  *   block_table [n, bt_stride] int64, seq_lens [n] int64: row r attends to positions
  *               [max(0, seq_lens[r] - window), seq_lens[r]) (window <= 0: from 0)
+ *   k_new/v_new [n, hkv, d], rows k/v_new_stride elements apart, io type; slots [n] int64: when
+ *               k_new is not NULL, row r's new key and value are first stored at slot slots[r]
+ *               (float caches only: an int8 cache is written by the caller, which quantizes)
  * Scores are q . k * scale, then softcap * tanh(score / softcap) when softcap > 0.
  */
 #include <math.h>
@@ -25,6 +28,24 @@ enum { F32 = 0, BF16 = 1, I8 = 2 };
 #define MAX_D 256
 #define MAX_G 32
 #define CHUNK 32
+
+/* exp(x) for the softmax's x = score - running max <= 0, vectorizable (the C library's expf is a
+ * call per element): Cephes' range reduction x = n ln2 + r and degree-6 polynomial, ~1 ulp; below
+ * -87 (and -inf, the first chunk's correction) it is 0. */
+static inline float exp_nonpositive(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    return x < -87.0f ? 0.0f : p * two_n.f;
+}
 
 /* One cached token-head row as float32. */
 static inline void load_row(const void *base, int64_t index, int stride, int d, int type, float *dst) {
@@ -43,6 +64,145 @@ static inline void load_row(const void *base, int64_t index, int stride, int d, 
         for (int i = 0; i < d; i++) dst[i] = (float)src[i] * scale;
     }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16_PATH 1
+
+/* exp of 16 values <= 0 (scores minus their running max): Cephes' reduction and polynomial as in
+ * exp_nonpositive, the power of two applied with vscalefps; below -87 (and -inf) 0. */
+static inline __m512 exp16_nonpositive(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
+/* The 16 sums of 16 vectors, as one vector (element c = the sum of v[c]), by a transposing tree of
+ * adds instead of 16 horizontal reductions. */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 w[8], x[4];
+    /* w[k]: the 256-bit halves of v[2k] added (lanes 0-1), then those of v[2k+1] (lanes 2-3) */
+    for (int k = 0; k < 8; k++)
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    /* x[m]: 128-bit lane L holds four partial sums of vector 4m + L */
+    for (int m = 0; m < 4; m++)
+        x[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0xDD));
+    __m512 y01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+    __m512 y23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+    /* z: element 4L + e is the sum of vector 4e + L */
+    __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y01, y23, 0x44), _mm512_shuffle_ps(y01, y23, 0xEE));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, z);
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *src) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* attend() for bfloat16 queries over a bfloat16 cache with d a multiple of 32 (every head size in
+ * use): q . k with vdpbf16ps (bfloat16 pairs multiplied exactly, summed in float32, as the float32
+ * path computes them), 16 keys' scores at a time through a vectorized softmax, and the values
+ * accumulated in float32. */
+static inline __attribute__((always_inline)) void attend_bf16(
+    const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+    const int64_t *block_table, int64_t seq_len, uint16_t *out, int h, int g, int hkv, int d,
+    int stride, int block_size, float scale, float softcap, int window) {
+    __m512bh qv[MAX_G][MAX_D / 32];
+    __m512 acc[MAX_G][MAX_D / 16];
+    float m[MAX_G], l[MAX_G];
+    float s[MAX_G][16];
+    const int nw = d / 32, nv = d / 16;
+    for (int j = 0; j < g; j++) {
+        for (int w = 0; w < nw; w++)
+            qv[j][w] = (__m512bh)_mm512_loadu_si512((const void *)(q + (int64_t)j * d + w * 32));
+        for (int w = 0; w < nv; w++) acc[j][w] = _mm512_setzero_ps();
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
+    int64_t bi = start / block_size, bo = start % block_size;
+    for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
+        int n = (int)((seq_len - t0) < 16 ? (seq_len - t0) : 16);
+        int64_t slot[16];
+        for (int c = 0; c < n; c++) {
+            slot[c] = ((block_table[bi] * block_size + bo) * hkv + h) * stride;
+            if (++bo == block_size) bo = 0, bi++;
+        }
+        for (int j = 0; j < g; j++) {
+            __m512 dots[16];
+            for (int c = 0; c < 16; c++) {
+                __m512 dot = _mm512_setzero_ps();
+                if (c < n) {
+                    const uint16_t *kr = k_cache + slot[c];
+                    for (int w = 0; w < nw; w++)
+                        dot = _mm512_dpbf16_ps(
+                            dot, qv[j][w], (__m512bh)_mm512_loadu_si512((const void *)(kr + w * 32)));
+                }
+                dots[c] = dot;
+            }
+            _mm512_storeu_ps(s[j], _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+        }
+        __mmask16 valid = (__mmask16)((1u << n) - 1u);
+        __m512 p[MAX_G];
+        for (int j = 0; j < g; j++) {
+            if (softcap > 0.0f)
+                for (int c = 0; c < n; c++) s[j][c] = softcap * tanhf(s[j][c] / softcap);
+            __m512 sc = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[j]);
+            float cmax = _mm512_reduce_max_ps(sc);
+            float mnew = m[j] > cmax ? m[j] : cmax;
+            float corr = exp_nonpositive(m[j] - mnew);
+            m[j] = mnew;
+            p[j] = exp16_nonpositive(_mm512_sub_ps(sc, _mm512_set1_ps(mnew)));
+            l[j] = l[j] * corr + _mm512_reduce_add_ps(p[j]);
+            __m512 cv = _mm512_set1_ps(corr);
+            for (int w = 0; w < nv; w++) acc[j][w] = _mm512_mul_ps(acc[j][w], cv);
+            _mm512_storeu_ps(s[j], p[j]);
+        }
+        /* 16 values of every key at a time, up to four heads' sums held in registers */
+        for (int w = 0; w < nv; w++) {
+            for (int j = 0; j < g; j += 4) {
+                const int gj = g - j < 4 ? g - j : 4;
+                __m512 a0 = acc[j][w], a1 = gj > 1 ? acc[j + 1][w] : a0,
+                       a2 = gj > 2 ? acc[j + 2][w] : a0, a3 = gj > 3 ? acc[j + 3][w] : a0;
+                for (int c = 0; c < n; c++) {
+                    __m512 vf = bf16x16_to_f32(v_cache + slot[c] + w * 16);
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[j][c]), vf, a0);
+                    if (gj > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 1][c]), vf, a1);
+                    if (gj > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 2][c]), vf, a2);
+                    if (gj > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 3][c]), vf, a3);
+                }
+                acc[j][w] = a0;
+                if (gj > 1) acc[j + 1][w] = a1;
+                if (gj > 2) acc[j + 2][w] = a2;
+                if (gj > 3) acc[j + 3][w] = a3;
+            }
+        }
+    }
+    for (int j = 0; j < g; j++) {
+        float inv = 1.0f / l[j];
+        for (int w = 0; w < nv; w++) {
+            __m512 o = _mm512_mul_ps(acc[j][w], _mm512_set1_ps(inv));
+            __m256bh b = _mm512_cvtneps_pbh(o);
+            _mm256_storeu_si256((__m256i *)(out + (int64_t)j * d + w * 16), (__m256i)b);
+        }
+    }
+}
+#endif
 
 /* One (query row, KV head) pair: its g query heads over the row's keys, a chunk at a time. Always
  * inlined, so each call site with a constant head size gets its own unrolled copy. */
@@ -88,13 +248,15 @@ static inline __attribute__((always_inline)) void attend(
                 if (dot > cmax) cmax = dot;
             }
             float mnew = m[j] > cmax ? m[j] : cmax;
-            float corr = expf(m[j] - mnew); /* m = -inf at first: corr = 0, acc and l are 0 */
+            float corr = exp_nonpositive(m[j] - mnew); /* m = -inf at first: corr = 0 */
             m[j] = mnew;
-            l[j] *= corr;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
             for (int c = 0; c < n; c++) {
-                s[j][c] = expf(s[j][c] - mnew);
-                l[j] += s[j][c];
+                s[j][c] = exp_nonpositive(s[j][c] - mnew);
+                sum += s[j][c];
             }
+            l[j] = l[j] * corr + sum;
 #pragma omp simd
             for (int i = 0; i < d; i++) acc[j][i] *= corr;
         }
@@ -119,15 +281,39 @@ static inline __attribute__((always_inline)) void attend(
 }
 
 /* Returns 0, or -1 when a size is beyond this kernel's fixed buffers (the caller falls back). */
-int paged_decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+int paged_decode_attention(const void *q, int64_t q_stride, const void *k_new, int64_t k_new_stride,
+                           const void *v_new, int64_t v_new_stride, const int64_t *slots, void *k_cache, void *v_cache,
                            const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
                            void *out, int io_type, int kv_type, int n, int hq, int hkv, int d,
                            int stride, int block_size, float scale, float softcap, int window) {
     if (d > MAX_D || hkv <= 0 || hq % hkv != 0 || hq / hkv > MAX_G) return -1;
+    if (k_new != NULL) {
+        if (kv_type != io_type) return -1;
+        size_t es = io_type == F32 ? 4 : 2, row = (size_t)d * es;
+        for (int r = 0; r < n; r++) {
+            for (int h = 0; h < hkv; h++) {
+                size_t dst = ((size_t)slots[r] * hkv + h) * stride * es;
+                memcpy((char *)k_cache + dst,
+                       (const char *)k_new + ((size_t)r * k_new_stride + (size_t)h * d) * es, row);
+                memcpy((char *)v_cache + dst,
+                       (const char *)v_new + ((size_t)r * v_new_stride + (size_t)h * d) * es, row);
+            }
+        }
+    }
 #pragma omp parallel for collapse(2) schedule(static)
     for (int r = 0; r < n; r++) {
         for (int h = 0; h < hkv; h++) {
             const int64_t *bt = block_tables + (int64_t)r * bt_stride;
+#ifdef HAVE_BF16_PATH
+            if (io_type == BF16 && kv_type == BF16 && d % 32 == 0) {
+                int g = hq / hkv;
+                attend_bf16((const uint16_t *)q + (int64_t)r * q_stride + (int64_t)h * g * d,
+                            (const uint16_t *)k_cache, (const uint16_t *)v_cache, bt, seq_lens[r],
+                            (uint16_t *)out + ((int64_t)r * hq + (int64_t)h * g) * d, h, g, hkv, d,
+                            stride, block_size, scale, softcap, window);
+                continue;
+            }
+#endif
             /* the usual head sizes as constants, so the compiler unrolls the row loops */
             switch (d) {
             case 64:

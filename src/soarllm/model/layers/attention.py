@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from soarllm.kernels.ops import define_op
 from soarllm.model.forward_context import get_forward_context
 
 
@@ -53,12 +54,10 @@ def _attend(q, k, v, kv_cache, scale, sliding_window, softcap):
     return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, scale, sliding_window, softcap)
 
 
-@torch.library.custom_op("soarllm::attention", mutates_args=("kv_cache",))
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                  scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-    return _attend(q, k, v, kv_cache, scale, sliding_window, softcap)
-
-
-@_attention_op.register_fake
-def _(q, k, v, kv_cache, scale, sliding_window, softcap):
-    return torch.empty_like(q)
+define_op(
+    "attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale, int? sliding_window, "
+    "float? softcap) -> Tensor",
+    _attend,
+    lambda q, k, v, kv_cache, scale, sliding_window, softcap: torch.empty_like(q),
+)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soarllm.errors import ConfigError
+from soarllm.kernels.ops import define_op
 from soarllm.model.layers.activation import ACT_AND_MUL
 from soarllm.model.parallel_state import TPGroup
 from soarllm.quant.base import QuantizationConfig, as_float, set_weight_loader
@@ -188,20 +189,14 @@ def _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start=
     return torch.zeros_like(x).index_add_(0, token_of, out)
 
 
-@torch.library.custom_op("soarllm::fused_experts", mutates_args=())
-def _fused_experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      activation: str, expert_start: int | None,
-                      w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
-                      w13_zero: torch.Tensor | None, w2_zero: torch.Tensor | None) -> torch.Tensor:
-    return _fused_experts(x, w13, w2, topk_weights, topk_ids, activation, expert_start,
-                          w13_scale, w2_scale, w13_zero, w2_zero)
-
-
-@_fused_experts_op.register_fake
-def _(x, w13, w2, topk_weights, topk_ids, activation, expert_start, w13_scale, w2_scale,
-      w13_zero, w2_zero):
-    return torch.empty_like(x)
+define_op(
+    "fused_experts",
+    "(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, str activation, "
+    "int? expert_start, Tensor? w13_scale, Tensor? w2_scale, Tensor? w13_zero, "
+    "Tensor? w2_zero) -> Tensor",
+    _fused_experts,
+    lambda x, *args: torch.empty_like(x),
+)
 
 
 def per_expert_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
