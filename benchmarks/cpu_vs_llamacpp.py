@@ -142,7 +142,8 @@ def main() -> int:
                    help="soarllm rows: dtypes, ':eager' for the uncompiled model step, "
                    "':attn=NAME' for attention_backend=NAME (e.g. reference), ':q=X' "
                    "for quantization=X (e.g. bfloat16:q=none: the GGUF dequantized to bfloat16; "
-                   "unset: the GGUF's own blocks on the int4/int8 kernels)")
+                   "unset: the GGUF's own blocks on the int4/int8 kernels), ':w4=native' for "
+                   "soarllm's own int4 layout and kernel (SOARLLM_W4A16_CPU=native)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-http", dest="http", action="store_false")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu_vs_llamacpp")
@@ -166,12 +167,15 @@ def main() -> int:
         dtype, *modes = spec.split(":")
         quant = next((m[2:] for m in modes if m.startswith("q=")), None)
         attn = next((m[5:] for m in modes if m.startswith("attn=")), None)
+        w4 = next((m[3:] for m in modes if m.startswith("w4=")), "torch")
         name = (f"soarllm {dtype}" + (" eager" if "eager" in modes else "")
                 + (f" quantization={quant}" if quant else "")
-                + (f" attention={attn}" if attn else ""))
+                + (f" attention={attn}" if attn else "") + (f" w4a16={w4}" if w4 != "torch" else ""))
+        os.environ["SOARLLM_W4A16_CPU"] = w4  # read when the layers are packed
         table[name] = soar_offline(gguf, dtype, batches, args.repeats,
                                    enforce_eager="eager" in modes, quantization=quant,
                                    attention_backend=attn)
+        os.environ.pop("SOARLLM_W4A16_CPU")
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"model": gguf, "threads": args.threads, "table": table}
     if args.http:

@@ -15,11 +15,17 @@ import torch
 from soarllm.errors import ConfigError
 from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.quant.config import RTNConfig, parse_quantization
-from soarllm.quant.w4a16 import DEQUANT_MIN_ROWS, W4A16Method, quantize_w4, unpack_nibbles
+from soarllm.quant.w4a16 import (
+    DEQUANT_MIN_ROWS,
+    W4A16Method,
+    _soar4_kernel,
+    quantize_w4,
+    unpack_nibbles,
+)
 from soarllm.quant.w8a16 import W8A16Method, quantize_w8
 
 # (out, in): odd and non-multiple-of-16 output sizes pad to the int4 kernel's tile of 16
-SHAPES = [(16, 64), (48, 128), (7, 64), (100, 256), (200, 384)]
+SHAPES = [(16, 64), (48, 128), (7, 64), (100, 256), (200, 384), (24, 96)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -62,15 +68,22 @@ def _w4_layer(out_f, in_f, group, dtype, weight, bias=None):
     ("shape", "group"), [(s, g) for s in SHAPES for g in (32, 64, 128) if s[1] % g == 0]
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype):
+@pytest.mark.parametrize("layout", ["torch", "native"])
+def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype, layout, monkeypatch):
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", layout)
     out_f, in_f = shape
     torch.manual_seed(out_f * in_f + group)
     weight = torch.randn(out_f, in_f) * 0.05
     bias = torch.randn(out_f)
     layer, (q, s, z) = _w4_layer(out_f, in_f, group, dtype, weight, bias)
     assert layer.use_cpu_kernel
-    # 64 rows and more: the weight unpacked to bfloat16 natively, then one GEMM
-    for m in (1, 3, 17, DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS + 7):
+    # the native layout where the inputs come in blocks of 64 and the kernel builds here (AVX-512
+    # BF16), PyTorch's int4 kernel otherwise
+    native = layout == "native" and in_f % 64 == 0 and _soar4_kernel() is not None
+    assert layer.cpu_layout == ("soar4" if native else "int4pack")
+    # rows: 1-4 the native kernel's exact path, 5+ its dequantized tile, from DEQUANT_MIN_ROWS
+    # on the weight unpacked to bfloat16 natively, then one GEMM
+    for m in (1, 3, 4, 5, 17, DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS + 7):
         x = torch.randn(m, in_f).to(dtype)
         w = _oracle_w4(q, _rounded(s, BF16), _rounded(z, BF16), group)
         want = _rounded(x, BF16) @ w.t() + bias.to(dtype).float()
@@ -199,3 +212,21 @@ def test_w8a16_quantize_is_symmetric_per_row():
     q, s = quantize_w8(w)
     assert q[0].tolist() == [127, -3, 10] and s[0].item() == 1.0
     assert q[1].tolist() == [0, 0, 0]
+
+
+def test_w4a16_native_operator_equals_its_python_fallback(monkeypatch):
+    """``soarllm::w4a16_soar4`` runs in C++ where the extension builds; the Python implementation
+    (used where it does not) computes the same output for the kernel's three paths."""
+    from soarllm.quant import w4a16
+
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "native")
+    torch.manual_seed(4)
+    layer, _ = _w4_layer(40, 192, 64, BF16, torch.randn(40, 192) * 0.05)
+    if _soar4_kernel() is None:  # a CPU without AVX-512 BF16: PyTorch's layout, nothing to compare
+        assert layer.cpu_layout == "int4pack"
+        return
+    for m in (1, 4, 9, DEQUANT_MIN_ROWS + 1):
+        x = torch.randn(m, 192).to(BF16)
+        want = w4a16._w4a16_soar4(x, layer.qweight, layer.scale_min, 64)
+        got = torch.ops.soarllm.w4a16_soar4(x, layer.qweight, layer.scale_min, 64)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

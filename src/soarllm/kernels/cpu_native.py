@@ -111,3 +111,34 @@ def load(name: str) -> ctypes.CDLL | None:
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         logger.warning("native CPU kernel %s unavailable, using the PyTorch path: %s", name, err)
         return None
+
+
+@cache
+def load_torch_ops(name: str, library: str, defines: tuple[tuple[str, int], ...] = ()) -> bool:
+    """Build (once per source, library, PyTorch version and CPU; ~40 s on 2 cores, then cached
+    beside the C library) and load ``csrc/<name>.cpp``, a C++ file that registers operators with
+    PyTorch's dispatcher and calls the C library ``library`` (built by ``build``). Compiled code
+    (inductor's C++ wrapper) then calls those operators without entering Python. False, with one
+    warning, where it cannot be built (no C++ compiler or ninja, no PyTorch headers): the caller
+    registers a Python implementation of the same operators instead."""
+    import torch
+    from torch.utils import cpp_extension
+
+    c_lib = build(library)
+    source = (SOURCES / f"{name}.cpp").read_bytes()
+    key = hashlib.sha256(b"\0".join([source, str(c_lib).encode(), torch.__version__.encode(),
+                                      repr(defines).encode()])).hexdigest()[:16]
+    out_dir = c_lib.parent / f"{name}-{key}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name=f"soarllm_{name}_{key}", sources=[str(SOURCES / f"{name}.cpp")],
+            extra_cflags=["-O2", *(f"-D{k}={v}" for k, v in defines)],
+            extra_ldflags=[str(c_lib), f"-Wl,-rpath,{c_lib.parent}"],
+            build_directory=str(out_dir), is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, subprocess.SubprocessError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        logger.warning("native CPU operators %s unavailable, calling the kernel from Python: %s",
+                       name, first)
+        return False
+    return True
