@@ -110,6 +110,27 @@ def test_two_compiled_models_of_one_architecture_keep_their_own_graphs(
         assert _ids(other.generate(prompts, params)) == want_other
 
 
+def test_an_input_the_warm_up_did_not_cover_compiles_instead_of_failing(eager, compiled):
+    # after warm-up only the guards that tell cached graphs apart are checked; an input none of
+    # them fits (here: ids made outside inference mode, which the runner never passes) must get
+    # a graph of its own, with the same result as eagerly
+    from soarllm.model.forward_context import set_forward_context
+    from soarllm.model.runner import _warmup_metadata
+
+    runner, eager_runner = compiled.llm_engine.executor.runner, eager.llm_engine.executor.runner
+    meta = _warmup_metadata(2, "cpu")
+    ids = torch.tensor([5, 7])
+    outs = []
+    for r in (runner, eager_runner):
+        for cache in r.kv_caches:
+            cache[:, 0].zero_()
+        with torch.inference_mode(), set_forward_context(meta, r.backend):
+            outs.append(r.backbone(ids, meta.positions, r.kv_caches).clone())
+        for cache in r.kv_caches:
+            cache[:, 0].zero_()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
 def test_no_cxx_compiler_runs_eagerly_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(compilation, "cxx_compiler", lambda: None)
     with caplog.at_level(logging.WARNING, logger="soarllm.model.compilation"):

@@ -98,5 +98,13 @@ class CompiledBackbone:
             torch._dynamo.mark_dynamic(positions, 0)
         if not self.warmed_up:
             return self._compiled(input_ids, positions, kv_caches)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self._compiled(input_ids, positions, kv_caches)
+        except RuntimeError as err:
+            # an input no cached graph was built for (e.g. a tensor made outside inference mode
+            # by a caller other than the runner): dynamo refuses before running anything, so
+            # check every guard instead (it compiles a graph for it, once)
+            if "skip_guard_eval_unsafe" not in str(err):
+                raise
             return self._compiled(input_ids, positions, kv_caches)
