@@ -366,23 +366,19 @@ class W4A16Method(QuantMethod):
             layer.scales = nn.Parameter(scales, requires_grad=False)
             layer.zeros = nn.Parameter(zeros, requires_grad=False)
             layer.use_triton_kernel = True
-        elif (layer.qweight.device.type == "cpu" and self.weight_width(layer) % 64 == 0
-              and native_layout_requested() and _soar4_kernel() is not None):
-            q = unpack_nibbles(layer.qweight.data)
-            packed, scale_min = pack_soar4(q, layer.scales.data, layer.zeros.data)
-            layer.qweight = nn.Parameter(packed, requires_grad=False)
-            layer.scale_min = nn.Parameter(scale_min, requires_grad=False)
-            del layer.scales, layer.zeros
-            layer.use_cpu_kernel = True
-            layer.cpu_layout = "soar4"
         elif layer.qweight.device.type == "cpu" and cpu_kernel_available():
-            q = unpack_nibbles(layer.qweight.data)
-            packed, scale_and_zero = int4pack_cpu(q, layer.scales.data, layer.zeros.data)
+            # soarllm's own layout and kernel where asked for and possible, else PyTorch's
+            native = (self.weight_width(layer) % 64 == 0 and native_layout_requested()
+                      and _soar4_kernel() is not None)
+            layout, pack, scales_name = (("soar4", pack_soar4, "scale_min") if native
+                                         else ("int4pack", int4pack_cpu, "scale_and_zero"))
+            packed, scales = pack(unpack_nibbles(layer.qweight.data), layer.scales.data,
+                                  layer.zeros.data)
             layer.qweight = nn.Parameter(packed, requires_grad=False)
-            layer.scale_and_zero = nn.Parameter(scale_and_zero, requires_grad=False)
+            setattr(layer, scales_name, nn.Parameter(scales, requires_grad=False))
             del layer.scales, layer.zeros
             layer.use_cpu_kernel = True
-            layer.cpu_layout = "int4pack"
+            layer.cpu_layout = layout
 
     def apply(self, layer, x):
         if layer.use_triton_kernel:
