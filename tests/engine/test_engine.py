@@ -167,6 +167,19 @@ def test_bad_requests_are_refused_with_a_reason(llm):
     _assert_pool_free(llm)
 
 
+def test_vllm_prompt_dicts_are_the_same_requests(llm):
+    # vLLM's TextPrompt / TokensPrompt dicts: the same outputs as the text and the token ids
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    text = "hello world"
+    ids = llm.get_tokenizer().encode(text)
+    want = [o.outputs[0].token_ids for o in llm.generate([text, ids], params)]
+    got = llm.generate([{"prompt": text}, {"prompt_token_ids": ids}], params)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids == want[1]
+    with pytest.raises(ValueError, match="multi_modal_data"):
+        llm.generate({"prompt": text, "multi_modal_data": {}}, params)
+
+
 def test_kv_cache_too_small_for_one_request(tiny_llama_dir):
     with pytest.raises(ConfigError, match="max_model_len"):
         LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="64KiB")

@@ -14,7 +14,24 @@ from soarllm.engine.llm_engine import LLMEngine
 from soarllm.outputs import RequestOutput
 from soarllm.sampling_params import RequestOutputKind, SamplingParams
 
-Prompt = str | list[int]
+# A prompt: text, token ids, or vLLM's prompt dicts ({"prompt": text} / {"prompt_token_ids": ids})
+Prompt = str | list[int] | dict
+
+
+def _as_engine_prompt(prompt: Prompt) -> str | list[int]:
+    """Text or token ids from any accepted prompt form; vLLM's TextPrompt / TokensPrompt dicts
+    included, other keys refused by name."""
+    if not isinstance(prompt, dict):
+        return prompt
+    unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+    if unknown:
+        raise ValueError(f"prompt keys {sorted(unknown)} are not supported; give 'prompt' (text) "
+                         "or 'prompt_token_ids' (token ids)")
+    if "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids' (token ids)")
 
 
 class LLM:
@@ -31,11 +48,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [_as_engine_prompt(p) for p in prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
