@@ -261,3 +261,23 @@ def test_engine_on_the_native_int4_layout_matches_pytorchs_int4_kernel(tmp_path,
     for a, b in first:  # the first token's logprob (same prefix on both sides)
         tok = next(iter(a))
         assert tok in b and abs(a[tok].logprob - b[tok].logprob) < 0.05
+
+
+def test_a_failed_cpp_operator_build_warns_and_reports_it(monkeypatch, caplog):
+    """No ninja / g++ / PyTorch headers: ``load_torch_ops`` says so in one warning and returns
+    False, and the caller registers the Python implementation instead of failing."""
+    import logging
+
+    from torch.utils import cpp_extension
+
+    from soarllm.kernels import cpu_native
+
+    def broken(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with caplog.at_level(logging.WARNING, logger="soarllm.kernels.cpu_native"):
+        ok = cpu_native.load_torch_ops.__wrapped__("int4_gemm_op", "int4_gemm",
+                                                   (("SOAR_DEQUANT_MIN_ROWS", DEQUANT_MIN_ROWS),))
+    assert ok is False
+    assert len(caplog.records) == 1 and "Ninja is required" in caplog.records[0].getMessage()
