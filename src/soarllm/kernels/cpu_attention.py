@@ -34,8 +34,8 @@ def load_kernel():
         return None
     fn = lib.paged_decode_attention
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, i32, i32,
-                   i32, i32, i32, i32, f32, f32, i32]
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32, i32, i32,
+                   i32, i32, i32, i32, i32, f32, f32, i32]
     fn.restype = ctypes.c_int
     return fn
 
@@ -54,43 +54,47 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
         """A step of decode rows only (the usual one) over a float cache: one native call stores
         the new keys and values and attends; anything else takes the reference path, with its
         decode rows through ``_decode`` below."""
-        if (meta.num_decodes == q.shape[0] and _kernel_types(q, kv_cache) is not None
-                and kv_cache.dtype == q.dtype and _rows_of_heads(k) and _rows_of_heads(v)):
-            out = self._call(q, kv_cache, meta, q.shape[0], scale, sliding_window, softcap,
+        types = _kernel_types(q, kv_cache) if meta.num_decodes == q.shape[0] else None
+        if (types is not None and kv_cache.dtype == q.dtype and _rows_of_heads(k)
+                and _rows_of_heads(v)):
+            out = self._call(types, q, kv_cache, meta, q.shape[0], scale, sliding_window, softcap,
                              k, v)
             if out is not None:
                 return out
         return super().forward(q, k, v, kv_cache, meta, scale, sliding_window, softcap)
 
     def _decode(self, q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out):
+        types = _kernel_types(q, kv_cache)
         res = None
-        if _kernel_types(q, kv_cache) is not None:
-            res = self._call(q, kv_cache, meta, nd, scale, sliding_window, softcap, None, None,
-                             out)
+        if types is not None:
+            res = self._call(types, q, kv_cache, meta, nd, scale, sliding_window, softcap, None,
+                             None, out)
         if res is None:
             return super()._decode(q, kv_cache, meta, nd, scale, sliding_window, softcap, gqa, out)
         return res
 
-    def _call(self, q, kv_cache, meta, nd, scale, sliding_window, softcap, k_new, v_new,
+    def _call(self, types, q, kv_cache, meta, nd, scale, sliding_window, softcap, k_new, v_new,
               out=None):
-        """The kernel over the first ``nd`` rows, storing ``k_new``/``v_new`` first when given;
-        None where a size is beyond the kernel's buffers (the caller falls back)."""
+        """The kernel (``types``: its activation and cache type codes) over the first ``nd``
+        rows, storing ``k_new``/``v_new`` first when given; None where a size is beyond the
+        kernel's buffers (the caller falls back)."""
         _, _, block_size, hkv, stride = kv_cache.shape
         hq, d = q.shape[1], q.shape[2]
-        io_type, kv_type = _kernel_types(q, kv_cache)
+        io_type, kv_type = types
         qd = q[:nd]
         if not _rows_of_heads(qd):
             qd = qd.contiguous()
         res = out[:nd] if out is not None else torch.empty((nd, hq, d), dtype=q.dtype)
         tables, lens, slots = _decode_rows(meta, nd)
-        plane = kv_cache[0].numel() * kv_cache.element_size()
+        plane = kv_cache.stride(0) * kv_cache.element_size()  # bytes from the K to the V plane
         base = kv_cache.data_ptr()
         if k_new is None:
             new = (0, 0, 0, 0)
         else:
             new = (k_new.data_ptr(), k_new.stride(0), v_new.data_ptr(), v_new.stride(0))
-        rc = self._kernel(qd.data_ptr(), qd.stride(0), *new, slots.data_ptr(), base, base + plane, tables.data_ptr(),
-                          tables.stride(0), lens.data_ptr(), res.data_ptr(), io_type, kv_type, nd,
+        rc = self._kernel(qd.data_ptr(), qd.stride(0), *new, slots.data_ptr(), base, base + plane,
+                          tables.data_ptr(), tables.stride(0), lens.data_ptr(), res.data_ptr(),
+                          io_type, kv_type, nd,
                           hq, hkv, d, stride, block_size, float(scale), float(softcap or 0.0),
                           int(sliding_window or 0))
         if rc != 0:

@@ -31,14 +31,20 @@ SOURCES = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno")
 
 
-def c_compiler() -> str | None:
-    """The C compiler to build with ($CC, else cc / gcc / clang), or None."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+def find_program(env_var: str, names: tuple[str, ...]) -> str | None:
+    """The program named by ``$env_var``, else the first of ``names`` on PATH, or None."""
+    for name in (os.environ.get(env_var), *names):
         if name and shutil.which(name):
             return name
     return None
 
 
+def c_compiler() -> str | None:
+    """The C compiler to build with ($CC, else cc / gcc / clang), or None."""
+    return find_program("CC", ("cc", "gcc", "clang"))
+
+
+@cache
 def _cpu_identity() -> str:
     """What -march=native depends on: the CPU model and its instruction-set flags."""
     try:
@@ -51,6 +57,7 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+@cache
 def _compiler_version(cc: str) -> str:
     try:
         return subprocess.run([cc, "--version"], capture_output=True, text=True,

@@ -21,11 +21,11 @@ address; a start then takes seconds instead of a compile of minutes (SGLang's de
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 
 import torch
+
+from soarllm.kernels.cpu_native import find_program
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,7 @@ WARMUP_SIZES = (1, 2)
 
 def cxx_compiler() -> str | None:
     """The C++ compiler inductor's CPU backend would use, or None."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return find_program("CXX", ("g++", "c++", "clang++"))
 
 
 def configure_inductor() -> None:

@@ -26,6 +26,7 @@ activations and gets its output back in its own dtype.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +175,6 @@ def native_layout_requested() -> bool:
     AVX-512 BF16 CPU, one run (benchmarks/cpu_vs_llamacpp.py ``:w4=native``): decode batch 1
     0.81x, batch 8 0.88x, batch 32 1.28x of PyTorch's kernel, prefill 1.12x. Latency first: off
     unless asked for."""
-    import os
-
     return os.environ.get("SOARLLM_W4A16_CPU", "torch").strip().lower() == "native"
 
 
