@@ -119,6 +119,20 @@ def test_a_decode_step_stores_strided_new_keys_before_attending(cpu_backend, dty
     _check(out, q, contexts, d**-0.5, hq, hkv, 1e-4 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens, window", [([300], None), ([700, 5], None), ([700, 65], 200)])
+def test_few_rows_with_long_contexts_split_their_keys(cpu_backend, dtype, lens, window):
+    # batch-1-like steps (3 KV heads, fewer than the threads want): each head's keys are cut into
+    # splits attended apart and merged (flash-decoding); a short row beside a long one leaves some
+    # of its splits empty
+    hq, hkv, d = 9, 3, 64
+    cache, meta, k, v, contexts, g = _decode_batch(lens, hq, hkv, d, 16, dtype)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    out = cpu_backend.forward(q, k, v, cache, meta, d**-0.5, sliding_window=window)
+    _check(out, q, contexts, d**-0.5, hq, hkv, 1e-4 if dtype == torch.float32 else 3e-2,
+           window=window)
+
+
 def test_shapes_beyond_the_kernel_fall_back_to_the_reference_path(cpu_backend):
     # 64 query heads on one KV head: more than the kernel's 32 per KV head
     lens = [9, 3]

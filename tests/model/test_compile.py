@@ -153,3 +153,23 @@ def test_a_failing_compile_leaves_the_engine_eager_and_working(eager, monkeypatc
     assert "running the model eagerly" in caplog.text
     assert runner.backbone is runner.model.model
     assert _ids(eager.generate(prompts, _params(3))) == want
+
+
+def test_compiled_decode_steps_attend_in_cpp_and_other_steps_in_python(compiled, monkeypatch):
+    # On CPU the compiled step's attention op has a C++ kernel (kernels/csrc/attention_op.cpp):
+    # a step of decode rows only never enters the Python backend; steps with prefill rows do
+    # (the kernel hands them to the op's Python implementation). Their tokens = eager's: above.
+    backend = compiled.llm_engine.executor.runner.backend
+    assert backend.name == "cpu" and backend._compiled_op
+    python_calls = []
+    forward = backend.forward
+
+    def counting(q, k, v, kv_cache, meta, *args, **kwargs):
+        python_calls.append(meta.num_decodes == q.shape[0])
+        return forward(q, k, v, kv_cache, meta, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "forward", counting)
+    prompts = _prompts(compiled.llm_engine.vocab_size, 3, 10, 20, seed=4)
+    outs = compiled.generate(prompts, _params(len(prompts)))
+    assert all(len(o.outputs[0].token_ids) > 1 for o in outs)  # decode steps ran
+    assert python_calls and not any(python_calls)

@@ -49,6 +49,24 @@ class CpuAttentionBackend(ReferenceAttentionBackend):
         self._kernel = kernel if kernel is not None else load_kernel()
         if self._kernel is None:
             raise RuntimeError("the native paged-attention kernel could not be built")
+        self._compiled_op = False  # the C++ kernel of soarllm::attention is loaded and in use
+
+    def prepare_compiled(self) -> None:
+        """Before the model step is compiled: load (building once per machine, ~40 s) the C++
+        kernel of ``soarllm::attention`` (kernels/csrc/attention_op.cpp), so that compiled decode
+        steps call the native kernel without Python in between. Where it cannot be built, the
+        op's Python implementation serves (one warning)."""
+        self._compiled_op = cpu_native.load_torch_ops("attention_op", "paged_attention")
+
+    def announce_step(self, meta: AttentionMetadata | None) -> None:
+        """Called by ``set_forward_context`` as a step's context begins (``meta``) and ends
+        (None): hands a decode-only step's rows to the C++ kernel, which attends those steps."""
+        if not self._compiled_op:
+            return
+        if meta is not None and meta.num_decodes == meta.slot_mapping.shape[0] > 0:
+            torch.ops.soarllm.cpu_decode_rows(*_decode_rows(meta, meta.num_decodes))
+        else:
+            torch.ops.soarllm.cpu_decode_rows(None, None, None)
 
     def forward(self, q, k, v, kv_cache, meta, scale, sliding_window=None, softcap=None):
         """A step of decode rows only (the usual one) over a float cache: one native call stores
@@ -118,7 +136,7 @@ def _rows_of_heads(x: torch.Tensor) -> bool:
     return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
-def _decode_rows(meta: AttentionMetadata, nd: int):
+def _decode_rows(meta: AttentionMetadata, nd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode rows' block tables [nd, max_blocks], context lengths [nd] and new tokens' slots
     [nd] as contiguous int64, once per step (every layer reuses them)."""
     got = meta.cache.get("cpu_decode_rows")

@@ -28,12 +28,25 @@ class ForwardContext:
 
 @contextmanager
 def set_forward_context(meta: AttentionMetadata, backend: Any) -> Iterator[None]:
+    """The step's metadata and backend for the attention layers called inside. A backend with an
+    ``announce_step(meta | None)`` method hears of the step as it begins and ends (the CPU
+    backend hands decode rows to its C++ kernel that way)."""
     previous = getattr(_local, "ctx", None)
     _local.ctx = ForwardContext(meta, backend)
+    _announce(backend, meta)
     try:
         yield
     finally:
         _local.ctx = previous
+        _announce(backend, None)
+        if previous is not None:
+            _announce(previous.backend, previous.meta)
+
+
+def _announce(backend: Any, meta: AttentionMetadata | None) -> None:
+    announce = getattr(backend, "announce_step", None)
+    if announce is not None:
+        announce(meta)
 
 
 def get_forward_context() -> ForwardContext:

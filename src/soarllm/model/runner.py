@@ -221,6 +221,9 @@ class ModelRunner:
         compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager)
         if compiled is None:
             return
+        prepare = getattr(self.backend, "prepare_compiled", None)
+        if prepare is not None:
+            prepare()
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()

@@ -2,7 +2,8 @@
  * KV cache through its block table (no gathered copy), with an online softmax in float32.
  *
  * Built at run time by soarllm/kernels/cpu_native.py (cc -O3 -march=native -fopenmp) and called
- * through ctypes from soarllm/kernels/cpu_attention.py. The OpenMP runtime is the one PyTorch
+ * through ctypes from soarllm/kernels/cpu_attention.py, or from C++ by kernels/csrc/attention_op.cpp
+ * (compiled decode steps). The OpenMP runtime is the one PyTorch
  * already loaded (same soname), so this kernel shares PyTorch's threads instead of adding its own.
  *
  * Layouts (all contiguous):
@@ -16,8 +17,12 @@
  *               k_new is not NULL, row r's new key and value are first stored at slot slots[r]
  *               (float caches only: an int8 cache is written by the caller, which quantizes)
  * Scores are q . k * scale, then softcap * tanh(score / softcap) when softcap > 0.
+ * Work is split over (row, KV head) pairs, and where those are too few for the threads (batch-1
+ * decode), over splits of each pair's keys whose partial softmaxes are merged at the end.
  */
 #include <math.h>
+#include <omp.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -28,6 +33,8 @@ enum { F32 = 0, BF16 = 1, I8 = 2 };
 #define MAX_D 256
 #define MAX_G 32
 #define CHUNK 32
+#define MIN_SPLIT 64 /* fewest keys worth a split of their own */
+#define MAX_SPLITS 64
 
 /* exp(x) for the softmax's x = score - running max <= 0, vectorizable (the C library's expf is a
  * call per element): Cephes' range reduction x = n ln2 + r and degree-6 polynomial, ~1 ulp; below
@@ -120,8 +127,8 @@ static inline __m512 bf16x16_to_f32(const uint16_t *src) {
  * accumulated in float32. */
 static inline __attribute__((always_inline)) void attend_bf16(
     const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-    const int64_t *block_table, int64_t seq_len, uint16_t *out, int h, int g, int hkv, int d,
-    int stride, int block_size, float scale, float softcap, int window) {
+    const int64_t *block_table, int64_t start, int64_t seq_len, uint16_t *out, float *part, int h,
+    int g, int hkv, int d, int stride, int block_size, float scale, float softcap) {
     __m512bh qv[MAX_G][MAX_D / 32];
     __m512 acc[MAX_G][MAX_D / 16];
     float m[MAX_G], l[MAX_G];
@@ -134,7 +141,6 @@ static inline __attribute__((always_inline)) void attend_bf16(
         m[j] = -INFINITY;
         l[j] = 0.0f;
     }
-    int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
     int64_t bi = start / block_size, bo = start % block_size;
     for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
         int n = (int)((seq_len - t0) < 16 ? (seq_len - t0) : 16);
@@ -193,6 +199,15 @@ static inline __attribute__((always_inline)) void attend_bf16(
             }
         }
     }
+    if (part != NULL) { /* a split of the keys: its (max, sum, unnormalized values) per head */
+        for (int j = 0; j < g; j++) {
+            float *pj = part + (int64_t)j * (d + 2);
+            pj[0] = m[j];
+            pj[1] = l[j];
+            for (int w = 0; w < nv; w++) _mm512_storeu_ps(pj + 2 + w * 16, acc[j][w]);
+        }
+        return;
+    }
     for (int j = 0; j < g; j++) {
         float inv = 1.0f / l[j];
         for (int w = 0; w < nv; w++) {
@@ -208,8 +223,9 @@ static inline __attribute__((always_inline)) void attend_bf16(
  * inlined, so each call site with a constant head size gets its own unrolled copy. */
 static inline __attribute__((always_inline)) void attend(
     const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-    const int64_t *block_table, int64_t seq_len, void *out, int io_type, int kv_type, int r, int h,
-    int hq, int hkv, int d, int stride, int block_size, float scale, float softcap, int window) {
+    const int64_t *block_table, int64_t start, int64_t seq_len, void *out, float *part, int io_type,
+    int kv_type, int r, int h, int hq, int hkv, int d, int stride, int block_size, float scale,
+    float softcap) {
     const int g = hq / hkv;
     float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D];
     float m[MAX_G], l[MAX_G];
@@ -227,7 +243,6 @@ static inline __attribute__((always_inline)) void attend(
         m[j] = -INFINITY;
         l[j] = 0.0f;
     }
-    int64_t start = (window > 0 && seq_len > window) ? seq_len - window : 0;
     int64_t bi = start / block_size, bo = start % block_size; /* walk the table, no division */
     for (int64_t t0 = start; t0 < seq_len; t0 += CHUNK) {
         int n = (int)((seq_len - t0) < CHUNK ? (seq_len - t0) : CHUNK);
@@ -269,6 +284,15 @@ static inline __attribute__((always_inline)) void attend(
             }
         }
     }
+    if (part != NULL) { /* a split of the keys: its (max, sum, unnormalized values) per head */
+        for (int j = 0; j < g; j++) {
+            float *pj = part + (int64_t)j * (d + 2);
+            pj[0] = m[j];
+            pj[1] = l[j];
+            memcpy(pj + 2, acc[j], (size_t)d * sizeof(float));
+        }
+        return;
+    }
     for (int j = 0; j < g; j++) {
         int64_t at = ((int64_t)r * hq + (int64_t)h * g + j) * d;
         float inv = 1.0f / l[j];
@@ -300,35 +324,98 @@ int paged_decode_attention(const void *q, int64_t q_stride, const void *k_new, i
             }
         }
     }
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int r = 0; r < n; r++) {
-        for (int h = 0; h < hkv; h++) {
-            const int64_t *bt = block_tables + (int64_t)r * bt_stride;
-#ifdef HAVE_BF16_PATH
-            if (io_type == BF16 && kv_type == BF16 && d % 32 == 0) {
-                int g = hq / hkv;
-                attend_bf16((const uint16_t *)q + (int64_t)r * q_stride + (int64_t)h * g * d,
-                            (const uint16_t *)k_cache, (const uint16_t *)v_cache, bt, seq_lens[r],
-                            (uint16_t *)out + ((int64_t)r * hq + (int64_t)h * g) * d, h, g, hkv, d,
-                            stride, block_size, scale, softcap, window);
+    /* Work items: (row, KV head, split of its keys). Few rows x heads (batch-1 decode: 3 KV heads on
+     * 2 threads) would leave threads idle or unbalanced, so long contexts are then cut into splits
+     * of at least MIN_SPLIT keys, each attended on its own (flash-decoding) and merged below. */
+    const int pairs = n * hkv, g = hq / hkv;
+    int splits = 1;
+    const int want = 4 * omp_get_max_threads();
+    if (pairs < want) {
+        int64_t longest = 0;
+        for (int r = 0; r < n; r++) {
+            int64_t len = window > 0 && seq_lens[r] > window ? window : seq_lens[r];
+            if (len > longest) longest = len;
+        }
+        splits = (want + pairs - 1) / pairs;
+        if (splits > longest / MIN_SPLIT) splits = (int)(longest / MIN_SPLIT);
+        if (splits > MAX_SPLITS) splits = MAX_SPLITS;
+        if (splits < 1) splits = 1;
+    }
+    float *parts = NULL;
+    if (splits > 1) {
+        parts = (float *)malloc((size_t)pairs * splits * g * (d + 2) * sizeof(float));
+        if (parts == NULL) splits = 1;
+    }
+#pragma omp parallel for schedule(static)
+    for (int item = 0; item < pairs * splits; item++) {
+        const int r = item / (hkv * splits), h = (item / splits) % hkv, sp = item % splits;
+        const int64_t *bt = block_tables + (int64_t)r * bt_stride;
+        const int64_t end = seq_lens[r];
+        const int64_t first = window > 0 && end > window ? end - window : 0;
+        /* split sp of `splits` near-equal key ranges, on 16-key boundaries */
+        int64_t len = end - first, per = ((len + splits - 1) / splits + 15) / 16 * 16;
+        int64_t lo = first + per * sp, hi = lo + per < end ? lo + per : end;
+        float *part = NULL;
+        if (splits > 1) {
+            part = parts + ((int64_t)(r * hkv + h) * splits + sp) * g * (d + 2);
+            if (lo >= hi) { /* nothing left for this split: an empty softmax */
+                for (int j = 0; j < g; j++) part[j * (d + 2)] = -INFINITY, part[j * (d + 2) + 1] = 0.0f;
                 continue;
             }
+        } else {
+            lo = first, hi = end;
+        }
+#ifdef HAVE_BF16_PATH
+        if (io_type == BF16 && kv_type == BF16 && d % 32 == 0) {
+            attend_bf16((const uint16_t *)q + (int64_t)r * q_stride + (int64_t)h * g * d,
+                        (const uint16_t *)k_cache, (const uint16_t *)v_cache, bt, lo, hi,
+                        (uint16_t *)out + ((int64_t)r * hq + (int64_t)h * g) * d, part, h, g, hkv,
+                        d, stride, block_size, scale, softcap);
+            continue;
+        }
 #endif
-            /* the usual head sizes as constants, so the compiler unrolls the row loops */
-            switch (d) {
-            case 64:
-                attend(q, q_stride, k_cache, v_cache, bt, seq_lens[r], out, io_type, kv_type, r, h,
-                       hq, hkv, 64, stride, block_size, scale, softcap, window);
-                break;
-            case 128:
-                attend(q, q_stride, k_cache, v_cache, bt, seq_lens[r], out, io_type, kv_type, r, h,
-                       hq, hkv, 128, stride, block_size, scale, softcap, window);
-                break;
-            default:
-                attend(q, q_stride, k_cache, v_cache, bt, seq_lens[r], out, io_type, kv_type, r, h,
-                       hq, hkv, d, stride, block_size, scale, softcap, window);
+        /* the usual head sizes as constants, so the compiler unrolls the row loops */
+        switch (d) {
+        case 64:
+            attend(q, q_stride, k_cache, v_cache, bt, lo, hi, out, part, io_type, kv_type, r, h,
+                   hq, hkv, 64, stride, block_size, scale, softcap);
+            break;
+        case 128:
+            attend(q, q_stride, k_cache, v_cache, bt, lo, hi, out, part, io_type, kv_type, r, h,
+                   hq, hkv, 128, stride, block_size, scale, softcap);
+            break;
+        default:
+            attend(q, q_stride, k_cache, v_cache, bt, lo, hi, out, part, io_type, kv_type, r, h,
+                   hq, hkv, d, stride, block_size, scale, softcap);
+        }
+    }
+    if (splits > 1) { /* merge each head's splits: rescale to the common max, normalize */
+#pragma omp parallel for schedule(static)
+        for (int rh = 0; rh < pairs; rh++) {
+            for (int j = 0; j < g; j++) {
+                const float *p0 = parts + (int64_t)rh * splits * g * (d + 2) + (int64_t)j * (d + 2);
+                const int64_t step = (int64_t)g * (d + 2);
+                float mx = -INFINITY, total = 0.0f, acc[MAX_D], w[64];
+                for (int sp = 0; sp < splits; sp++) mx = p0[sp * step] > mx ? p0[sp * step] : mx;
+                for (int i = 0; i < d; i++) acc[i] = 0.0f;
+                for (int sp = 0; sp < splits; sp++) {
+                    const float *ps = p0 + sp * step;
+                    if (!(ps[1] > 0.0f)) continue; /* an empty split (its values unwritten) */
+                    w[sp] = exp_nonpositive(ps[0] - mx);
+                    total += w[sp] * ps[1];
+                    for (int i = 0; i < d; i++) acc[i] += w[sp] * ps[2 + i];
+                }
+                const int r = rh / hkv, h = rh % hkv;
+                int64_t at = ((int64_t)r * hq + (int64_t)h * g + j) * d;
+                float inv = 1.0f / total;
+                if (io_type == F32) {
+                    for (int i = 0; i < d; i++) ((float *)out)[at + i] = acc[i] * inv;
+                } else {
+                    for (int i = 0; i < d; i++) ((uint16_t *)out)[at + i] = f32_to_bf16(acc[i] * inv);
+                }
             }
         }
+        free(parts);
     }
     return 0;
 }

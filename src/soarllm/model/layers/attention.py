@@ -54,10 +54,15 @@ def _attend(q, k, v, kv_cache, scale, sliding_window, softcap):
     return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, scale, sliding_window, softcap)
 
 
-define_op(
-    "attention",
-    "(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale, int? sliding_window, "
-    "float? softcap) -> Tensor",
-    _attend,
-    lambda q, k, v, kv_cache, scale, sliding_window, softcap: torch.empty_like(q),
-)
+_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale, int? sliding_window, "
+           "float? softcap) -> Tensor")
+
+
+def _fake(q, k, v, kv_cache, scale, sliding_window, softcap):
+    return torch.empty_like(q)
+
+
+define_op("attention", _SCHEMA, _attend, _fake)
+# The same in Python under a second name: where the CPU backend's C++ kernel of the op is loaded
+# (kernels/csrc/attention_op.cpp, for compiled decode steps), it hands every other call to this.
+define_op("attention_ref", _SCHEMA, _attend, _fake)
