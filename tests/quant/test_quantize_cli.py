@@ -108,6 +108,22 @@ def test_transformers_loads_what_we_write_with_the_same_logits(written, name):
     torch.testing.assert_close(dense, theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_with_biases_keeps_them(tmp_path):
+    # Qwen2's q/k/v projections have biases: written beside the compressed weights (they were
+    # dropped once, and the written checkpoint could not be loaded), and transformers reading
+    # the file computes what soarllm computes from it
+    src = make_tiny_model(tmp_path / "qwen2", "qwen2")
+    out = tmp_path / "w8a16"
+    assert _quantize(src, out, "--scheme", "w8a16", "--method", "rtn", "--dtype", "float32") == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert f"model.layers.0.self_attn.{proj}.bias" in keys
+        assert f"model.layers.0.self_attn.{proj}.weight_packed" in keys
+    dense, _ = _our_logits(out, "none")
+    torch.testing.assert_close(dense, _hf_logits(out), rtol=1e-4, atol=1e-4)
+
+
 def _dequantize_config():
     from transformers import CompressedTensorsConfig
 

@@ -422,7 +422,8 @@ def write_directory(out: Path, checkpoint, hf: nn.Module, compressed,
     tied = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
     for name, tensor in hf.state_dict().items():
         module, suffix = name.rsplit(".", 1)
-        if module in compressed or (tied and name == "lm_head.weight"):
+        # a compressed layer's weight is replaced by its parts below; its bias stays as it is
+        if (module in compressed and suffix == "weight") or (tied and name == "lm_head.weight"):
             continue
         tensors[name] = tensor.detach().to(dtype).contiguous()
     for module, parts in compressed.items():
