@@ -57,7 +57,9 @@ class GGUFBlocks:
 
     qtype: str  # GGMLQuantizationType name, e.g. "Q4_1"
     data: torch.Tensor
-    shape: tuple[int, int]  # (rows, cols) of the weight, HF layout (out, in)
+    # (rows, cols) of the weight, HF layout (out, in); stacked experts (experts, rows, cols), data
+    # uint8 [experts, rows, bytes per row]
+    shape: tuple[int, ...]
 
     def dequantize(self) -> torch.Tensor:
         """float32 weight, by gguf's own dequantize (the oracle of the repack)."""
@@ -68,10 +70,15 @@ class GGUFBlocks:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
 
     def to_int4(self, group_size: int = GROUP):
-        """(q uint8 [rows, cols], scale f32 [rows, cols/32], zero f32) with w = (q - 8) s + z."""
+        """(q uint8 [.., rows, cols], scale f32 [.., rows, cols/32], zero f32) with
+        w = (q - 8) s + z (leading dim: stacked experts)."""
         if group_size != GROUP or self.qtype not in INT4_TYPES:
             raise ValueError(f"{self.qtype} blocks have no exact group-{group_size} int4 form")
-        return _REPACK[self.qtype](self.data.numpy(), *self.shape)
+        *lead, rows, cols = self.shape
+        flat = int(np.prod(lead, dtype=np.int64)) * rows
+        q, scale, zero = _REPACK[self.qtype](self.data.numpy(), flat, cols)
+        return (q.reshape(*lead, rows, cols), scale.reshape(*lead, rows, cols // GROUP),
+                zero.reshape(*lead, rows, cols // GROUP))
 
     def to_int4_planes(self, group_size: int = GROUP):
         """Q8_0 as two int4 planes side by side: (q uint8 [rows, 2 cols], scale, zero f32
@@ -178,7 +185,8 @@ class GGUFQuantConfig(QuantizationConfig):
         self.tied = tie_word_embeddings
         self.repacked: Counter[str] = Counter()
         self.dequantized: Counter[str] = Counter()
-        self.expert_layers = 0
+        self.expert_layers = 0  # MoE layers whose experts come dequantized
+        self.repacked_expert_layers = 0  # ... and repacked into W4A16 experts
 
     def weights(self, checkpoint, dtype):
         return checkpoint.weights(dtype, packed=True)
@@ -204,8 +212,17 @@ class GGUFQuantConfig(QuantizationConfig):
         return UnquantizedMethod()
 
     def get_moe_method(self, layer, prefix: str):
+        """Stacked experts of a 4-bit type (both stacks): W4A16 experts repacked exactly from
+        the blocks, on one rank (tensor / expert parallel ranks slice the dequantized stacks);
+        others come dequantized (loader/gguf_tensors.py) in the model dtype."""
+        from soarllm.quant.moe import W4A16FusedMoEMethod
+
+        types = [self.types.get(f"{prefix}.{stack}", "F32") for stack in ("gate_up_proj", "down_proj")]
+        if all(t in INT4_TYPES for t in types) and layer.tp.world_size == 1:
+            self.repacked_expert_layers += 1
+            return W4A16FusedMoEMethod(GROUP)
         self.expert_layers += 1
-        return None  # stacked experts come dequantized (loader/gguf_tensors.py)
+        return None
 
     def summary(self) -> str:
         def fmt(counter: Counter) -> str:
@@ -218,6 +235,9 @@ class GGUFQuantConfig(QuantizationConfig):
                      f"{fmt(self.dequantized)}")
         embedding = self.types.get("model.embed_tokens.weight", "F32")
         line += f"; token embedding dequantized ({embedding})"
+        if self.repacked_expert_layers:
+            line += (f"; the experts of {self.repacked_expert_layers} MoE layers repacked into "
+                     "W4A16 (group 32)")
         if self.expert_layers:
             line += f"; the experts of {self.expert_layers} MoE layers dequantized to the model dtype"
         return line

@@ -101,11 +101,20 @@ class W4A16FusedMoEMethod(UnquantizedFusedMoEMethod):
     def store(self, layer, name, experts, rows, weight):
         k = weight.shape[-1]
         q, scale, zero = quantize_w4(weight.reshape(-1, k), self.group_size)
-        lead = weight.shape[:-1]
-        getattr(layer, name).data[experts, rows] = pack_nibbles(q).reshape(*lead, k // 2)
-        groups = k // self.group_size
-        getattr(layer, f"{name}_scale").data[experts, rows] = scale.reshape(*lead, groups)
-        getattr(layer, f"{name}_zero").data[experts, rows] = zero.reshape(*lead, groups)
+        self.store_int4(layer, name, experts, rows, q.reshape(weight.shape),
+                        scale.reshape(*weight.shape[:-1], -1), zero.reshape(*weight.shape[:-1], -1))
+
+    def store_int4(self, layer, name, experts, rows, q, scale, zero):
+        """Already 4-bit weights (q uint8 [.., N', K] in [0, 16), w = (q - 8) scale + zero per
+        group; a GGUF file's blocks, repacked exactly) into ``experts`` / ``rows`` of ``name``."""
+        if scale.shape[-1] * self.group_size != q.shape[-1]:
+            raise ValueError(f"{name}: int4 weights in groups of {q.shape[-1] // scale.shape[-1]}, "
+                             f"the layer's are {self.group_size}")
+        lead = q.shape[:-1]
+        getattr(layer, name).data[experts, rows] = pack_nibbles(
+            q.reshape(-1, q.shape[-1])).reshape(*lead, q.shape[-1] // 2)
+        getattr(layer, f"{name}_scale").data[experts, rows] = scale
+        getattr(layer, f"{name}_zero").data[experts, rows] = zero
 
     def describe(self) -> str:
         return f"W4A16 (group {self.group_size})"

@@ -270,6 +270,18 @@ class FusedMoE(nn.Module):
         stored by the quant method (in the model dtype, or quantized)."""
         down = param is self.down_proj
         inter, hidden = self.local_intermediate, self.hidden_size
+        to_int4 = getattr(loaded, "to_int4", None)
+        store_int4 = getattr(self.quant_method, "store_int4", None)
+        if (shard_id is None and to_int4 is not None and store_int4 is not None
+                and self.tp.world_size == 1):
+            # a whole stack of 4-bit blocks (GGUF) into 4-bit experts: repacked, not re-rounded
+            q, scale, zero = to_int4(self.quant_method.group_size)
+            expected = (self.num_experts, *((hidden, inter) if down else (2 * inter, hidden)))
+            if tuple(q.shape) != expected:
+                raise ValueError(f"checkpoint shape {tuple(q.shape)} != expected {expected}")
+            store_int4(self, "down_proj" if down else "gate_up_proj", slice(None), slice(None),
+                       q, scale, zero)
+            return
         if shard_id is None:
             tensor = self._rank_slice(as_float(loaded), down, stacked=True)
             experts, rows = slice(None), slice(None)

@@ -2,8 +2,8 @@
 
 Parsing a GGUF file takes seconds (its vocabulary), so the first quantized load writes the
 tensors once into `gguf-blocks.safetensors` beside the conversion cache (gguf_cache.py) and later
-loads memory-map that file: quantized tensors as uint8 [rows, bytes per row] of blocks under HF
-names, with llama.cpp's q/k row permutation already undone (it moves whole rows, so blocks stay
+loads memory-map that file: quantized tensors as uint8 [rows, bytes per row] of blocks (stacked
+experts of a 4-bit type [experts, rows, bytes per row]) under HF names, with llama.cpp's q/k row permutation already undone (it moves whole rows, so blocks stay
 intact), float tensors (norms) as float32 in HF form. The safetensors metadata names each
 tensor's GGML type and shape. The file is written under a temporary name and renamed: it exists
 whole or not at all.
@@ -67,17 +67,17 @@ def _write_blocks(gguf_path: Path, out: Path) -> None:
     for name, qtype, tensor in hf_packed_tensors(reader, config):
         tensors[name] = tensor
         if qtype != "F32":
-            rows, cols = _logical_shape(tensor, qtype)
-            types[name] = [qtype, rows, cols]
+            types[name] = [qtype, *_logical_shape(tensor, qtype)]
     save_file(tensors, str(out), metadata={"format": "pt", _META_KEY: json.dumps(types)})
 
 
-def _logical_shape(tensor: torch.Tensor, qtype: str) -> tuple[int, int]:
+def _logical_shape(tensor: torch.Tensor, qtype: str) -> tuple[int, ...]:
+    """The weight's shape: ([experts,] rows, cols) of a tensor of blocks [.., rows, bytes]."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-    rows, nbytes = tensor.shape
-    return rows, nbytes // type_size * block_size
+    *lead, nbytes = tensor.shape
+    return (*lead, nbytes // type_size * block_size)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class GGUFBlockSource:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 tensor = f.get_tensor(name)
                 if name in types:
-                    qtype, rows, cols = types[name]
-                    yield name, GGUFBlocks(qtype, tensor, (rows, cols))
+                    qtype, *shape = types[name]
+                    yield name, GGUFBlocks(qtype, tensor, tuple(shape))
                 else:
                     yield name, cast(tensor, dtype)

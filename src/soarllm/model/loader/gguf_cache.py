@@ -29,7 +29,7 @@ from soarllm.errors import ConfigError
 from soarllm.model.loader.hf_files import SAFETENSORS_INDEX
 
 # Bump when the conversion's output changes: every cache built before is then ignored.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: stacked experts of 4-bit types kept as blocks
 SHARD_BYTES = 2 * 2**30
 SOURCE_FILE = "source.json"
 _TMP_PREFIX = ".tmp-"

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from soarllm.errors import ConfigError, UnsupportedModelError
@@ -115,9 +116,13 @@ def hf_packed_tensors(
     reader: GGUFReader, config: PretrainedConfig
 ) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Every tensor as (HF name, GGML type name, tensor in HF row order), quantized ones kept as
-    stored: uint8 [rows, bytes per row] of blocks. Float and 1-D tensors come dequantized
-    (float32), and so do stacked experts (3-D: FusedMoE holds them in the model dtype)."""
+    stored: uint8 [rows, bytes per row] of blocks, stacked experts of a 4-bit type uint8
+    [experts, rows, bytes per row] (FusedMoE's W4A16 experts repack them exactly). Float and
+    1-D tensors come dequantized (float32), and so do stacked experts of other types (FusedMoE
+    holds them in the model dtype)."""
     from gguf.quants import dequantize
+
+    from soarllm.quant.gguf import INT4_TYPES
 
     arch = gguf_architecture(reader)
     targets = gguf_to_hf_names(arch, config)
@@ -131,7 +136,8 @@ def hf_packed_tensors(
                                tensor.name)
                 continue
             qtype = tensor.tensor_type.name
-            if qtype in ("F32", "F16", "BF16", "F64") or tensor.data.ndim != 2:
+            blocks = tensor.data.ndim == 2 or (tensor.data.ndim == 3 and qtype in INT4_TYPES)
+            if qtype in ("F32", "F16", "BF16", "F64") or not blocks:
                 values = dequantize(tensor.data, tensor.tensor_type)
                 yield target, "F32", _to_hf(arch, tensor, values, config, target=target)
             else:  # rows of blocks: only the row order changes
@@ -143,21 +149,36 @@ def hf_packed_tensors(
 def _join_gate_up(
     items: Iterable[tuple[HFTarget, str, torch.Tensor]],
 ) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(HF name, type, tensor) for each target; a layer's stacked gate and up experts (float
-    [E, I, H]) are held until both are read and come as one gate_up_proj [E, 2I, H]."""
-    halves: dict[str, dict[str, torch.Tensor]] = {}
+    """(HF name, type, tensor) for each target; a layer's stacked gate and up experts ([E, I, H]
+    floats, or [E, I, bytes] of blocks) are held until both are read and come as one
+    gate_up_proj [E, 2I, ...]; halves of different types both dequantized."""
+    halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for target, qtype, tensor in items:
         if target.part is None:
             yield target.name, qtype, tensor
             continue
         pair = halves.setdefault(target.name, {})
-        pair[target.part] = tensor
+        pair[target.part] = (qtype, tensor)
         if len(pair) == 2:
             del halves[target.name]
-            yield target.name, qtype, torch.cat([pair["gate"], pair["up"]], dim=1)
+            (gate_type, gate), (up_type, up) = pair["gate"], pair["up"]
+            if gate_type != up_type:
+                gate_type, gate, up = "F32", _dequantized(gate_type, gate), _dequantized(up_type, up)
+            yield target.name, gate_type, torch.cat([gate, up], dim=1)
     if halves:
         raise ConfigError(f"the GGUF file holds only one of the gate / up expert stacks of "
                           f"{sorted(halves)[:3]}; it may be a partial file")
+
+
+def _dequantized(qtype: str, tensor: torch.Tensor) -> torch.Tensor:
+    """float32 values of a stack of blocks (uint8 [E, rows, bytes]); floats as they are."""
+    if qtype == "F32":
+        return tensor
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    values = dequantize(tensor.numpy(), GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
 
 def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig,
@@ -172,7 +193,7 @@ def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig,
             weight = unpermute_qk(weight, config.num_key_value_heads)
     if arch in SHIFTED_NORM_ARCHS and tensor.name.endswith("norm.weight") and dtype != torch.uint8:
         weight -= 1.0
-    if target is not None and tuple(weight.shape) != target.shape:
+    if target is not None and dtype != torch.uint8 and tuple(weight.shape) != target.shape:
         # llama.cpp's converter squeezes size-1 dims (Qwen2-MoE's shared_expert_gate [1, H]
         # is stored as [H]); any other difference is a file that does not fit its config
         if weight.numel() != torch.Size(target.shape).numel():
