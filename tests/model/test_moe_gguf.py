@@ -163,8 +163,15 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(tiny_moe_gguf, expert_
     cfg = hf.config
 
     llm = LLM(str(path), dtype="float32", block_size=4, max_num_seqs=8)
+    assert type(llm.llm_engine.executor.runner.model).__name__ == cfg.architectures[0]
+    _assert_same_as(llm, hf)
+
+
+def _assert_same_as(llm, hf) -> None:
+    """Mixed paged batches' last logits (1e-4) and greedy continuations of the engine `llm`
+    equal transformers' model `hf`."""
+    cfg = hf.config
     model = llm.llm_engine.executor.runner.model
-    assert type(model).__name__ == cfg.architectures[0]
     model.attn_backend = ReferenceAttentionBackend()
     seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
             for n in (9, 21, 6, 14)]
@@ -280,23 +287,11 @@ def test_gguf_int4_experts_are_served_in_their_blocks(tmp_path, expert_type):
     hf_dir = make_tiny_model(tmp_path / "hf", "qwen2_moe", **FAMILIES["qwen2_moe"])
     path = write_moe_gguf(hf_dir, tmp_path / f"qwen2moe-{expert_type}.gguf", expert_type)
     hf = _dequantized_reference(hf_dir, path)
-    cfg = hf.config
     llm = LLM(str(path), dtype="float32", block_size=4, max_num_seqs=8)
     model = llm.llm_engine.executor.runner.model
     experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
-    assert len(experts) == cfg.num_hidden_layers
+    assert len(experts) == hf.config.num_hidden_layers
     for m in experts:
         assert isinstance(m.quant_method, W4A16FusedMoEMethod)
         assert m.gate_up_proj.dtype == m.down_proj.dtype == torch.uint8
-    model.attn_backend = ReferenceAttentionBackend()
-    seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for n in (9, 21, 6, 14)]
-    got = _paged_logits(model, cfg, seqs)
-    with torch.inference_mode():
-        want = torch.stack([hf(torch.tensor([seqs[r]])).logits[0, -1] for r in (0, 2, 1, 3)])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 30))] for _ in range(3)]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == [
-        _greedy(hf, p, 8) for p in prompts]
+    _assert_same_as(llm, hf)
