@@ -183,6 +183,7 @@ class ServerMetrics:
     def __init__(self, model_name: str, get_engine_stats: Callable[[], Any] | None = None,
                  usage: UsageLedger | None = None):
         self.model_name = model_name
+        self._token_series = None  # (generation tokens, inter-token latency) of model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r, m = self.registry, ["model_name"]
         self.request_success = Counter(
@@ -228,11 +229,15 @@ class ServerMetrics:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)
 
     def observe_tokens(self, num_tokens: int, gap_s: float | None) -> None:
-        m = self.model_name
-        self.generation_tokens.labels(m).inc(num_tokens)
+        """Called once per streamed chunk: the labelled series are looked up once, not per call."""
+        series = self._token_series
+        if series is None:
+            m = self.model_name
+            series = self._token_series = (self.generation_tokens.labels(m), self.itl.labels(m))
+        tokens, itl = series
+        tokens.inc(num_tokens)
         if gap_s is not None and num_tokens > 0:
             per_token = gap_s / num_tokens
-            itl = self.itl.labels(m)
             for _ in range(min(num_tokens, 64)):
                 itl.observe(per_token)
 

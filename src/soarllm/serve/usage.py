@@ -65,7 +65,10 @@ class UsageLedger:
         self._keys: dict[str, KeyUsage] = {n: KeyUsage() for n in names}
 
     def _of(self, name: str) -> KeyUsage:
-        return self._keys.setdefault(name, KeyUsage())
+        usage = self._keys.get(name)  # not setdefault: this runs per streamed chunk
+        if usage is None:
+            usage = self._keys[name] = KeyUsage()
+        return usage
 
     def add_request(self, name: str, prompt_tokens: int) -> None:
         usage = self._of(name)
