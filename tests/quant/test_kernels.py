@@ -22,6 +22,7 @@ from soarllm.quant.w4a16 import (
     quantize_w4,
     unpack_nibbles,
 )
+from soarllm.quant.w8a16 import DEQUANT_MIN_ROWS as W8_DEQUANT_MIN_ROWS
 from soarllm.quant.w8a16 import W8A16Method, quantize_w8
 
 # (out, in): odd and non-multiple-of-16 output sizes pad to the int4 kernel's tile of 16
@@ -157,13 +158,37 @@ def test_w8a16_matches_dequantized_matmul(shape, dtype):
     want_w = q.float() * (_rounded(s, BF16) if kernel else _rounded(s, dtype))[:, None]
     # the per-channel int8 error bound of round to nearest
     assert bool(((q.float() * s[:, None] - weight).abs() <= s[:, None] / 2 + 1e-7).all())
-    for m in (1, 4):
+    # from W8_DEQUANT_MIN_ROWS rows the kernel path dequantizes to bfloat16 and runs one GEMM
+    for m in (1, 4, W8_DEQUANT_MIN_ROWS, W8_DEQUANT_MIN_ROWS + 5):
         x = torch.randn(m, in_f).to(dtype)
         with torch.inference_mode():
             got = layer(x)
         assert got.dtype == dtype
         x_seen = _rounded(x, BF16) if kernel else x.float()
-        _close(got, x_seen @ want_w.t(), exact_fp32=not kernel and dtype == torch.float32)
+        w_seen = _rounded(want_w, BF16) if kernel and m >= W8_DEQUANT_MIN_ROWS else want_w
+        _close(got, x_seen @ w_seen.t(), exact_fp32=not kernel and dtype == torch.float32)
+
+
+def test_w8a16_cpu_rows_branch_at_run_time_under_compile():
+    """Compiled with a symbolic row count, one graph serves few rows (the int8 kernel) and many
+    (dequantize + GEMM), both equal to the eager layer, without recompiling."""
+    torch.manual_seed(4)
+    layer = Linear(128, 48, dtype=BF16, quant_method=W8A16Method())
+    layer.qweight.weight_loader(layer.qweight, torch.randn(48, 128) * 0.05)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.use_cpu_kernel
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        for m in (2, W8_DEQUANT_MIN_ROWS + 3, 5, 2 * W8_DEQUANT_MIN_ROWS):
+            x = torch.randn(m, 128).to(BF16)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert len(frames) == 1
 
 
 @pytest.mark.parametrize("method", [lambda: W8A16Method(), lambda: W4A16Method(32)])

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soarllm.kernels.ops import define_op
 from soarllm.kernels.triton_utils import triton_available
 from soarllm.quant.base import (
     QuantMethod,
@@ -51,10 +52,39 @@ def cpu_kernel_applies(in_features: int) -> bool:
     return in_features % _K_MULTIPLE == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+def dequantize_w8_bf16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bfloat16 [rows, cols]: q (exact in bfloat16) times the row's bfloat16 scale, rounded once."""
+    return qweight.to(torch.bfloat16).mul_(scales.to(torch.bfloat16)[:, None])
+
+
+# From this many rows on (prefill chunks, large batches) the CPU path dequantizes the weight to
+# bfloat16 and runs one GEMM: PyTorch's int8 kernel is built for a few rows and its time grows
+# linearly with them. `python benchmarks/cpu_int4_prefill.py --scheme w8a16` on a 2-core AVX-512
+# machine, the default model's layer shapes (benchmarks/results/cpu_w8a16_prefill/): dequantize +
+# GEMM / int8 kernel = 3.1x at 8 rows, 0.85x at 32, 0.48x at 128, 0.36x at 512.
+DEQUANT_MIN_ROWS = 32
+
+
+def _w8a16_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16 -> [M, N]: the int8 kernel for a few rows, else dequantize + GEMM. An op
+    of its own (``soarllm::w8a16_linear_cpu``) so that a compiled graph with a symbolic row count
+    takes the branch at run time instead of guarding on the count."""
+    if x.shape[0] >= DEQUANT_MIN_ROWS:
+        return F.linear(x, dequantize_w8_bf16(qweight, scales))
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+
+
+define_op("w8a16_linear_cpu", "(Tensor x, Tensor qweight, Tensor scales) -> Tensor", _w8a16_rows,
+          lambda x, qweight, scales: x.new_empty(x.shape[0], qweight.shape[0]))
+
+
 def w8a16_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
-    out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)
+    if torch.compiler.is_compiling() and x2.shape[0] != 1:
+        out = torch.ops.soarllm.w8a16_linear_cpu(x2, qweight, scales)
+    else:
+        out = _w8a16_rows(x2, qweight, scales)
     return out.reshape(*lead, qweight.shape[0]).to(x.dtype)
 
 
