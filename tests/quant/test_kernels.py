@@ -102,6 +102,12 @@ def test_w4a16_cpu_rows_branch_at_run_time_under_compile():
     assert _unpacker() is not None  # this machine builds and checks the native unpacker
     torch.manual_seed(3)
     layer, _ = _w4_layer(48, 128, 32, BF16, torch.randn(48, 128) * 0.05)
+    _assert_one_graph_for(layer, (2, DEQUANT_MIN_ROWS + 3, 5, 3 * DEQUANT_MIN_ROWS))
+
+
+def _assert_one_graph_for(layer, row_counts) -> None:
+    """Compiled with a symbolic row count, the layer equals its eager self at every count, from
+    one captured graph (no recompilation)."""
     frames = []
 
     def backend(gm, example_inputs):
@@ -110,8 +116,8 @@ def test_w4a16_cpu_rows_branch_at_run_time_under_compile():
 
     compiled = torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
     with torch.inference_mode():
-        for m in (2, DEQUANT_MIN_ROWS + 3, 5, 3 * DEQUANT_MIN_ROWS):
-            x = torch.randn(m, 128).to(BF16)
+        for m in row_counts:
+            x = torch.randn(m, layer.in_features).to(BF16)
             torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
     assert len(frames) == 1
 
@@ -177,18 +183,7 @@ def test_w8a16_cpu_rows_branch_at_run_time_under_compile():
     layer.qweight.weight_loader(layer.qweight, torch.randn(48, 128) * 0.05)
     layer.quant_method.process_weights_after_loading(layer)
     assert layer.use_cpu_kernel
-    frames = []
-
-    def backend(gm, example_inputs):
-        frames.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(layer, backend=backend, dynamic=True, fullgraph=True)
-    with torch.inference_mode():
-        for m in (2, W8_DEQUANT_MIN_ROWS + 3, 5, 2 * W8_DEQUANT_MIN_ROWS):
-            x = torch.randn(m, 128).to(BF16)
-            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
-    assert len(frames) == 1
+    _assert_one_graph_for(layer, (2, W8_DEQUANT_MIN_ROWS + 3, 5, 2 * W8_DEQUANT_MIN_ROWS))
 
 
 @pytest.mark.parametrize("method", [lambda: W8A16Method(), lambda: W4A16Method(32)])
