@@ -2,7 +2,7 @@
 
 import os as _os
 
-from soarllm.hub import home as _home
+from soarllm.paths import home as _home
 
 # torch.compile's caches live under $SOARLLM_HOME/compile. Set before torch looks: inductor fixes
 # its cache directory (and writes this variable) the first time any of its caches is touched, so a

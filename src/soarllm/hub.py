@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from soarllm.errors import ModelNotFoundError
+from soarllm.paths import home
 
-DEFAULT_HOME = "~/.cache/soarllm"
 # The model used when none is named (a registry model; soarllm.config re-exports it).
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _CHUNK = 4 * 2**20
@@ -109,11 +109,6 @@ REGISTRY: tuple[RegistryModel, ...] = (
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 )
-
-
-def home() -> Path:
-    """soarllm's cache root: $SOARLLM_HOME, default ~/.cache/soarllm."""
-    return Path(os.environ.get("SOARLLM_HOME") or DEFAULT_HOME).expanduser()
 
 
 def registry_names() -> list[str]:

@@ -67,7 +67,7 @@ def _compiler_version(cc: str) -> str:
 
 
 def _cache_dir() -> Path:
-    from soarllm.hub import home
+    from soarllm.paths import home
 
     return home() / "kernels"
 

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 def converted_root() -> Path:
-    from soarllm.hub import home
+    from soarllm.paths import home
 
     return home() / "converted"
 
