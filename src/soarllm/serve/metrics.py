@@ -183,7 +183,6 @@ class ServerMetrics:
     def __init__(self, model_name: str, get_engine_stats: Callable[[], Any] | None = None,
                  usage: UsageLedger | None = None):
         self.model_name = model_name
-        self._token_series = None  # (generation tokens, inter-token latency) of model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r, m = self.registry, ["model_name"]
         self.request_success = Counter(
@@ -203,6 +202,9 @@ class ServerMetrics:
         self.itl = Histogram(
             "soar:inter_token_latency_seconds", "Time between successive output tokens.",
             m, buckets=TPOT_BUCKETS, registry=r)
+        # this model's series of the two, looked up once (observe_tokens runs per streamed chunk)
+        self._tokens_of_model = self.generation_tokens.labels(model_name)
+        self._itl_of_model = self.itl.labels(model_name)
         self.e2e = Histogram(
             "soar:e2e_request_latency_seconds", "Time from arrival to the last output.",
             m, buckets=E2E_BUCKETS, registry=r)
@@ -229,17 +231,11 @@ class ServerMetrics:
         self.prompt_tokens.labels(self.model_name).inc(num_tokens)
 
     def observe_tokens(self, num_tokens: int, gap_s: float | None) -> None:
-        """Called once per streamed chunk: the labelled series are looked up once, not per call."""
-        series = self._token_series
-        if series is None:
-            m = self.model_name
-            series = self._token_series = (self.generation_tokens.labels(m), self.itl.labels(m))
-        tokens, itl = series
-        tokens.inc(num_tokens)
+        self._tokens_of_model.inc(num_tokens)
         if gap_s is not None and num_tokens > 0:
             per_token = gap_s / num_tokens
             for _ in range(min(num_tokens, 64)):
-                itl.observe(per_token)
+                self._itl_of_model.observe(per_token)
 
     def observe_first_token(self, ttft_s: float) -> None:
         self.ttft.labels(self.model_name).observe(ttft_s)

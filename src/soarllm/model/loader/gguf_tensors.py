@@ -193,7 +193,7 @@ def _to_hf(arch: str, tensor: ReaderTensor, values, config: PretrainedConfig,
             weight = unpermute_qk(weight, config.num_key_value_heads)
     if arch in SHIFTED_NORM_ARCHS and tensor.name.endswith("norm.weight") and dtype != torch.uint8:
         weight -= 1.0
-    if target is not None and dtype != torch.uint8 and tuple(weight.shape) != target.shape:
+    if target is not None and tuple(weight.shape) != target.shape:
         # llama.cpp's converter squeezes size-1 dims (Qwen2-MoE's shared_expert_gate [1, H]
         # is stored as [H]); any other difference is a file that does not fit its config
         if weight.numel() != torch.Size(target.shape).numel():
