@@ -17,6 +17,7 @@ from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.quant.config import RTNConfig, parse_quantization
 from soarllm.quant.w4a16 import (
     DEQUANT_MIN_ROWS,
+    ROW_TILE,
     W4A16Method,
     _soar4_kernel,
     quantize_w4,
@@ -272,6 +273,9 @@ def test_engine_on_the_native_int4_layout_matches_pytorchs_int4_kernel(tmp_path,
                   if getattr(m, "cpu_layout", None)]
         assert layers and {m.cpu_layout for m in layers} == {
             "soar4" if layout == "native" and native else "int4pack"}
+        # the speculator prices steps by PyTorch's kernel's row blocks; the native one has none
+        tiled = layout == "torch" or not native
+        assert llm.llm_engine.speculator.cost.tile == (ROW_TILE if tiled else 1)
         outs[layout] = llm.generate(prompts, params)
     same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids
                for a, b in zip(outs["torch"], outs["native"]))

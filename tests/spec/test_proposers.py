@@ -78,9 +78,36 @@ def test_cost_model_interpolates_and_extrapolates():
     assert abs(m.time(13) - 0.022) < 1e-12  # the last slope, 1 ms per token
 
 
-def _plan(cost_points, acceptance_counts, n_reqs, k=4):
+def test_cost_model_prices_a_count_as_its_row_block():
+    # rows computed in blocks of 4 below 80 rows: 5 tokens cost what 8 do; 1 token its own
+    m = StepCostModel(row_tile=(4, 80))
+    m.observe(1, 0.009)
+    m.observe(5, 0.022)
+    assert m.time(1) == 0.009
+    assert m.time(8) == m.time(6) == 0.022 and m.measured(7) and not m.measured(9)
+    m.observe(12, 0.028)
+    assert m.time(9) == 0.028
+    assert m.padded(79) == 80 and m.padded(80) == 80 and m.padded(81) == 81
+    assert StepCostModel().padded(5) == 5
+
+
+def test_planner_fills_the_row_block_it_pays_for():
+    # a staircase (each block of 4 rows costs 6 ms more; 1 row 9 ms), measured where a verifier
+    # of 8 drafts that all match measures it: 1 and 9 tokens (and 17)
+    def stairs(t):
+        return 0.009 + 0.006 * (-(-t // 4)) if t > 1 else 0.009
+
+    seen = [(t, stairs(t)) for t in (1, 9, 17)]
+    # tiled, 9 tokens are priced as the block of 12 they start: 8 tokens (7 drafts) pay more
+    assert _plan(seen, (100, 100), n_reqs=1, k=8, row_tile=(4, 80)) == [7]
+    # untiled, 8 tokens look nearly as dear as 9, so it takes all 8 drafts: the slower choice
+    assert _plan(seen, (100, 100), n_reqs=1, k=8) == [8]
+    assert 8 / stairs(8) > 9 / stairs(9)
+
+
+def _plan(cost_points, acceptance_counts, n_reqs, k=4, row_tile=(1, 0)):
     spec = Speculator(SpeculativeConfig(num_speculative_tokens=k), max_model_len=1000,
-                      explore_every=10**9)
+                      explore_every=10**9, row_tile=row_tile)
     for t, s in cost_points:
         spec.observe_step(t, s)
     reqs = []

@@ -35,6 +35,10 @@ class UniProcExecutor:
         return self.runner.model.vocab_size
 
     @property
+    def row_tile(self) -> tuple[int, int]:
+        return self.runner.row_tile
+
+    @property
     def hf_config(self) -> Any:
         return self.runner.hf_config
 

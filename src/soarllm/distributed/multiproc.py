@@ -198,6 +198,7 @@ class MultiprocExecutor(RankedExecutor):
             raise
         self.max_model_len = infos[0]["max_model_len"]
         self.vocab_size = infos[0]["vocab_size"]
+        self.row_tile = tuple(infos[0]["row_tile"])
         self.worker_pids = [i["pid"] for i in infos]
 
     # -- messages --------------------------------------------------------------------------------

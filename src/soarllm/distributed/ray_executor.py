@@ -190,6 +190,7 @@ class RayExecutor(RankedExecutor):
             raise
         self.max_model_len = infos[0]["max_model_len"]
         self.vocab_size = infos[0]["vocab_size"]
+        self.row_tile = tuple(infos[0]["row_tile"])
         self.worker_pids = [i["pid"] for i in infos]
         self.worker_hosts = [i["host"] for i in infos]
         self._local_pids.extend(i["pid"] for i, n in zip(infos, nodes) if n[0] == here)

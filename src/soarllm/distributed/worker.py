@@ -49,7 +49,7 @@ class Worker:
     def info(self) -> dict[str, Any]:
         r = self.runner
         return {"max_model_len": r.max_model_len, "vocab_size": r.model.vocab_size,
-                "pid": os.getpid(), "host": socket.gethostname()}
+                "row_tile": r.row_tile, "pid": os.getpid(), "host": socket.gethostname()}
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()

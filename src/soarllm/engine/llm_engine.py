@@ -112,7 +112,8 @@ class LLMEngine:
             text = getattr(self.executor.hf_config, "text_config", None) or self.executor.hf_config
             draft = build_draft_proposer(spec_config, args, text.num_hidden_layers, num_blocks,
                                          self.max_model_len, self.tokenizer)
-        self.speculator = Speculator(spec_config, self.max_model_len, draft=draft)
+        self.speculator = Speculator(spec_config, self.max_model_len, draft=draft,
+                                     row_tile=self.executor.row_tile)
         self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size,
                                                   self.eos_token_ids)
         self.groups: dict[str, _Group] = {}

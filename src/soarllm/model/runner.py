@@ -205,6 +205,16 @@ class ModelRunner:
         loads = [m.expert_load for m in self.model.modules() if isinstance(m, FusedMoE)]
         return [t.tolist() for t in loads] if loads else None
 
+    @property
+    def row_tile(self) -> tuple[int, int]:
+        """(tile, limit): steps of fewer than ``limit`` tokens cost the same for every count in a
+        block of ``tile`` (a kernel that computes rows in blocks; quant/w4a16.py's ROW_TILE).
+        (1, 0) where no layer says so."""
+        tiles = [m.row_tile for m in self.model.modules() if getattr(m, "row_tile", None)]
+        if not tiles:
+            return (1, 0)
+        return (max(t for t, _ in tiles), min(lim for _, lim in tiles))
+
     def reset_expert_load(self) -> None:
         for m in self.model.modules():
             if isinstance(m, FusedMoE):

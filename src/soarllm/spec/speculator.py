@@ -32,7 +32,9 @@ from soarllm.spec.proposer import Proposer
 from soarllm.spec.reference import ReferenceProposer
 from soarllm.spec.suffix import SuffixProposer
 
-REFERENCE_K = 8  # draft tokens per step from a prediction, unless the request says otherwise
+# most draft tokens per step from a prediction, unless the request says otherwise (the planner
+# takes fewer where the step-time model says they do not pay)
+REFERENCE_K = 15
 _PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
 _MAX_EXPLORE_TOKENS = 8
 _MARGIN = 0.03  # expected gain in tokens/s that speculation must promise over the plain step
@@ -59,7 +61,8 @@ class SpecStats:
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig | None, max_model_len: int,
-                 explore_every: int = 64, draft: Proposer | None = None):
+                 explore_every: int = 64, draft: Proposer | None = None,
+                 row_tile: tuple[int, int] = (1, 0)):
         self.config = config
         self.max_model_len = max_model_len
         self.explore_every = explore_every
@@ -79,7 +82,7 @@ class Speculator:
         # A request with a prediction falls back to prompt lookup where the prediction has nothing
         # to offer (before re-synchronising after an edit): the prompt usually holds the same text.
         self._fallback = self.proposers.get("ngram") or NgramProposer(1, 4)
-        self.cost = StepCostModel()
+        self.cost = StepCostModel(row_tile=row_tile)
         self.stats = SpecStats()
         self._acceptance = dict(_INITIAL_ACCEPTANCE)  # method -> running average
         self._req: dict[str, list[float]] = {}  # request id -> [drafted, accepted]
