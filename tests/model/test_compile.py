@@ -110,6 +110,25 @@ def test_two_compiled_models_of_one_architecture_keep_their_own_graphs(
         assert _ids(other.generate(prompts, params)) == want_other
 
 
+def test_a_quantized_and_a_float_model_of_one_architecture_both_run_compiled(tiny_llama_dir):
+    # a draft model is often the target quantized: same class, other parameters (qweight in
+    # place of weight). Each compiled engine runs its own graphs, as its eager twin does.
+    engines = {}
+    for quant in ("none", "w4a16"):
+        for eager_ in (True, False):
+            engines[quant, eager_] = LLM(str(tiny_llama_dir), dtype="bfloat16",
+                                         quantization=quant, kv_cache_memory=KV, block_size=4,
+                                         enforce_eager=eager_)
+    prompts = _prompts(engines["none", True].llm_engine.vocab_size, 3, 4, 20, seed=5)
+    params = _params(len(prompts))
+    for _ in range(2):
+        for quant in ("none", "w4a16"):
+            want = _ids(engines[quant, True].generate(prompts, params))
+            got = _ids(engines[quant, False].generate(prompts, params))
+            same = sum(a == b for a, b in zip(want, got))
+            assert same >= 2, f"{quant}: {same} of 3 requests as eager (bfloat16)"
+
+
 def test_an_input_the_warm_up_did_not_cover_compiles_instead_of_failing(eager, compiled):
     # after warm-up only the guards that tell cached graphs apart are checked; an input none of
     # them fits (here: ids made outside inference mode, which the runner never passes) must get

@@ -21,6 +21,7 @@ address; a start then takes seconds instead of a compile of minutes (SGLang's de
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 
 import torch
@@ -51,9 +52,8 @@ def configure_inductor() -> None:
     # decode of the default model went from ~78 to ~95 tok/s and batch 32 from ~358 to ~392;
     # the first compile takes longer (the wrapper is C++ to build), later starts load it cached.
     inductor_config.cpp_wrapper = True
-    # Compiled graphs are cached per code object: every model instance in the process (several
-    # engines, a draft model beside its target) adds its two graphs to the same forward's cache,
-    # and past the limit dynamo silently runs the newest ones eagerly.
+    # Compiled graphs are cached per code object (one per model here: see _own_forward); past the
+    # limit dynamo silently runs new graphs eagerly, so keep it generous.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
@@ -68,7 +68,23 @@ def compile_backbone(backbone: torch.nn.Module, device: str,
                        "one (e.g. apt install g++) for the compiled CPU path")
         return None
     configure_inductor()
-    return CompiledBackbone(torch.compile(backbone, fullgraph=True, dynamic=False))
+    return CompiledBackbone(torch.compile(_own_forward(backbone), fullgraph=True, dynamic=False))
+
+
+def _own_forward(backbone: torch.nn.Module) -> Callable:
+    """``backbone(input_ids, positions, kv_caches)`` as a function with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object: compiling the module itself would put every
+    model of one class (a target and its draft) in the cache of one ``forward``, and after warm-up
+    (guards checked only where they tell graphs apart) a model whose parameters differ in name
+    from another's (a quantized draft's ``qweight`` beside the target's ``weight``) makes the
+    guard check itself fail (KeyError). One cache per model keeps each model's graphs apart."""
+
+    def forward(input_ids, positions, kv_caches):
+        return backbone(input_ids, positions, kv_caches)
+
+    return types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward",
+                              None, forward.__closure__)
 
 
 class CompiledBackbone:
