@@ -142,12 +142,12 @@ def test_the_draft_is_skipped_when_it_cannot_pay():
     reqs = [(Request(f"r{i}", [1, 2, 3], GREEDY, (), 0.0), 4) for i in range(32)]
     for n in (32, 64, 96, 160):
         sp.observe_step(n, 0.001 * n)
-    sp._observe_draft_time("draft_model", 0.03)
+    sp._observe_draft_time(("draft_model", 32), 0.03)
     assert not sp._worth_drafting("draft_model", reqs, 32)
     flat = Speculator(cfg, 512, explore_every=10**9)
     for n in (1, 2, 4, 8):
         flat.observe_step(n, 0.02)
-    flat._observe_draft_time("draft_model", 0.004)
+    flat._observe_draft_time(("draft_model", 1), 0.004)
     flat._step = {"base": 1, "methods": set(), "accepted": 0, "t0": 0.0, "ran": True}
     flat._close_step(now=0.02)  # a plain step measured as a whole
     assert flat._worth_drafting("draft_model", reqs[:1], 1)
@@ -162,10 +162,11 @@ def test_a_draft_that_does_not_deliver_rests():
 
     sp = Speculator(SpeculativeConfig(method="draft_model", draft_num_layers=1), 512,
                     explore_every=10**9)
+    sp.stats.by_method["draft_model"] = [32, 128, 64]  # its acceptance is measured (one half)
     reqs = [(Request("r", [1, 2, 3], GREEDY, (), 0.0), 4)]
     for n in (1, 2, 4, 8):
         sp.observe_step(n, 0.02)
-    sp._observe_draft_time("draft_model", 0.004)
+    sp._observe_draft_time(("draft_model", 1), 0.004)
     assert not sp._worth_drafting("draft_model", reqs, 1)  # no plain step measured yet
 
     def step(methods, accepted, seconds):
@@ -180,6 +181,34 @@ def test_a_draft_that_does_not_deliver_rests():
     for _ in range(3):
         step(("draft_model",), 1, 0.1)  # 2 tokens in 0.1 s: 20 tokens/s
     assert not sp._worth_drafting("draft_model", reqs, 1)
+
+
+def test_a_draft_learns_its_acceptance_only_where_it_could_pay():
+    """Before any of its drafts were verified, the prior acceptance alone would rest a good
+    draft forever: it drafts where drafts accepted whole would pay (a small batch, steps that
+    cost the same for more tokens), not where even those would not (every token costs its
+    share and the draft's run comes on top)."""
+    from soarllm.spec.config import SpeculativeConfig
+    from soarllm.spec.speculator import Speculator
+
+    def speculator(step_seconds, draft_seconds, batch):
+        sp = Speculator(SpeculativeConfig(method="draft_model", draft_num_layers=1), 512,
+                        explore_every=10**9)
+        for n in (1, 2, 4, 8, 16, 32, 64, 128, 160):
+            sp.observe_step(n, step_seconds(n))
+        sp._observe_draft_time(("draft_model", batch), draft_seconds)
+        return sp
+
+    one = [(Request("r", [1, 2, 3], GREEDY, (), 0.0), 4)]
+    # plain 40 ms; 5 tokens 44 ms + 30 ms of drafting: 5 / 74 ms beats 1 / 40 ms
+    sp = speculator(lambda n: 0.039 + 0.001 * n, 0.03, 1)
+    sp._acceptance["draft_model"] = 0.2  # a pessimistic prior: alone it would say no
+    assert sp._worth_drafting("draft_model", one, 1)
+    sp.stats.by_method["draft_model"] = [20, 80, 16]  # measured: 0.2, and the prior agrees
+    sp._req.clear()
+    assert not sp._worth_drafting("draft_model", one, 1)
+    many = [(Request(f"r{i}", [1, 2, 3], GREEDY, (), 0.0), 4) for i in range(32)]
+    assert not speculator(lambda n: 0.001 * n, 0.03, 32)._worth_drafting("draft_model", many, 32)
 
 
 def test_a_long_catch_up_is_spread_over_calls(deep_dir):

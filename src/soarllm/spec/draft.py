@@ -120,6 +120,8 @@ class DraftModelProposer(Proposer):
         # draft tokens computed to catch up per call, over all requests (a prompt, or what the
         # target made while drafting rested): a large batch's catch-up is spread over steps
         self.catch_up_tokens = 256
+        # the last call's time in draft passes, and what it would have been without catch-up
+        self._elapsed_passes, self._steady = 0.0, None
         logger.info("draft model ready in %.1fs (%d layers, %d KV blocks)",
                     time.perf_counter() - t0, self.runner.model.num_layers, num_blocks)
 
@@ -128,6 +130,7 @@ class DraftModelProposer(Proposer):
 
     def propose_batch(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in reqs]
+        self._elapsed_passes, self._steady = 0.0, None
         active = [i for i, k in enumerate(ks) if k > 0 and self._make_room(reqs[i], ks[i])]
         if not active:
             return out
@@ -138,7 +141,11 @@ class DraftModelProposer(Proposer):
         budget = max(self.catch_up_tokens, 2 * len(active))
         for i in active:
             budget -= self._sync(reqs[i], so, max(budget, 2))
+        # a level request syncs 1-2 tokens (the bonus token, a corrected guess): more is catch-up
+        catching_up = so.total_num_scheduled_tokens > 2 * len(active)
+        t0 = time.perf_counter()
         sampled = self.runner.execute(so).sampled
+        first, passes = time.perf_counter() - t0, []
         for i in active:
             out[i] = list(sampled.get(reqs[i].request_id, ()))[:1]
         # Passes 2..k: one batched decode per further guess.
@@ -156,13 +163,38 @@ class DraftModelProposer(Proposer):
                 so.num_scheduled_tokens[rid] = 1
             if so.is_empty:
                 break
+            t0 = time.perf_counter()
             sampled = self.runner.execute(so).sampled
+            passes.append(time.perf_counter() - t0)
             for i in active:
                 toks = sampled.get(reqs[i].request_id)
                 if toks and len(out[i]) == step:
                     out[i].append(toks[0])
         # The last guess of each request was sampled but not fed back: its KV is not computed.
+        # What drafting costs once level: k passes like the later ones (the first pass too,
+        # when it caught up no more than the usual 1-2 tokens per request).
+        if not catching_up:
+            self._steady = first + sum(passes)
+        elif passes:
+            self._steady = sum(passes) / len(passes) * (1 + len(passes))
+        else:  # only catching up (no guesses yet): nothing that recurs was measured
+            self._steady = 0.0
+        self._elapsed_passes = first + sum(passes)
         return out
+
+    def tokens_behind(self, req: Request) -> int:
+        seq = self.seqs.get(req.request_id)
+        return req.num_tokens - (seq.num_computed if seq is not None else 0)
+
+    def recurring_seconds(self, elapsed: float) -> float | None:
+        """The call's time less its catch-up: the first pass priced like the later ones where
+        it computed a prompt or tokens made while drafting rested (None: the call only caught
+        up)."""
+        if self._steady is None:
+            return elapsed
+        if not self._steady:
+            return None
+        return max(0.0, elapsed - self._elapsed_passes) + self._steady
 
     def _make_room(self, req: Request, k: int) -> bool:
         """Blocks for the request's tokens plus k guesses; False when the draft's pool is full."""

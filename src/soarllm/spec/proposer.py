@@ -24,6 +24,18 @@ class Proposer(ABC):
         """Guesses for several requests at once (a draft model runs them as one batch)."""
         return [self.propose(r, k) for r, k in zip(reqs, ks)]
 
+    def tokens_behind(self, req: Request) -> int:
+        """Tokens of ``req`` the proposer must compute before it can guess (a draft model's
+        catch-up after a prompt or a rest); 0 for proposers that only look tokens up."""
+        return 0
+
+    def recurring_seconds(self, elapsed: float) -> float | None:
+        """Of a ``propose_batch`` call that took ``elapsed`` seconds, the time that recurs every
+        step (what the speculator weighs against the target's step time); a draft model leaves
+        out the one-off catch-up of a prompt or of tokens made while it rested (None: the call
+        measured nothing that recurs)."""
+        return elapsed
+
     def learn(self, req: Request) -> None:  # noqa: B027 (optional hook)
         """A finished request's text (a proposer with a memory keeps it)."""
 

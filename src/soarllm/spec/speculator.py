@@ -37,6 +37,10 @@ from soarllm.spec.suffix import SuffixProposer
 REFERENCE_K = 15
 _PRIOR_TOKENS = 4.0  # weight of the method's average in a request's acceptance estimate
 _MAX_EXPLORE_TOKENS = 8
+# a costly method drafts until it has had this many draft tokens verified: its acceptance is
+# measured before the step-time comparison may rest it (the prior alone would rest a good draft)
+_LEARN_TOKENS = 64
+_MAX_EXPLORE_GAPS = 64  # a resting draft explores at least every 64 * explore_every calls
 _MARGIN = 0.03  # expected gain in tokens/s that speculation must promise over the plain step
 _INITIAL_ACCEPTANCE = {"reference": 0.7, "ngram": 0.4, "suffix": 0.4, "draft_model": 0.6,
                        "lookahead": 0.3}
@@ -88,8 +92,12 @@ class Speculator:
         self._req: dict[str, list[float]] = {}  # request id -> [drafted, accepted]
         self._method: dict[str, str] = {}  # request id -> method of its pending drafts
         self._steps = 0
-        self._draft_seconds: dict[str, float] = {}  # method -> running mean seconds per draft run
+        # (method, batch bucket) -> running mean seconds of a draft run for that many requests
+        self._draft_seconds: dict[tuple[str, int], float] = {}
         self._draft_calls = 0
+        # (method, batch bucket) -> draft call at which a resting draft explores next, and the gap
+        self._explore_due: dict[tuple[str, int], int] = {}
+        self._explore_gap: dict[tuple[str, int], int] = {}
         self._layouts: dict[str, object] = {}  # request id -> SpecLayout of this step's lookahead
         self._lookahead_gain = 0.5  # running mean of tokens a lookahead step adds
         # The realized check for costly methods (a draft model's run, a lookahead row): emitted
@@ -134,7 +142,7 @@ class Speculator:
             if method is None:
                 continue
             k = self._max_k(req, method)
-            if k > 0:
+            if k > 0 and self._catch_up_pays(req, method):
                 wanted.setdefault(method, []).append((req, k))
         base = max(num_base_tokens, 1)
         self._close_step()
@@ -154,7 +162,13 @@ class Speculator:
             t0 = time.perf_counter()
             proposals = proposer.propose_batch([r for r, _ in items], [k for _, k in items])
             if proposer.expensive:
-                self._observe_draft_time(method, time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                recurring = proposer.recurring_seconds(elapsed)
+                if recurring is not None:
+                    self._observe_draft_time((method, self._bucket(len(items))), recurring)
+                # a one-off catch-up is left out of the step's realized rate too: resting
+                # causes it, so counting it would keep a good draft resting
+                self._step["catch_up"] = elapsed - (recurring if recurring is not None else 0.0)
                 self._step["drafted"] = True
             for (req, k), drafts in zip(items, proposals):
                 m = method
@@ -176,28 +190,61 @@ class Speculator:
 
     # -- proposers that cost a model run (draft models) -----------------------------------------
 
-    def _observe_draft_time(self, method: str, seconds: float) -> None:
-        old = self._draft_seconds.get(method)
-        self._draft_seconds[method] = seconds if old is None else old + 0.2 * (seconds - old)
+    def _catch_up_pays(self, req: Request, method: str) -> bool:
+        """A draft that fell behind a request (its prompt, or the tokens made while it rested)
+        computes those tokens before it guesses again, about what a prefill of them costs: not
+        worth it for a request with fewer tokens left to make than that (the tail of a batch
+        whose drafting rested, say)."""
+        behind = self.proposers[method].tokens_behind(req)
+        if behind <= 2:
+            return True
+        left = self.max_model_len - req.num_tokens
+        if req.params.max_tokens is not None:
+            left = min(left, req.params.max_tokens - req.num_output_tokens)
+        return behind <= left
+
+    def _observe_draft_time(self, key: tuple[str, int], seconds: float) -> None:
+        old = self._draft_seconds.get(key)
+        self._draft_seconds[key] = seconds if old is None else old + 0.2 * (seconds - old)
 
     def _worth_drafting(self, method: str, items: list[tuple[Request, int]], base: int) -> bool:
         """Whether running the draft model can pay: the best expected tokens/s with its drafts
         (their expected acceptance, the target's step-time model, plus the draft's own measured
-        time) beats the plain step. Unmeasured, or every ``explore_every`` steps, it drafts anyway
-        so that the estimates stay current."""
+        time for this many requests) beats the plain step, and the steps that drafted delivered
+        (``_delivers``). Unmeasured, it drafts anyway; before the method's acceptance is measured
+        (``_LEARN_TOKENS``), only where drafts accepted whole would pay; resting, it explores
+        after ``explore_every`` calls, then at doubling gaps while it keeps losing."""
         cfg = self.config
         if cfg is not None and not cfg.adaptive:
             return True
-        draft_s = self._draft_seconds.get(method)
+        draft_s = self._draft_seconds.get((method, self._bucket(len(items))))
         t0 = self.cost.time(base)
         if draft_s is None or t0 is None:
             return True
+        if self.stats.by_method.get(method, (0, 0))[1] < _LEARN_TOKENS:
+            # acceptance not measured yet: draft where drafts accepted whole would pay
+            return self._pays(method, items, base, draft_s, t0, learning=True)
         self._draft_calls += 1
-        if self._draft_calls % self.explore_every == 0:
+        key = (method, self._bucket(base))
+        if self._delivers(method, base) and self._pays(method, items, base, draft_s, t0):
+            self._explore_gap[key] = self.explore_every  # it pays here: back to the base rate
             return True
-        if not self._delivers(method, base):
+        # Resting. Now and then it drafts anyway, so that the estimates follow the machine; an
+        # exploration makes the draft catch up on every token made meanwhile (as costly as a
+        # prefill of them), so while explorations keep confirming the loss they grow rarer.
+        due = self._explore_due.setdefault(key, self._draft_calls + self.explore_every)
+        if self._draft_calls < due:
             return False
-        gains = sorted((self.acceptance(r.request_id, method) ** j
+        gap = self._explore_gap.get(key, self.explore_every)
+        self._explore_gap[key] = min(2 * gap, _MAX_EXPLORE_GAPS * self.explore_every)
+        self._explore_due[key] = self._draft_calls + self._explore_gap[key]
+        return True
+
+    def _pays(self, method: str, items: list[tuple[Request, int]], base: int, draft_s: float,
+              t0: float, learning: bool = False) -> bool:
+        """Whether some number of draft tokens, best expected gain first, beats the plain step's
+        tokens/s by the margin, the draft's time included (``learning``: every draft accepted)."""
+        gains = sorted((1.0 if learning else self.acceptance(r.request_id, method) ** j
                         for r, k in items for j in range(1, k + 1)), reverse=True)
         plain = base / t0 * (1 + _MARGIN)
         gain = 0.0
@@ -301,6 +348,9 @@ class Speculator:
                   or getattr(self.proposers.get(m), "expensive", False)]
         if st["methods"] and not costly or not st["methods"] and st.get("drafted"):
             return  # cheap methods only (the cost model covers them), or a draft run not used
+        seconds -= st.get("catch_up", 0.0)
+        if not seconds > 0:
+            return
         rate = (st["base"] + st["accepted"]) / seconds
         for kind in costly or ["plain"]:
             key = (kind, self._bucket(st["base"]))
