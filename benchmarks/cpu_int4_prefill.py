@@ -1,17 +1,19 @@
-"""Where the CPU W4A16 / W8A16 paths should switch from PyTorch's int4 / int8 kernels to
-dequantize + bfloat16 GEMM.
+"""Where the CPU W4A16 / W8A16 paths should switch kernels, by row count.
 
 For the default model's projection shapes (SmolLM2-135M: hidden 576, MLP 1536, 9 + 2 x 3 heads of
-64) and a range of row counts, times per layer set (qkv, o, gate_up, down):
+64), --layers copies of each (30: the model's weights streamed from memory, as in a real step, not
+one layer's sitting in cache), times of one pass through all of them (qkv, o, gate_up, down):
   int4      aten._weight_int4pack_mm_for_cpu on the packed weight (what batch-1 decode uses)
+  native    soarllm's GEMM over the same packed weight (kernels/csrc/int4pack.c), from
+            GEMM_MIN_ROWS rows on in quant/w4a16.py
   unpack    the native unpacker (kernels/csrc/int4pack.c) + F.linear in bfloat16
-  bf16      F.linear on a resident bfloat16 weight (the ceiling: no unpacking, 4x the memory)
+  bf16      F.linear on a resident bfloat16 weight (4x the memory)
 With --scheme w8a16 instead:
   int8      aten._weight_int8pack_mm (per-channel int8, what W8A16 decode uses)
   deq8      the weight dequantized to bfloat16 (quant/w8a16.dequantize_w8_bf16) + F.linear
-interleaved, best of --repeats, on this machine's threads. Prints ms per decoder layer and the
-dequantize / kernel ratio; `DEQUANT_MIN_ROWS` in quant/w4a16.py and quant/w8a16.py is where
-dequantizing starts to win.
+interleaved, best of --repeats, on this machine's threads. Prints ms per pass (W4A16) or per
+decoder layer (W8A16) and the ratios to the int4 / int8 kernel; `GEMM_MIN_ROWS` and
+`DEQUANT_MIN_ROWS` in quant/w4a16.py and quant/w8a16.py are where the switches pay.
 
     python benchmarks/cpu_int4_prefill.py [--scheme w4a16|w8a16] [--rows 1,8,...,512] [--repeats 5]
 """
@@ -47,52 +49,65 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the table here")
     ap.add_argument("--scheme", choices=("w4a16", "w8a16"), default="w4a16")
+    ap.add_argument("--layers", type=int, default=30, help="W4A16: copies of the layer shapes")
     args = ap.parse_args()
     if args.scheme == "w8a16":
         return main_w8a16(args)
     fn = w4a16._unpacker()
-    if fn is None:
-        raise SystemExit("the native unpacker is not available here")
+    gemm = w4a16._int4pack_gemm()
+    if fn is None or gemm is None:
+        raise SystemExit("the native int4 kernels are not available here")
     torch.manual_seed(0)
-    layers = {}
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k) * 0.05
-        q, s, z = w4a16.quantize_w4(w, 32)
-        packed, sz = w4a16.int4pack_cpu(q, s, z)
-        layers[name] = (packed, sz, w.to(torch.bfloat16), k)
+    layers = []
+    for _ in range(args.layers):
+        copy = {}
+        for name, (n, k) in SHAPES.items():
+            w = torch.randn(n, k) * 0.05
+            q, s, z = w4a16.quantize_w4(w, 32)
+            packed, sz = w4a16.int4pack_cpu(q, s, z)
+            copy[name] = (packed, sz, w.to(torch.bfloat16), k)
+        layers.append(copy)
     rows_list = [int(r) for r in args.rows.split(",")]
     table = []
-    print(f"threads {torch.get_num_threads()}; ms per decoder layer (4 projections)")
-    print(f"{'rows':>5} {'int4':>8} {'unpack':>8} {'bf16':>8} {'unpack/int4':>12}")
+    labels = ("int4", "native", "unpack", "bf16")
+    print(f"threads {torch.get_num_threads()}; ms per pass over {args.layers} layers of projections")
+    print(f"{'rows':>5} " + " ".join(f"{x:>8}" for x in labels) + "  int4/native unpack/native")
     for m in rows_list:
-        xs = {name: torch.randn(m, k).to(torch.bfloat16) for name, (_, _, _, k) in layers.items()}
+        xs = {name: torch.randn(m, k).to(torch.bfloat16) for name, (_, _, _, k) in layers[0].items()}
 
         def int4(xs=xs):
-            for name, (packed, sz, _, _) in layers.items():
-                torch.ops.aten._weight_int4pack_mm_for_cpu(xs[name], packed, 32, sz)
+            for copy in layers:
+                for name, (packed, sz, _, _) in copy.items():
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(xs[name], packed, 32, sz)
+
+        def native(xs=xs):
+            for copy in layers:
+                for name, (packed, sz, _, _) in copy.items():
+                    w4a16._gemm(gemm, xs[name], packed, sz, 32)
 
         def unpack(xs=xs):
-            for name, (packed, sz, _, k) in layers.items():
-                F.linear(xs[name], w4a16._unpack(fn, packed, sz, 32, k))
+            for copy in layers:
+                for name, (packed, sz, _, k) in copy.items():
+                    F.linear(xs[name], w4a16._unpack(fn, packed, sz, 32, k))
 
         def bf16(xs=xs):
-            for name, (_, _, wb, _) in layers.items():
-                F.linear(xs[name], wb)
+            for copy in layers:
+                for name, (_, _, wb, _) in copy.items():
+                    F.linear(xs[name], wb)
 
-        inner = max(2, 256 // m)
-        times = {"int4": [], "unpack": [], "bf16": []}
-        for _ in range(2):  # interleave the three, twice, so drift hits them alike
-            for label, f in (("int4", int4), ("unpack", unpack), ("bf16", bf16)):
-                times[label].append(_time(f, args.repeats, inner))
+        times = {label: [] for label in labels}
+        for _ in range(2):  # interleave them, twice, so drift hits them alike
+            for label, f in zip(labels, (int4, native, unpack, bf16)):
+                times[label].append(_time(f, args.repeats, 1))
         best = {k: min(v) * 1e3 for k, v in times.items()}
         table.append({"rows": m, **best})
-        print(f"{m:>5} {best['int4']:>8.3f} {best['unpack']:>8.3f} {best['bf16']:>8.3f} "
-              f"{best['unpack'] / best['int4']:>11.2f}x")
+        print(f"{m:>5} " + " ".join(f"{best[x]:>8.2f}" for x in labels)
+              + f"  {best['int4'] / best['native']:>10.2f}x {best['unpack'] / best['native']:>10.2f}x",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "shapes": SHAPES, "ms_per_layer": table},
-                      f, indent=1)
-
+            json.dump({"threads": torch.get_num_threads(), "shapes": SHAPES, "layers": args.layers,
+                       "ms_per_pass": table}, f, indent=1)
 
 
 def main_w8a16(args) -> None:

@@ -17,6 +17,7 @@ from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.quant.config import RTNConfig, parse_quantization
 from soarllm.quant.w4a16 import (
     DEQUANT_MIN_ROWS,
+    GEMM_MIN_ROWS,
     ROW_TILE,
     W4A16Method,
     _soar4_kernel,
@@ -27,7 +28,9 @@ from soarllm.quant.w8a16 import DEQUANT_MIN_ROWS as W8_DEQUANT_MIN_ROWS
 from soarllm.quant.w8a16 import W8A16Method, quantize_w8
 
 # (out, in): odd and non-multiple-of-16 output sizes pad to the int4 kernel's tile of 16
-SHAPES = [(16, 64), (48, 128), (7, 64), (100, 256), (200, 384), (24, 96)]
+# rows padded to 16 by the packing; (64, 64) and (192, 384) are whole 64-row tiles, where the
+# native GEMM over PyTorch's layout serves 5 rows and more
+SHAPES = [(16, 64), (48, 128), (7, 64), (100, 256), (200, 384), (24, 96), (64, 64), (192, 384)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -95,15 +98,42 @@ def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype, layout
         _close(got, want)
 
 
+def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
+    """From GEMM_MIN_ROWS rows on, a layer of whole 64-row tiles runs the native GEMM over
+    PyTorch's int4 layout (kernels/csrc/int4pack.c), equal to the dequantized matmul; fewer
+    rows, and layers whose rows are not whole tiles, keep PyTorch's kernel."""
+    from soarllm.quant import w4a16
+
+    if w4a16._int4pack_gemm() is None:
+        pytest.skip("no AVX-512 BF16 here: the native GEMM is not built")
+    calls = []
+    real = w4a16._gemm
+    monkeypatch.setattr(w4a16, "_gemm", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    torch.manual_seed(4)
+    for out_f, in_f, group in ((128, 192, 64), (320, 128, 32), (80, 128, 32)):
+        layer, (q, s, z) = _w4_layer(out_f, in_f, group, BF16, torch.randn(out_f, in_f) * 0.05)
+        w = _oracle_w4(q, _rounded(s, BF16), _rounded(z, BF16), group)
+        for m in (GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 6, 7, 12, 13, 40, DEQUANT_MIN_ROWS + 1):
+            calls.clear()
+            x = torch.randn(m, in_f).to(BF16)
+            with torch.inference_mode():
+                got = layer(x)
+            _close(got, _rounded(x, BF16) @ w.t())
+            whole_tiles = out_f % 64 == 0
+            assert calls == ([m] if m >= GEMM_MIN_ROWS and whole_tiles else []), (out_f, m)
+
+
 def test_w4a16_cpu_rows_branch_at_run_time_under_compile():
     """Compiled with a symbolic row count, one graph serves few rows (the int4 kernel) and many
-    (the unpacked GEMM), both equal to the eager layer, without recompiling."""
+    (the native GEMM, or the unpacked weight's GEMM), all equal to the eager layer, without
+    recompiling."""
     from soarllm.quant.w4a16 import _unpacker
 
     assert _unpacker() is not None  # this machine builds and checks the native unpacker
     torch.manual_seed(3)
-    layer, _ = _w4_layer(48, 128, 32, BF16, torch.randn(48, 128) * 0.05)
-    _assert_one_graph_for(layer, (2, DEQUANT_MIN_ROWS + 3, 5, 3 * DEQUANT_MIN_ROWS))
+    for rows in (48, 128):  # rows in whole 64-row tiles: the native GEMM from GEMM_MIN_ROWS on
+        layer, _ = _w4_layer(rows, 128, 32, BF16, torch.randn(rows, 128) * 0.05)
+        _assert_one_graph_for(layer, (2, DEQUANT_MIN_ROWS + 3, 5, 3 * DEQUANT_MIN_ROWS))
 
 
 def _assert_one_graph_for(layer, row_counts) -> None:

@@ -99,16 +99,24 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return packed, scale_and_zero
 
 
-# From this many rows on (prefill chunks, large batches) the CPU path unpacks the weight to
-# bfloat16 in a native kernel and runs one bfloat16 GEMM: PyTorch's int4 kernel is built for a few
-# rows. benchmarks/cpu_int4_prefill.py on a 2-core AVX-512 machine, the default model's layer
-# shapes: unpack + GEMM / int4 kernel = 1.05 at 64 rows, 0.72 at 128, 0.47 at 512.
+# From this many rows on, the native GEMM over PyTorch's int4 layout (kernels/csrc/int4pack.c):
+# each 64-row tile of the weight is dequantized once per call and every row runs over it, where
+# PyTorch's kernel dequantizes it again for every 4 rows. benchmarks/cpu_int4_prefill.py (the
+# default model's 30 layers of projections, weights streamed from memory, 2-core AVX-512 BF16):
+# PyTorch's kernel 11.0 / 11.8 / 16.8 / 21.7 / 42.9 / 83.2 ms at 5 / 8 / 9 / 16 / 32 / 64 rows,
+# native 8.1 / 11.0 / 10.8 / 14.4 / 22.5 / 38.4; unpacking to bfloat16 + one GEMM 172 ms at 80
+# rows and 376 at 512, native 46 and 260 (benchmarks/results/cpu_int4_gemm).
+GEMM_MIN_ROWS = 5
+
+# Without the native GEMM (no AVX-512 BF16, or a weight whose rows are not a multiple of 64), from
+# this many rows on the weight is unpacked to bfloat16 natively and multiplied in one GEMM:
+# unpack + GEMM / PyTorch's int4 kernel = 1.05 at 64 rows, 0.72 at 128, 0.47 at 512.
 DEQUANT_MIN_ROWS = 80
 
-# PyTorch's CPU int4 kernel computes rows in blocks of 4, re-reading the weight for each block: a
-# step of 5 rows costs about what one of 8 does (measured on the default model, 2-core AVX-512:
-# 21.2 ms for 5 tokens, 22.9 for 8, 13.9 for 4). Below DEQUANT_MIN_ROWS a step's time is a
-# staircase of this width; the speculator sizes its verification steps by it.
+# PyTorch's CPU int4 kernel computes rows in blocks of 4, re-reading the weight for each block: 2 to
+# 4 rows cost about what 4 do (measured on the default model, 2-core AVX-512: a step of 1 token
+# 9.4 ms, 2 / 3 / 4 tokens 11.5 / 12.9 / 14.6). It serves fewer than GEMM_MIN_ROWS rows; the
+# speculator prices step sizes by this staircase.
 ROW_TILE = 4
 
 
@@ -155,11 +163,61 @@ def _unpack(fn, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: 
     return out
 
 
+@functools.cache
+def _int4pack_gemm():
+    """The native GEMM over PyTorch's CPU int4 layout (kernels/csrc/int4pack.c), or None: not
+    built here, no AVX-512 BF16, or its result disagreeing with PyTorch's int4 kernel (checked
+    once per process, on a few row counts and group sizes)."""
+    import ctypes
+
+    from soarllm.kernels import cpu_native
+
+    lib = cpu_native.load("int4pack")
+    if lib is None or not lib.int4pack_gemm_supported():
+        return None
+    fn = lib.int4pack_gemm_bf16
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+    fn.restype = None
+    g = torch.Generator().manual_seed(0)
+    for rows, cols, group, m in ((64, 64, 32, 5), (128, 192, 64, 13), (192, 256, 128, 7)):
+        q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+        scales = torch.rand(rows, cols // group, generator=g) * 0.1 + 0.01
+        zeros = torch.randn(rows, cols // group, generator=g) * 0.1
+        packed, scale_and_zero = int4pack_cpu(q, scales, zeros)
+        x = torch.randn(m, cols, generator=g).to(torch.bfloat16)
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zero).float()
+        got = _gemm(fn, x, packed, scale_and_zero, group).float()
+        if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "the native int4 GEMM (kernels/csrc/int4pack.c) disagrees with PyTorch's int4 "
+                "kernel here: batches of rows keep PyTorch's kernel")
+            return None
+    return fn
+
+
+def _gemm(fn, x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+          group_size: int) -> torch.Tensor:
+    rows = scale_and_zero.shape[1]
+    out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+    fn(x.data_ptr(), x.stride(0), packed.data_ptr(), scale_and_zero.data_ptr(), out.data_ptr(),
+       out.stride(0), x.shape[0], rows, x.shape[1], group_size)
+    return out
+
+
 def _w4a16_rows(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x [M, K] bfloat16 -> [M, N padded]: the int4 kernel for a few rows, else unpack + GEMM. An
-    op of its own (``soarllm::w4a16_linear_cpu``) so that the compiled graph with a symbolic row
-    count takes the branch at run time instead of guarding (and recompiling) on the count."""
+    """x [M, K] bfloat16 -> [M, N padded]: PyTorch's int4 kernel for a few rows, the native GEMM
+    from GEMM_MIN_ROWS on (else unpack + bfloat16 GEMM from DEQUANT_MIN_ROWS). An op of its own
+    (``soarllm::w4a16_linear_cpu``) so that the compiled graph with a symbolic row count takes the
+    branch at run time instead of guarding (and recompiling) on the count."""
+    if (x.shape[0] >= GEMM_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
+            and scale_and_zero.shape[1] % 64 == 0):
+        fn = _int4pack_gemm()
+        if fn is not None:
+            return _gemm(fn, x, packed, scale_and_zero, group_size)
     usable = x.shape[0] >= DEQUANT_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
     fn = _unpacker() if usable else None
     if fn is None:
@@ -296,7 +354,7 @@ def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torc
     rows = x2.shape[0]
     # one row (eager, or the compiled single-token graph; a symbolic count is never 1), or a small
     # count known eagerly: the int4 kernel directly, without the op's dispatch
-    if rows == 1 or (not torch.compiler.is_compiling() and rows < DEQUANT_MIN_ROWS):
+    if rows == 1 or (not torch.compiler.is_compiling() and rows < GEMM_MIN_ROWS):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
     else:
         out = torch.ops.soarllm.w4a16_linear_cpu(x2, packed, scale_and_zero, group_size)
@@ -385,7 +443,8 @@ class W4A16Method(QuantMethod):
             layer.use_cpu_kernel = True
             layer.cpu_layout = layout
             if layout == "int4pack":  # (rows per block, up to this many rows): see ROW_TILE
-                layer.row_tile = (ROW_TILE, DEQUANT_MIN_ROWS)
+                native_gemm = scales.shape[1] % 64 == 0 and _int4pack_gemm() is not None
+                layer.row_tile = (ROW_TILE, GEMM_MIN_ROWS if native_gemm else DEQUANT_MIN_ROWS)
 
     def apply(self, layer, x):
         if layer.use_triton_kernel:
