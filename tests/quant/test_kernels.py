@@ -100,8 +100,9 @@ def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype, layout
 
 def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
     """From GEMM_MIN_ROWS rows on, a layer of whole 64-row tiles runs the native GEMM over
-    PyTorch's int4 layout (kernels/csrc/int4pack.c), equal to the dequantized matmul; fewer
-    rows, and layers whose rows are not whole tiles, keep PyTorch's kernel."""
+    PyTorch's int4 layout (kernels/csrc/int4pack.c: up to 8 rows its direct path, more over a
+    dequantized tile), equal to the dequantized matmul; fewer rows, and layers whose rows are not
+    whole tiles, keep PyTorch's kernel."""
     from soarllm.quant import w4a16
 
     if w4a16._int4pack_gemm() is None:
@@ -110,7 +111,7 @@ def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
     real = w4a16._gemm
     monkeypatch.setattr(w4a16, "_gemm", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     torch.manual_seed(4)
-    for out_f, in_f, group in ((128, 192, 64), (320, 128, 32), (80, 128, 32)):
+    for out_f, in_f, group in ((128, 192, 64), (320, 128, 32), (64, 256, 128), (80, 128, 32)):
         layer, (q, s, z) = _w4_layer(out_f, in_f, group, BF16, torch.randn(out_f, in_f) * 0.05)
         w = _oracle_w4(q, _rounded(s, BF16), _rounded(z, BF16), group)
         for m in (GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 6, 7, 12, 13, 40, DEQUANT_MIN_ROWS + 1):

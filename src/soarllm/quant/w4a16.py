@@ -100,12 +100,14 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 # From this many rows on, the native GEMM over PyTorch's int4 layout (kernels/csrc/int4pack.c):
-# each 64-row tile of the weight is dequantized once per call and every row runs over it, where
-# PyTorch's kernel dequantizes it again for every 4 rows. benchmarks/cpu_int4_prefill.py (the
-# default model's 30 layers of projections, weights streamed from memory, 2-core AVX-512 BF16):
-# PyTorch's kernel 11.0 / 11.8 / 16.8 / 21.7 / 42.9 / 83.2 ms at 5 / 8 / 9 / 16 / 32 / 64 rows,
-# native 8.1 / 11.0 / 10.8 / 14.4 / 22.5 / 38.4; unpacking to bfloat16 + one GEMM 172 ms at 80
-# rows and 376 at 512, native 46 and 260 (benchmarks/results/cpu_int4_gemm).
+# up to 8 rows it multiplies the nibbles directly, beyond that each 64-row tile of the weight is
+# dequantized once per call and every row runs over it, where PyTorch's kernel dequantizes the
+# weight again for every 4 rows. benchmarks/cpu_int4_prefill.py (the default model's 30 layers of
+# projections, weights streamed from memory, 2-core AVX-512 BF16; results in
+# benchmarks/results/cpu_int4_gemm): PyTorch's kernel 11.1 / 11.3 / 16.5 / 21.8 / 41.8 / 83.0 ms
+# at 5 / 8 / 9 / 16 / 32 / 64 rows, native 7.6 / 9.3 / 10.5 / 14.2 / 22.0 / 37.6; at 512 rows
+# 664 / 258, unpacking to bfloat16 + one GEMM 351. Below 5 rows PyTorch's kernel is as fast or
+# faster (1 row: 4.2 vs 5.2 ms).
 GEMM_MIN_ROWS = 5
 
 # Without the native GEMM (no AVX-512 BF16, or a weight whose rows are not a multiple of 64), from

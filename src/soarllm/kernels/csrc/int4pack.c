@@ -8,10 +8,12 @@
  *
  * int4pack_gemm_bf16 serves the rows in between (5 to ~80: decode batches, verification steps):
  * PyTorch's kernel computes 4 rows at a time and dequantizes the weight again for every 4, so 5
- * rows cost what 8 do and 32 what 8 x 4 do. Here each tile of 64 output rows is dequantized once
+ * rows cost what 8 do and 32 what 8 x 4 do. Here, up to 8 rows (decode batches, verification
+ * steps) multiply the nibbles directly, as exact bfloat16 numbers, with the scales applied per
+ * group (the direct path below); more rows run over each tile of 64 output rows dequantized once
  * per call into a bfloat16 buffer (pairs of inputs side by side per output row, the operand
- * layout of vdpbf16ps), and every row of x runs over it, 6 at a time, with the products summed in
- * float32 (AVX-512 BF16; without it the caller keeps PyTorch's kernel).
+ * layout of vdpbf16ps), 6 rows at a time. Products are summed in float32 (AVX-512 BF16; without
+ * it the caller keeps PyTorch's kernel).
  *
  * The layout (observed on x86-64 builds; the check above guards it): output rows in tiles of 64,
  * each tile t a [K][32] byte array starting at byte t * 64 * K / 2, whose byte (k, j) holds row
@@ -57,6 +59,9 @@ void int4pack_to_bf16(const uint8_t *packed, const uint16_t *scale_zero, int64_t
 int int4pack_gemm_supported(void) { return 1; }
 
 #define MB 6 /* rows of x per pass over a dequantized tile: 6 x 4 accumulators in registers */
+#ifndef DIRECT_MAX_ROWS
+#define DIRECT_MAX_ROWS 9 /* fewer rows than this: the direct path (below) */
+#endif
 
 /* Tile t (64 output rows) of the weight as bfloat16 pairs: buf[(p * 64 + r) * 2 + i] holds row r
  * at input 2p + i, w = (q - 8) * scale + zero rounded to bfloat16. */
@@ -117,12 +122,129 @@ static inline __attribute__((always_inline)) void tile_rows(const uint16_t *x, i
             _mm256_storeu_si256((__m256i *)(out + j * ldo + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[j][c]));
 }
 
+/* Few rows: no dequantized buffer. Each pair of inputs of 16 output rows becomes the bfloat16
+ * numbers 128 + q (bits 0x4300 | q: exact), multiplied with x's pair through vdpbf16ps into a
+ * per-group sum (exact products); per group, out += scale * sum + (zero - 136 * scale) * sum(x),
+ * since (q - 8) * scale + zero = (128 + q) * scale + zero - 136 * scale. Unpacking interleaves the
+ * two inputs' bytes, so a vector's 16 lanes are rows R_c of the tile (c = 0..3):
+ *   R0 = 0-7, 16-23 (low nibbles of bytes 0-7, 16-23)    R1 = 8-15, 24-31
+ *   R2 = 32-39, 48-55 (their high nibbles)                R3 = 40-47, 56-63
+ * and the scales are laid out in that order once per tile. */
+#define DJ 2 /* rows of x per pass on the direct path: 2 x 4 running sums + 2 x 4 group sums */
+
+/* 16 (scale, zero) bfloat16 pairs -> float32 scale s and c = zero - 136 * scale */
+static inline void sz16(const uint16_t *pairs, __m512 *s, __m512 *c) {
+    __m512i pr = _mm512_loadu_si512((const void *)pairs);
+    *s = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
+    __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xFFFF0000u)));
+    *c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), *s, z);
+}
+
+/* scales of tile t in the lane order above: sc[(g * 4 + c) * 16 + i], likewise cc */
+static void tile_scales(const uint16_t *scale_zero, int64_t n, int64_t t, int64_t groups,
+                        float *sc, float *cc) {
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *sz = scale_zero + (g * n + t * 64) * 2;
+        __m512 s[4], c[4];
+        for (int q = 0; q < 4; q++) sz16(sz + 32 * q, &s[q], &c[q]); /* rows 16q .. 16q+15 */
+        /* R0 = lanes 0-7 of rows 0-15 and of rows 16-31, R1 their lanes 8-15, R2/R3 likewise */
+        const int sel[4][2] = {{0, 1}, {0, 1}, {2, 3}, {2, 3}};
+        for (int q = 0; q < 4; q++) {
+            __m512 a = s[sel[q][0]], b = s[sel[q][1]], ac = c[sel[q][0]], bc = c[sel[q][1]];
+            __m512 vs = (q & 1) ? _mm512_shuffle_f32x4(a, b, 0xEE) : _mm512_shuffle_f32x4(a, b, 0x44);
+            __m512 vc = (q & 1) ? _mm512_shuffle_f32x4(ac, bc, 0xEE) : _mm512_shuffle_f32x4(ac, bc, 0x44);
+            _mm512_storeu_ps(sc + (g * 4 + q) * 16, vs);
+            _mm512_storeu_ps(cc + (g * 4 + q) * 16, vc);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void direct_rows(
+    const uint16_t *x, int64_t ldx, const uint8_t *tile, const float *sc, const float *cc,
+    const float *xsum, int64_t groups, int64_t k, int64_t group, uint16_t *out, int64_t ldo,
+    const int MJ) {
+    const __m512i nib = _mm512_set1_epi16(0xF), base = _mm512_set1_epi16(0x4300);
+    __m512 acc[DJ][4];
+    for (int j = 0; j < MJ; j++)
+        for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+    const int64_t pairs = group / 2;
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 part[DJ][4];
+        for (int j = 0; j < MJ; j++)
+            for (int c = 0; c < 4; c++) part[j][c] = _mm512_setzero_ps();
+        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(tile + 2 * p * 32));
+            __m256i b = _mm256_loadu_si256((const __m256i *)(tile + (2 * p + 1) * 32));
+            __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, b));
+            __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, b));
+            __m512bh w[4];
+            w[0] = (__m512bh)_mm512_ternarylogic_epi32(lo, nib, base, 0xEA); /* (v & nib) | base */
+            w[1] = (__m512bh)_mm512_ternarylogic_epi32(hi, nib, base, 0xEA);
+            w[2] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(lo, 4), base);
+            w[3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(hi, 4), base);
+            for (int j = 0; j < MJ; j++) {
+                uint32_t pair;
+                memcpy(&pair, x + j * ldx + 2 * p, sizeof pair);
+                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int c = 0; c < 4; c++) part[j][c] = _mm512_dpbf16_ps(part[j][c], w[c], xv);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            __m512 s = _mm512_loadu_ps(sc + (g * 4 + c) * 16), cv = _mm512_loadu_ps(cc + (g * 4 + c) * 16);
+            for (int j = 0; j < MJ; j++)
+                acc[j][c] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xsum[j * groups + g]),
+                                            _mm512_fmadd_ps(part[j][c], s, acc[j][c]));
+        }
+    }
+    (void)k;
+    for (int j = 0; j < MJ; j++) { /* lanes back to row order: rows 0-15, 16-31, 32-47, 48-63 */
+        __m512 r[4] = {_mm512_shuffle_f32x4(acc[j][0], acc[j][1], 0x44),
+                       _mm512_shuffle_f32x4(acc[j][0], acc[j][1], 0xEE),
+                       _mm512_shuffle_f32x4(acc[j][2], acc[j][3], 0x44),
+                       _mm512_shuffle_f32x4(acc[j][2], acc[j][3], 0xEE)};
+        for (int q = 0; q < 4; q++)
+            _mm256_storeu_si256((__m256i *)(out + j * ldo + 16 * q), (__m256i)_mm512_cvtneps_pbh(r[q]));
+    }
+}
+
 /* out [m, n] (rows ldo apart) = x [m, k] (rows ldx apart) @ W.T, W in the layout above with n a
- * multiple of 64 (callers check; the packing pads rows to 16 only). */
+ * multiple of 64 (callers check; the packing pads rows to 16 only). Fewer than DIRECT_MAX_ROWS
+ * rows take the direct path, more the dequantized tile. */
 void int4pack_gemm_bf16(const uint16_t *x, int64_t ldx, const uint8_t *packed,
                         const uint16_t *scale_zero, uint16_t *out, int64_t ldo, int64_t m, int64_t n,
                         int64_t k, int64_t group) {
-    const int64_t tiles = n / 64;
+    const int64_t tiles = n / 64, groups = k / group;
+    if (m < DIRECT_MAX_ROWS) {
+        float *xsum = (float *)malloc((size_t)m * groups * sizeof(float));
+        for (int64_t j = 0; j < m; j++)
+            for (int64_t g = 0; g < groups; g++) {
+                float acc = 0.0f;
+                for (int64_t i = g * group; i < (g + 1) * group; i++) acc += bf16_to_f32(x[j * ldx + i]);
+                xsum[j * groups + g] = acc;
+            }
+#pragma omp parallel
+        {
+            float *sc = (float *)aligned_alloc(64, (size_t)groups * 64 * 2 * sizeof(float));
+            float *cc = sc + groups * 64;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tiles; t++) {
+                const uint8_t *tile = packed + t * 64 * k / 2;
+                tile_scales(scale_zero, n, t, groups, sc, cc);
+                for (int64_t j0 = 0; j0 < m; j0 += DJ) {
+                    const uint16_t *xr = x + j0 * ldx;
+                    const float *xs = xsum + j0 * groups;
+                    uint16_t *o = out + j0 * ldo + t * 64;
+                    if (m - j0 >= 2)
+                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, k, group, o, ldo, 2);
+                    else
+                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, k, group, o, ldo, 1);
+                }
+            }
+            free(sc);
+        }
+        free(xsum);
+        return;
+    }
 #pragma omp parallel
     {
         uint16_t *buf = (uint16_t *)aligned_alloc(64, (size_t)k * 64 * 2);
