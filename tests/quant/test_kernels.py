@@ -100,7 +100,7 @@ def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype, layout
 
 def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
     """From GEMM_MIN_ROWS rows on, a layer of whole 64-row tiles runs the native GEMM over
-    PyTorch's int4 layout (kernels/csrc/int4pack.c: up to 8 rows its direct path, more over a
+    PyTorch's int4 layout (kernels/csrc/int4pack.c: up to 24 rows its direct path, more over a
     dequantized tile), equal to the dequantized matmul; fewer rows, and layers whose rows are not
     whole tiles, keep PyTorch's kernel."""
     from soarllm.quant import w4a16
@@ -122,6 +122,24 @@ def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
             _close(got, _rounded(x, BF16) @ w.t())
             whole_tiles = out_f % 64 == 0
             assert calls == ([m] if m >= GEMM_MIN_ROWS and whole_tiles else []), (out_f, m)
+
+
+def test_the_cpp_row_dispatch_equals_the_python_one():
+    """``soarllm::w4a16_int4pack`` (kernels/csrc/int4pack_op.cpp), what compiled steps call, picks
+    the same kernel as the Python op for every row count: the same output bit for bit."""
+    from soarllm.quant import w4a16
+
+    if not w4a16._int4pack_cpp_op():
+        pytest.skip("the native int4 kernels or the C++ operator are not available here")
+    torch.manual_seed(5)
+    for out_f, in_f in ((128, 192), (48, 128)):  # whole 64-row tiles, and not
+        q, s, z = quantize_w4(torch.randn(out_f, in_f) * 0.05, 32)
+        packed, sz = w4a16.int4pack_cpu(q, s, z)
+        for m in (1, 3, GEMM_MIN_ROWS, 9, DEQUANT_MIN_ROWS + 1):
+            x = torch.randn(m, in_f).to(BF16)
+            torch.testing.assert_close(torch.ops.soarllm.w4a16_int4pack(x, packed, sz, 32),
+                                       torch.ops.soarllm.w4a16_linear_cpu(x, packed, sz, 32),
+                                       rtol=0, atol=0)
 
 
 def test_w4a16_cpu_rows_branch_at_run_time_under_compile():

@@ -30,6 +30,7 @@ from soarllm.model.context_parallel import gather_logit_rows, shard_step
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
+from soarllm.quant.base import QuantMethod
 from soarllm.model.layers.fused_moe import FusedMoE
 from soarllm.model.layers.rotary import rope_max_position
 from soarllm.model.loader import Checkpoint, load_checkpoint
@@ -234,6 +235,10 @@ class ModelRunner:
         prepare = getattr(self.backend, "prepare_compiled", None)
         if prepare is not None:
             prepare()
+        for module in self.model.modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, QuantMethod):
+                method.prepare_compiled(module)
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()

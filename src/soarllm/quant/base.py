@@ -36,6 +36,10 @@ class QuantMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass
 
+    def prepare_compiled(self, layer: nn.Module) -> None:
+        """Before the model step is compiled (once per layer): load what compiled code calls
+        (e.g. a kernel registered as a C++ operator)."""
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -100,14 +100,15 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 
 
 # From this many rows on, the native GEMM over PyTorch's int4 layout (kernels/csrc/int4pack.c):
-# up to 8 rows it multiplies the nibbles directly, beyond that each 64-row tile of the weight is
-# dequantized once per call and every row runs over it, where PyTorch's kernel dequantizes the
-# weight again for every 4 rows. benchmarks/cpu_int4_prefill.py (the default model's 30 layers of
+# up to 24 rows it multiplies the nibbles directly (exact, as PyTorch's kernel), beyond that each
+# 64-row tile of the weight is dequantized to bfloat16 once per call and every row runs over it,
+# where PyTorch's kernel dequantizes the weight again for every 4 rows.
+# benchmarks/cpu_int4_prefill.py (the default model's 30 layers of
 # projections, weights streamed from memory, 2-core AVX-512 BF16; results in
-# benchmarks/results/cpu_int4_gemm): PyTorch's kernel 11.1 / 11.3 / 16.5 / 21.8 / 41.8 / 83.0 ms
-# at 5 / 8 / 9 / 16 / 32 / 64 rows, native 7.6 / 9.3 / 10.5 / 14.2 / 22.0 / 37.6; at 512 rows
-# 664 / 258, unpacking to bfloat16 + one GEMM 351. Below 5 rows PyTorch's kernel is as fast or
-# faster (1 row: 4.2 vs 5.2 ms).
+# benchmarks/results/cpu_int4_gemm, one run on a noisy machine): PyTorch's kernel 13.4 / 11.3 /
+# 17.7 / 23.3 / 48.8 / 91.6 ms at 5 / 8 / 9 / 16 / 32 / 64 rows, native 10.5 / 9.4 / 13.1 / 17.2 /
+# 23.9 / 39.1; at 512 rows 723 / 267, unpacking to bfloat16 + one GEMM 348. Below 5 rows
+# PyTorch's kernel is as fast or faster (1 row: 4.8 vs 5.7 ms).
 GEMM_MIN_ROWS = 5
 
 # Without the native GEMM (no AVX-512 BF16, or a weight whose rows are not a multiple of 64), from
@@ -198,6 +199,33 @@ def _int4pack_gemm():
                 "kernel here: batches of rows keep PyTorch's kernel")
             return None
     return fn
+
+
+# Set by prepare_compiled() once soarllm::w4a16_int4pack is loaded; read while compiling.
+_cpp_op_ready = False
+
+
+@functools.cache
+def _int4pack_cpp_op() -> bool:
+    """Load ``soarllm::w4a16_int4pack`` (kernels/csrc/int4pack_op.cpp: the choice of
+    ``_w4a16_rows`` in C++; built once per machine, ~20 s, then ~1 s per process); False where the
+    native kernels failed their checks or the operator does not build. Compiled steps then call
+    it without Python."""
+    global _cpp_op_ready
+    from soarllm.kernels import cpu_native
+
+    if _int4pack_gemm() is None or _unpacker() is None:
+        return False
+    if not cpu_native.load_torch_ops("int4pack_op", "int4pack",
+                                     (("SOAR_GEMM_MIN_ROWS", GEMM_MIN_ROWS),
+                                      ("SOAR_DEQUANT_MIN_ROWS", DEQUANT_MIN_ROWS))):
+        return False
+    torch.library.register_fake(
+        "soarllm::w4a16_int4pack",
+        lambda x, packed, scale_and_zero, group_size: x.new_empty(x.shape[0],
+                                                                  scale_and_zero.shape[1]))
+    _cpp_op_ready = True
+    return True
 
 
 def _gemm(fn, x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
@@ -358,6 +386,8 @@ def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torc
     # count known eagerly: the int4 kernel directly, without the op's dispatch
     if rows == 1 or (not torch.compiler.is_compiling() and rows < GEMM_MIN_ROWS):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
+    elif torch.compiler.is_compiling() and _cpp_op_ready:
+        out = torch.ops.soarllm.w4a16_int4pack(x2, packed, scale_and_zero, group_size)
     else:
         out = torch.ops.soarllm.w4a16_linear_cpu(x2, packed, scale_and_zero, group_size)
     if out.shape[-1] != out_features:
@@ -447,6 +477,12 @@ class W4A16Method(QuantMethod):
             if layout == "int4pack":  # (rows per block, up to this many rows): see ROW_TILE
                 native_gemm = scales.shape[1] % 64 == 0 and _int4pack_gemm() is not None
                 layer.row_tile = (ROW_TILE, GEMM_MIN_ROWS if native_gemm else DEQUANT_MIN_ROWS)
+
+    def prepare_compiled(self, layer) -> None:
+        """Before the model step is compiled: CPU layers of PyTorch's layout get their row-count
+        dispatch as a C++ operator (``_int4pack_cpp_op``)."""
+        if layer.use_cpu_kernel and layer.cpu_layout == "int4pack":
+            _int4pack_cpp_op()
 
     def apply(self, layer, x):
         if layer.use_triton_kernel:

@@ -8,11 +8,12 @@
  *
  * int4pack_gemm_bf16 serves the rows in between (5 to ~80: decode batches, verification steps):
  * PyTorch's kernel computes 4 rows at a time and dequantizes the weight again for every 4, so 5
- * rows cost what 8 do and 32 what 8 x 4 do. Here, up to 8 rows (decode batches, verification
+ * rows cost what 8 do and 32 what 8 x 4 do. Here, up to 24 rows (decode batches, verification
  * steps) multiply the nibbles directly, as exact bfloat16 numbers, with the scales applied per
- * group (the direct path below); more rows run over each tile of 64 output rows dequantized once
- * per call into a bfloat16 buffer (pairs of inputs side by side per output row, the operand
- * layout of vdpbf16ps), 6 rows at a time. Products are summed in float32 (AVX-512 BF16; without
+ * group in float32 (the direct path below: the same sums as PyTorch's kernel); more rows run over
+ * each tile of 64 output rows dequantized once per call into a bfloat16 buffer (pairs of inputs
+ * side by side per output row, the operand layout of vdpbf16ps; the weight rounded to bfloat16,
+ * as the unpack + GEMM path does), 6 rows at a time. Products are summed in float32 (AVX-512 BF16; without
  * it the caller keeps PyTorch's kernel).
  *
  * The layout (observed on x86-64 builds; the check above guards it): output rows in tiles of 64,
@@ -60,7 +61,7 @@ int int4pack_gemm_supported(void) { return 1; }
 
 #define MB 6 /* rows of x per pass over a dequantized tile: 6 x 4 accumulators in registers */
 #ifndef DIRECT_MAX_ROWS
-#define DIRECT_MAX_ROWS 9 /* fewer rows than this: the direct path (below) */
+#define DIRECT_MAX_ROWS 25 /* fewer rows than this: the direct path (below), exact as PyTorch's kernel */
 #endif
 
 /* Tile t (64 output rows) of the weight as bfloat16 pairs: buf[(p * 64 + r) * 2 + i] holds row r
