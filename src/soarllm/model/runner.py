@@ -30,7 +30,6 @@ from soarllm.model.context_parallel import gather_logit_rows, shard_step
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
-from soarllm.quant.base import QuantMethod
 from soarllm.model.layers.fused_moe import FusedMoE
 from soarllm.model.layers.rotary import rope_max_position
 from soarllm.model.loader import Checkpoint, load_checkpoint
@@ -40,6 +39,7 @@ from soarllm.model.parallel_state import TPGroup
 from soarllm.model.registry import resolve_model_class
 from soarllm.outputs import TokenLogprobs
 from soarllm.profiling import StepPhases
+from soarllm.quant.base import QuantMethod
 from soarllm.quant.config import get_quant_config
 from soarllm.sample.metadata import add_grammar_bitmask, build_sampling_metadata
 from soarllm.sample.sampler import Sampler, token_logprobs
