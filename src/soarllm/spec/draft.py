@@ -120,8 +120,8 @@ class DraftModelProposer(Proposer):
         # draft tokens computed to catch up per call, over all requests (a prompt, or what the
         # target made while drafting rested): a large batch's catch-up is spread over steps
         self.catch_up_tokens = 256
-        # the last call's time in draft passes, and what it would have been without catch-up
-        self._elapsed_passes, self._steady = 0.0, None
+        # the last call: seconds it spent catching up, and whether that left nothing to measure
+        self._catch_up_s, self._unmeasured = 0.0, False
         logger.info("draft model ready in %.1fs (%d layers, %d KV blocks)",
                     time.perf_counter() - t0, self.runner.model.num_layers, num_blocks)
 
@@ -130,7 +130,7 @@ class DraftModelProposer(Proposer):
 
     def propose_batch(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in reqs]
-        self._elapsed_passes, self._steady = 0.0, None
+        self._catch_up_s, self._unmeasured = 0.0, False
         active = [i for i, k in enumerate(ks) if k > 0 and self._make_room(reqs[i], ks[i])]
         if not active:
             return out
@@ -171,15 +171,12 @@ class DraftModelProposer(Proposer):
                 if toks and len(out[i]) == step:
                     out[i].append(toks[0])
         # The last guess of each request was sampled but not fed back: its KV is not computed.
-        # What drafting costs once level: k passes like the later ones (the first pass too,
-        # when it caught up no more than the usual 1-2 tokens per request).
-        if not catching_up:
-            self._steady = first + sum(passes)
-        elif passes:
-            self._steady = sum(passes) / len(passes) * (1 + len(passes))
-        else:  # only catching up (no guesses yet): nothing that recurs was measured
-            self._steady = 0.0
-        self._elapsed_passes = first + sum(passes)
+        # Once level, the first pass costs about what the later ones do: beyond that, it caught up.
+        if catching_up:
+            if passes:
+                self._catch_up_s = max(0.0, first - sum(passes) / len(passes))
+            else:  # one pass only: its catch-up and its guess cannot be told apart
+                self._unmeasured = True
         return out
 
     def tokens_behind(self, req: Request) -> int:
@@ -187,14 +184,12 @@ class DraftModelProposer(Proposer):
         return req.num_tokens - (seq.num_computed if seq is not None else 0)
 
     def recurring_seconds(self, elapsed: float) -> float | None:
-        """The call's time less its catch-up: the first pass priced like the later ones where
-        it computed a prompt or tokens made while drafting rested (None: the call only caught
-        up)."""
-        if self._steady is None:
-            return elapsed
-        if not self._steady:
+        """The call's time less its catch-up (a prompt, or tokens made while drafting rested):
+        the first pass priced like the later ones; None where a catching-up call had no later
+        pass to compare with."""
+        if self._unmeasured:
             return None
-        return max(0.0, elapsed - self._elapsed_passes) + self._steady
+        return max(0.0, elapsed - self._catch_up_s)
 
     def _make_room(self, req: Request, k: int) -> bool:
         """Blocks for the request's tokens plus k guesses; False when the draft's pool is full."""
