@@ -103,9 +103,9 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 # up to 24 rows it multiplies the nibbles directly (exact, as PyTorch's kernel), beyond that each
 # 64-row tile of the weight is dequantized to bfloat16 once per call and every row runs over it,
 # where PyTorch's kernel dequantizes the weight again for every 4 rows.
-# benchmarks/cpu_int4_prefill.py (the default model's 30 layers of
-# projections, weights streamed from memory, 2-core AVX-512 BF16; results in
-# benchmarks/results/cpu_int4_gemm, one run on a noisy machine): PyTorch's kernel 13.4 / 11.3 /
+# benchmarks/cpu_int4_prefill.py (the default model's 30 layers of projections, weights streamed
+# from memory, 2-core AVX-512 BF16; results in benchmarks/results/cpu_int4_gemm, one run on a
+# noisy machine): PyTorch's kernel 13.4 / 11.3 /
 # 17.7 / 23.3 / 48.8 / 91.6 ms at 5 / 8 / 9 / 16 / 32 / 64 rows, native 10.5 / 9.4 / 13.1 / 17.2 /
 # 23.9 / 39.1; at 512 rows 723 / 267, unpacking to bfloat16 + one GEMM 348. Below 5 rows
 # PyTorch's kernel is as fast or faster (1 row: 4.8 vs 5.7 ms).
@@ -166,6 +166,21 @@ def _unpack(fn, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: 
     return out
 
 
+def _random_w4(g: torch.Generator, rows: int, cols: int, group: int):
+    """Random nibbles, scales and zeros of a [rows, cols] weight: what the native kernels'
+    once-per-process self-checks multiply."""
+    q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+    scales = torch.rand(rows, cols // group, generator=g) * 0.1 + 0.01
+    zeros = torch.randn(rows, cols // group, generator=g) * 0.1
+    return q, scales, zeros
+
+
+def _fits_native_gemm(scale_and_zero: torch.Tensor) -> bool:
+    """Whether a layer of PyTorch's CPU int4 layout suits the native GEMM: bfloat16 scales and
+    zeros, output rows in whole 64-row tiles (the packing pads them to 16 only)."""
+    return scale_and_zero.dtype == torch.bfloat16 and scale_and_zero.shape[1] % 64 == 0
+
+
 @functools.cache
 def _int4pack_gemm():
     """The native GEMM over PyTorch's CPU int4 layout (kernels/csrc/int4pack.c), or None: not
@@ -184,9 +199,7 @@ def _int4pack_gemm():
     fn.restype = None
     g = torch.Generator().manual_seed(0)
     for rows, cols, group, m in ((64, 64, 32, 5), (128, 192, 64, 13), (192, 256, 128, 7)):
-        q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
-        scales = torch.rand(rows, cols // group, generator=g) * 0.1 + 0.01
-        zeros = torch.randn(rows, cols // group, generator=g) * 0.1
+        q, scales, zeros = _random_w4(g, rows, cols, group)
         packed, scale_and_zero = int4pack_cpu(q, scales, zeros)
         x = torch.randn(m, cols, generator=g).to(torch.bfloat16)
         want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_and_zero).float()
@@ -243,8 +256,7 @@ def _w4a16_rows(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Ten
     from GEMM_MIN_ROWS on (else unpack + bfloat16 GEMM from DEQUANT_MIN_ROWS). An op of its own
     (``soarllm::w4a16_linear_cpu``) so that the compiled graph with a symbolic row count takes the
     branch at run time instead of guarding (and recompiling) on the count."""
-    if (x.shape[0] >= GEMM_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
-            and scale_and_zero.shape[1] % 64 == 0):
+    if x.shape[0] >= GEMM_MIN_ROWS and _fits_native_gemm(scale_and_zero):
         fn = _int4pack_gemm()
         if fn is not None:
             return _gemm(fn, x, packed, scale_and_zero, group_size)
@@ -302,9 +314,7 @@ def _soar4_kernel():
     lib.int4_dequant_bf16.restype = None
     g = torch.Generator().manual_seed(0)
     for rows, cols, group, m in ((7, 128, 32, 1), (9, 192, 64, 3), (13, 256, 128, 6)):
-        q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
-        scales = torch.rand(rows, cols // group, generator=g) * 0.1 + 0.01
-        zeros = torch.randn(rows, cols // group, generator=g) * 0.1
+        q, scales, zeros = _random_w4(g, rows, cols, group)
         packed, scale_min = pack_soar4(q, scales, zeros)
         x = torch.randn(m, cols, generator=g).to(torch.bfloat16)
         sm = scale_min.float()
@@ -475,7 +485,7 @@ class W4A16Method(QuantMethod):
             layer.use_cpu_kernel = True
             layer.cpu_layout = layout
             if layout == "int4pack":  # (rows per block, up to this many rows): see ROW_TILE
-                native_gemm = scales.shape[1] % 64 == 0 and _int4pack_gemm() is not None
+                native_gemm = _fits_native_gemm(scales) and _int4pack_gemm() is not None
                 layer.row_tile = (ROW_TILE, GEMM_MIN_ROWS if native_gemm else DEQUANT_MIN_ROWS)
 
     def prepare_compiled(self, layer) -> None:

@@ -95,9 +95,8 @@ class Speculator:
         # (method, batch bucket) -> running mean seconds of a draft run for that many requests
         self._draft_seconds: dict[tuple[str, int], float] = {}
         self._draft_calls = 0
-        # (method, batch bucket) -> draft call at which a resting draft explores next, and the gap
-        self._explore_due: dict[tuple[str, int], int] = {}
-        self._explore_gap: dict[tuple[str, int], int] = {}
+        # (method, batch bucket) -> (draft call at which a resting draft explores next, the gap)
+        self._explore: dict[tuple[str, int], tuple[int, int]] = {}
         self._layouts: dict[str, object] = {}  # request id -> SpecLayout of this step's lookahead
         self._lookahead_gain = 0.5  # running mean of tokens a lookahead step adds
         # The realized check for costly methods (a draft model's run, a lookahead row): emitted
@@ -227,17 +226,18 @@ class Speculator:
         self._draft_calls += 1
         key = (method, self._bucket(base))
         if self._delivers(method, base) and self._pays(method, items, base, draft_s, t0):
-            self._explore_gap[key] = self.explore_every  # it pays here: back to the base rate
+            if key in self._explore:  # it pays here: a later rest explores at the base gap
+                self._explore[key] = (self._explore[key][0], self.explore_every)
             return True
         # Resting. Now and then it drafts anyway, so that the estimates follow the machine; an
         # exploration makes the draft catch up on every token made meanwhile (as costly as a
         # prefill of them), so while explorations keep confirming the loss they grow rarer.
-        due = self._explore_due.setdefault(key, self._draft_calls + self.explore_every)
+        due, gap = self._explore.setdefault(key, (self._draft_calls + self.explore_every,
+                                                  self.explore_every))
         if self._draft_calls < due:
             return False
-        gap = self._explore_gap.get(key, self.explore_every)
-        self._explore_gap[key] = min(2 * gap, _MAX_EXPLORE_GAPS * self.explore_every)
-        self._explore_due[key] = self._draft_calls + self._explore_gap[key]
+        gap = min(2 * gap, _MAX_EXPLORE_GAPS * self.explore_every)
+        self._explore[key] = (self._draft_calls + gap, gap)
         return True
 
     def _pays(self, method: str, items: list[tuple[Request, int]], base: int, draft_s: float,

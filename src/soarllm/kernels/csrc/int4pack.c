@@ -64,6 +64,15 @@ int int4pack_gemm_supported(void) { return 1; }
 #define DIRECT_MAX_ROWS 25 /* fewer rows than this: the direct path (below), exact as PyTorch's kernel */
 #endif
 
+/* 16 (scale, zero) bfloat16 pairs -> float32 scale s and c = zero - bias * scale (the weight is
+ * (q - 8) * s + zero: the dequantized tile uses bias 8, the direct path, on 128 + q, 136) */
+static inline void sz16(const uint16_t *pairs, float bias, __m512 *s, __m512 *c) {
+    __m512i pr = _mm512_loadu_si512((const void *)pairs);
+    *s = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
+    __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xFFFF0000u)));
+    *c = _mm512_fnmadd_ps(_mm512_set1_ps(bias), *s, z);
+}
+
 /* Tile t (64 output rows) of the weight as bfloat16 pairs: buf[(p * 64 + r) * 2 + i] holds row r
  * at input 2p + i, w = (q - 8) * scale + zero rounded to bfloat16. */
 static void dequant_tile(const uint8_t *tile, const uint16_t *scale_zero, int64_t n, int64_t t,
@@ -77,14 +86,7 @@ static void dequant_tile(const uint8_t *tile, const uint16_t *scale_zero, int64_
         const int64_t k0 = 2 * p;
         if (k0 % group == 0) { /* this group's scales and zeros of the tile's 64 rows */
             const uint16_t *sz = scale_zero + ((k0 / group) * n + t * 64) * 2;
-            for (int c = 0; c < 4; c++) {
-                /* 16 (scale, zero) bfloat16 pairs -> float32 scale and zero - 8 * scale */
-                __m512i pr = _mm512_loadu_si512((const void *)(sz + 32 * c));
-                __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
-                __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xFFFF0000u)));
-                sc[c] = s;
-                zb[c] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
-            }
+            for (int c = 0; c < 4; c++) sz16(sz + 32 * c, 8.0f, &sc[c], &zb[c]);
         }
         const uint8_t *b0 = tile + k0 * 32, *b1 = b0 + 32;
         for (int c = 0; c < 4; c++) { /* rows 16c..16c+15: low nibbles of bytes 0-31, then high */
@@ -133,21 +135,13 @@ static inline __attribute__((always_inline)) void tile_rows(const uint16_t *x, i
  * and the scales are laid out in that order once per tile. */
 #define DJ 2 /* rows of x per pass on the direct path: 2 x 4 running sums + 2 x 4 group sums */
 
-/* 16 (scale, zero) bfloat16 pairs -> float32 scale s and c = zero - 136 * scale */
-static inline void sz16(const uint16_t *pairs, __m512 *s, __m512 *c) {
-    __m512i pr = _mm512_loadu_si512((const void *)pairs);
-    *s = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
-    __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xFFFF0000u)));
-    *c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), *s, z);
-}
-
 /* scales of tile t in the lane order above: sc[(g * 4 + c) * 16 + i], likewise cc */
 static void tile_scales(const uint16_t *scale_zero, int64_t n, int64_t t, int64_t groups,
                         float *sc, float *cc) {
     for (int64_t g = 0; g < groups; g++) {
         const uint16_t *sz = scale_zero + (g * n + t * 64) * 2;
         __m512 s[4], c[4];
-        for (int q = 0; q < 4; q++) sz16(sz + 32 * q, &s[q], &c[q]); /* rows 16q .. 16q+15 */
+        for (int q = 0; q < 4; q++) sz16(sz + 32 * q, 136.0f, &s[q], &c[q]); /* rows 16q.. */
         /* R0 = lanes 0-7 of rows 0-15 and of rows 16-31, R1 their lanes 8-15, R2/R3 likewise */
         const int sel[4][2] = {{0, 1}, {0, 1}, {2, 3}, {2, 3}};
         for (int q = 0; q < 4; q++) {
@@ -162,7 +156,7 @@ static void tile_scales(const uint16_t *scale_zero, int64_t n, int64_t t, int64_
 
 static inline __attribute__((always_inline)) void direct_rows(
     const uint16_t *x, int64_t ldx, const uint8_t *tile, const float *sc, const float *cc,
-    const float *xsum, int64_t groups, int64_t k, int64_t group, uint16_t *out, int64_t ldo,
+    const float *xsum, int64_t groups, int64_t group, uint16_t *out, int64_t ldo,
     const int MJ) {
     const __m512i nib = _mm512_set1_epi16(0xF), base = _mm512_set1_epi16(0x4300);
     __m512 acc[DJ][4];
@@ -197,7 +191,6 @@ static inline __attribute__((always_inline)) void direct_rows(
                                             _mm512_fmadd_ps(part[j][c], s, acc[j][c]));
         }
     }
-    (void)k;
     for (int j = 0; j < MJ; j++) { /* lanes back to row order: rows 0-15, 16-31, 32-47, 48-63 */
         __m512 r[4] = {_mm512_shuffle_f32x4(acc[j][0], acc[j][1], 0x44),
                        _mm512_shuffle_f32x4(acc[j][0], acc[j][1], 0xEE),
@@ -236,9 +229,9 @@ void int4pack_gemm_bf16(const uint16_t *x, int64_t ldx, const uint8_t *packed,
                     const float *xs = xsum + j0 * groups;
                     uint16_t *o = out + j0 * ldo + t * 64;
                     if (m - j0 >= 2)
-                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, k, group, o, ldo, 2);
+                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, group, o, ldo, 2);
                     else
-                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, k, group, o, ldo, 1);
+                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, group, o, ldo, 1);
                 }
             }
             free(sc);
