@@ -1,6 +1,7 @@
 """The compiled model step (torch.compile, inductor) against the eager one on the same weights:
 identical greedy tokens in float32 across batch sizes, chunked prefill, preemption and prefix hits;
-no recompilation after warm-up; and eager fallbacks that never break the engine."""
+no recompilation after warm-up; compiled steps saved and loaded by a later start; and eager
+fallbacks that never break the engine."""
 
 from __future__ import annotations
 
@@ -47,16 +48,33 @@ def eager(tiny_llama_dir):
                block_size=4, enforce_eager=True)
 
 
-@pytest.fixture(scope="module")
-def compiled(tiny_llama_dir):
-    # chunked prefill with a small budget, a KV cache too small for the whole batch (preemption),
-    # prefix caching on: the compiled step sees every kind of flat batch
-    before = counters["stats"]["unique_graphs"]
-    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, enforce_eager=False,
-              max_num_batched_tokens=24, num_gpu_blocks_override=48, max_model_len=128)
+@pytest.fixture(scope="module", autouse=True)
+def aot_dir(tmp_path_factory):
+    # compiled steps go to a directory of this module's own: the first engine compiles
+    path = tmp_path_factory.mktemp("aot")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compilation, "aot_cache_dir", lambda: path)
+        yield path
+
+
+# chunked prefill with a small budget, a KV cache too small for the whole batch (preemption),
+# prefix caching on: the compiled step sees every kind of flat batch
+COMPILED = dict(dtype="float32", block_size=4, enforce_eager=False, max_num_batched_tokens=24,
+                num_gpu_blocks_override=48, max_model_len=128)
+
+
+def _backbone(llm) -> compilation.CompiledBackbone:
     runner = llm.llm_engine.executor.runner
-    assert runner.backbone is not runner.model.model, "the warm-up fell back to eager"
-    assert counters["stats"]["unique_graphs"] - before == len(compilation.WARMUP_SIZES)
+    assert isinstance(runner.backbone, compilation.CompiledBackbone), "fell back to eager"
+    return runner.backbone
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_llama_dir, aot_dir):
+    llm = LLM(str(tiny_llama_dir), **COMPILED)
+    backbone = _backbone(llm)
+    assert (backbone.compiled, backbone.loaded) == (len(compilation.WARMUP_SIZES), 0)
+    assert len(list(aot_dir.glob("*.bin"))) == len(compilation.WARMUP_SIZES)
     return llm
 
 
@@ -87,6 +105,35 @@ def test_no_recompilation_after_warm_up(compiled):
     compiled.generate(prompts, _params(len(prompts)))
     compiled.generate(prompts[:2], _params(2))
     assert counters["stats"]["unique_graphs"] == before["unique_graphs"]
+
+
+def test_a_second_start_loads_the_compiled_steps(tiny_llama_dir, eager, compiled, tmp_path):
+    # A later engine of the same shapes (this model, or another one with other weights) loads the
+    # saved graphs instead of compiling, and each runs its own weights: they are graph inputs.
+    other_dir = make_tiny_model(tmp_path / "other", "llama", seed=1)
+    other_eager = LLM(str(other_dir), dtype="float32", kv_cache_memory=KV, block_size=4,
+                      enforce_eager=True)
+    prompts = _prompts(eager.llm_engine.vocab_size, 5, 3, 40, seed=6)
+    params = _params(len(prompts))
+    before = counters["stats"]["unique_graphs"]
+    for model_dir, oracle in ((tiny_llama_dir, eager), (other_dir, other_eager)):
+        llm = LLM(str(model_dir), **COMPILED)
+        backbone = _backbone(llm)
+        assert (backbone.compiled, backbone.loaded) == (0, len(compilation.WARMUP_SIZES))
+        assert _ids(llm.generate(prompts, params)) == _ids(oracle.generate(prompts, params))
+    assert counters["stats"]["unique_graphs"] == before  # dynamo traced nothing
+
+
+def test_an_unreadable_saved_step_is_compiled_again(tiny_llama_dir, eager, compiled, aot_dir,
+                                                    caplog):
+    for path in aot_dir.glob("*.bin"):
+        path.write_bytes(b"not a compiled graph")
+    with caplog.at_level(logging.INFO, logger="soarllm.model.compilation"):
+        llm = LLM(str(tiny_llama_dir), **COMPILED)
+    assert "unusable" in caplog.text
+    assert _backbone(llm).compiled == len(compilation.WARMUP_SIZES)
+    prompts = _prompts(eager.llm_engine.vocab_size, 3, 3, 30, seed=7)
+    assert _ids(llm.generate(prompts, _params(3))) == _ids(eager.generate(prompts, _params(3)))
 
 
 def test_two_compiled_models_of_one_architecture_keep_their_own_graphs(
@@ -129,10 +176,10 @@ def test_a_quantized_and_a_float_model_of_one_architecture_both_run_compiled(tin
             assert same >= 2, f"{quant}: {same} of 3 requests as eager (bfloat16)"
 
 
-def test_an_input_the_warm_up_did_not_cover_compiles_instead_of_failing(eager, compiled):
-    # after warm-up only the guards that tell cached graphs apart are checked; an input none of
-    # them fits (here: ids made outside inference mode, which the runner never passes) must get
-    # a graph of its own, with the same result as eagerly
+def test_an_input_the_warm_up_did_not_cover_runs_as_eagerly(eager, compiled):
+    # after warm-up no guard is checked: an input the warm-up did not make (here: ids made outside
+    # inference mode, which the runner never passes) runs the graph for its token count, with
+    # the same result as eagerly
     from soarllm.model.forward_context import set_forward_context
     from soarllm.model.runner import _warmup_metadata
 
@@ -162,11 +209,12 @@ def test_a_failing_compile_leaves_the_engine_eager_and_working(eager, monkeypatc
     prompts = _prompts(eager.llm_engine.vocab_size, 3, 5, 30, seed=3)
     want = _ids(eager.generate(prompts, _params(3)))
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("inductor exploded")
+    class Broken:
+        def warm_up(self, *args):
+            raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(runner.args, "enforce_eager", False)
-    monkeypatch.setattr("soarllm.model.runner.compile_backbone", lambda *a: broken)
+    monkeypatch.setattr("soarllm.model.runner.compile_backbone", lambda *a, **k: Broken())
     with caplog.at_level(logging.WARNING, logger="soarllm.model.runner"):
         runner.compile_and_warm_up()
     assert "running the model eagerly" in caplog.text

@@ -7,8 +7,10 @@ never triggers a recompilation after warm-up. Attention stays outside the fused 
 ``soarllm::attention`` custom op (see model/layers/attention.py), reading the step's metadata from
 the forward context: the compiled graph sees only tensors.
 
-Inductor's on-disk caches (FX graph and AOTAutograd caches) live under ``$SOARLLM_HOME/compile``,
-so a second start of the same model loads the compiled code instead of compiling it again.
+Both graphs are compiled ahead of time and saved under ``$SOARLLM_HOME/compile/aot``
+(:class:`CompiledBackbone`): a second start of the same model loads them instead of tracing and
+compiling again (the first start of the default model compiles for minutes on a 2-core CPU, later
+starts load in about a second). Inductor's own caches live under ``$SOARLLM_HOME/compile`` too.
 ``enforce_eager`` turns compilation off; on CPU without a C++ compiler the engine runs eagerly
 after one warning line.
 
@@ -20,13 +22,17 @@ address; a start then takes seconds instead of a compile of minutes (SGLang's de
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import logging
-import types
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from soarllm.kernels.cpu_native import find_program
+from soarllm.paths import home
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +58,15 @@ def configure_inductor() -> None:
     # decode of the default model went from ~78 to ~95 tok/s and batch 32 from ~358 to ~392;
     # the first compile takes longer (the wrapper is C++ to build), later starts load it cached.
     inductor_config.cpp_wrapper = True
-    # Compiled graphs are cached per code object (one per model here: see _own_forward); past the
-    # limit dynamo silently runs new graphs eagerly, so keep it generous.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # graphs are compiled ahead of time (CompiledBackbone), so that they can be saved
+    torch._dynamo.config.enable_aot_compile = True
 
 
-def compile_backbone(backbone: torch.nn.Module, device: str,
-                     enforce_eager: bool) -> CompiledBackbone | None:
+def compile_backbone(backbone: torch.nn.Module, device: str, enforce_eager: bool,
+                     cache_tag: str = "") -> CompiledBackbone | None:
     """A compiled callable for ``backbone(input_ids, positions, kv_caches)``, or None to run
-    eagerly (asked for, or not possible here)."""
+    eagerly (asked for, or not possible here). ``cache_tag`` tells apart processes whose graphs
+    may differ beyond the backbone's shapes (the tensor-parallel rank)."""
     if enforce_eager or device.startswith("cuda"):
         return None
     if device == "cpu" and cxx_compiler() is None:
@@ -68,56 +74,136 @@ def compile_backbone(backbone: torch.nn.Module, device: str,
                        "one (e.g. apt install g++) for the compiled CPU path")
         return None
     configure_inductor()
-    return CompiledBackbone(torch.compile(_own_forward(backbone), fullgraph=True, dynamic=False))
+    return CompiledBackbone(backbone, cache_tag)
 
 
-def _own_forward(backbone: torch.nn.Module) -> Callable:
-    """``backbone(input_ids, positions, kv_caches)`` as a function with a code object of its own.
+def aot_cache_dir() -> Path:
+    """Where compiled model steps are kept between starts."""
+    return home() / "compile" / "aot"
 
-    Dynamo keeps compiled graphs per code object: compiling the module itself would put every
-    model of one class (a target and its draft) in the cache of one ``forward``, and after warm-up
-    (guards checked only where they tell graphs apart) a model whose parameters differ in name
-    from another's (a quantized draft's ``qweight`` beside the target's ``weight``) makes the
-    guard check itself fail (KeyError). One cache per model keeps each model's graphs apart."""
 
-    def forward(input_ids, positions, kv_caches):
-        return backbone(input_ids, positions, kv_caches)
+def _step(backbone, input_ids, positions, kv_caches):
+    """What each graph computes; the backbone is an argument, so its parameters are inputs of the
+    graph (never baked in) and one compiled graph serves any model of the same shapes."""
+    return backbone(input_ids, positions, kv_caches)
 
-    return types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward",
-                              None, forward.__closure__)
+
+@functools.cache
+def _source_digest() -> str:
+    """A digest of soarllm's own code (Python and C++ sources): a compiled graph is what dynamo
+    traced through this code, so a changed file must not load a graph traced through the old."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".c", ".cpp", ".h"):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def graph_key(backbone: torch.nn.Module, kv_caches: list[torch.Tensor], tag: str) -> str:
+    """The name a compiled step is cached under: everything a graph is specialized on that its
+    guards cannot check after loading (code, library versions, which native ops are loaded, the
+    compiler settings), plus the shapes its guards do check, so that each configuration of a model
+    (another KV cache size, another quantization) keeps a file of its own."""
+    import torch._inductor.config as inductor_config
+
+    from soarllm import __version__
+
+    parts = [torch.__version__, __version__, _source_digest(), tag,
+             # dynamo guards the thread count, and inductor splits loops for it
+             f"threads={torch.get_num_threads()}",
+             f"cpp_wrapper={inductor_config.cpp_wrapper}",
+             # ops registered in soarllm's namespace: a graph built while a native kernel was
+             # loaded calls it; without it, the Python implementation
+             ",".join(sorted(n for n in torch._C._dispatch_get_all_op_names()
+                             if n.startswith("soarllm::"))),
+             ",".join(sorted(k for k in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+                             if k.startswith("soarllm::"))),
+             type(backbone).__qualname__, str(getattr(backbone, "config", "")), repr(backbone)]
+    for name, t in itertools.chain(backbone.named_parameters(), backbone.named_buffers()):
+        parts.append(f"{name}:{tuple(t.shape)}:{t.stride()}:{t.dtype}")
+    parts.extend(f"kv:{tuple(c.shape)}:{c.dtype}" for c in kv_caches)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 class CompiledBackbone:
-    """``backbone(input_ids, positions, kv_caches)`` through its compiled graphs: the static one
-    for a single token, the one with a symbolic token count for the rest.
+    """``backbone(input_ids, positions, kv_caches)`` through two compiled graphs: a static one for
+    a single token (batch-1 decode, the latency case) and one with a symbolic token count for every
+    other step.
 
-    Before each call dynamo checks every guard of its cached graphs (tensor shapes, strides and
-    dtypes of every parameter and KV cache: ~1.2 ms per step for a 30-layer model on a 2-core CPU,
-    a tenth of a batch-1 decode). Once the runner has warmed both graphs up (``warmed_up``),
-    calls evaluate only the guards that tell cached graphs apart (PyTorch's
-    ``skip_guard_eval_unsafe`` stance): the token count, and the module where several models share
-    the process. That is safe here because the runner never feeds the backbone anything the
-    warm-up did not cover: same dtypes, same parameter and cache tensors, 1 or N tokens.
+    Each graph is compiled ahead of time (``torch.compile(...).aot_compile``, fullgraph) and saved
+    under :func:`aot_cache_dir`; a later start with the same code, libraries and model shapes loads
+    it instead of tracing the model again (tracing alone takes ~15 s for the default model on a
+    2-core CPU, loading under a second). A loaded graph is used only if its guards accept the
+    warm-up's inputs (shapes, dtypes and strides of every parameter and KV cache); anything else
+    compiles afresh and replaces the file.
+
+    After warm-up calls skip dynamo's guard evaluation (~1.2 ms per step for a 30-layer model, a
+    tenth of a batch-1 decode): the runner never feeds the backbone anything the warm-up did not
+    cover (same dtypes, same parameter and cache tensors, 1 or N tokens), and the token count picks
+    the graph.
     """
 
-    def __init__(self, compiled: Callable):
-        self._compiled = compiled
+    def __init__(self, backbone: torch.nn.Module, cache_tag: str = ""):
+        self.backbone = backbone
+        self.cache_tag = cache_tag
+        self._graphs: dict[bool, Callable] = {}  # several tokens? -> compiled graph
+        self.loaded = 0  # graphs taken from the cache at warm-up
+        self.compiled = 0  # graphs compiled at warm-up
         self.warmed_up = False
+
+    def warm_up(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """Load or compile the graph for this many tokens (the caller sets the forward context),
+        then run it once."""
+        many = input_ids.shape[0] > 1
+        args = (self.backbone, input_ids, positions, kv_caches)
+        path = aot_cache_dir() / f"{graph_key(self.backbone, kv_caches, self.cache_tag)}-{'n' if many else '1'}.bin"
+        # loaded graphs are checked with unmarked inputs: a saved graph's guards do not keep
+        # mark_dynamic's marking (and need not: its token count is symbolic, >= 2)
+        fn = self._load(path, args)
+        if fn is None:
+            if many:
+                torch._dynamo.mark_dynamic(input_ids, 0)
+                torch._dynamo.mark_dynamic(positions, 0)
+            fn = torch.compile(_step, fullgraph=True, dynamic=False).aot_compile((args, {}))
+            self.compiled += 1
+            self._save(fn, path)
+        else:
+            self.loaded += 1
+        self._graphs[many] = fn
+        return fn(*args)
+
+    def finish_warm_up(self) -> None:
+        for fn in self._graphs.values():
+            fn.disable_guard_check()
+        self.warmed_up = True
+
+    @staticmethod
+    def _load(path: Path, args: tuple) -> Callable | None:
+        if not path.exists():
+            return None
+        try:
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+            if fn.guard_check(*args):
+                return fn
+            logger.info("compiled step %s does not fit this model: compiling again", path.name)
+        except Exception as e:  # another torch, a truncated file: compile again
+            logger.info("compiled step %s unusable (%s: %s): compiling again", path.name,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+    @staticmethod
+    def _save(fn, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(path))
+        except Exception as e:  # the step still runs compiled; only the next start pays again
+            logger.warning("could not save the compiled step (%s: %s): the next start compiles "
+                           "again", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        if input_ids.shape[0] > 1:
-            torch._dynamo.mark_dynamic(input_ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
-        if not self.warmed_up:
-            return self._compiled(input_ids, positions, kv_caches)
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self._compiled(input_ids, positions, kv_caches)
-        except RuntimeError as err:
-            # an input no cached graph was built for (e.g. a tensor made outside inference mode
-            # by a caller other than the runner): dynamo refuses before running anything, so
-            # check every guard instead (it compiles a graph for it, once)
-            if "skip_guard_eval_unsafe" not in str(err):
-                raise
-            return self._compiled(input_ids, positions, kv_caches)
+        return self._graphs[input_ids.shape[0] > 1](self.backbone, input_ids, positions, kv_caches)

@@ -229,7 +229,8 @@ class ModelRunner:
         compilation; any compile failure leaves the runner eager (with a warning), never broken."""
         if self.cp.world_size > 1:  # context parallel runs eagerly (not yet tried compiled)
             return
-        compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager)
+        compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager,
+                                    cache_tag=f"tp{self.tp.rank}/{self.tp.world_size}")
         if compiled is None:
             return
         prepare = getattr(self.backend, "prepare_compiled", None)
@@ -247,8 +248,8 @@ class ModelRunner:
                              leave=False, disable=None):
                 meta = _warmup_metadata(size, self.device)
                 with set_forward_context(meta, self.backend):
-                    compiled(torch.zeros(size, dtype=torch.long, device=self.device),
-                             meta.positions, self.kv_caches)
+                    compiled.warm_up(torch.zeros(size, dtype=torch.long, device=self.device),
+                                     meta.positions, self.kv_caches)
         except Exception as e:  # an inductor/compiler failure must not take the engine down
             logger.warning("torch.compile failed (%s: %s); running the model eagerly",
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -256,9 +257,13 @@ class ModelRunner:
         finally:
             for cache in self.kv_caches:  # the warm-up wrote block 0: leave it as allocated
                 cache[:, 0].zero_()
-        compiled.warmed_up = True
+        compiled.finish_warm_up()
         self.backbone = compiled
-        logger.info("model step compiled in %.1fs", time.perf_counter() - t0)
+        if compiled.compiled:
+            logger.info("model step compiled in %.1fs (saved for the next start)",
+                        time.perf_counter() - t0)
+        else:
+            logger.info("model step loaded compiled in %.1fs", time.perf_counter() - t0)
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps as CUDA graphs (model/cuda_graph.py) where the device and the
