@@ -99,10 +99,10 @@ def test_w4a16_cpu_kernel_matches_dequantized_matmul(shape, group, dtype, layout
 
 
 def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
-    """From GEMM_MIN_ROWS rows on, a layer of whole 64-row tiles runs the native GEMM over
-    PyTorch's int4 layout (kernels/csrc/int4pack.c: up to 24 rows its direct path, more over a
-    dequantized tile), equal to the dequantized matmul; fewer rows, and layers whose rows are not
-    whole tiles, keep PyTorch's kernel."""
+    """A layer of whole 64-row tiles runs the native GEMM over PyTorch's int4 layout at every row
+    count (kernels/csrc/int4pack.c: up to 24 rows its direct path, more over a dequantized tile),
+    equal to the dequantized matmul; layers whose rows are not whole tiles keep PyTorch's
+    kernel."""
     from soarllm.quant import w4a16
 
     if w4a16._int4pack_gemm() is None:
@@ -114,7 +114,7 @@ def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
     for out_f, in_f, group in ((128, 192, 64), (320, 128, 32), (64, 256, 128), (80, 128, 32)):
         layer, (q, s, z) = _w4_layer(out_f, in_f, group, BF16, torch.randn(out_f, in_f) * 0.05)
         w = _oracle_w4(q, _rounded(s, BF16), _rounded(z, BF16), group)
-        for m in (GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 6, 7, 12, 13, 40, DEQUANT_MIN_ROWS + 1):
+        for m in (1, 2, 3, 4, 5, 7, 12, 13, 24, 25, 40, DEQUANT_MIN_ROWS + 1):
             calls.clear()
             x = torch.randn(m, in_f).to(BF16)
             with torch.inference_mode():
@@ -122,6 +122,23 @@ def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
             _close(got, _rounded(x, BF16) @ w.t())
             whole_tiles = out_f % 64 == 0
             assert calls == ([m] if m >= GEMM_MIN_ROWS and whole_tiles else []), (out_f, m)
+
+
+def test_the_native_direct_path_gives_a_row_the_same_result_in_any_batch():
+    """Up to 24 rows every row takes the same arithmetic (kernels/csrc/int4pack.c's direct path):
+    a row's output does not depend on how many rows share the call, bit for bit, so a
+    verification step computes what single-token decodes would."""
+    from soarllm.quant import w4a16
+
+    if w4a16._int4pack_gemm() is None:
+        pytest.skip("no AVX-512 BF16 here: the native GEMM is not built")
+    torch.manual_seed(6)
+    q, s, z = quantize_w4(torch.randn(192, 320) * 0.05, 32)
+    packed, sz = w4a16.int4pack_cpu(q, s, z)
+    x = torch.randn(24, 320).to(BF16)
+    alone = torch.cat([w4a16._w4a16_rows(x[i : i + 1], packed, sz, 32) for i in range(24)])
+    for m in (2, 3, 4, 5, 9, 24):
+        assert torch.equal(w4a16._w4a16_rows(x[:m], packed, sz, 32), alone[:m]), m
 
 
 def test_the_cpp_row_dispatch_equals_the_python_one():
@@ -322,9 +339,13 @@ def test_engine_on_the_native_int4_layout_matches_pytorchs_int4_kernel(tmp_path,
                   if getattr(m, "cpu_layout", None)]
         assert layers and {m.cpu_layout for m in layers} == {
             "soar4" if layout == "native" and native else "int4pack"}
-        # the speculator prices steps by PyTorch's kernel's row blocks; the native one has none
-        tiled = layout == "torch" or not native
-        assert llm.llm_engine.speculator.cost.tile == (ROW_TILE if tiled else 1)
+        # the speculator prices steps by the row blocks of PyTorch's kernel where that serves a
+        # layer; soarllm's kernels (either layout) have none
+        from soarllm.quant import w4a16
+
+        torch_kernel = [m for m in layers if m.cpu_layout == "int4pack" and not (
+            w4a16._int4pack_gemm() is not None and w4a16._fits_native_gemm(m.scale_and_zero))]
+        assert llm.llm_engine.speculator.cost.tile == (ROW_TILE if torch_kernel else 1)
         outs[layout] = llm.generate(prompts, params)
     same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids
                for a, b in zip(outs["torch"], outs["native"]))

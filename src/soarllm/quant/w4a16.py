@@ -99,17 +99,16 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return packed, scale_and_zero
 
 
-# From this many rows on, the native GEMM over PyTorch's int4 layout (kernels/csrc/int4pack.c):
-# up to 24 rows it multiplies the nibbles directly (exact, as PyTorch's kernel), beyond that each
+# From this many rows on (every count, where a layer fits it), the native GEMM over PyTorch's int4
+# layout (kernels/csrc/int4pack.c): up to 24 rows it multiplies the nibbles directly (the same
+# arithmetic at every row count, so a row's result does not depend on its batch), beyond that each
 # 64-row tile of the weight is dequantized to bfloat16 once per call and every row runs over it,
 # where PyTorch's kernel dequantizes the weight again for every 4 rows.
 # benchmarks/cpu_int4_prefill.py (the default model's 30 layers of projections, weights streamed
-# from memory, 2-core AVX-512 BF16; results in benchmarks/results/cpu_int4_gemm, one run on a
-# noisy machine): PyTorch's kernel 13.4 / 11.3 /
-# 17.7 / 23.3 / 48.8 / 91.6 ms at 5 / 8 / 9 / 16 / 32 / 64 rows, native 10.5 / 9.4 / 13.1 / 17.2 /
-# 23.9 / 39.1; at 512 rows 723 / 267, unpacking to bfloat16 + one GEMM 348. Below 5 rows
-# PyTorch's kernel is as fast or faster (1 row: 4.8 vs 5.7 ms).
-GEMM_MIN_ROWS = 5
+# from memory, 2-core AVX-512 BF16; results in benchmarks/results/cpu_int4_gemm), ms per pass,
+# PyTorch's kernel / native: see the results file; at 512 rows 723 / 267 (unpacking to bfloat16 +
+# one GEMM 348).
+GEMM_MIN_ROWS = 1
 
 # Without the native GEMM (no AVX-512 BF16, or a weight whose rows are not a multiple of 64), from
 # this many rows on the weight is unpacked to bfloat16 natively and multiplied in one GEMM:
@@ -118,8 +117,8 @@ DEQUANT_MIN_ROWS = 80
 
 # PyTorch's CPU int4 kernel computes rows in blocks of 4, re-reading the weight for each block: 2 to
 # 4 rows cost about what 4 do (measured on the default model, 2-core AVX-512: a step of 1 token
-# 9.4 ms, 2 / 3 / 4 tokens 11.5 / 12.9 / 14.6). It serves fewer than GEMM_MIN_ROWS rows; the
-# speculator prices step sizes by this staircase.
+# 9.4 ms, 2 / 3 / 4 tokens 11.5 / 12.9 / 14.6). Where a layer has no native GEMM it serves fewer
+# than DEQUANT_MIN_ROWS rows, and the speculator prices step sizes by this staircase.
 ROW_TILE = 4
 
 
@@ -198,7 +197,9 @@ def _int4pack_gemm():
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64]
     fn.restype = None
     g = torch.Generator().manual_seed(0)
-    for rows, cols, group, m in ((64, 64, 32, 5), (128, 192, 64, 13), (192, 256, 128, 7)):
+    for rows, cols, group, m in ((64, 64, 32, 5), (128, 192, 64, 13), (192, 256, 128, 7),
+                                 (64, 128, 32, 1), (128, 64, 64, 2), (64, 256, 128, 3),
+                                 (192, 128, 32, 4), (64, 64, 32, 30)):
         q, scales, zeros = _random_w4(g, rows, cols, group)
         packed, scale_and_zero = int4pack_cpu(q, scales, zeros)
         x = torch.randn(m, cols, generator=g).to(torch.bfloat16)
@@ -391,12 +392,9 @@ def w4a16_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torc
                      group_size: int, out_features: int) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
-    rows = x2.shape[0]
-    # one row (eager, or the compiled single-token graph; a symbolic count is never 1), or a small
-    # count known eagerly: the int4 kernel directly, without the op's dispatch
-    if rows == 1 or (not torch.compiler.is_compiling() and rows < GEMM_MIN_ROWS):
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scale_and_zero)
-    elif torch.compiler.is_compiling() and _cpp_op_ready:
+    if not torch.compiler.is_compiling():  # eager: the row count is known, no op needed
+        out = _w4a16_rows(x2, packed, scale_and_zero, group_size)
+    elif _cpp_op_ready:
         out = torch.ops.soarllm.w4a16_int4pack(x2, packed, scale_and_zero, group_size)
     else:
         out = torch.ops.soarllm.w4a16_linear_cpu(x2, packed, scale_and_zero, group_size)
@@ -484,9 +482,9 @@ class W4A16Method(QuantMethod):
             del layer.scales, layer.zeros
             layer.use_cpu_kernel = True
             layer.cpu_layout = layout
-            if layout == "int4pack":  # (rows per block, up to this many rows): see ROW_TILE
-                native_gemm = _fits_native_gemm(scales) and _int4pack_gemm() is not None
-                layer.row_tile = (ROW_TILE, GEMM_MIN_ROWS if native_gemm else DEQUANT_MIN_ROWS)
+            if (layout == "int4pack"  # PyTorch's kernel serves it: see ROW_TILE
+                    and not (_fits_native_gemm(scales) and _int4pack_gemm() is not None)):
+                layer.row_tile = (ROW_TILE, DEQUANT_MIN_ROWS)
 
     def prepare_compiled(self, layer) -> None:
         """Before the model step is compiled: CPU layers of PyTorch's layout get their row-count

@@ -6,8 +6,8 @@ slope (never negative; with a single point, time grows in proportion to T). Belo
 measured count it assumes the smallest measured time: a step is never cheaper than that.
 
 Where the model's kernels compute rows in blocks (``row_tile`` = (tile, limit): PyTorch's CPU int4
-kernel takes 4 rows at a time and serves steps below quant/w4a16.py's GEMM_MIN_ROWS, or below
-DEQUANT_MIN_ROWS where the native GEMM does not apply), a step of T < limit tokens costs what one
+kernel takes 4 rows at a time and serves steps below DEQUANT_MIN_ROWS where soarllm's native
+GEMM does not apply), a step of T < limit tokens costs what one
 of T rounded up to the tile does: counts are measured and estimated at that size, so a
 verification step that spills one token into a new block is priced as the whole block. One token
 keeps its own count (a plain batch-1 decode: its own compiled graph, and the int4 kernel's

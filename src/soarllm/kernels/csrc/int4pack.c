@@ -6,11 +6,12 @@
  * GEMM over the unpacked weight is faster once many rows share it. soarllm/quant/w4a16.py checks
  * this unpacking against the packing op once per process before it is used.
  *
- * int4pack_gemm_bf16 serves the rows in between (5 to ~80: decode batches, verification steps):
- * PyTorch's kernel computes 4 rows at a time and dequantizes the weight again for every 4, so 5
- * rows cost what 8 do and 32 what 8 x 4 do. Here, up to 24 rows (decode batches, verification
- * steps) multiply the nibbles directly, as exact bfloat16 numbers, with the scales applied per
- * group in float32 (the direct path below: the same sums as PyTorch's kernel); more rows run over
+ * int4pack_gemm_bf16 serves every smaller count (batch-1 decode, decode batches, verification
+ * steps): PyTorch's kernel computes 4 rows at a time and dequantizes the weight again for every 4,
+ * so 5 rows cost what 8 do and 32 what 8 x 4 do, and at 1 row it runs well below the memory
+ * bandwidth. Here, up to 24 rows multiply the nibbles directly, as exact bfloat16 numbers, with
+ * the scales applied per group in float32 (the direct path below: the same arithmetic for every
+ * row count, and the same sums as PyTorch's kernel up to float rounding); more rows run over
  * each tile of 64 output rows dequantized once per call into a bfloat16 buffer (pairs of inputs
  * side by side per output row, the operand layout of vdpbf16ps; the weight rounded to bfloat16,
  * as the unpack + GEMM path does), 6 rows at a time. Products are summed in float32 (AVX-512 BF16; without
@@ -128,37 +129,43 @@ static inline __attribute__((always_inline)) void tile_rows(const uint16_t *x, i
 /* Few rows: no dequantized buffer. Each pair of inputs of 16 output rows becomes the bfloat16
  * numbers 128 + q (bits 0x4300 | q: exact), multiplied with x's pair through vdpbf16ps into a
  * per-group sum (exact products); per group, out += scale * sum + (zero - 136 * scale) * sum(x),
- * since (q - 8) * scale + zero = (128 + q) * scale + zero - 136 * scale. Unpacking interleaves the
- * two inputs' bytes, so a vector's 16 lanes are rows R_c of the tile (c = 0..3):
- *   R0 = 0-7, 16-23 (low nibbles of bytes 0-7, 16-23)    R1 = 8-15, 24-31
- *   R2 = 32-39, 48-55 (their high nibbles)                R3 = 40-47, 56-63
- * and the scales are laid out in that order once per tile. */
-#define DJ 2 /* rows of x per pass on the direct path: 2 x 4 running sums + 2 x 4 group sums */
+ * since (q - 8) * scale + zero = (128 + q) * scale + zero - 136 * scale.
+ *
+ * Inputs k and k + 1 of a tile are 64 contiguous bytes (32 each); interleaving them bytewise puts
+ * each row's pair of nibbles side by side, and unpacking those bytes with 0x43 as the high byte
+ * makes the bfloat16 pairs in place. The unpack works within 128-bit lanes, so a vector's 16 lanes
+ * hold the tile's rows in this order (c = 0..3):
+ *   V0 = rows 0-3, 8-11, 16-19, 24-27 (low nibbles)   V1 = rows 4-7, 12-15, 20-23, 28-31
+ *   V2, V3 = the same + 32 (high nibbles)
+ * Scales are permuted into that order per group, sums back into row order at the end. Up to
+ * DJ rows of x share each unpacked pair (a 64-row tile is <= 48 KiB for K <= 1536: the next DJ
+ * rows read it from cache). */
+#define DJ 4
 
-/* scales of tile t in the lane order above: sc[(g * 4 + c) * 16 + i], likewise cc */
-static void tile_scales(const uint16_t *scale_zero, int64_t n, int64_t t, int64_t groups,
-                        float *sc, float *cc) {
-    for (int64_t g = 0; g < groups; g++) {
-        const uint16_t *sz = scale_zero + (g * n + t * 64) * 2;
-        __m512 s[4], c[4];
-        for (int q = 0; q < 4; q++) sz16(sz + 32 * q, 136.0f, &s[q], &c[q]); /* rows 16q.. */
-        /* R0 = lanes 0-7 of rows 0-15 and of rows 16-31, R1 their lanes 8-15, R2/R3 likewise */
-        const int sel[4][2] = {{0, 1}, {0, 1}, {2, 3}, {2, 3}};
-        for (int q = 0; q < 4; q++) {
-            __m512 a = s[sel[q][0]], b = s[sel[q][1]], ac = c[sel[q][0]], bc = c[sel[q][1]];
-            __m512 vs = (q & 1) ? _mm512_shuffle_f32x4(a, b, 0xEE) : _mm512_shuffle_f32x4(a, b, 0x44);
-            __m512 vc = (q & 1) ? _mm512_shuffle_f32x4(ac, bc, 0xEE) : _mm512_shuffle_f32x4(ac, bc, 0x44);
-            _mm512_storeu_ps(sc + (g * 4 + q) * 16, vs);
-            _mm512_storeu_ps(cc + (g * 4 + q) * 16, vc);
-        }
-    }
+static inline __attribute__((always_inline)) __m512i pair_bytes(const uint8_t *src) {
+#if defined(__AVX512VBMI__)
+    const __m512i ileave = _mm512_set_epi8(
+        63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+        55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16,
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    return _mm512_permutexvar_epi8(ileave, _mm512_loadu_si512((const void *)src));
+#else /* the same bytes without VBMI: a0 b0 .. a7 b7 | a8 b8 .. | a16 b16 .. | a24 b24 .. */
+    __m256i a = _mm256_loadu_si256((const __m256i *)src), b = _mm256_loadu_si256((const __m256i *)(src + 32));
+    __m512i lo = _mm512_castsi256_si512(_mm256_unpacklo_epi8(a, b));
+    __m512i hi = _mm512_castsi256_si512(_mm256_unpackhi_epi8(a, b));
+    return _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi);
+#endif
 }
 
 static inline __attribute__((always_inline)) void direct_rows(
-    const uint16_t *x, int64_t ldx, const uint8_t *tile, const float *sc, const float *cc,
-    const float *xsum, int64_t groups, int64_t group, uint16_t *out, int64_t ldo,
+    const uint16_t *x, int64_t ldx, const uint8_t *tile, const uint16_t *scale_zero, int64_t n,
+    int64_t t, const float *xsum, int64_t groups, int64_t group, uint16_t *out, int64_t ldo,
     const int MJ) {
-    const __m512i nib = _mm512_set1_epi16(0xF), base = _mm512_set1_epi16(0x4300);
+    const __m512i nib = _mm512_set1_epi8(0x0F), c43 = _mm512_set1_epi8(0x43);
+    /* lanes of V0 / V1 from the scales of rows 0-15 (a) and 16-31 (b) */
+    const __m512i v0 = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+    const __m512i v1 = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
     __m512 acc[DJ][4];
     for (int j = 0; j < MJ; j++)
         for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
@@ -167,35 +174,40 @@ static inline __attribute__((always_inline)) void direct_rows(
         __m512 part[DJ][4];
         for (int j = 0; j < MJ; j++)
             for (int c = 0; c < 4; c++) part[j][c] = _mm512_setzero_ps();
-        for (int64_t p = g * pairs; p < (g + 1) * pairs; p++) {
-            __m256i a = _mm256_loadu_si256((const __m256i *)(tile + 2 * p * 32));
-            __m256i b = _mm256_loadu_si256((const __m256i *)(tile + (2 * p + 1) * 32));
-            __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, b));
-            __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, b));
-            __m512bh w[4];
-            w[0] = (__m512bh)_mm512_ternarylogic_epi32(lo, nib, base, 0xEA); /* (v & nib) | base */
-            w[1] = (__m512bh)_mm512_ternarylogic_epi32(hi, nib, base, 0xEA);
-            w[2] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(lo, 4), base);
-            w[3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(hi, 4), base);
+        const uint8_t *src = tile + g * group * 32;
+        for (int64_t p = 0; p < pairs; p++) {
+            __m512i r = pair_bytes(src + p * 64);
+            __m512i lo = _mm512_and_si512(r, nib), hi = _mm512_and_si512(_mm512_srli_epi16(r, 4), nib);
+            __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi8(lo, c43), (__m512bh)_mm512_unpackhi_epi8(lo, c43),
+                             (__m512bh)_mm512_unpacklo_epi8(hi, c43), (__m512bh)_mm512_unpackhi_epi8(hi, c43)};
             for (int j = 0; j < MJ; j++) {
                 uint32_t pair;
-                memcpy(&pair, x + j * ldx + 2 * p, sizeof pair);
+                memcpy(&pair, x + j * ldx + g * group + 2 * p, sizeof pair);
                 __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
                 for (int c = 0; c < 4; c++) part[j][c] = _mm512_dpbf16_ps(part[j][c], w[c], xv);
             }
         }
-        for (int c = 0; c < 4; c++) {
-            __m512 s = _mm512_loadu_ps(sc + (g * 4 + c) * 16), cv = _mm512_loadu_ps(cc + (g * 4 + c) * 16);
-            for (int j = 0; j < MJ; j++)
-                acc[j][c] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xsum[j * groups + g]),
-                                            _mm512_fmadd_ps(part[j][c], s, acc[j][c]));
+        const uint16_t *sz = scale_zero + (g * n + t * 64) * 2;
+        __m512 s[4], z[4];
+        for (int q = 0; q < 4; q++) sz16(sz + 32 * q, 136.0f, &s[q], &z[q]); /* rows 16q.. */
+        const __m512 vs[4] = {_mm512_permutex2var_ps(s[0], v0, s[1]), _mm512_permutex2var_ps(s[0], v1, s[1]),
+                              _mm512_permutex2var_ps(s[2], v0, s[3]), _mm512_permutex2var_ps(s[2], v1, s[3])};
+        const __m512 vc[4] = {_mm512_permutex2var_ps(z[0], v0, z[1]), _mm512_permutex2var_ps(z[0], v1, z[1]),
+                              _mm512_permutex2var_ps(z[2], v0, z[3]), _mm512_permutex2var_ps(z[2], v1, z[3])};
+        for (int j = 0; j < MJ; j++) {
+            const __m512 xs = _mm512_set1_ps(xsum[j * groups + g]);
+            for (int c = 0; c < 4; c++)
+                acc[j][c] = _mm512_fmadd_ps(vc[c], xs, _mm512_fmadd_ps(part[j][c], vs[c], acc[j][c]));
         }
     }
-    for (int j = 0; j < MJ; j++) { /* lanes back to row order: rows 0-15, 16-31, 32-47, 48-63 */
-        __m512 r[4] = {_mm512_shuffle_f32x4(acc[j][0], acc[j][1], 0x44),
-                       _mm512_shuffle_f32x4(acc[j][0], acc[j][1], 0xEE),
-                       _mm512_shuffle_f32x4(acc[j][2], acc[j][3], 0x44),
-                       _mm512_shuffle_f32x4(acc[j][2], acc[j][3], 0xEE)};
+    /* back to row order: rows 0-15 = V0 lanes 0-3, V1 lanes 0-3, V0 lanes 4-7, V1 lanes 4-7 */
+    const __m512i r0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i r1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int j = 0; j < MJ; j++) {
+        const __m512 r[4] = {_mm512_permutex2var_ps(acc[j][0], r0, acc[j][1]),
+                             _mm512_permutex2var_ps(acc[j][0], r1, acc[j][1]),
+                             _mm512_permutex2var_ps(acc[j][2], r0, acc[j][3]),
+                             _mm512_permutex2var_ps(acc[j][2], r1, acc[j][3])};
         for (int q = 0; q < 4; q++)
             _mm256_storeu_si256((__m256i *)(out + j * ldo + 16 * q), (__m256i)_mm512_cvtneps_pbh(r[q]));
     }
@@ -216,25 +228,20 @@ void int4pack_gemm_bf16(const uint16_t *x, int64_t ldx, const uint8_t *packed,
                 for (int64_t i = g * group; i < (g + 1) * group; i++) acc += bf16_to_f32(x[j * ldx + i]);
                 xsum[j * groups + g] = acc;
             }
-#pragma omp parallel
-        {
-            float *sc = (float *)aligned_alloc(64, (size_t)groups * 64 * 2 * sizeof(float));
-            float *cc = sc + groups * 64;
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < tiles; t++) {
-                const uint8_t *tile = packed + t * 64 * k / 2;
-                tile_scales(scale_zero, n, t, groups, sc, cc);
-                for (int64_t j0 = 0; j0 < m; j0 += DJ) {
-                    const uint16_t *xr = x + j0 * ldx;
-                    const float *xs = xsum + j0 * groups;
-                    uint16_t *o = out + j0 * ldo + t * 64;
-                    if (m - j0 >= 2)
-                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, group, o, ldo, 2);
-                    else
-                        direct_rows(xr, ldx, tile, sc, cc, xs, groups, group, o, ldo, 1);
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const uint8_t *tile = packed + t * 64 * k / 2;
+            for (int64_t j0 = 0; j0 < m; j0 += DJ) {
+                const uint16_t *xr = x + j0 * ldx;
+                const float *xs = xsum + j0 * groups;
+                uint16_t *o = out + j0 * ldo + t * 64;
+                switch (m - j0 < DJ ? m - j0 : DJ) { /* the row count as a constant */
+                case 1: direct_rows(xr, ldx, tile, scale_zero, n, t, xs, groups, group, o, ldo, 1); break;
+                case 2: direct_rows(xr, ldx, tile, scale_zero, n, t, xs, groups, group, o, ldo, 2); break;
+                case 3: direct_rows(xr, ldx, tile, scale_zero, n, t, xs, groups, group, o, ldo, 3); break;
+                default: direct_rows(xr, ldx, tile, scale_zero, n, t, xs, groups, group, o, ldo, 4);
                 }
             }
-            free(sc);
         }
         free(xsum);
         return;
