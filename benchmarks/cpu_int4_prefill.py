@@ -3,17 +3,17 @@
 For the default model's projection shapes (SmolLM2-135M: hidden 576, MLP 1536, 9 + 2 x 3 heads of
 64), --layers copies of each (30: the model's weights streamed from memory, as in a real step, not
 one layer's sitting in cache), times of one pass through all of them (qkv, o, gate_up, down):
-  int4      aten._weight_int4pack_mm_for_cpu on the packed weight (what batch-1 decode uses)
-  native    soarllm's GEMM over the same packed weight (kernels/csrc/int4pack.c), from
-            GEMM_MIN_ROWS rows on in quant/w4a16.py
+  int4      aten._weight_int4pack_mm_for_cpu on the packed weight (where the native GEMM does not fit)
+  native    soarllm's GEMM over the same packed weight (kernels/csrc/int4pack.c), at every row
+            count in quant/w4a16.py where a layer fits it
   unpack    the native unpacker (kernels/csrc/int4pack.c) + F.linear in bfloat16
   bf16      F.linear on a resident bfloat16 weight (4x the memory)
 With --scheme w8a16 instead:
   int8      aten._weight_int8pack_mm (per-channel int8, what W8A16 decode uses)
   deq8      the weight dequantized to bfloat16 (quant/w8a16.dequantize_w8_bf16) + F.linear
 interleaved, best of --repeats, on this machine's threads. Prints ms per pass (W4A16) or per
-decoder layer (W8A16) and the ratios to the int4 / int8 kernel; `GEMM_MIN_ROWS` and
-`DEQUANT_MIN_ROWS` in quant/w4a16.py and quant/w8a16.py are where the switches pay.
+decoder layer (W8A16) and the ratios to the int4 / int8 kernel; `DEQUANT_MIN_ROWS` in
+quant/w4a16.py and quant/w8a16.py is where the switch to unpacking pays.
 
     python benchmarks/cpu_int4_prefill.py [--scheme w4a16|w8a16] [--rows 1,8,...,512] [--repeats 5]
 """

@@ -17,7 +17,6 @@ from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.quant.config import RTNConfig, parse_quantization
 from soarllm.quant.w4a16 import (
     DEQUANT_MIN_ROWS,
-    GEMM_MIN_ROWS,
     ROW_TILE,
     W4A16Method,
     _soar4_kernel,
@@ -121,7 +120,7 @@ def test_the_native_gemm_serves_batches_of_rows_of_whole_tiles(monkeypatch):
                 got = layer(x)
             _close(got, _rounded(x, BF16) @ w.t())
             whole_tiles = out_f % 64 == 0
-            assert calls == ([m] if m >= GEMM_MIN_ROWS and whole_tiles else []), (out_f, m)
+            assert calls == ([m] if whole_tiles else []), (out_f, m)
 
 
 def test_the_native_direct_path_gives_a_row_the_same_result_in_any_batch():
@@ -152,7 +151,7 @@ def test_the_cpp_row_dispatch_equals_the_python_one():
     for out_f, in_f in ((128, 192), (48, 128)):  # whole 64-row tiles, and not
         q, s, z = quantize_w4(torch.randn(out_f, in_f) * 0.05, 32)
         packed, sz = w4a16.int4pack_cpu(q, s, z)
-        for m in (1, 3, GEMM_MIN_ROWS, 9, DEQUANT_MIN_ROWS + 1):
+        for m in (1, 3, 5, 9, DEQUANT_MIN_ROWS + 1):
             x = torch.randn(m, in_f).to(BF16)
             torch.testing.assert_close(torch.ops.soarllm.w4a16_int4pack(x, packed, sz, 32),
                                        torch.ops.soarllm.w4a16_linear_cpu(x, packed, sz, 32),
@@ -167,7 +166,7 @@ def test_w4a16_cpu_rows_branch_at_run_time_under_compile():
 
     assert _unpacker() is not None  # this machine builds and checks the native unpacker
     torch.manual_seed(3)
-    for rows in (48, 128):  # rows in whole 64-row tiles: the native GEMM from GEMM_MIN_ROWS on
+    for rows in (48, 128):  # rows in whole 64-row tiles: the native GEMM
         layer, _ = _w4_layer(rows, 128, 32, BF16, torch.randn(rows, 128) * 0.05)
         _assert_one_graph_for(layer, (2, DEQUANT_MIN_ROWS + 3, 5, 3 * DEQUANT_MIN_ROWS))
 
@@ -343,8 +342,8 @@ def test_engine_on_the_native_int4_layout_matches_pytorchs_int4_kernel(tmp_path,
         # layer; soarllm's kernels (either layout) have none
         from soarllm.quant import w4a16
 
-        torch_kernel = [m for m in layers if m.cpu_layout == "int4pack" and not (
-            w4a16._int4pack_gemm() is not None and w4a16._fits_native_gemm(m.scale_and_zero))]
+        torch_kernel = [m for m in layers if m.cpu_layout == "int4pack"
+                        and w4a16._native_gemm(m.scale_and_zero) is None]
         assert llm.llm_engine.speculator.cost.tile == (ROW_TILE if torch_kernel else 1)
         outs[layout] = llm.generate(prompts, params)
     same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids

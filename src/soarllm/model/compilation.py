@@ -149,6 +149,7 @@ class CompiledBackbone:
         self.backbone = backbone
         self.cache_tag = cache_tag
         self._graphs: dict[bool, Callable] = {}  # several tokens? -> compiled graph
+        self._key: str | None = None  # graph_key, computed at the first warm-up
         self.loaded = 0  # graphs taken from the cache at warm-up
         self.compiled = 0  # graphs compiled at warm-up
         self.warmed_up = False
@@ -159,7 +160,9 @@ class CompiledBackbone:
         then run it once."""
         many = input_ids.shape[0] > 1
         args = (self.backbone, input_ids, positions, kv_caches)
-        path = aot_cache_dir() / f"{graph_key(self.backbone, kv_caches, self.cache_tag)}-{'n' if many else '1'}.bin"
+        if self._key is None:
+            self._key = graph_key(self.backbone, kv_caches, self.cache_tag)
+        path = aot_cache_dir() / f"{self._key}-{'n' if many else '1'}.bin"
         # loaded graphs are checked with unmarked inputs: a saved graph's guards do not keep
         # mark_dynamic's marking (and need not: its token count is symbolic, >= 2)
         fn = self._load(path, args)

@@ -99,8 +99,8 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return packed, scale_and_zero
 
 
-# From this many rows on (every count, where a layer fits it), the native GEMM over PyTorch's int4
-# layout (kernels/csrc/int4pack.c): up to 24 rows it multiplies the nibbles directly (the same
+# Every row count of a layer that fits it (``_native_gemm``) runs the native GEMM over PyTorch's
+# int4 layout (kernels/csrc/int4pack.c): up to 24 rows it multiplies the nibbles directly (the same
 # arithmetic at every row count, so a row's result does not depend on its batch), beyond that each
 # 64-row tile of the weight is dequantized to bfloat16 once per call and every row runs over it,
 # where PyTorch's kernel dequantizes the weight again for every 4 rows.
@@ -108,7 +108,6 @@ def int4pack_cpu(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 # from memory, 2-core AVX-512 BF16; results in benchmarks/results/cpu_int4_gemm), ms per pass,
 # PyTorch's kernel / native: see the results file; at 512 rows 723 / 267 (unpacking to bfloat16 +
 # one GEMM 348).
-GEMM_MIN_ROWS = 1
 
 # Without the native GEMM (no AVX-512 BF16, or a weight whose rows are not a multiple of 64), from
 # this many rows on the weight is unpacked to bfloat16 natively and multiplied in one GEMM:
@@ -180,6 +179,12 @@ def _fits_native_gemm(scale_and_zero: torch.Tensor) -> bool:
     return scale_and_zero.dtype == torch.bfloat16 and scale_and_zero.shape[1] % 64 == 0
 
 
+def _native_gemm(scale_and_zero: torch.Tensor):
+    """The native GEMM for a layer of PyTorch's CPU int4 layout, or None: the layer does not fit
+    it, or it is not available here."""
+    return _int4pack_gemm() if _fits_native_gemm(scale_and_zero) else None
+
+
 @functools.cache
 def _int4pack_gemm():
     """The native GEMM over PyTorch's CPU int4 layout (kernels/csrc/int4pack.c), or None: not
@@ -231,8 +236,7 @@ def _int4pack_cpp_op() -> bool:
     if _int4pack_gemm() is None or _unpacker() is None:
         return False
     if not cpu_native.load_torch_ops("int4pack_op", "int4pack",
-                                     (("SOAR_GEMM_MIN_ROWS", GEMM_MIN_ROWS),
-                                      ("SOAR_DEQUANT_MIN_ROWS", DEQUANT_MIN_ROWS))):
+                                     (("SOAR_DEQUANT_MIN_ROWS", DEQUANT_MIN_ROWS),)):
         return False
     torch.library.register_fake(
         "soarllm::w4a16_int4pack",
@@ -253,14 +257,13 @@ def _gemm(fn, x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tenso
 
 def _w4a16_rows(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x [M, K] bfloat16 -> [M, N padded]: PyTorch's int4 kernel for a few rows, the native GEMM
-    from GEMM_MIN_ROWS on (else unpack + bfloat16 GEMM from DEQUANT_MIN_ROWS). An op of its own
+    """x [M, K] bfloat16 -> [M, N padded]: the native GEMM where the layer fits it, else PyTorch's
+    int4 kernel for a few rows and unpack + bfloat16 GEMM from DEQUANT_MIN_ROWS. An op of its own
     (``soarllm::w4a16_linear_cpu``) so that the compiled graph with a symbolic row count takes the
     branch at run time instead of guarding (and recompiling) on the count."""
-    if x.shape[0] >= GEMM_MIN_ROWS and _fits_native_gemm(scale_and_zero):
-        fn = _int4pack_gemm()
-        if fn is not None:
-            return _gemm(fn, x, packed, scale_and_zero, group_size)
+    fn = _native_gemm(scale_and_zero)
+    if fn is not None:
+        return _gemm(fn, x, packed, scale_and_zero, group_size)
     usable = x.shape[0] >= DEQUANT_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
     fn = _unpacker() if usable else None
     if fn is None:
@@ -482,8 +485,7 @@ class W4A16Method(QuantMethod):
             del layer.scales, layer.zeros
             layer.use_cpu_kernel = True
             layer.cpu_layout = layout
-            if (layout == "int4pack"  # PyTorch's kernel serves it: see ROW_TILE
-                    and not (_fits_native_gemm(scales) and _int4pack_gemm() is not None)):
+            if layout == "int4pack" and _native_gemm(scales) is None:  # see ROW_TILE
                 layer.row_tile = (ROW_TILE, DEQUANT_MIN_ROWS)
 
     def prepare_compiled(self, layer) -> None:

@@ -17,8 +17,7 @@ extern "C" void int4pack_to_bf16(const uint8_t *packed, const uint16_t *scale_ze
 
 namespace {
 
-// quant/w4a16.py's GEMM_MIN_ROWS and DEQUANT_MIN_ROWS, passed in at build time
-constexpr int64_t kGemmMinRows = SOAR_GEMM_MIN_ROWS;
+// quant/w4a16.py's DEQUANT_MIN_ROWS, passed in at build time
 constexpr int64_t kDequantMinRows = SOAR_DEQUANT_MIN_ROWS;
 
 at::Tensor w4a16_int4pack(const at::Tensor &x, const at::Tensor &packed,
@@ -28,7 +27,7 @@ at::Tensor w4a16_int4pack(const at::Tensor &x, const at::Tensor &packed,
                       x.scalar_type() == at::kBFloat16 && x.stride(1) == 1;
     auto *sz = reinterpret_cast<const uint16_t *>(scale_and_zero.data_ptr());
     auto *w4 = reinterpret_cast<const uint8_t *>(packed.data_ptr());
-    if (bf16 && m >= kGemmMinRows && n % 64 == 0) {
+    if (bf16 && n % 64 == 0) {
         at::Tensor out = at::empty({m, n}, x.options());
         int4pack_gemm_bf16(reinterpret_cast<const uint16_t *>(x.data_ptr()), x.stride(0), w4, sz,
                            reinterpret_cast<uint16_t *>(out.data_ptr()), out.stride(0), m, n, k,
