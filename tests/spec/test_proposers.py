@@ -143,3 +143,17 @@ def test_planner_spends_drafts_on_the_requests_that_accept_them():
     others = [_req([9], rid=f"o{i}") for i in range(6)]  # decodes without proposals
     spec.propose([good, bad, *others], 8)
     assert len(good.spec_token_ids) >= 2 and bad.spec_token_ids == []
+
+
+def test_cost_model_outlier_cannot_price_a_count_out():
+    # one slow measurement (a pause) at a count the planner would then never choose again
+    m = StepCostModel()
+    m.observe(1, 0.009)
+    m.observe(12, 0.028)
+    m.observe(16, 0.335)
+    assert m.time(16) <= 0.028 * 16 / 12 + 1e-12  # no dearer per token than 12 tokens
+    assert m.time(14) <= 0.028 * 14 / 12 + 1e-12
+    assert m.time(1) == 0.009 and m.time(12) == 0.028
+    # a known count's mean moves by at most max_jump x its mean per measurement
+    m.observe(1, 1.0)
+    assert abs(m.time(1) - (0.009 + 0.2 * (3 * 0.009 - 0.009))) < 1e-12
