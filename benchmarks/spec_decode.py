@@ -100,7 +100,6 @@ def workloads(n: int) -> dict[str, list[tuple[list[dict] | str, str | None, int]
 
 def run(llm, tok, reqs, use_prediction: bool) -> tuple[float, list[list[int]], int]:
     from soarllm import SamplingParams
-
     from soarllm.eval.humaneval import STOP_SEQUENCES
 
     prompts, params = [], []

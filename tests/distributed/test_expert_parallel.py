@@ -130,3 +130,63 @@ def test_bad_splits_are_refused_before_workers_start(tmp_path):
         MultiprocExecutor(_args(dense, tensor_parallel_size=2, enable_expert_parallel=True))
     with pytest.raises(ConfigError, match="has none; drop --enable-expert-parallel"):
         LLM(str(dense), dtype="float32", enable_expert_parallel=True)
+
+
+@pytest.mark.parametrize("quantization", ["w8a16", "w4a16"])
+def test_quantized_model_splits_like_one_rank(tmp_path, prompts, quantization):
+    """Weights quantized at load (int8 rows / int4 groups of 32) over two ranks, experts by width
+    and whole: each rank computes with exactly its slice of what one rank computes with (an int8
+    row's scale is its maximum over the whole row, on every rank), holds about half of the
+    quantized experts' bytes, and scores one rank's greedy continuations alike (the quantized kernels
+    compute in bfloat16: each rank rounds its partial sums, hence the tolerance)."""
+    from soarllm.distributed.worker import dequantized_weight
+
+    d = make_tiny_model(tmp_path / "mixtral", "mixtral")
+    common = dict(dtype="float32", kv_cache_memory="32MiB", block_size=4,
+                  enable_prefix_caching=False, quantization=quantization,
+                  max_num_batched_tokens=16)  # the same chunks on one rank and on two
+    one = LLM(str(d), **common)
+    model = one.llm_engine.executor.runner.model
+    sp = SamplingParams(temperature=0.0, max_tokens=N_TOKENS, ignore_eos=True)
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, one.generate(prompts, sp))]
+    score = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def scored(llm):
+        return [torch.tensor([next(iter(lp.values())).logprob for lp in o.prompt_logprobs[1:]])
+                for o in llm.generate(seqs, score)]
+
+    ref_scores = scored(one)
+    o_proj, experts = "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.experts"
+    ref_o, ref_experts = dequantized_weight(model.get_submodule(o_proj)), dequantized_weight(
+        model.get_submodule(experts))
+    ref_bytes = sum(b.numel() * b.element_size() for n, b in model.state_dict().items()
+                    if ".experts." in n)
+    del one, model
+    for ep in (False, True):
+        llm = LLM(str(d), **common, tensor_parallel_size=2, enable_expert_parallel=ep)
+        try:
+            for r, w in enumerate(llm.llm_engine.executor.collective_rpc("dequantized_weight",
+                                                                         o_proj)):
+                half = ref_o.shape[1] // 2  # row parallel: this rank's input columns
+                torch.testing.assert_close(w, ref_o[:, r * half:(r + 1) * half], atol=0, rtol=0)
+            for r, stacks in enumerate(llm.llm_engine.executor.collective_rpc(
+                    "dequantized_weight", experts)):
+                gate_up, down = ref_experts["gate_up_proj"], ref_experts["down_proj"]
+                e, width = gate_up.shape[0] // 2, down.shape[-1]
+                i = width // 2
+                if ep:  # whole experts
+                    want = gate_up[r * e:(r + 1) * e], down[r * e:(r + 1) * e]
+                else:  # this rank's gate rows, then its up rows; down's columns
+                    want = (torch.cat([gate_up[:, r * i:(r + 1) * i],
+                                       gate_up[:, width + r * i:width + (r + 1) * i]], dim=1),
+                            down[..., r * i:(r + 1) * i])
+                torch.testing.assert_close(stacks["gate_up_proj"], want[0], atol=0, rtol=0)
+                torch.testing.assert_close(stacks["down_proj"], want[1], atol=0, rtol=0)
+            for ours, ref in zip(scored(llm), ref_scores):
+                torch.testing.assert_close(ours, ref, atol=2e-2, rtol=0)
+            # half of every stack; by width, the down projection's per-row int8 scales (one
+            # float per output row) are the only thing both ranks hold whole
+            per_rank = llm.llm_engine.executor.collective_rpc("parameter_bytes", ".experts.")
+            assert per_rank[0] == per_rank[1] <= 0.51 * ref_bytes
+        finally:
+            llm.llm_engine.shutdown()

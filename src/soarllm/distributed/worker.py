@@ -19,6 +19,8 @@ import time
 import traceback
 from typing import Any
 
+import torch
+
 NO_REPLY = frozenset({"update_states"})
 
 
@@ -66,6 +68,12 @@ class Worker:
 
     def expert_load(self) -> list[list[int]] | None:
         return self.runner.expert_load()
+
+    def dequantized_weight(self, module: str):
+        """The float32 weight this rank computes with in ``module`` (a linear layer: [out, in];
+        an MoE layer's experts: {stack name: [experts, rows, cols]}), for tests and comparisons
+        of quantized shards."""
+        return dequantized_weight(self.runner.model.get_submodule(module))
 
     def parameter_bytes(self, name_contains: str = "") -> int:
         """Bytes of this rank's model parameters (tied ones counted once), only those whose name
@@ -142,3 +150,22 @@ def worker_main(args, rank: int, world_size: int, port: int, conn, parent_pid: i
         if pending is not None:
             reply, pending = ("error", pending), None
         conn.send_bytes(pickle.dumps(reply))
+
+
+def dequantized_weight(mod):
+    """See ``Worker.dequantized_weight`` (also used on a one-rank model)."""
+    from soarllm.quant.moe import dequantize_expert
+
+    method = getattr(mod, "quant_method", None)
+    if hasattr(method, "dequantized_weight"):
+        return method.dequantized_weight(mod).float()
+    if hasattr(mod, "gate_up_proj"):  # FusedMoE
+        out = {}
+        for stack in ("gate_up_proj", "down_proj"):
+            w = getattr(mod, stack).data
+            scale, zero = getattr(mod, f"{stack}_scale", None), getattr(mod, f"{stack}_zero", None)
+            out[stack] = (w.float() if scale is None else torch.stack([
+                dequantize_expert(w[e], scale[e], None if zero is None else zero[e])
+                for e in range(w.shape[0])]))
+        return out
+    return mod.weight.data.float()

@@ -525,11 +525,12 @@ def _check_parallel(model_cls, quant_config, tp: TPGroup) -> None:
         raise ConfigError(
             f"{model_cls.__name__} does not support tensor parallelism yet; run it with "
             f"tensor_parallel_size=1")
-    if quant_config is not None:
+    if quant_config is not None and not getattr(quant_config, "splits_over_ranks", False):
         raise ConfigError(
             f"quantization {quant_config.name!r} cannot be split over {tp.world_size} ranks yet; "
-            f"run tensor parallel models unquantized (quantization='none', e.g. "
-            f"--quantization none for a GGUF file) or with tensor_parallel_size=1")
+            f"run tensor parallel models with weights quantized at load (quantization='w8a16', "
+            f"'w4a16' or 'w8a8' on the float checkpoint), unquantized (quantization='none'), or "
+            f"with tensor_parallel_size=1")
 
 
 def _latent_backend(name: str | None) -> str:

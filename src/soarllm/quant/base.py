@@ -53,6 +53,9 @@ class QuantizationConfig:
     name: str = "none"
     # True: the model loads the checkpoint's tensors as stored (e.g. GGUF blocks), not floats
     loads_packed: bool = False
+    # True: every method loads a tensor-parallel rank's slice of each checkpoint tensor (float
+    # weights rounded at load per slice, or stored blocks cut on block boundaries)
+    splits_over_ranks: bool = False
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod:
         raise NotImplementedError

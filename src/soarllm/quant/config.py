@@ -48,6 +48,8 @@ _W4A16 = re.compile(r"w4a16(?:-g(\d+))?")
 class RTNConfig(QuantizationConfig):
     """Round-to-nearest at load time, every linear layer but the LM head."""
 
+    splits_over_ranks = True
+
     def __init__(self, scheme: str, group_size: int = 32):
         self.scheme, self.group_size = scheme, group_size
         self.name = scheme if scheme in ("w8a16", "w8a8") else f"w4a16-g{group_size}"

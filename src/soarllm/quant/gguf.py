@@ -69,6 +69,24 @@ class GGUFBlocks:
         values = dequantize(self.data.numpy(), GGMLQuantizationType[self.qtype])
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
 
+    def narrow(self, dim: int, start: int, size: int) -> GGUFBlocks | None:
+        """The blocks of rows (dim 0) or of columns [start, start + size) (dim 1) of a 2-D
+        weight, still blocks: a tensor-parallel rank's slice, loaded as the whole tensor would
+        be. None where the slice cuts through blocks (or runs past the end): the caller takes
+        it from the dequantized tensor."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        if len(self.shape) != 2 or start < 0 or start + size > self.shape[dim]:
+            return None
+        rows, cols = self.shape
+        if dim == 0:
+            return GGUFBlocks(self.qtype, self.data[start : start + size], (size, cols))
+        per_block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
+        if start % per_block or size % per_block:
+            return None
+        lo, hi = start // per_block * nbytes, (start + size) // per_block * nbytes
+        return GGUFBlocks(self.qtype, self.data[:, lo:hi].contiguous(), (rows, size))
+
     def to_int4(self, group_size: int = GROUP):
         """(q uint8 [.., rows, cols], scale f32 [.., rows, cols/32], zero f32) with
         w = (q - 8) s + z (leading dim: stacked experts)."""
@@ -174,6 +192,7 @@ class GGUFQuantConfig(QuantizationConfig):
 
     name = "gguf"
     loads_packed = True
+    splits_over_ranks = True
 
     def __init__(self, types: dict[str, str], packed_modules: dict[str, tuple[str, str]],
                  tie_word_embeddings: bool):

@@ -66,9 +66,16 @@ class W8A16FusedMoEMethod(UnquantizedFusedMoEMethod):
             scale.filled_by = name  # loaded with its stack
             setattr(layer, f"{name}_scale", scale)
 
-    def store(self, layer, name, experts, rows, weight):
+    # experts split by width hand over the down projection's whole rows (``columns``: this
+    # rank's part): a row's scale is its maximum over all its columns, as on one rank
+    rounds_whole_rows = True
+
+    def store(self, layer, name, experts, rows, weight, columns=None):
         q, scale = quantize_w8(weight.reshape(-1, weight.shape[-1]))
-        getattr(layer, name).data[experts, rows] = q.reshape(weight.shape)
+        q = q.reshape(weight.shape)
+        if columns is not None:
+            q = q.narrow(-1, *columns)
+        getattr(layer, name).data[experts, rows] = q
         getattr(layer, f"{name}_scale").data[experts, rows] = scale.reshape(weight.shape[:-1])
 
     def describe(self) -> str:

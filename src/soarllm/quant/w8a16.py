@@ -93,6 +93,9 @@ class Int8RowsMethod(QuantMethod):
     parameters and their round-to-nearest loading; subclasses choose the kernel."""
 
     checkpoint_params = {"weight": "qweight", "bias": "bias"}
+    # a row-parallel layer hands over whole rows (RowParallelLinear.input_shard): the scale of
+    # a row is its maximum over all its columns, on every rank
+    rounds_whole_rows = True
 
     def create_weights(self, layer, in_features, out_features, bias, dtype):
         layer.qweight = set_weight_loader(
@@ -110,8 +113,14 @@ class Int8RowsMethod(QuantMethod):
         """Float weights (or dequantized blocks) are quantized per output row (RTN)."""
         weight = as_float(loaded)
         off, size = shard_range(layer, shard_id, layer.out_features)
-        check_rows("weight", shard_id, (size, layer.in_features), weight.shape)
+        columns = getattr(layer, "input_shard", None)  # (start, size) of a row-parallel rank
+        full = (columns is not None and weight.shape[-1] > layer.in_features
+                and weight.shape[-1] >= sum(columns))
+        width = weight.shape[-1] if full else layer.in_features
+        check_rows("weight", shard_id, (size, width), weight.shape)
         q, scale = quantize_w8(weight)
+        if full:
+            q = q.narrow(1, *columns)
         layer.qweight.data[off : off + size] = q
         layer.scales.data[off : off + size] = scale
 

@@ -282,8 +282,12 @@ class FusedMoE(nn.Module):
             store_int4(self, "down_proj" if down else "gate_up_proj", slice(None), slice(None),
                        q, scale, zero)
             return
+        columns = None  # a width-split down projection rounded by whole rows (quant method)
+        if (down and self.tp.world_size > 1 and not self.expert_parallel
+                and getattr(self.quant_method, "rounds_whole_rows", False)):
+            columns = (self.tp.rank * inter, inter)
         if shard_id is None:
-            tensor = self._rank_slice(as_float(loaded), down, stacked=True)
+            tensor = self._rank_slice(as_float(loaded), down, stacked=True, whole_rows=columns)
             experts, rows = slice(None), slice(None)
             expected = (self.local_experts, *((hidden, inter) if down else (2 * inter, hidden)))
         else:
@@ -299,18 +303,25 @@ class FusedMoE(nn.Module):
             experts = expert - self.expert_start
             if not 0 <= experts < self.local_experts:
                 return  # another rank's expert
-            tensor = self._rank_slice(as_float(loaded), down, stacked=False)
+            tensor = self._rank_slice(as_float(loaded), down, stacked=False, whole_rows=columns)
             rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter)}.get(part, slice(None))
             expected = (hidden, inter) if down else (inter, hidden)
+        if columns is not None:
+            expected = (*expected[:-1], self.intermediate_size)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {expected}")
-        self.quant_method.store(self, "down_proj" if down else "gate_up_proj", experts, rows,
-                                tensor)
+        name = "down_proj" if down else "gate_up_proj"
+        if columns is not None:
+            self.quant_method.store(self, name, experts, rows, tensor, columns=columns)
+        else:
+            self.quant_method.store(self, name, experts, rows, tensor)
 
-    def _rank_slice(self, tensor: torch.Tensor, down: bool, stacked: bool) -> torch.Tensor:
+    def _rank_slice(self, tensor: torch.Tensor, down: bool, stacked: bool,
+                    whole_rows=None) -> torch.Tensor:
         """This rank's part of a checkpoint tensor: its experts (stacked tensors, expert
-        parallel) or its rows of the expert width (gate / up rows, down columns)."""
-        if self.tp.world_size == 1:
+        parallel) or its rows of the expert width (gate / up rows, down columns; with
+        ``whole_rows`` down's columns are left for the quant method to cut after rounding)."""
+        if self.tp.world_size == 1 or whole_rows is not None:
             return tensor
         if self.expert_parallel:
             return tensor.narrow(0, self.expert_start, self.local_experts) if stacked else tensor

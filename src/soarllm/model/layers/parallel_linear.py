@@ -39,6 +39,18 @@ def narrow_padded(tensor: torch.Tensor, dim: int, start: int, size: int) -> torc
     return torch.cat([part, tensor.new_zeros(shape)], dim=dim)
 
 
+def narrow_loaded(loaded, dim: int, start: int, size: int):
+    """A rank's slice of a checkpoint tensor: stored blocks (GGUF) stay blocks where the slice
+    falls on block boundaries (a quantized layer then loads them as exactly as the whole tensor),
+    else the dequantized tensor's slice, zero-padded past the end."""
+    narrow = getattr(loaded, "narrow", None)
+    if narrow is not None and not isinstance(loaded, torch.Tensor):
+        blocks = narrow(dim, start, size)
+        if blocks is not None:
+            return blocks
+    return narrow_padded(as_float(loaded), dim, start, size)
+
+
 def _wrap_loaders(layer: nn.Module, make) -> None:
     """Replace each parameter's weight_loader by ``make(name, param, loader)``."""
     for name, param in list(layer.named_parameters(recurse=False)):
@@ -90,7 +102,12 @@ class RowParallelLinear(Linear):
         self.reduce_results = reduce_results
         if tp.world_size > 1:
             start = tp.rank * local
-            _wrap_loaders(self, lambda n, _p, load: _row_parallel_loader(load, n, start, local, tp))
+            # a method that rounds each output row as a whole (one int8 scale per row) takes the
+            # full row and keeps these columns itself, so every rank rounds as one rank would
+            self.input_shard = (start, local)
+            whole = getattr(self.quant_method, "rounds_whole_rows", False)
+            _wrap_loaders(self, lambda n, _p, load: _row_parallel_loader(
+                load, n, start, local, tp, whole and n != "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x)
@@ -136,7 +153,7 @@ def parallel_lm_head(hidden: int, vocab_size: int, *, tp: TPGroup, dtype: torch.
 
 def _rows_loader(load, start: int, size: int):
     def loader(param, loaded, shard_id=None):
-        load(param, narrow_padded(as_float(loaded), 0, start, size), shard_id)
+        load(param, narrow_loaded(loaded, 0, start, size), shard_id)
 
     return loader
 
@@ -146,19 +163,21 @@ def _merged_loader(load, starts: dict[str, int], sizes: dict[str, int]):
         if shard_id is None:
             raise ValueError("a fused checkpoint tensor cannot be split for tensor parallelism; "
                              "load a checkpoint with separate projections")
-        load(param, narrow_padded(as_float(loaded), 0, starts[shard_id], sizes[shard_id]),
-             shard_id)
+        load(param, narrow_loaded(loaded, 0, starts[shard_id], sizes[shard_id]), shard_id)
 
     return loader
 
 
-def _row_parallel_loader(load, name: str, start: int, size: int, tp: TPGroup):
+def _row_parallel_loader(load, name: str, start: int, size: int, tp: TPGroup,
+                         whole_rows: bool = False):
     def loader(param, loaded, shard_id=None):
-        tensor = as_float(loaded)
-        if name == "bias":  # added once, after the all-reduce sums the ranks
+        if whole_rows:
+            tensor = as_float(loaded)
+        elif name == "bias":  # added once, after the all-reduce sums the ranks
+            tensor = as_float(loaded)
             tensor = tensor if tp.is_driver else torch.zeros_like(tensor)
         else:
-            tensor = tensor.narrow(1, start, size)
+            tensor = narrow_loaded(loaded, 1, start, size)
         load(param, tensor, shard_id)
 
     return loader
