@@ -190,3 +190,46 @@ def test_quantized_model_splits_like_one_rank(tmp_path, prompts, quantization):
             assert per_rank[0] == per_rank[1] <= 0.51 * ref_bytes
         finally:
             llm.llm_engine.shutdown()
+
+
+def test_gguf_int4_experts_split_on_their_blocks(tmp_path):
+    """A GGUF file's Q4_0 expert stacks over two ranks, by width (each rank's 32 columns of the
+    down projection are whole blocks) and whole: every rank repacks its slice of the file's
+    blocks, exactly its slice of what one rank computes with, still 4-bit."""
+    from soarllm.distributed.worker import dequantized_weight
+    from soarllm.model.layers.fused_moe import FusedMoE
+    from tests.model.test_moe_gguf import FAMILIES as GGUF_FAMILIES
+    from tests.model.test_moe_gguf import write_moe_gguf
+
+    hf_dir = make_tiny_model(tmp_path / "hf", "qwen2_moe", **GGUF_FAMILIES["qwen2_moe"])
+    path = write_moe_gguf(hf_dir, tmp_path / "qwen2moe-Q4_0.gguf", "Q4_0")
+    common = dict(dtype="float32", kv_cache_memory="32MiB", block_size=4)
+    one = LLM(str(path), **common)
+    model = one.llm_engine.executor.runner.model
+    names = [n for n, m in model.named_modules() if isinstance(m, FusedMoE)]
+    ref = {n: dequantized_weight(model.get_submodule(n)) for n in names}
+    ref_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                    if ".experts." in n)
+    assert all(model.get_submodule(n).gate_up_proj.dtype == torch.uint8 for n in names)
+    del one, model
+    for ep in (False, True):
+        llm = LLM(str(path), **common, tensor_parallel_size=2, enable_expert_parallel=ep)
+        try:
+            per_rank = llm.llm_engine.executor.collective_rpc("parameter_bytes", ".experts.")
+            assert per_rank == [ref_bytes // 2] * 2  # packed 4-bit, half the stacks each
+            for n in names:
+                gate_up, down = ref[n]["gate_up_proj"], ref[n]["down_proj"]
+                e, width = gate_up.shape[0] // 2, down.shape[-1]
+                i = width // 2
+                for r, stacks in enumerate(llm.llm_engine.executor.collective_rpc(
+                        "dequantized_weight", n)):
+                    if ep:
+                        want = gate_up[r * e:(r + 1) * e], down[r * e:(r + 1) * e]
+                    else:
+                        want = (torch.cat([gate_up[:, r * i:(r + 1) * i],
+                                           gate_up[:, width + r * i:width + (r + 1) * i]], 1),
+                                down[..., r * i:(r + 1) * i])
+                    torch.testing.assert_close(stacks["gate_up_proj"], want[0], atol=0, rtol=0)
+                    torch.testing.assert_close(stacks["down_proj"], want[1], atol=0, rtol=0)
+        finally:
+            llm.llm_engine.shutdown()

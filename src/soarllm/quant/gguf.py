@@ -70,22 +70,31 @@ class GGUFBlocks:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape)
 
     def narrow(self, dim: int, start: int, size: int) -> GGUFBlocks | None:
-        """The blocks of rows (dim 0) or of columns [start, start + size) (dim 1) of a 2-D
-        weight, still blocks: a tensor-parallel rank's slice, loaded as the whole tensor would
-        be. None where the slice cuts through blocks (or runs past the end): the caller takes
-        it from the dequantized tensor."""
+        """The blocks of [start, start + size) along ``dim`` (rows, stacked experts, or columns
+        on block boundaries), still blocks: a tensor-parallel rank's slice, loaded as the whole
+        tensor would be. None where the slice cuts through blocks (or runs past the end): the
+        caller takes it from the dequantized tensor."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        if len(self.shape) != 2 or start < 0 or start + size > self.shape[dim]:
+        dim %= len(self.shape)
+        if start < 0 or start + size > self.shape[dim]:
             return None
-        rows, cols = self.shape
-        if dim == 0:
-            return GGUFBlocks(self.qtype, self.data[start : start + size], (size, cols))
+        shape = (*self.shape[:dim], size, *self.shape[dim + 1:])
+        if dim < len(self.shape) - 1:
+            return GGUFBlocks(self.qtype, self.data.narrow(dim, start, size), shape)
         per_block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
         if start % per_block or size % per_block:
             return None
-        lo, hi = start // per_block * nbytes, (start + size) // per_block * nbytes
-        return GGUFBlocks(self.qtype, self.data[:, lo:hi].contiguous(), (rows, size))
+        lo, n = start // per_block * nbytes, size // per_block * nbytes
+        return GGUFBlocks(self.qtype, self.data.narrow(dim, lo, n).contiguous(), shape)
+
+    @staticmethod
+    def concat(parts: list[GGUFBlocks], dim: int) -> GGUFBlocks:
+        """Blocks of one type side by side along a dimension other than the columns."""
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        return GGUFBlocks(parts[0].qtype, torch.cat([p.data for p in parts], dim=dim),
+                          tuple(shape))
 
     def to_int4(self, group_size: int = GROUP):
         """(q uint8 [.., rows, cols], scale f32 [.., rows, cols/32], zero f32) with
@@ -232,12 +241,19 @@ class GGUFQuantConfig(QuantizationConfig):
 
     def get_moe_method(self, layer, prefix: str):
         """Stacked experts of a 4-bit type (both stacks): W4A16 experts repacked exactly from
-        the blocks, on one rank (tensor / expert parallel ranks slice the dequantized stacks);
+        the blocks, each rank its own (whole experts, or its slice of the width where the down
+        projection's columns split on block boundaries; else it slices the dequantized stacks);
         others come dequantized (loader/gguf_tensors.py) in the model dtype."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
         from soarllm.quant.moe import W4A16FusedMoEMethod
 
         types = [self.types.get(f"{prefix}.{stack}", "F32") for stack in ("gate_up_proj", "down_proj")]
-        if all(t in INT4_TYPES for t in types) and layer.tp.world_size == 1:
+        whole = layer.tp.world_size == 1 or layer.expert_parallel
+        aligned = all(t in INT4_TYPES for t in types) and (
+            whole or layer.local_intermediate % GGML_QUANT_SIZES[GGMLQuantizationType[types[1]]][0]
+            == 0)
+        if aligned:
             self.repacked_expert_layers += 1
             return W4A16FusedMoEMethod(GROUP)
         self.expert_layers += 1

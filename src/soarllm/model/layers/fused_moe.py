@@ -272,11 +272,13 @@ class FusedMoE(nn.Module):
         inter, hidden = self.local_intermediate, self.hidden_size
         to_int4 = getattr(loaded, "to_int4", None)
         store_int4 = getattr(self.quant_method, "store_int4", None)
-        if (shard_id is None and to_int4 is not None and store_int4 is not None
-                and self.tp.world_size == 1):
+        blocks = (self._rank_blocks(loaded, down)
+                  if shard_id is None and to_int4 is not None and store_int4 is not None else None)
+        if blocks is not None:
             # a whole stack of 4-bit blocks (GGUF) into 4-bit experts: repacked, not re-rounded
-            q, scale, zero = to_int4(self.quant_method.group_size)
-            expected = (self.num_experts, *((hidden, inter) if down else (2 * inter, hidden)))
+            # (this rank's experts or its slice of the width, cut on block boundaries)
+            q, scale, zero = blocks.to_int4(self.quant_method.group_size)
+            expected = (self.local_experts, *((hidden, inter) if down else (2 * inter, hidden)))
             if tuple(q.shape) != expected:
                 raise ValueError(f"checkpoint shape {tuple(q.shape)} != expected {expected}")
             store_int4(self, "down_proj" if down else "gate_up_proj", slice(None), slice(None),
@@ -315,6 +317,20 @@ class FusedMoE(nn.Module):
             self.quant_method.store(self, name, experts, rows, tensor, columns=columns)
         else:
             self.quant_method.store(self, name, experts, rows, tensor)
+
+    def _rank_blocks(self, blocks, down: bool):
+        """This rank's part of a whole stack of stored blocks (``_rank_slice`` for blocks), or
+        None where it would cut through a block."""
+        if self.tp.world_size == 1:
+            return blocks
+        if self.expert_parallel:
+            return blocks.narrow(0, self.expert_start, self.local_experts)
+        inter, local = self.intermediate_size, self.local_intermediate
+        start = self.tp.rank * local
+        if down:
+            return blocks.narrow(-1, start, local)
+        gate, up = blocks.narrow(1, start, local), blocks.narrow(1, inter + start, local)
+        return type(blocks).concat([gate, up], dim=1)
 
     def _rank_slice(self, tensor: torch.Tensor, down: bool, stacked: bool,
                     whole_rows=None) -> torch.Tensor:
