@@ -231,14 +231,57 @@ def test_bad_expert_groups_are_a_clear_error():
         resolve_model_class(cfg)(cfg, torch.float32)
 
 
-def test_tensor_and_expert_parallel_are_refused_clearly():
+def test_tensor_and_expert_parallel_splits_are_checked():
     from soarllm.distributed.multiproc import check_tensor_parallel
 
-    cfg = v3_config()
+    cfg = v3_config()  # 4 heads, 8 experts: 2 ranks fit, 3 do not
     cfg.architectures = ["DeepseekV3ForCausalLM"]
     for ep in (False, True):
-        with pytest.raises(ConfigError, match="does not support tensor parallelism yet"):
-            check_tensor_parallel(cfg, 2, "cpu", enable_expert_parallel=ep)
+        check_tensor_parallel(cfg, 2, "cpu", enable_expert_parallel=ep)
+    with pytest.raises(ConfigError, match="attention heads"):
+        check_tensor_parallel(cfg, 3, "cpu")
+    with pytest.raises(ConfigError, match="splits the 6 experts over tensor_parallel_size=4 "
+                       "ranks, which must divide 6"):
+        check_tensor_parallel(v3_config(n_routed_experts=6, n_group=3, num_attention_heads=4,
+                                        architectures=["DeepseekV3ForCausalLM"]), 4, "cpu",
+                              enable_expert_parallel=True)
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["by-width", "expert-parallel"])
+def test_greedy_tokens_over_two_ranks_equal_transformers(tiny_deepseek, ep):
+    """MLA heads, dense MLP, shared experts and vocabulary over two ranks, the routed experts by
+    width or whole; the latent cache whole on each rank: transformers' greedy tokens and their
+    log-probabilities, with chunked prefill beside decodes."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 40))] for _ in range(4)]
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_deepseek), dtype=torch.float32).eval()
+    want, want_lp = [], []
+    with torch.inference_mode():
+        for p in prompts:
+            gen = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                              min_new_tokens=10,
+                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
+            new = gen[0, len(p):]
+            lp = torch.log_softmax(hf(gen[:, :-1]).logits[0, len(p) - 1:].double(), dim=-1)
+            want.append(new.tolist())
+            want_lp.append(lp.gather(1, new[:, None])[:, 0])
+    llm = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV, block_size=4,
+              tensor_parallel_size=2, enable_expert_parallel=ep, max_num_batched_tokens=16,
+              enable_prefix_caching=False)
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
+        outs = [o.outputs[0] for o in llm.generate(prompts, sp)]
+        per_rank = llm.llm_engine.executor.collective_rpc("parameter_bytes", ".experts.")
+    finally:
+        llm.llm_engine.shutdown()
+    assert [o.token_ids for o in outs] == want
+    for o, ref in zip(outs, want_lp):
+        ours = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
+                            dtype=torch.float64)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    whole = sum(p.numel() * p.element_size() for n, p in hf.named_parameters()
+                if ".experts." in n and "shared" not in n)
+    assert per_rank == [whole // 2] * 2
 
 
 def test_triton_backend_is_refused_for_the_latent_cache(tiny_deepseek):

@@ -34,7 +34,14 @@ sigmoid plus the per-expert ``e_score_correction_bias`` for the choice only (``n
 renormalised where ``norm_topk_prob``. Both scale the routed weights by
 ``routed_scaling_factor``.
 
-Not yet: tensor parallel, a quantized ``kv_b_proj`` (it stays in the model dtype: its rows are
+Tensor parallel (``tp``): each rank holds its heads: its rows of ``q_proj`` / ``q_b_proj`` and of
+``kv_b_proj`` (their absorbed W_UK / W_UV), its columns of ``o_proj`` (partial sums all-reduced);
+the latent path (``q_a_proj``, ``kv_a_proj_with_mqa``, their norms) is replicated and so is the
+latent KV cache, whole on every rank (one "KV head" that every local head reads). Dense MLPs,
+shared experts and the vocabulary split as in Llama; the routed experts by width or whole
+(``enable_expert_parallel``), one all-reduce for routed + shared.
+
+Not yet: a quantized ``kv_b_proj`` (it stays in the model dtype: its rows are
 the absorbed weights), V3's multi-token-prediction layer (its checkpoint tensors, past
 ``num_hidden_layers``, are skipped), the Triton backend on the latent cache.
 """
@@ -51,10 +58,16 @@ from soarllm.model.layers.attention import Attention
 from soarllm.model.layers.fused_moe import FusedMoE, grouped_topk
 from soarllm.model.layers.linear import Linear
 from soarllm.model.layers.norm import RMSNorm
+from soarllm.model.layers.parallel_linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from soarllm.model.layers.rotary import RotaryEmbedding, rope_parameters
 from soarllm.model.models.base import DecoderForCausalLM
 from soarllm.model.models.llama import LlamaModel
-from soarllm.model.models.moe import MoEDecoderLayer, MoEForCausalLM, gated_mlp
+from soarllm.model.models.moe import MoEDecoderLayer, MoEDims, MoEForCausalLM, gated_mlp
+from soarllm.model.parallel_state import TPGroup
 from soarllm.quant.base import new_param
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
@@ -81,37 +94,43 @@ class MLAttention(nn.Module):
     """Multi-head latent attention over a latent KV cache (module docstring)."""
 
     def __init__(self, config, dtype, rotary_emb: RotaryEmbedding, interleaved_rope: bool,
-                 quant_config=None, prefix: str = ""):
+                 quant_config=None, prefix: str = "", tp: TPGroup | None = None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        tp = tp or TPGroup.single()
+        heads_all = config.num_attention_heads
+        self.num_heads = tp.split(heads_all, "attention heads")  # this rank's
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.q_lora_rank = config.q_lora_rank
         self.interleaved_rope = interleaved_rope
-        hidden, heads = config.hidden_size, self.num_heads
+        hidden = config.hidden_size
         qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         bias = bool(getattr(config, "attention_bias", False))
+        heads = dict(tp=tp, what="attention heads")
         if self.q_lora_rank is None:
-            self.q_proj = Linear(hidden, heads * qk_head_dim, dtype=dtype,
-                                 quant_config=quant_config, prefix=f"{prefix}.q_proj")
+            self.q_proj = ColumnParallelLinear(hidden, heads_all * qk_head_dim, dtype=dtype,
+                                               quant_config=quant_config,
+                                               prefix=f"{prefix}.q_proj", **heads)
         else:
             self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias, dtype=dtype,
                                    quant_config=quant_config, prefix=f"{prefix}.q_a_proj")
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, dtype)
-            self.q_b_proj = Linear(self.q_lora_rank, heads * qk_head_dim, dtype=dtype,
-                                   quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads_all * qk_head_dim,
+                                                 dtype=dtype, quant_config=quant_config,
+                                                 prefix=f"{prefix}.q_b_proj", **heads)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim,
                                          bias=bias, dtype=dtype, quant_config=quant_config,
                                          prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
         # unquantized: its rows are the absorbed weights W_UK and W_UV
-        self.kv_b_proj = Linear(self.kv_lora_rank,
-                                heads * (self.qk_nope_head_dim + self.v_head_dim), dtype=dtype,
-                                prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = Linear(heads * self.v_head_dim, hidden, bias=bias, dtype=dtype,
-                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.kv_b_proj = ColumnParallelLinear(
+            self.kv_lora_rank, heads_all * (self.qk_nope_head_dim + self.v_head_dim), dtype=dtype,
+            prefix=f"{prefix}.kv_b_proj", **heads)
+        self.o_proj = RowParallelLinear(heads_all * self.v_head_dim, hidden, bias=bias,
+                                        dtype=dtype, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj", **heads)
         self.rotary_emb = [rotary_emb]  # a list keeps the shared module out of submodules
         self.attn = Attention(softmax_scale(config))
 
@@ -160,8 +179,10 @@ class DeepseekMoE(nn.Module):
     """Routed experts chosen by group-limited top-k, plus the ungated shared experts."""
 
     def __init__(self, config, dtype, scoring: str, renormalize: bool, num_groups: int,
-                 topk_groups: int, quant_config=None, prefix: str = ""):
+                 topk_groups: int, quant_config=None, prefix: str = "",
+                 tp: TPGroup | None = None, expert_parallel: bool = False):
         super().__init__()
+        self.tp = tp = tp or TPGroup.single()
         self.scoring, self.renormalize = scoring, renormalize
         self.num_groups, self.topk_groups = num_groups, topk_groups
         self.scaling_factor = float(getattr(config, "routed_scaling_factor", 1.0) or 1.0)
@@ -173,10 +194,12 @@ class DeepseekMoE(nn.Module):
         self.gate = DeepseekRouter(config.hidden_size, experts, scoring == "sigmoid")
         self.experts = FusedMoE(experts, config.num_experts_per_tok, config.hidden_size,
                                 config.moe_intermediate_size, renormalize, config.hidden_act,
-                                dtype, prefix=f"{prefix}.experts", quant_config=quant_config)
+                                dtype, prefix=f"{prefix}.experts", tp=tp,
+                                expert_parallel=expert_parallel, quant_config=quant_config)
         shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = (gated_mlp(config, config.moe_intermediate_size * shared, dtype,
-                                         quant_config, f"{prefix}.shared_experts")
+                                         quant_config, f"{prefix}.shared_experts", tp,
+                                         reduce_results=False)
                                if shared else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +210,7 @@ class DeepseekMoE(nn.Module):
         out = self.experts.run(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
 
 
 class DeepseekModel(LlamaModel):
@@ -196,15 +219,15 @@ class DeepseekModel(LlamaModel):
 
     def __init__(self, config, dtype, quant_config, family: DeepseekV2ForCausalLM):
         nn.Module.__init__(self)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   dtype=dtype, tp=family.tp)
         self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
                                           rope_parameters(config))
         layers = []
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}"
             attention = MLAttention(config, dtype, self.rotary_emb, family.interleaved_rope(config),
-                                    quant_config, f"{prefix}.self_attn")
+                                    quant_config, f"{prefix}.self_attn", family.tp)
             mlp = family.build_mlp(config, i, dtype, quant_config, f"{prefix}.mlp")
             layers.append(MoEDecoderLayer(config, attention, mlp, dtype))
         self.layers = nn.ModuleList(layers)
@@ -216,18 +239,26 @@ class DeepseekV2ForCausalLM(MoEForCausalLM):
     packed_modules = {"gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
     # the cache holds one latent vector per token, key and value at once (kernels/attention.py)
     latent_kv_cache = True
-    # the latent attention and DeepSeekMoE are not split over ranks yet
-    supports_tensor_parallel = False
+    supports_tensor_parallel = True
 
     def __init__(self, config, dtype=torch.float32, backend=None, quant_config=None,
                  tp=None, enable_expert_parallel: bool = False):
-        # one rank: expert parallelism over a world of 1 changes nothing
-        DecoderForCausalLM.__init__(self, config, dtype, quant_config, backend)
+        DecoderForCausalLM.__init__(self, config, dtype, quant_config, backend, tp)
+        self.enable_expert_parallel = enable_expert_parallel
         self.routing = self.check_routing(config)
-        # what the runner sizes the KV cache by: one "KV head" of the latent's width
+        # what the runner sizes the KV cache by: one "KV head" of the latent's width, whole on
+        # every rank
         self.num_kv_heads, self.head_dim = 1, config.kv_lora_rank + config.qk_rope_head_dim
         self.model = DeepseekModel(config, dtype, quant_config, self)
         self.build_lm_head(self.model.embed_tokens)
+
+    @classmethod
+    def moe_dims(cls, config) -> MoEDims:
+        shared = getattr(config, "n_shared_experts", None) or 0
+        dense = (getattr(config, "first_k_dense_replace", 0) or 0) > 0
+        return MoEDims(config.n_routed_experts, config.moe_intermediate_size,
+                       config.moe_intermediate_size * shared,
+                       config.intermediate_size if dense else 0)
 
     @staticmethod
     def interleaved_rope(config) -> bool:
@@ -252,9 +283,11 @@ class DeepseekV2ForCausalLM(MoEForCausalLM):
                                         "layer from first_k_dense_replace on is sparse)")
         first_dense = getattr(config, "first_k_dense_replace", 0) or 0
         if not getattr(config, "n_routed_experts", None) or layer_idx < first_dense:
-            return gated_mlp(config, config.intermediate_size, dtype, quant_config, prefix)
+            return gated_mlp(config, config.intermediate_size, dtype, quant_config, prefix,
+                             self.tp)
         scoring, renormalize, groups, kept = self.routing
-        return DeepseekMoE(config, dtype, scoring, renormalize, groups, kept, quant_config, prefix)
+        return DeepseekMoE(config, dtype, scoring, renormalize, groups, kept, quant_config, prefix,
+                           self.tp, self.enable_expert_parallel)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
