@@ -240,3 +240,23 @@ def test_compiled_decode_steps_attend_in_cpp_and_other_steps_in_python(compiled,
     outs = compiled.generate(prompts, _params(len(prompts)))
     assert all(len(o.outputs[0].token_ids) > 1 for o in outs)  # decode steps ran
     assert python_calls and not any(python_calls)
+
+
+def test_saved_steps_are_kept_per_instruction_set(compiled, monkeypatch):
+    """A saved step was built for this CPU's vector instructions: a cache directory shared with a
+    machine of another instruction set (an NFS home) must not hand it over, and loading it here
+    skips inductor's probe of the instruction set (it compiled here before)."""
+    import torch._inductor.config as inductor_config
+
+    backbone = _backbone(compiled)
+    kv = compiled.llm_engine.executor.runner.kv_caches
+    here = compilation.graph_key(backbone.backbone, kv, backbone.cache_tag)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compilation, "_x86_isa", lambda: ["avx2"])
+    assert compilation.graph_key(backbone.backbone, kv, backbone.cache_tag) != here
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    compilation._trust_vec_isa()
+    assert inductor_config.cpp.vec_isa_ok is True
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", False)  # a setting decided it
+    compilation._trust_vec_isa()
+    assert inductor_config.cpp.vec_isa_ok is False

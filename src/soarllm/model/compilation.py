@@ -101,6 +101,24 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
+def _x86_isa() -> list[str]:
+    try:
+        from torch._inductor.cpu_vec_isa import x86_isa_checker
+
+        return x86_isa_checker()
+    except Exception:  # another architecture, another torch
+        return []
+
+
+def _trust_vec_isa() -> None:
+    """Tell inductor the CPU's vector instructions build and run (its own probe compiles test
+    programs), unless a setting already decided it."""
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.cpp.vec_isa_ok is None:
+        inductor_config.cpp.vec_isa_ok = True
+
+
 def graph_key(backbone: torch.nn.Module, kv_caches: list[torch.Tensor], tag: str) -> str:
     """The name a compiled step is cached under: everything a graph is specialized on that its
     guards cannot check after loading (code, library versions, which native ops are loaded, the
@@ -111,6 +129,9 @@ def graph_key(backbone: torch.nn.Module, kv_caches: list[torch.Tensor], tag: str
     from soarllm import __version__
 
     parts = [torch.__version__, __version__, _source_digest(), tag,
+             # the instruction set the compiled code was built for (a cache directory shared by
+             # machines with other CPUs must not load it)
+             torch.backends.cpu.get_cpu_capability(), ",".join(_x86_isa()),
              # dynamo guards the thread count, and inductor splits loops for it
              f"threads={torch.get_num_threads()}",
              f"cpp_wrapper={inductor_config.cpp_wrapper}",
@@ -165,6 +186,10 @@ class CompiledBackbone:
         path = aot_cache_dir() / f"{self._key}-{'n' if many else '1'}.bin"
         # loaded graphs are checked with unmarked inputs: a saved graph's guards do not keep
         # mark_dynamic's marking (and need not: its token count is symbolic, >= 2)
+        if path.exists():
+            # the graph under this key was compiled here, for this instruction set: inductor's
+            # probe of it (compiling and loading test programs, ~1 s) has nothing to add
+            _trust_vec_isa()
         fn = self._load(path, args)
         if fn is None:
             if many:
