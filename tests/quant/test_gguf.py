@@ -306,3 +306,29 @@ def test_quantization_gguf_refused_for_other_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="needs a .gguf checkpoint"):
         get_quant_config("gguf", ckpt, DecoderForCausalLM.packed_modules)
     assert get_quant_config(None, ckpt, DecoderForCausalLM.packed_modules) is None
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_blocks_narrow_to_a_rank_slice_as_gguf_dequantizes_it(qtype):
+    """A tensor-parallel rank's slice of stored blocks, still blocks: rows (past the end: zero
+    weights, a padded vocabulary), block-aligned columns, stacked experts; gguf's own
+    dequantization of the slice = the slice of its dequantization of the whole."""
+    import gguf
+
+    from soarllm.quant.gguf import GGUFBlocks
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 6, 96)).astype(np.float32)  # experts, rows, 3 blocks of 32
+    qt = gguf.GGMLQuantizationType[qtype]
+    stacked = GGUFBlocks(qtype, torch.from_numpy(gguf.quants.quantize(w, qt)), (3, 6, 96))
+    full = stacked.dequantize()
+    flat = GGUFBlocks(qtype, stacked.data[1], (6, 96))
+    assert torch.equal(flat.narrow(0, 2, 3).dequantize(), full[1, 2:5])
+    padded = flat.narrow(0, 4, 4).dequantize()  # rows 4, 5 and two of zeros
+    assert torch.equal(padded[:2], full[1, 4:]) and not padded[2:].any()
+    assert torch.equal(flat.narrow(1, 32, 64).dequantize(), full[1, :, 32:])
+    assert flat.narrow(1, 16, 32) is None and flat.narrow(1, 64, 64) is None  # not whole blocks
+    assert torch.equal(stacked.narrow(0, 1, 2).dequantize(), full[1:])
+    assert torch.equal(stacked.narrow(-1, 0, 32).dequantize(), full[..., :32])
+    both = GGUFBlocks.concat([stacked.narrow(1, 0, 2), stacked.narrow(1, 4, 2)], dim=1)
+    assert torch.equal(both.dequantize(), torch.cat([full[:, :2], full[:, 4:]], dim=1))

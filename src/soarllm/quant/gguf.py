@@ -72,16 +72,23 @@ class GGUFBlocks:
     def narrow(self, dim: int, start: int, size: int) -> GGUFBlocks | None:
         """The blocks of [start, start + size) along ``dim`` (rows, stacked experts, or columns
         on block boundaries), still blocks: a tensor-parallel rank's slice, loaded as the whole
-        tensor would be. None where the slice cuts through blocks (or runs past the end): the
-        caller takes it from the dequantized tensor."""
+        tensor would be; rows past the end (a vocabulary padded to the ranks) are zero bytes,
+        which every block type reads as zero weights. None where columns would be cut through a
+        block or run past the end: the caller takes them from the dequantized tensor."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         dim %= len(self.shape)
+        shape = (*self.shape[:dim], size, *self.shape[dim + 1:])
+        if dim < len(self.shape) - 1:  # rows (or experts); past the end, rows of zero bytes
+            avail = max(0, min(size, self.shape[dim] - start))  # (a zero scale: zero weights)
+            data = self.data.narrow(dim, min(start, self.shape[dim]), avail)
+            if avail < size:
+                pad = list(data.shape)
+                pad[dim] = size - avail
+                data = torch.cat([data, data.new_zeros(pad)], dim=dim)
+            return GGUFBlocks(self.qtype, data, shape)
         if start < 0 or start + size > self.shape[dim]:
             return None
-        shape = (*self.shape[:dim], size, *self.shape[dim + 1:])
-        if dim < len(self.shape) - 1:
-            return GGUFBlocks(self.qtype, self.data.narrow(dim, start, size), shape)
         per_block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
         if start % per_block or size % per_block:
             return None
