@@ -157,3 +157,20 @@ def test_cost_model_outlier_cannot_price_a_count_out():
     # a known count's mean moves by at most max_jump x its mean per measurement
     m.observe(1, 1.0)
     assert abs(m.time(1) - (0.009 + 0.2 * (3 * 0.009 - 0.009))) < 1e-12
+
+
+def test_a_resting_lookahead_explores_with_one_row_not_the_whole_batch():
+    # compute-bound steps: a lookahead row (16 tokens for 1 + ~0.5 expected) never pays, so the
+    # method rests; its periodic re-measurement takes one row, not 32 rows of 16 tokens
+    spec = Speculator(SpeculativeConfig(method="lookahead"), max_model_len=1000, explore_every=4)
+    for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        spec.observe_step(t, 0.001 * t)
+    chosen = []
+    for _ in range(8):
+        reqs = [_req([1, 2, 3, 4, 5, 6, 7, 8, 1, 2], rid=f"r{i}") for i in range(32)]
+        spec.propose(reqs, len(reqs))
+        chosen.append(sum(bool(r.spec_token_ids) for r in reqs))
+        for r in reqs:
+            if r.spec_token_ids:
+                spec.record(r, len(r.spec_token_ids), 0)
+    assert max(chosen) == 1 and chosen.count(1) == 2, chosen  # steps 4 and 8 of 8

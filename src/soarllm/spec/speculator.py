@@ -262,7 +262,11 @@ class Speculator:
         if not atomic:
             return self._plan_chains(candidates, base)
         counts = [0] * len(candidates)
-        if self._lookahead_pays(sum(len(candidates[i][2]) for i in atomic), len(atomic), base):
+        verdict = self._lookahead_pays(sum(len(candidates[i][2]) for i in atomic), len(atomic),
+                                       base)
+        if verdict == "explore":  # one row re-measures the method: a whole batch's rows would
+            atomic = atomic[:1]  # make the step many times a plain one where it does not pay
+        if verdict:
             for i in atomic:
                 counts[i] = len(candidates[i][2])
         rest = [i for i in range(len(candidates)) if candidates[i][1] != "lookahead"]
@@ -271,19 +275,20 @@ class Speculator:
                 counts[i] = k
         return counts
 
-    def _lookahead_pays(self, tokens: int, rows: int, base: int) -> bool:
+    def _lookahead_pays(self, tokens: int, rows: int, base: int) -> str:
+        """"all" (every lookahead row this step), "explore" (one row, to re-measure a resting
+        method) or "" (none)."""
         cfg = self.config
         if cfg is not None and not cfg.adaptive:
-            return True
+            return "all"
         t0 = self.cost.time(base)
         if t0 is None or not self.cost.measured(base) and self.cost.num_points < 2:
-            return False  # measure plain steps first
-        if self._steps % self.explore_every == 0:
-            return True
-        if not self._delivers("lookahead", base):
-            return False
-        rate = (base + rows * self._lookahead_gain) / self.cost.time(base + tokens)
-        return rate > base / t0 * (1 + _MARGIN)
+            return ""  # measure plain steps first
+        if self._delivers("lookahead", base):
+            rate = (base + rows * self._lookahead_gain) / self.cost.time(base + tokens)
+            if rate > base / t0 * (1 + _MARGIN):
+                return "all"
+        return "explore" if self._steps % self.explore_every == 0 else ""
 
     def _plan_chains(self, candidates: list[tuple[Request, str, list[int]]], base: int) -> list[int]:
         """Draft tokens per candidate: best expected gain first, while tokens/s rises."""
