@@ -122,10 +122,19 @@ def test_executor_backend_choice():
         executor_backend(EngineArgs(tensor_parallel_size=0))
 
 
-def test_quantized_tensor_parallel_is_refused(tiny_gqa_dir):
-    with pytest.raises(ConfigError, match="quantization='none'"):
-        LLMEngine(EngineArgs(model=str(tiny_gqa_dir), dtype="float32", quantization="w8a16",
-                             kv_cache_memory="32MiB", tensor_parallel_size=2))
+def test_a_compressed_tensors_checkpoint_under_tensor_parallel_is_refused(tiny_gqa_dir,
+                                                                          tmp_path):
+    # weights quantized at load shard (tests/distributed/test_expert_parallel.py); a checkpoint
+    # stored packed by `soar quantize` cannot be cut yet: refused before serving, naming the fix
+    from soarllm.cli.main import main as soar
+
+    out = tmp_path / "w8a16"
+    assert soar(["quantize", str(tiny_gqa_dir), "--scheme", "w8a16", "--method", "rtn",
+                 "--out", str(out)]) == 0
+    with pytest.raises(ConfigError, match="cannot be split over 2 ranks yet.*quantization="
+                       "'w8a16'.*on the float checkpoint"):
+        LLMEngine(EngineArgs(model=str(out), dtype="float32", kv_cache_memory="32MiB",
+                             tensor_parallel_size=2))
 
 
 def test_async_engine_reports_unhealthy_after_a_worker_dies(tiny_gqa_dir):
