@@ -33,7 +33,7 @@ def test_tp3_default_model_greedy_equals_transformers(default_model_path, backen
     expected = [hf_greedy(default_model_path, ids, N_TOKENS) for ids in prompt_ids]
     whole = sum(p.numel() * p.element_size()
                 for p in {p.data_ptr(): p for p in model.parameters()}.values())
-    # quantization="none": the dequantized weights transformers runs (GGUF blocks do not shard)
+    # quantization="none": the dequantized weights transformers runs (the blocks: see below)
     llm = LLM(str(default_model_path), dtype="float32", quantization="none",
               kv_cache_memory="64MiB", max_model_len=256, tensor_parallel_size=3,
               distributed_executor_backend=backend)
