@@ -233,3 +233,42 @@ def test_gguf_int4_experts_split_on_their_blocks(tmp_path):
                     torch.testing.assert_close(stacks["down_proj"], want[1], atol=0, rtol=0)
         finally:
             llm.llm_engine.shutdown()
+
+
+@pytest.mark.parametrize("flags", [["--scheme", "w8a16", "--method", "gptq"],
+                                   ["--scheme", "w4a16", "--method", "gptq", "--group-size", "32"]],
+                         ids=["w8a16-gptq", "w4a16-gptq"])
+def test_a_compressed_tensors_checkpoint_splits_on_its_stored_integers(tmp_path, flags):
+    """A `soar quantize` checkpoint (GPTQ: its integers need not reach the ends of the range, so
+    rounding a slice again would not give them back) over two ranks: each rank loads its slice
+    of the stored integers and scales (an int8 row keeps its row's scale), exactly its slice of
+    what one rank computes with."""
+    from soarllm.cli.main import main as soar
+    from soarllm.distributed.worker import dequantized_weight
+
+    d = make_tiny_model(tmp_path / "llama", "llama")
+    out = tmp_path / "packed"
+    assert soar(["quantize", str(d), *flags, "--num-samples", "8", "--seq-len", "32",
+                 "--out", str(out)]) == 0
+    common = dict(dtype="float32", kv_cache_memory="32MiB", block_size=4)
+    one = LLM(str(out), **common)
+    model = one.llm_engine.executor.runner.model
+    names = {"model.layers.1.self_attn.o_proj": 1, "model.layers.1.mlp.down_proj": 1,
+             "model.layers.1.mlp.gate_up_proj": 0}
+    ref = {n: dequantized_weight(model.get_submodule(n)) for n in names}
+    del one, model
+    llm = LLM(str(out), **common, tensor_parallel_size=2)
+    try:
+        for n, dim in names.items():
+            for r, w in enumerate(llm.llm_engine.executor.collective_rpc("dequantized_weight", n)):
+                full = ref[n]
+                if dim == 1:
+                    half = full.shape[1] // 2
+                    want = full[:, r * half:(r + 1) * half]
+                else:  # gate rows, then up rows of this rank
+                    inter = full.shape[0] // 2
+                    q = inter // 2
+                    want = torch.cat([full[r * q:(r + 1) * q], full[inter + r * q:inter + (r + 1) * q]])
+                torch.testing.assert_close(w, want, atol=0, rtol=0)
+    finally:
+        llm.llm_engine.shutdown()

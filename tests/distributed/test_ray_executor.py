@@ -122,9 +122,9 @@ def test_error_in_the_actors_is_raised_as_is_and_frees_the_cluster(ray_cluster, 
 
     from soarllm.cli.main import main as soar
 
-    packed = tmp_path / "w8a16"  # a compressed-tensors checkpoint: not split over ranks yet
+    packed = tmp_path / "w8a16"  # a 2:4 compressed-tensors checkpoint: not split over ranks yet
     assert soar(["quantize", str(tiny_gqa_dir), "--scheme", "w8a16", "--method", "rtn",
-                 "--out", str(packed)]) == 0
+                 "--sparsity", "2:4", "--out", str(packed)]) == 0
     args = _args(packed)
     with pytest.raises(ConfigError, match="cannot be split over 2 ranks yet") as raised:
         LLMEngine(args)

@@ -275,6 +275,59 @@ class CompressedLinearWeight:
         return (q.to(torch.int16) + 8).to(torch.uint8), scale, zero
 
 
+    def narrow(self, dim: int, start: int, size: int) -> _IntSlice | None:
+        """A tensor-parallel rank's rows, or columns on whole groups, as stored integers with
+        their own scales (an int8 row keeps its scale); None for 2:4 layers and cuts through a
+        group (the caller takes the dequantized slice)."""
+        if self.sparse:
+            return None
+        q, scale, zp = self._int_values()
+        scale = scale.reshape(q.shape[0], -1)
+        groups = scale.shape[-1]
+        if dim == 0:
+            return _IntSlice(q[start:start + size], scale[start:start + size],
+                             None if zp is None else zp[start:start + size], self.args)
+        per = q.shape[1] // groups
+        if groups == 1:  # one scale per row: every rank keeps the whole row's scale
+            return _IntSlice(q[:, start:start + size], scale, zp, self.args)
+        if start % per or size % per:
+            return None
+        cols = slice(start // per, (start + size) // per)
+        return _IntSlice(q[:, start:start + size], scale[:, cols],
+                         None if zp is None else zp[:, cols], self.args)
+
+
+@dataclass
+class _IntSlice:
+    """Stored integers of part of a layer (``CompressedLinearWeight.narrow``), loaded like the
+    whole: signed integers, float32 scales per row or per group, integer zero points or None."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zp: torch.Tensor | None
+    args: object
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        per = self.q.shape[1] // self.scale.shape[1]
+        zp = 0 if self.zp is None else self.zp.float().repeat_interleave(per, dim=1)
+        return (self.q.float() - zp) * self.scale.repeat_interleave(per, dim=1)
+
+    def to_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q.to(torch.int8), self.scale.reshape(-1)
+
+    def to_int4(self, group_size: int):
+        if self.args.num_bits != 4 or self.args.group_size != group_size:
+            raise ValueError(f"stored as {self.args.num_bits}-bit group {self.args.group_size}, "
+                             f"not int4 group {group_size}")
+        zero = (torch.zeros_like(self.scale) if self.zp is None
+                else -self.zp.float() * self.scale)
+        return (self.q.to(torch.int16) + 8).to(torch.uint8), self.scale, zero
+
+
 class _StoredInt8Rows:
     """Mixin for the int8 per-channel methods: rows and scales come from the file as they are."""
 
@@ -339,6 +392,12 @@ class CompressedTensorsConfig(QuantizationConfig):
     ``dequantize``, every layer unquantized from the library's decompression)."""
 
     loads_packed = True
+
+    @property
+    def splits_over_ranks(self) -> bool:
+        """Each rank loads its stored integers (CompressedLinearWeight.narrow); 2:4 layers
+        (compressed halves of the inputs) are not cut yet."""
+        return self.sparse is None or self.dequantize_all
 
     def __init__(self, raw: dict, packed_modules: dict[str, tuple[str, str]],
                  dequantize: bool = False, where: str = "the checkpoint", densify: bool = False):

@@ -171,7 +171,9 @@ def _merged_loader(load, starts: dict[str, int], sizes: dict[str, int]):
 def _row_parallel_loader(load, name: str, start: int, size: int, tp: TPGroup,
                          whole_rows: bool = False):
     def loader(param, loaded, shard_id=None):
-        if whole_rows:
+        stored = getattr(loaded, "narrow", None) is not None and not isinstance(
+            loaded, torch.Tensor)
+        if whole_rows and not stored:  # floats: the method rounds whole rows, then cuts
             tensor = as_float(loaded)
         elif name == "bias":  # added once, after the all-reduce sums the ranks
             tensor = as_float(loaded)
