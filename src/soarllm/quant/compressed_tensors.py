@@ -260,20 +260,18 @@ class CompressedLinearWeight:
                                                    self.args.num_bits)
         return compressor.decompress(state, self._scheme())["weight"].float()
 
+    def _ints(self) -> _IntSlice:
+        """The whole layer's stored integers."""
+        q, scale, zp = self._int_values()
+        return _IntSlice(self.name, q, scale.reshape(q.shape[0], -1), zp, self.args)
+
     def to_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 [out, in], f32 scale [out]) with w = q * scale: a symmetric per-channel layer."""
-        q, scale, _ = self._int_values()
-        return q.to(torch.int8), scale.reshape(-1)
+        return self._ints().to_int8()
 
     def to_int4(self, group_size: int):
         """(q uint8 in [0, 16), scale f32 [out, in/g], zero f32) with w = (q - 8) s + z."""
-        if self.args.num_bits != 4 or self.args.group_size != group_size:
-            raise ValueError(f"{self.name}: stored as {self.args.num_bits}-bit group "
-                             f"{self.args.group_size}, not int4 group {group_size}")
-        q, scale, zp = self._int_values()
-        zero = torch.zeros_like(scale) if zp is None else -zp.float() * scale
-        return (q.to(torch.int16) + 8).to(torch.uint8), scale, zero
-
+        return self._ints().to_int4(group_size)
 
     def narrow(self, dim: int, start: int, size: int) -> _IntSlice | None:
         """A tensor-parallel rank's rows, or columns on whole groups, as stored integers with
@@ -281,27 +279,29 @@ class CompressedLinearWeight:
         group (the caller takes the dequantized slice)."""
         if self.sparse:
             return None
-        q, scale, zp = self._int_values()
-        scale = scale.reshape(q.shape[0], -1)
-        groups = scale.shape[-1]
+        w = self._ints()
         if dim == 0:
-            return _IntSlice(q[start:start + size], scale[start:start + size],
-                             None if zp is None else zp[start:start + size], self.args)
-        per = q.shape[1] // groups
+            rows = slice(start, start + size)
+            return _IntSlice(w.name, w.q[rows], w.scale[rows],
+                             None if w.zp is None else w.zp[rows], w.args)
+        groups = w.scale.shape[-1]
+        per = w.q.shape[1] // groups
+        cols = w.q[:, start:start + size]
         if groups == 1:  # one scale per row: every rank keeps the whole row's scale
-            return _IntSlice(q[:, start:start + size], scale, zp, self.args)
+            return _IntSlice(w.name, cols, w.scale, w.zp, w.args)
         if start % per or size % per:
             return None
-        cols = slice(start // per, (start + size) // per)
-        return _IntSlice(q[:, start:start + size], scale[:, cols],
-                         None if zp is None else zp[:, cols], self.args)
+        g = slice(start // per, (start + size) // per)
+        return _IntSlice(w.name, cols, w.scale[:, g], None if w.zp is None else w.zp[:, g],
+                         w.args)
 
 
 @dataclass
 class _IntSlice:
-    """Stored integers of part of a layer (``CompressedLinearWeight.narrow``), loaded like the
-    whole: signed integers, float32 scales per row or per group, integer zero points or None."""
+    """Stored integers of a layer or of a rank's part of it (``CompressedLinearWeight.narrow``):
+    signed integers, float32 scales per row or per group, integer zero points or None."""
 
+    name: str
     q: torch.Tensor
     scale: torch.Tensor
     zp: torch.Tensor | None
@@ -321,8 +321,8 @@ class _IntSlice:
 
     def to_int4(self, group_size: int):
         if self.args.num_bits != 4 or self.args.group_size != group_size:
-            raise ValueError(f"stored as {self.args.num_bits}-bit group {self.args.group_size}, "
-                             f"not int4 group {group_size}")
+            raise ValueError(f"{self.name}: stored as {self.args.num_bits}-bit group "
+                             f"{self.args.group_size}, not int4 group {group_size}")
         zero = (torch.zeros_like(self.scale) if self.zp is None
                 else -self.zp.float() * self.scale)
         return (self.q.to(torch.int16) + 8).to(torch.uint8), self.scale, zero

@@ -312,11 +312,9 @@ class FusedMoE(nn.Module):
             expected = (*expected[:-1], self.intermediate_size)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != expected {expected}")
-        name = "down_proj" if down else "gate_up_proj"
-        if columns is not None:
-            self.quant_method.store(self, name, experts, rows, tensor, columns=columns)
-        else:
-            self.quant_method.store(self, name, experts, rows, tensor)
+        whole_rows = {} if columns is None else {"columns": columns}
+        self.quant_method.store(self, "down_proj" if down else "gate_up_proj", experts, rows,
+                                tensor, **whole_rows)
 
     def _rank_blocks(self, blocks, down: bool):
         """This rank's part of a whole stack of stored blocks (``_rank_slice`` for blocks), or

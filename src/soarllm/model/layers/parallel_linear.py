@@ -39,15 +39,20 @@ def narrow_padded(tensor: torch.Tensor, dim: int, start: int, size: int) -> torc
     return torch.cat([part, tensor.new_zeros(shape)], dim=dim)
 
 
+def _stored(loaded) -> bool:
+    """A checkpoint tensor kept as stored (GGUF blocks, compressed-tensors integers) that can cut
+    a rank's slice of itself."""
+    return not isinstance(loaded, torch.Tensor) and hasattr(loaded, "narrow")
+
+
 def narrow_loaded(loaded, dim: int, start: int, size: int):
-    """A rank's slice of a checkpoint tensor: stored blocks (GGUF) stay blocks where the slice
-    falls on block boundaries (a quantized layer then loads them as exactly as the whole tensor),
-    else the dequantized tensor's slice, zero-padded past the end."""
-    narrow = getattr(loaded, "narrow", None)
-    if narrow is not None and not isinstance(loaded, torch.Tensor):
-        blocks = narrow(dim, start, size)
-        if blocks is not None:
-            return blocks
+    """A rank's slice of a checkpoint tensor: stored blocks / integers stay stored where the
+    slice falls on their boundaries (a quantized layer then loads them as exactly as the whole
+    tensor), else the dequantized tensor's slice, zero-padded past the end."""
+    if _stored(loaded):
+        part = loaded.narrow(dim, start, size)
+        if part is not None:
+            return part
     return narrow_padded(as_float(loaded), dim, start, size)
 
 
@@ -171,9 +176,7 @@ def _merged_loader(load, starts: dict[str, int], sizes: dict[str, int]):
 def _row_parallel_loader(load, name: str, start: int, size: int, tp: TPGroup,
                          whole_rows: bool = False):
     def loader(param, loaded, shard_id=None):
-        stored = getattr(loaded, "narrow", None) is not None and not isinstance(
-            loaded, torch.Tensor)
-        if whole_rows and not stored:  # floats: the method rounds whole rows, then cuts
+        if whole_rows and not _stored(loaded):  # floats: the method rounds whole rows, cuts
             tensor = as_float(loaded)
         elif name == "bias":  # added once, after the all-reduce sums the ranks
             tensor = as_float(loaded)
