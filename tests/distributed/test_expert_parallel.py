@@ -236,29 +236,53 @@ def test_gguf_int4_experts_split_on_their_blocks(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--scheme", "w8a16", "--method", "gptq"],
-                                   ["--scheme", "w4a16", "--method", "gptq", "--group-size", "32"]],
-                         ids=["w8a16-gptq", "w4a16-gptq"])
+                                   ["--scheme", "w4a16", "--method", "gptq", "--group-size", "32"],
+                                   ["--scheme", "w8a16", "--method", "rtn", "--sparsity", "2:4"],
+                                   ["--scheme", "w4a16", "--method", "gptq", "--group-size", "32",
+                                    "--sparsity", "2:4"],
+                                   ["--scheme", "w4a16", "--method", "rtn", "--group-size", "32",
+                                    "--sparsity", "2:4", "densify"]],
+                         ids=["w8a16-gptq", "w4a16-gptq", "w8a16-2:4", "w4a16-gptq-2:4",
+                              "w4a16-2:4-densify"])
 def test_a_compressed_tensors_checkpoint_splits_on_its_stored_integers(tmp_path, flags):
     """A `soar quantize` checkpoint (GPTQ: its integers need not reach the ends of the range, so
     rounding a slice again would not give them back) over two ranks: each rank loads its slice
     of the stored integers and scales (an int8 row keeps its row's scale), exactly its slice of
-    what one rank computes with."""
+    what one rank computes with. 2:4 layers stay compressed on every rank (kept integers and
+    mask cut on whole mask bytes), and the ranks score what one rank scores."""
     from soarllm.cli.main import main as soar
     from soarllm.distributed.worker import dequantized_weight
 
     d = make_tiny_model(tmp_path / "llama", "llama")
     out = tmp_path / "packed"
+    densify = flags[-1] == "densify"  # 2:4 layers on the dense int kernels
+    flags = flags[:-1] if densify else flags
     assert soar(["quantize", str(d), *flags, "--num-samples", "8", "--seq-len", "32",
                  "--out", str(out)]) == 0
-    common = dict(dtype="float32", kv_cache_memory="32MiB", block_size=4)
+    common = dict(dtype="float32", kv_cache_memory="32MiB", block_size=4,
+                  quantization="densify" if densify else None)
     one = LLM(str(out), **common)
     model = one.llm_engine.executor.runner.model
     names = {"model.layers.1.self_attn.o_proj": 1, "model.layers.1.mlp.down_proj": 1,
              "model.layers.1.mlp.gate_up_proj": 0}
     ref = {n: dequantized_weight(model.get_submodule(n)) for n in names}
+    sparse = "2:4" in flags and not densify
+    prompt = [[5, 17, 33, 2, 41, 9]]
+    scored = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+    ref_out = one.generate(prompt, scored)[0].outputs[0]
+    if sparse:
+        assert type(model.get_submodule("model.layers.1.mlp.down_proj").quant_method).__name__ \
+            == "Sparse24Method"
     del one, model
     llm = LLM(str(out), **common, tensor_parallel_size=2)
     try:
+        if sparse:  # still the compressed layout (kept values, mask) on the ranks
+            assert all(llm.llm_engine.executor.collective_rpc(
+                "parameter_bytes", "layers.1.mlp.down_proj.values"))
+        got = llm.generate(prompt, scored)[0].outputs[0]
+        assert got.token_ids == ref_out.token_ids
+        for t, a, b in zip(got.token_ids, got.logprobs, ref_out.logprobs):
+            assert abs(a[t].logprob - b[t].logprob) < 2e-2  # the int kernels multiply in bfloat16
         for n, dim in names.items():
             for r, w in enumerate(llm.llm_engine.executor.collective_rpc("dequantized_weight", n)):
                 full = ref[n]

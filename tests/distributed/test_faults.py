@@ -122,17 +122,18 @@ def test_executor_backend_choice():
         executor_backend(EngineArgs(tensor_parallel_size=0))
 
 
-def test_a_2_4_sparse_checkpoint_under_tensor_parallel_is_refused(tiny_gqa_dir,
-                                                                          tmp_path):
-    # quantized weights shard (tests/distributed/test_expert_parallel.py), but not yet a 2:4
-    # checkpoint's compressed halves: refused before serving, naming the fix
+def test_a_2_4_layer_cut_inside_a_group_is_refused_naming_the_fix(tiny_gqa_dir, tmp_path):
+    # 2:4 checkpoints shard on their kept integers (tests/distributed/test_expert_parallel.py),
+    # but two ranks would cut o_proj's 64 inputs inside its one group of 64: refused as the
+    # model is built, naming both fixes
     from soarllm.cli.main import main as soar
 
-    out = tmp_path / "w8a16"
-    assert soar(["quantize", str(tiny_gqa_dir), "--scheme", "w8a16", "--method", "rtn",
-                 "--sparsity", "2:4", "--out", str(out)]) == 0
-    with pytest.raises(ConfigError, match="cannot be split over 2 ranks yet.*quantization="
-                       "'w8a16'.*on the float checkpoint"):
+    out = tmp_path / "w4a16-g64-24"
+    assert soar(["quantize", str(tiny_gqa_dir), "--scheme", "w4a16", "--method", "rtn",
+                 "--group-size", "64", "--sparsity", "2:4", "--out", str(out)]) == 0
+    with pytest.raises(ConfigError, match="2:4 layer needs a multiple of 4 inputs \\(and of the "
+                       "group size 64\\); this one has 32.*quantization='densify'.*"
+                       "tensor_parallel_size=2 leaves each rank 32 of the layer's 64"):
         LLMEngine(EngineArgs(model=str(out), dtype="float32", kv_cache_memory="32MiB",
                              tensor_parallel_size=2))
 

@@ -122,11 +122,11 @@ def test_error_in_the_actors_is_raised_as_is_and_frees_the_cluster(ray_cluster, 
 
     from soarllm.cli.main import main as soar
 
-    packed = tmp_path / "w8a16"  # a 2:4 compressed-tensors checkpoint: not split over ranks yet
-    assert soar(["quantize", str(tiny_gqa_dir), "--scheme", "w8a16", "--method", "rtn",
-                 "--sparsity", "2:4", "--out", str(packed)]) == 0
+    packed = tmp_path / "w4a16-g64-24"  # two ranks would cut a 2:4 layer inside a group
+    assert soar(["quantize", str(tiny_gqa_dir), "--scheme", "w4a16", "--method", "rtn",
+                 "--group-size", "64", "--sparsity", "2:4", "--out", str(packed)]) == 0
     args = _args(packed)
-    with pytest.raises(ConfigError, match="cannot be split over 2 ranks yet") as raised:
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 leaves each rank 32") as raised:
         LLMEngine(args)
     assert not isinstance(raised.value, ray.exceptions.RayError)
     assert {pg["state"] for pg in placement_group_table().values()} == {"REMOVED"}

@@ -133,6 +133,18 @@ def test_few_rows_with_long_contexts_split_their_keys(cpu_backend, dtype, lens, 
            window=window)
 
 
+@pytest.mark.parametrize("hq, hkv, d, window", [(9, 3, 64, None), (32, 8, 128, 24), (14, 2, 64, None)])
+def test_many_rows_attend_all_kv_heads_of_a_row_together(cpu_backend, hq, hkv, d, window):
+    # rows enough for every thread (batch-32-like steps): the bfloat16 path takes a row's KV heads
+    # in one item, each key's heads read side by side; the query heads must still meet their own
+    # KV head's keys (SmolLM2's 9 / 3, Llama-3-8B's 32 / 8, Qwen2.5-0.5B's 14 / 2)
+    lens = [1 + (37 * i) % 90 for i in range(4 * torch.get_num_threads() + 3)]
+    cache, meta, k, v, contexts, g = _decode_batch(lens, hq, hkv, d, 16, torch.bfloat16)
+    q = torch.randn(len(lens), hq, d, generator=g).to(torch.bfloat16)
+    out = cpu_backend.forward(q, k, v, cache, meta, d**-0.5, sliding_window=window)
+    _check(out, q, contexts, d**-0.5, hq, hkv, 3e-2, window=window)
+
+
 def test_shapes_beyond_the_kernel_fall_back_to_the_reference_path(cpu_backend):
     # 64 query heads on one KV head: more than the kernel's 32 per KV head
     lens = [9, 3]

@@ -219,16 +219,8 @@ class CompressedLinearWeight:
         return q, mask
 
     def _densified(self, zp: torch.Tensor | None) -> torch.Tensor:
-        """Dense signed integers [out, in]: the kept values, each pruned one its group's zero
-        point (so it dequantizes to exactly 0)."""
         q, mask = self._kept()
-        rows, cols = self.shape
-        if zp is None:
-            dense = torch.zeros(rows, cols, dtype=torch.int8)
-        else:
-            dense = zp.repeat_interleave(cols // zp.shape[-1], dim=-1).to(torch.int8)
-        dense[mask] = q.reshape(-1)
-        return dense
+        return _densified(q, mask, zp)
 
     def to_sparse24(self):
         """(kept int8 [out, in / 2], bitmask uint8 as stored, scale f32 [out, groups],
@@ -273,12 +265,13 @@ class CompressedLinearWeight:
         """(q uint8 in [0, 16), scale f32 [out, in/g], zero f32) with w = (q - 8) s + z."""
         return self._ints().to_int4(group_size)
 
-    def narrow(self, dim: int, start: int, size: int) -> _IntSlice | None:
+    def narrow(self, dim: int, start: int, size: int) -> _IntSlice | _Sparse24Slice | None:
         """A tensor-parallel rank's rows, or columns on whole groups, as stored integers with
-        their own scales (an int8 row keeps its scale); None for 2:4 layers and cuts through a
-        group (the caller takes the dequantized slice)."""
+        their own scales (an int8 row keeps its scale); a 2:4 layer's as its kept integers and
+        bitmask (columns on whole bytes of the mask). None for a cut through a group or a mask
+        byte (the caller takes the dequantized slice)."""
         if self.sparse:
-            return None
+            return self._sparse_narrow(dim, start, size)
         w = self._ints()
         if dim == 0:
             rows = slice(start, start + size)
@@ -294,6 +287,72 @@ class CompressedLinearWeight:
         g = slice(start // per, (start + size) // per)
         return _IntSlice(w.name, cols, w.scale[:, g], None if w.zp is None else w.zp[:, g],
                          w.args)
+
+
+    def _sparse_narrow(self, dim: int, start: int, size: int) -> _Sparse24Slice | None:
+        q, bitmask, scale, zp = self.to_sparse24()
+        rows, cols = self.shape
+        scale = scale.reshape(rows, -1)
+        if dim == 0:
+            part = slice(start, start + size)
+            return _Sparse24Slice(self.name, q[part], bitmask[part], scale[part],
+                                  None if zp is None else zp[part], (size, cols), self.args)
+        groups = scale.shape[1]
+        per = cols // groups
+        # every group of 4 inputs keeps 2, so inputs [start, start + size) keep values
+        # [start / 2, (start + size) / 2); the mask packs 8 inputs a byte
+        if start % 8 or (size % 8 and start + size != cols) or (groups > 1 and (start % per
+                                                                                  or size % per)):
+            return None
+        g = slice(start // per, (start + size) // per) if groups > 1 else slice(None)
+        return _Sparse24Slice(self.name, q[:, start // 2:(start + size) // 2],
+                              bitmask[:, start // 8:-(-(start + size) // 8)], scale[:, g],
+                              None if zp is None else zp[:, g], (rows, size), self.args)
+
+
+def _densified(q: torch.Tensor, mask: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
+    """Dense signed integers [out, in] of a 2:4 layer's kept integers q [out, in / 2] and keep
+    mask: the kept values, each pruned one its group's zero point (so it dequantizes to 0)."""
+    rows, cols = mask.shape
+    if zp is None:
+        dense = torch.zeros(rows, cols, dtype=torch.int8)
+    else:
+        dense = zp.repeat_interleave(cols // zp.shape[-1], dim=-1).to(torch.int8)
+    dense[mask] = q.reshape(-1)
+    return dense
+
+
+@dataclass
+class _Sparse24Slice:
+    """A tensor-parallel rank's part of a 2:4 layer as stored: kept integers [rows, cols / 2],
+    bitmask bytes [rows, cols / 8], scales and zero points of its groups."""
+
+    name: str
+    q: torch.Tensor
+    bitmask: torch.Tensor
+    scale: torch.Tensor
+    zp: torch.Tensor | None
+    shape: tuple[int, int]
+
+    args: object
+
+    def to_sparse24(self):
+        return self.q, self.bitmask, self.scale, self.zp
+
+    def _ints(self) -> _IntSlice:
+        """The dense integers (``quantization="densify"``: the dense methods load them)."""
+        mask = sparsity.unpack_mask(self.bitmask, self.shape, self.name)
+        return _IntSlice(self.name, _densified(self.q, mask, self.zp), self.scale, self.zp,
+                         self.args)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._ints().dequantize()
+
+    def to_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._ints().to_int8()
+
+    def to_int4(self, group_size: int):
+        return self._ints().to_int4(group_size)
 
 
 @dataclass
@@ -393,11 +452,7 @@ class CompressedTensorsConfig(QuantizationConfig):
 
     loads_packed = True
 
-    @property
-    def splits_over_ranks(self) -> bool:
-        """Each rank loads its stored integers (CompressedLinearWeight.narrow); 2:4 layers
-        (compressed halves of the inputs) are not cut yet."""
-        return self.sparse is None or self.dequantize_all
+    splits_over_ranks = True  # each rank loads its stored integers (CompressedLinearWeight.narrow)
 
     def __init__(self, raw: dict, packed_modules: dict[str, tuple[str, str]],
                  dequantize: bool = False, where: str = "the checkpoint", densify: bool = False):

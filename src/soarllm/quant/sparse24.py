@@ -56,7 +56,8 @@ class Sparse24Method(QuantMethod):
     def create_weights(self, layer, in_features, out_features, bias, dtype):
         if in_features % 4 or (self.group_size and in_features % self.group_size):
             raise ConfigError(f"a 2:4 layer needs a multiple of 4 inputs (and of the group "
-                              f"size {self.group_size}); this one has {in_features}")
+                              f"size {self.group_size}); this one has {in_features} (serve the "
+                              f"checkpoint with quantization='densify' to run it dense)")
         kept = in_features // 2
         width, vdtype = (kept, torch.int8) if self.num_bits == 8 else (kept // 2, torch.uint8)
         layer.values = set_weight_loader(new_param((out_features, width), vdtype),
@@ -77,6 +78,15 @@ class Sparse24Method(QuantMethod):
 
     def load_weight(self, layer, param, loaded, shard_id=None) -> None:
         to_sparse24 = getattr(loaded, "to_sparse24", None)
+        if to_sparse24 is None and getattr(layer, "tp", None) is not None \
+                and layer.tp.world_size > 1:
+            # a tensor-parallel rank's inputs that start inside a group or a byte of the mask
+            raise ConfigError(
+                f"tensor_parallel_size={layer.tp.world_size} cuts a 2:4 layer's inputs inside a "
+                f"quantization group (of {self.group_size or 'the whole row'}) or a byte of its "
+                f"mask (8 inputs); serve this checkpoint with quantization='densify' (the dense "
+                f"int kernels, no memory saved), or with a tensor_parallel_size whose slices "
+                f"start on whole groups")
         if to_sparse24 is None:
             raise ValueError("a 2:4 layer loads from a sparse-24-bitmask checkpoint's tensors, "
                              "not a dense weight")

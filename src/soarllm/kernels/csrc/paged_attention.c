@@ -121,20 +121,48 @@ static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
+/* The cache offsets of keys t0 .. t0+15 (fewer at the end) of head h, walking the block table from
+ * (*bi, *bo); returns how many. */
+static inline int next_slots(const int64_t *block_table, int64_t *bi, int64_t *bo, int64_t t0,
+                             int64_t seq_len, int h, int hkv, int stride, int block_size,
+                             int64_t slot[16]) {
+    int n = t0 >= seq_len ? 0 : (int)((seq_len - t0) < 16 ? (seq_len - t0) : 16);
+    for (int c = 0; c < n; c++) {
+        slot[c] = ((block_table[*bi] * block_size + *bo) * hkv + h) * stride;
+        if (++*bo == block_size) *bo = 0, ++*bi;
+    }
+    return n;
+}
+
+#ifndef PREFETCH_CHUNKS
+#define PREFETCH_CHUNKS 4
+#endif
+
+static inline void prefetch_rows(const uint16_t *k_cache, const uint16_t *v_cache,
+                                 const int64_t *slot, int n, int span) {
+    for (int c = 0; c < n; c++)
+        for (int w = 0; w < span; w += 32) {
+            _mm_prefetch((const char *)(k_cache + slot[c] + w), _MM_HINT_T0);
+            _mm_prefetch((const char *)(v_cache + slot[c] + w), _MM_HINT_T0);
+        }
+}
+
 /* attend() for bfloat16 queries over a bfloat16 cache with d a multiple of 32 (every head size in
- * use): q . k with vdpbf16ps (bfloat16 pairs multiplied exactly, summed in float32, as the float32
- * path computes them), 16 keys' scores at a time through a vectorized softmax, and the values
- * accumulated in float32. */
+ * use), for the g query heads of each of the nh KV heads h .. h+nh-1 (nh * g <= MAX_G): q . k with
+ * vdpbf16ps (bfloat16 pairs multiplied exactly, summed in float32, as the float32 path computes
+ * them), 16 keys' scores at a time through a vectorized softmax, and the values accumulated in
+ * float32. Several KV heads in one call read each key's rows of those heads side by side (one
+ * stretch of memory) instead of a third of it per call. */
 static inline __attribute__((always_inline)) void attend_bf16(
     const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
     const int64_t *block_table, int64_t start, int64_t seq_len, uint16_t *out, float *part, int h,
-    int g, int hkv, int d, int stride, int block_size, float scale, float softcap) {
+    int nh, int g, int hkv, int d, int stride, int block_size, float scale, float softcap) {
     __m512bh qv[MAX_G][MAX_D / 32];
     __m512 acc[MAX_G][MAX_D / 16];
     float m[MAX_G], l[MAX_G];
     float s[MAX_G][16];
-    const int nw = d / 32, nv = d / 16;
-    for (int j = 0; j < g; j++) {
+    const int nw = d / 32, nv = d / 16, G = nh * g;
+    for (int j = 0; j < G; j++) {
         for (int w = 0; w < nw; w++)
             qv[j][w] = (__m512bh)_mm512_loadu_si512((const void *)(q + (int64_t)j * d + w * 32));
         for (int w = 0; w < nv; w++) acc[j][w] = _mm512_setzero_ps();
@@ -142,19 +170,28 @@ static inline __attribute__((always_inline)) void attend_bf16(
         l[j] = 0.0f;
     }
     int64_t bi = start / block_size, bo = start % block_size;
+    int64_t slot[16], ahead[16];
+    const int span = (nh - 1) * stride + d; /* elements of one key's rows of the nh heads */
+    /* The cache is read once per step, from memory, not from the CPU's caches: a second walker
+     * PREFETCH_CHUNKS chunks ahead asks for those keys' rows, so their loads overlap the arithmetic
+     * of the chunks before them. */
+    int64_t pbi = bi, pbo = bo;
+    for (int k = 0; k < PREFETCH_CHUNKS; k++)
+        prefetch_rows(k_cache, v_cache, ahead,
+                      next_slots(block_table, &pbi, &pbo, start + 16 * k, seq_len, h, hkv, stride,
+                                 block_size, ahead), span);
     for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
-        int n = (int)((seq_len - t0) < 16 ? (seq_len - t0) : 16);
-        int64_t slot[16];
-        for (int c = 0; c < n; c++) {
-            slot[c] = ((block_table[bi] * block_size + bo) * hkv + h) * stride;
-            if (++bo == block_size) bo = 0, bi++;
-        }
-        for (int j = 0; j < g; j++) {
+        const int n = next_slots(block_table, &bi, &bo, t0, seq_len, h, hkv, stride, block_size, slot);
+        prefetch_rows(k_cache, v_cache, ahead,
+                      next_slots(block_table, &pbi, &pbo, t0 + 16 * PREFETCH_CHUNKS, seq_len, h,
+                                 hkv, stride, block_size, ahead), span);
+        for (int j = 0; j < G; j++) {
+            const int64_t head = (int64_t)(j / g) * stride;
             __m512 dots[16];
             for (int c = 0; c < 16; c++) {
                 __m512 dot = _mm512_setzero_ps();
                 if (c < n) {
-                    const uint16_t *kr = k_cache + slot[c];
+                    const uint16_t *kr = k_cache + slot[c] + head;
                     for (int w = 0; w < nw; w++)
                         dot = _mm512_dpbf16_ps(
                             dot, qv[j][w], (__m512bh)_mm512_loadu_si512((const void *)(kr + w * 32)));
@@ -164,8 +201,7 @@ static inline __attribute__((always_inline)) void attend_bf16(
             _mm512_storeu_ps(s[j], _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
         }
         __mmask16 valid = (__mmask16)((1u << n) - 1u);
-        __m512 p[MAX_G];
-        for (int j = 0; j < g; j++) {
+        for (int j = 0; j < G; j++) {
             if (softcap > 0.0f)
                 for (int c = 0; c < n; c++) s[j][c] = softcap * tanhf(s[j][c] / softcap);
             __m512 sc = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[j]);
@@ -173,34 +209,37 @@ static inline __attribute__((always_inline)) void attend_bf16(
             float mnew = m[j] > cmax ? m[j] : cmax;
             float corr = exp_nonpositive(m[j] - mnew);
             m[j] = mnew;
-            p[j] = exp16_nonpositive(_mm512_sub_ps(sc, _mm512_set1_ps(mnew)));
-            l[j] = l[j] * corr + _mm512_reduce_add_ps(p[j]);
+            __m512 pj = exp16_nonpositive(_mm512_sub_ps(sc, _mm512_set1_ps(mnew)));
+            l[j] = l[j] * corr + _mm512_reduce_add_ps(pj);
             __m512 cv = _mm512_set1_ps(corr);
             for (int w = 0; w < nv; w++) acc[j][w] = _mm512_mul_ps(acc[j][w], cv);
-            _mm512_storeu_ps(s[j], p[j]);
+            _mm512_storeu_ps(s[j], pj);
         }
-        /* 16 values of every key at a time, up to four heads' sums held in registers */
-        for (int w = 0; w < nv; w++) {
-            for (int j = 0; j < g; j += 4) {
-                const int gj = g - j < 4 ? g - j : 4;
-                __m512 a0 = acc[j][w], a1 = gj > 1 ? acc[j + 1][w] : a0,
-                       a2 = gj > 2 ? acc[j + 2][w] : a0, a3 = gj > 3 ? acc[j + 3][w] : a0;
-                for (int c = 0; c < n; c++) {
-                    __m512 vf = bf16x16_to_f32(v_cache + slot[c] + w * 16);
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[j][c]), vf, a0);
-                    if (gj > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 1][c]), vf, a1);
-                    if (gj > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 2][c]), vf, a2);
-                    if (gj > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 3][c]), vf, a3);
+        /* 16 values of every key at a time, up to four heads of one KV head held in registers */
+        for (int hh = 0; hh < nh; hh++) {
+            const uint16_t *vh = v_cache + (int64_t)hh * stride;
+            for (int w = 0; w < nv; w++) {
+                for (int j = hh * g; j < (hh + 1) * g; j += 4) {
+                    const int gj = (hh + 1) * g - j < 4 ? (hh + 1) * g - j : 4;
+                    __m512 a0 = acc[j][w], a1 = gj > 1 ? acc[j + 1][w] : a0,
+                           a2 = gj > 2 ? acc[j + 2][w] : a0, a3 = gj > 3 ? acc[j + 3][w] : a0;
+                    for (int c = 0; c < n; c++) {
+                        __m512 vf = bf16x16_to_f32(vh + slot[c] + w * 16);
+                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[j][c]), vf, a0);
+                        if (gj > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 1][c]), vf, a1);
+                        if (gj > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 2][c]), vf, a2);
+                        if (gj > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 3][c]), vf, a3);
+                    }
+                    acc[j][w] = a0;
+                    if (gj > 1) acc[j + 1][w] = a1;
+                    if (gj > 2) acc[j + 2][w] = a2;
+                    if (gj > 3) acc[j + 3][w] = a3;
                 }
-                acc[j][w] = a0;
-                if (gj > 1) acc[j + 1][w] = a1;
-                if (gj > 2) acc[j + 2][w] = a2;
-                if (gj > 3) acc[j + 3][w] = a3;
             }
         }
     }
     if (part != NULL) { /* a split of the keys: its (max, sum, unnormalized values) per head */
-        for (int j = 0; j < g; j++) {
+        for (int j = 0; j < G; j++) {
             float *pj = part + (int64_t)j * (d + 2);
             pj[0] = m[j];
             pj[1] = l[j];
@@ -208,7 +247,7 @@ static inline __attribute__((always_inline)) void attend_bf16(
         }
         return;
     }
-    for (int j = 0; j < g; j++) {
+    for (int j = 0; j < G; j++) {
         float inv = 1.0f / l[j];
         for (int w = 0; w < nv; w++) {
             __m512 o = _mm512_mul_ps(acc[j][w], _mm512_set1_ps(inv));
@@ -324,12 +363,23 @@ int paged_decode_attention(const void *q, int64_t q_stride, const void *k_new, i
             }
         }
     }
-    /* Work items: (row, KV head, split of its keys). Few rows x heads (batch-1 decode: 3 KV heads on
+    /* Work items: (row, KV head(s), split of its keys). Few rows x heads (batch-1 decode: 3 KV heads on
      * 2 threads) would leave threads idle or unbalanced, so long contexts are then cut into splits
      * of at least MIN_SPLIT keys, each attended on its own (flash-decoding) and merged below. */
-    const int pairs = n * hkv, g = hq / hkv;
+    const int g = hq / hkv, want = 4 * omp_get_max_threads();
+    /* With rows enough to keep every thread busy, the bfloat16 path takes several KV heads of a
+     * row per item (nh), reading each key's heads side by side. */
+    int nh = 1;
+#ifdef HAVE_BF16_PATH
+    if (io_type == BF16 && kv_type == BF16 && d % 32 == 0)
+        for (int c = hkv; c > 1; c--)
+            if (hkv % c == 0 && c * g <= MAX_G && n * (hkv / c) >= want) {
+                nh = c;
+                break;
+            }
+#endif
+    const int groups = hkv / nh, pairs = n * groups;
     int splits = 1;
-    const int want = 4 * omp_get_max_threads();
     if (pairs < want) {
         int64_t longest = 0;
         for (int r = 0; r < n; r++) {
@@ -348,7 +398,7 @@ int paged_decode_attention(const void *q, int64_t q_stride, const void *k_new, i
     }
 #pragma omp parallel for schedule(static)
     for (int item = 0; item < pairs * splits; item++) {
-        const int r = item / (hkv * splits), h = (item / splits) % hkv, sp = item % splits;
+        const int r = item / (groups * splits), h = (item / splits) % groups * nh, sp = item % splits;
         const int64_t *bt = block_tables + (int64_t)r * bt_stride;
         const int64_t end = seq_lens[r];
         const int64_t first = window > 0 && end > window ? end - window : 0;
@@ -357,7 +407,7 @@ int paged_decode_attention(const void *q, int64_t q_stride, const void *k_new, i
         int64_t lo = first + per * sp, hi = lo + per < end ? lo + per : end;
         float *part = NULL;
         if (splits > 1) {
-            part = parts + ((int64_t)(r * hkv + h) * splits + sp) * g * (d + 2);
+            part = parts + ((int64_t)(r * hkv + h) * splits + sp) * g * (d + 2); /* nh = 1 */
             if (lo >= hi) { /* nothing left for this split: an empty softmax */
                 for (int j = 0; j < g; j++) part[j * (d + 2)] = -INFINITY, part[j * (d + 2) + 1] = 0.0f;
                 continue;
@@ -369,8 +419,8 @@ int paged_decode_attention(const void *q, int64_t q_stride, const void *k_new, i
         if (io_type == BF16 && kv_type == BF16 && d % 32 == 0) {
             attend_bf16((const uint16_t *)q + (int64_t)r * q_stride + (int64_t)h * g * d,
                         (const uint16_t *)k_cache, (const uint16_t *)v_cache, bt, lo, hi,
-                        (uint16_t *)out + ((int64_t)r * hq + (int64_t)h * g) * d, part, h, g, hkv,
-                        d, stride, block_size, scale, softcap);
+                        (uint16_t *)out + ((int64_t)r * hq + (int64_t)h * g) * d, part, h, nh, g,
+                        hkv, d, stride, block_size, scale, softcap);
             continue;
         }
 #endif

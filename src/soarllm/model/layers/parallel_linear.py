@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soarllm.errors import ConfigError
 from soarllm.model.layers.linear import Linear, MergedLinear
 from soarllm.model.parallel_state import TPGroup
 from soarllm.quant.base import as_float, default_weight_loader
@@ -102,7 +103,15 @@ class RowParallelLinear(Linear):
                  reduce_results: bool = True, **kw):
         tp = tp or TPGroup.single()
         local = tp.split(in_features, what)
-        super().__init__(local, out_features, bias=bias, **kw)
+        try:
+            super().__init__(local, out_features, bias=bias, **kw)
+        except ConfigError as e:  # e.g. a quantization group wider than a rank's inputs
+            if tp.world_size == 1:
+                raise
+            raise ConfigError(
+                f"{e} (tensor_parallel_size={tp.world_size} leaves each rank {local} of the "
+                f"layer's {in_features} {what}; choose a tensor_parallel_size that leaves every "
+                f"rank whole quantization groups)") from e
         self.tp = tp
         self.reduce_results = reduce_results
         if tp.world_size > 1:
