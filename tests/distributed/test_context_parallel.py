@@ -4,6 +4,7 @@ against the same engine at 1 (itself tested against transformers)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -102,12 +103,15 @@ def _run(llm, prompt_ids, prompt_logprobs=True):
     return result
 
 
-def test_context_parallel_2_equals_1_with_half_the_kv_per_rank(tiny_gqa_dir):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_context_parallel_2_equals_1_with_half_the_kv_per_rank(tiny_gqa_dir, tp):
     """A long prompt (chunked: later chunks attend to KV the earlier ones left on both ranks) and
     a short one in the same batch, then one that starts with the long one's prefix (a prefix
     cache hit on both ranks' shards); decodes over the distributed KV. Every prompt position's
     logprob and the greedy continuation match CP=1 (itself tested against transformers); each
-    rank's KV cache is half of CP=1's for the same token capacity."""
+    rank's KV cache is half of CP=1's for the same token capacity. With tensor parallel 2 as well
+    (four ranks: two split the heads and weights, each pair of the same heads splits the tokens),
+    a quarter."""
     from soarllm import LLM
 
     gen = torch.Generator().manual_seed(3)
@@ -121,14 +125,14 @@ def test_context_parallel_2_equals_1_with_half_the_kv_per_rank(tiny_gqa_dir):
     ref_bytes = sum(c.numel() * c.element_size() for c in one.llm_engine.executor.runner.kv_caches)
     ref_tokens = one.llm_engine.cache_config.num_blocks * one.llm_engine.cache_config.block_size
     one.llm_engine.shutdown()
-    two = LLM(str(tiny_gqa_dir), context_parallel_size=2, **common)
+    two = LLM(str(tiny_gqa_dir), context_parallel_size=2, tensor_parallel_size=tp, **common)
     try:
         got = _run(two, prompts) + _run(two, later, prompt_logprobs=False)
         assert two.llm_engine.kv.prefix_cache_hits >= 96  # three blocks of 32 tokens
         per_rank = two.llm_engine.executor.collective_rpc("kv_cache_bytes")
         cache = two.llm_engine.cache_config
         assert cache.num_blocks * cache.block_size == ref_tokens  # the same tokens fit ...
-        assert per_rank == [ref_bytes // 2] * 2  # ... in half the memory on each rank
+        assert per_rank == [ref_bytes // (2 * tp)] * (2 * tp)  # ... in 1 / ranks on each
     finally:
         two.llm_engine.shutdown()
     for (tokens, lps), (ref_tokens_, ref_lps) in zip(got, ref):
@@ -146,7 +150,6 @@ def test_context_parallel_refuses_what_it_does_not_combine_with():
 
     cases = [
         (dict(context_parallel_size=0), "positive integer"),
-        (dict(context_parallel_size=2, tensor_parallel_size=2), "tensor_parallel_size=2"),
         (dict(context_parallel_size=2, distributed_executor_backend="uni"), "'mp'"),
         (dict(context_parallel_size=2, speculative_config={"method": "ngram"}),
          "drop speculative_config"),

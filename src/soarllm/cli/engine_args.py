@@ -77,7 +77,7 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
     g.add_argument("--context-parallel-size", "-cp", type=int, default=None, metavar="N",
                    help="split each request's tokens and KV cache over N ranks, one process each "
                    "(long prompts: ring-attention prefill, each rank holding 1/N of the KV); "
-                   "-tp 1 only; default 1")
+                   "with -tp T, N x T processes; default 1")
     g.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
                    help="how the ranks run: uni (this process; -tp 1 only) | mp (worker "
                    "processes on this machine; the default above -tp 1) | ray (Ray actors, on "

@@ -105,10 +105,6 @@ def executor_backend(args: EngineArgs) -> str:
 def check_context_parallel(args: EngineArgs, backend: str) -> None:
     """Refuse, before any worker starts, what context parallelism does not combine with yet."""
     cp = args.context_parallel_size
-    if args.tensor_parallel_size > 1:
-        raise ConfigError(f"context_parallel_size={cp} with tensor_parallel_size="
-                          f"{args.tensor_parallel_size} is not supported yet; use one of them "
-                          f"(the other at 1)")
     if backend != "mp":
         raise ConfigError(f"context_parallel_size={cp} runs its ranks as worker processes on "
                           f"this machine: use distributed_executor_backend='mp' (or leave it "

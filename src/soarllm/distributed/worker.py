@@ -33,7 +33,7 @@ class Worker:
                  local_world_size: int | None = None, device_index: int | None = None):
         import torch
 
-        from soarllm.model.parallel_state import init_distributed
+        from soarllm.model.parallel_state import init_distributed, parallel_groups
         from soarllm.model.runner import ModelRunner
 
         # the cores shared by the ranks (and by data-parallel replicas, which set worker_threads)
@@ -41,10 +41,9 @@ class Worker:
                               or max(1, (os.cpu_count() or 1) // (local_world_size or world_size)))
         self.tp = init_distributed(rank, world_size, port, args.resolved_device(),
                                    master_addr=master_addr, device_index=device_index)
-        if args.context_parallel_size > 1:  # the ranks split the tokens, not the weights
-            self.runner = ModelRunner(args, cp=self.tp)
-        else:
-            self.runner = ModelRunner(args, tp=self.tp)
+        # the ranks split the weights (tensor parallel), the tokens (context parallel) or both
+        tp, cp = parallel_groups(self.tp, args.tensor_parallel_size, args.context_parallel_size)
+        self.runner = ModelRunner(args, tp=tp, cp=cp)
 
     # -- methods the executor calls --------------------------------------------------------------
 
@@ -92,10 +91,13 @@ class Worker:
         return sum(c.numel() * c.element_size() for c in self.runner.kv_caches)
 
     def comm_stats(self, reset: bool = False) -> tuple[float, int]:
-        c = self.tp.comm
-        stats = (c.seconds, c.calls)
+        """(seconds, calls) of this rank's collectives, over its tensor- and context-parallel
+        groups (one object when only one of them is split)."""
+        groups = {id(g.comm): g.comm for g in (self.tp, self.runner.tp, self.runner.cp)}
+        stats = (sum(c.seconds for c in groups.values()), sum(c.calls for c in groups.values()))
         if reset:
-            c.seconds, c.calls = 0.0, 0
+            for c in groups.values():
+                c.seconds, c.calls = 0.0, 0
         return stats
 
 

@@ -117,6 +117,34 @@ def init_distributed(rank: int, world_size: int, port: int, device: str,
     return TPGroup(rank=rank, world_size=world_size, group=None)
 
 
+def parallel_groups(world: TPGroup, tp_size: int, cp_size: int) -> tuple[TPGroup, TPGroup]:
+    """(tensor-parallel group, context-parallel group) of this rank when ``world`` (the default
+    group, tp_size * cp_size ranks) runs both: global rank = cp_rank * tp_size + tp_rank, so the
+    ranks of one context-parallel rank split the weights among themselves, and the ranks of one
+    tensor-parallel rank (the same heads) split the tokens and pass their keys around the ring.
+    At size 1 a group is ``TPGroup.single()``. Every rank must call this (new_group is
+    collective), in the same order."""
+    import torch.distributed as dist
+
+    if tp_size * cp_size != world.world_size:
+        raise ValueError(f"{tp_size} x {cp_size} ranks != world size {world.world_size}")
+    if cp_size == 1:
+        return world, TPGroup.single()
+    if tp_size == 1:
+        return TPGroup.single(), world
+    cp_rank, tp_rank = divmod(world.rank, tp_size)
+    tp = cp = None
+    for c in range(cp_size):  # every rank creates every group, each keeps its own
+        g = dist.new_group([c * tp_size + t for t in range(tp_size)])
+        if c == cp_rank:
+            tp = TPGroup(rank=tp_rank, world_size=tp_size, group=g)
+    for t in range(tp_size):
+        g = dist.new_group([c * tp_size + t for c in range(cp_size)])
+        if t == tp_rank:
+            cp = TPGroup(rank=cp_rank, world_size=cp_size, group=g)
+    return tp, cp
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on at ``host`` ("" for every interface) right now."""
     import socket
