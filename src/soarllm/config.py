@@ -72,6 +72,9 @@ class EngineArgs:
     # KV cache storage (vLLM's name): "auto" = the model dtype, "int8" = int8 with one scale per
     # token and KV head (about half the memory of bfloat16)
     kv_cache_dtype: str = "auto"
+    # Keep the KV cache in host memory (kv_cache_memory then sizes it against the host's RAM); the
+    # device holds only one layer's blocks of the running step (model/kv_offload.py)
+    kv_offload: bool = False
     # Attention kernels: None/"auto" (Triton on CUDA where installed, the native CPU kernel on the
     # CPU where it builds, else the reference PyTorch backend) | "reference" | "triton" | "cpu".
     # The default comes from SOARLLM_ATTENTION_BACKEND when set.

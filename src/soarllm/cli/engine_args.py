@@ -54,6 +54,11 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8"),
                    help="KV cache storage: auto (the model dtype) | int8 (one scale per token "
                    "and KV head: about half the memory of bfloat16, twice the tokens cached)")
+    g.add_argument("--kv-offload", action="store_true", default=None,
+                   help="keep the KV cache in host memory (--kv-cache-memory then sizes it "
+                   "against the host's RAM): the device holds only one layer's blocks of the "
+                   "running step, so a request's KV may exceed device memory; slower (each step "
+                   "moves its KV to the device once per layer), runs the model step uncompiled")
     g.add_argument("--attention-backend", default=None,
                    choices=("auto", "reference", "triton", "cpu"),
                    help="attention kernels: auto (Triton on CUDA where triton is installed, the "
@@ -132,7 +137,7 @@ def check_kv_cache_memory(ea) -> None:
     kind, value = parse_memory(ea.kv_cache_memory)
     if kind != "bytes":
         return
-    device = ea.resolved_device()
+    device = "cpu" if ea.kv_offload else ea.resolved_device()  # offloaded: host memory
     available = available_memory_bytes(device)
     if value > available:
         raise ConfigError(

@@ -24,15 +24,17 @@ _local = threading.local()
 class ForwardContext:
     meta: AttentionMetadata
     backend: Any  # the attention backend: forward(q, k, v, kv_cache, meta, scale, window, softcap)
+    offload: Any = None  # model/kv_offload.KVOffload when the KV cache lives in host memory
 
 
 @contextmanager
-def set_forward_context(meta: AttentionMetadata, backend: Any) -> Iterator[None]:
+def set_forward_context(meta: AttentionMetadata, backend: Any,
+                        offload: Any = None) -> Iterator[None]:
     """The step's metadata and backend for the attention layers called inside. A backend with an
     ``announce_step(meta | None)`` method hears of the step as it begins and ends (the CPU
     backend hands decode rows to its C++ kernel that way)."""
     previous = getattr(_local, "ctx", None)
-    _local.ctx = ForwardContext(meta, backend)
+    _local.ctx = ForwardContext(meta, backend, offload)
     _announce(backend, meta)
     try:
         yield

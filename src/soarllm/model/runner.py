@@ -30,6 +30,7 @@ from soarllm.model.context_parallel import gather_logit_rows, shard_step
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
 from soarllm.model.input_batch import InputBatch
+from soarllm.model.kv_offload import KVOffload
 from soarllm.model.layers.fused_moe import FusedMoE
 from soarllm.model.layers.rotary import rope_max_position
 from soarllm.model.loader import Checkpoint, load_checkpoint
@@ -95,6 +96,10 @@ class ModelRunner:
         self.backend = get_attention_backend(
             self.device, _latent_backend(args.attention_backend) if model_cls.latent_kv_cache
             else args.attention_backend)
+        self.offload: KVOffload | None = None  # set with the caches when args.kv_offload
+        if args.kv_offload and self.cp.world_size > 1:
+            raise ConfigError("kv_offload with context_parallel_size > 1 is not supported; the "
+                              "ranks already split the KV: use one of them")
         if self.cp.world_size > 1:
             if model_cls.latent_kv_cache:
                 raise ConfigError(
@@ -161,16 +166,17 @@ class ModelRunner:
         if self.args.num_gpu_blocks_override:
             return self.args.num_gpu_blocks_override
         setting = self.args.kv_cache_memory
+        where = "cpu" if self.args.kv_offload else self.device  # offloaded: host memory
         if setting is None:
-            free = available_memory_bytes(self.device)
-            if self.device == "cpu":
+            free = available_memory_bytes(where)
+            if where == "cpu":
                 budget = min(free * _CPU_DEFAULT_FRACTION, _CPU_DEFAULT_CAP)
             else:
                 budget = free * _GPU_DEFAULT_FRACTION
         else:
             kind, value = parse_memory(setting)
-            budget = value * available_memory_bytes(self.device) if kind == "fraction" else value
-        if self.device == "cpu":  # the ranks of a CPU engine share one memory: split the budget
+            budget = value * available_memory_bytes(where) if kind == "fraction" else value
+        if where == "cpu":  # the ranks of a CPU engine (or host caches) share one memory: split
             budget /= self.tp.world_size * self.cp.world_size
         num_blocks = int(budget // self.kv_bytes_per_block())
         if num_blocks * self.tokens_per_block < self.max_model_len:
@@ -193,7 +199,10 @@ class ModelRunner:
         m = self.model
         d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
         shape = (self.kv_planes, num_blocks, self.block_size, m.num_kv_heads, d)
-        self.kv_caches = [_zeros(shape, self.kv_dtype, self.device) for _ in range(m.num_layers)]
+        where = "cpu" if self.args.kv_offload else self.device
+        self.kv_caches = [_zeros(shape, self.kv_dtype, where) for _ in range(m.num_layers)]
+        if self.args.kv_offload:
+            self.offload = KVOffload(self.kv_caches, self.block_size, self.device)
         self.compile_and_warm_up()
         self.capture_cuda_graphs()
         self.reset_expert_load()  # the warm-up and capture runs routed no request's tokens
@@ -227,7 +236,7 @@ class ModelRunner:
     def compile_and_warm_up(self) -> None:
         """Compile the decoder stack and run it once per warm-up size, so no request pays for
         compilation; any compile failure leaves the runner eager (with a warning), never broken."""
-        if self.cp.world_size > 1:  # context parallel runs eagerly (not yet tried compiled)
+        if self.cp.world_size > 1 or self.offload is not None:  # eager (not yet tried compiled)
             return
         compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager,
                                     cache_tag=f"tp{self.tp.rank}/{self.tp.world_size}")
@@ -270,6 +279,7 @@ class ModelRunner:
         attention backend allow; a failed capture leaves the runner uncaptured, with a warning."""
         self.graphs = None
         if (not self.device.startswith("cuda") or self.args.enforce_eager
+                or self.offload is not None  # the staged blocks change every step
                 or not getattr(self.backend, "supports_cuda_graphs", False)):
             return
         graphs = DecodeGraphs(self.backbone, self.backend, self.kv_caches,
@@ -403,6 +413,8 @@ class ModelRunner:
         logits_rows = np.concatenate(prompt_flat + [sample_flat, window_flat]).astype(np.int64)
         num_prompt_rows = sum(len(x) for x in prompt_flat)
         dev = self.device
+        if self.offload is not None:  # block ids into the staging of this step's blocks
+            block_tables, slots = self.offload.plan(block_tables, att_seq, slots)
         local = None
         if self.cp.world_size > 1:  # this rank's tokens only
             if so.spec_token_ids or layouts:  # every rank refuses alike, before any collective
@@ -435,7 +447,7 @@ class ModelRunner:
                 and len(input_ids) <= graphs.max_size):
             hidden = graphs.run(input_t, meta)  # every row a one-token decode: replay
         else:
-            with set_forward_context(meta, self.backend):
+            with set_forward_context(meta, self.backend, self.offload):
                 hidden = self.backbone(input_t, meta.positions, self.kv_caches)
         out = RunnerOutput()
         if local is not None:

@@ -40,18 +40,24 @@ class Attention(nn.Module):
         ``rope`` (cos, sin rows of the batch's positions; only where ``fuses_rope``) q and k
         are rotated in place first, by the backend."""
         if rope is not None:
-            ctx = get_forward_context()
-            return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, self.scale,
-                                       self.sliding_window, self.softcap, rope=rope)
+            return _attend(q, k, v, kv_cache, self.scale, self.sliding_window, self.softcap, rope)
         if torch.compiler.is_compiling():
             return torch.ops.soarllm.attention(q, k, v, kv_cache, self.scale, self.sliding_window,
                                                self.softcap)
         return _attend(q, k, v, kv_cache, self.scale, self.sliding_window, self.softcap)
 
 
-def _attend(q, k, v, kv_cache, scale, sliding_window, softcap):
+def _attend(q, k, v, kv_cache, scale, sliding_window, softcap, rope=None):
     ctx = get_forward_context()
-    return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, scale, sliding_window, softcap)
+    extra = {} if rope is None else {"rope": rope}
+    if ctx.offload is None:
+        return ctx.backend.forward(q, k, v, kv_cache, ctx.meta, scale, sliding_window, softcap,
+                                   **extra)
+    # the cache lives in host memory: attend over this layer's blocks of the step, staged
+    staged = ctx.offload.fetch(kv_cache)
+    out = ctx.backend.forward(q, k, v, staged, ctx.meta, scale, sliding_window, softcap, **extra)
+    ctx.offload.store(kv_cache, staged)
+    return out
 
 
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale, int? sliding_window, "
