@@ -17,6 +17,7 @@ engine process disappears.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import pickle
 import time
@@ -158,12 +159,73 @@ class RankedExecutor:
         return self.dead_error is None
 
 
+def _spawn(args: EngineArgs, world_size: int) -> tuple[list, list]:
+    """Start one worker process per rank; (processes, the engine's ends of their pipes)."""
+    import os
+
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    port = free_port()
+    procs, conns = [], []
+    for rank in range(world_size):
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        p = ctx.Process(target=worker_main, name=f"soar-worker-{rank}",
+                        args=(args, rank, world_size, port, child_end, os.getpid()))
+        p.start()
+        child_end.close()
+        procs.append(p)
+        conns.append(parent_end)
+    return procs, conns
+
+
+# Workers started before their executor exists: (engine args, processes, pipes)
+_prestarted: tuple[EngineArgs, list, list] | None = None
+
+
+def prestart_workers(args: EngineArgs) -> bool:
+    """Start the worker processes that ``MultiprocExecutor(args)`` will adopt, so that they import
+    torch and load the model while this process goes on (``soar serve`` imports its HTTP stack
+    and builds the engine and tokenizer meanwhile: seconds off a start on a small CPU). Only
+    where the model is ready to load (nothing to pull, no GGUF to convert: the engine does that
+    once, first); returns whether they were started. Workers never adopted are stopped at exit
+    (and stop by themselves when this process dies)."""
+    global _prestarted
+    from soarllm.model.loader import ready_to_load
+
+    stop_prestarted()
+    if not ready_to_load(args.model, args.load_format):
+        return False
+    world = args.tensor_parallel_size * args.context_parallel_size
+    _prestarted = (args, *_spawn(args, world))
+    atexit.register(stop_prestarted)
+    return True
+
+
+def _take_prestarted(args: EngineArgs) -> tuple[list, list] | None:
+    """The prestarted workers when they were started for exactly ``args`` (else they stop)."""
+    global _prestarted
+    if _prestarted is None:
+        return None
+    started, procs, conns = _prestarted
+    _prestarted = None
+    if started != args:
+        _stop_workers(procs, conns, timeout=0.5)
+        return None
+    return procs, conns
+
+
+def stop_prestarted() -> None:
+    global _prestarted
+    if _prestarted is not None:
+        _stop_workers(*_prestarted[1:], timeout=0.5)
+        _prestarted = None
+
+
 class MultiprocExecutor(RankedExecutor):
     """``tensor_parallel_size`` worker processes, rank 0's answers returned."""
 
     def __init__(self, args: EngineArgs):
-        import torch.multiprocessing as tmp
-
         self.args = args
         # one process per rank: tensor-parallel or context-parallel (one of them is 1)
         self.world_size = args.tensor_parallel_size * args.context_parallel_size
@@ -172,22 +234,14 @@ class MultiprocExecutor(RankedExecutor):
         # before the workers open it.
         self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
         self.hf_config = self.checkpoint.config
-        check_tensor_parallel(self.hf_config, args.tensor_parallel_size, device,
-                              enable_expert_parallel=args.enable_expert_parallel)
-        ctx = tmp.get_context("spawn")
-        port = free_port()
-        import os
-
-        self.procs = []
-        self.conns = []
-        for rank in range(self.world_size):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=worker_main, name=f"soar-worker-{rank}",
-                            args=(args, rank, self.world_size, port, child_end, os.getpid()))
-            p.start()
-            child_end.close()
-            self.procs.append(p)
-            self.conns.append(parent_end)
+        try:
+            check_tensor_parallel(self.hf_config, args.tensor_parallel_size, device,
+                                  enable_expert_parallel=args.enable_expert_parallel)
+        except BaseException:
+            stop_prestarted()
+            raise
+        # workers started early for these arguments (prestart_workers), else new ones
+        self.procs, self.conns = _take_prestarted(args) or _spawn(args, self.world_size)
         self._dead: WorkerDiedError | None = None
         self._phases: StepPhases | None = None
         self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.conns)

@@ -113,16 +113,16 @@ def end_requests_for_shutdown(engine: Any) -> Callable[[], int]:
 
 
 def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
-    from soarllm.engine.async_engine import AsyncLLMEngine
-    from soarllm.engine.llm_engine import LLMEngine
-    from soarllm.serve.app import build_app
-
     configure_logging(config.log_level)
     device = engine_args.resolved_device()
     if runs_model_in_worker(engine_args, config.data_parallel_size, device):
+        from soarllm.distributed.multiproc import prestart_workers
+
         workers = model_process_threads(config.engine_threads)
         engine_args = dataclasses.replace(engine_args, distributed_executor_backend="mp",
                                           worker_threads=workers)
+        # the worker loads the model while this process imports the rest and reads the tokenizer
+        prestart_workers(engine_args)
         threads = 1  # this process schedules, detokenizes and serves HTTP
         logger.info("the model runs in a worker process with %d torch thread(s) "
                     "(--engine-threads; --distributed-executor-backend uni keeps it here)", workers)
@@ -135,6 +135,10 @@ def run_server(engine_args: EngineArgs, config: ServerConfig) -> int:
 
         torch.set_num_threads(threads)
     logger.info("loading %s", engine_args.model)
+    from soarllm.engine.async_engine import AsyncLLMEngine
+    from soarllm.engine.llm_engine import LLMEngine
+    from soarllm.serve.app import build_app
+
     if config.data_parallel_size > 1:
         from soarllm.engine.data_parallel import DataParallelEngine
 

@@ -62,6 +62,28 @@ def load_checkpoint(
     return checkpoint
 
 
+def ready_to_load(model: str | Path, load_format: str = "auto") -> bool:
+    """Whether `model` is on disk as it will be read: nothing to pull from a registry or hub and
+    no GGUF file to convert first (both are done once, by the process that builds the engine).
+    Cheap: no config or weight is read."""
+    if load_format == "dummy" or not isinstance(model, str | Path):
+        return load_format == "dummy"
+    from soarllm.hub import resolve_model
+    from soarllm.model.loader.gguf_cache import cached_conversion
+
+    try:
+        path = resolve_model(str(model), pull_missing=False)
+    except Exception:  # not pulled yet, or not a model: the engine says what to do
+        return False
+    if path.is_file():
+        ggufs = [path] if path.suffix == ".gguf" else []
+    elif load_format == "gguf" or not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+    else:
+        ggufs = []
+    return all(cached_conversion(g) is not None for g in ggufs)
+
+
 def _resolve(model: str | Path) -> Path:
     from soarllm.hub import resolve_model
 
