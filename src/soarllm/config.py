@@ -75,6 +75,10 @@ class EngineArgs:
     # Keep the KV cache in host memory (kv_cache_memory then sizes it against the host's RAM); the
     # device holds only one layer's blocks of the running step (model/kv_offload.py)
     kv_offload: bool = False
+    # Expert parallel: how tokens reach the ranks owning their experts. "all_reduce": every rank
+    # routes every token through its own experts and one all-reduce sums the ranks' parts;
+    # "all_to_all": each rank sends its share of the tokens to the experts' ranks and back
+    expert_dispatch: str = "all_reduce"
     # Attention kernels: None/"auto" (Triton on CUDA where installed, the native CPU kernel on the
     # CPU where it builds, else the reference PyTorch backend) | "reference" | "triton" | "cpu".
     # The default comes from SOARLLM_ATTENTION_BACKEND when set.

@@ -70,13 +70,15 @@ def hf_reference(moe_dir, prompts):
     return tokens, logprobs, load.tolist(), expert_bytes
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["by-width", "expert-parallel"])
+@pytest.fixture(scope="module", params=[False, True, "all_to_all"],
+                ids=["by-width", "expert-parallel", "expert-parallel-all-to-all"])
 def tp2(request, moe_dir):
     """Two ranks, a small token budget: prompts are prefilled in chunks beside other requests'
-    decodes."""
+    decodes (an odd token count splits unevenly over the ranks under all-to-all dispatch)."""
+    dispatch = request.param if isinstance(request.param, str) else "all_reduce"
     llm = LLM(str(moe_dir), dtype="float32", kv_cache_memory="32MiB", tensor_parallel_size=2,
-              enable_expert_parallel=request.param, block_size=4, max_num_batched_tokens=16,
-              enable_prefix_caching=False)
+              enable_expert_parallel=bool(request.param), expert_dispatch=dispatch,
+              block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
     yield llm
     llm.llm_engine.shutdown()
 
@@ -130,6 +132,9 @@ def test_bad_splits_are_refused_before_workers_start(tmp_path):
         MultiprocExecutor(_args(dense, tensor_parallel_size=2, enable_expert_parallel=True))
     with pytest.raises(ConfigError, match="has none; drop --enable-expert-parallel"):
         LLM(str(dense), dtype="float32", enable_expert_parallel=True)
+    with pytest.raises(ConfigError, match="all_to_all' sends tokens .* needs "
+                       "enable_expert_parallel"):
+        LLM(str(odd), dtype="float32", expert_dispatch="all_to_all")
 
 
 @pytest.mark.parametrize("quantization", ["w8a16", "w4a16"])

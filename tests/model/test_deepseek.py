@@ -247,11 +247,13 @@ def test_tensor_and_expert_parallel_splits_are_checked():
                               enable_expert_parallel=True)
 
 
-@pytest.mark.parametrize("ep", [False, True], ids=["by-width", "expert-parallel"])
+@pytest.mark.parametrize("ep", [False, True, "all_to_all"],
+                         ids=["by-width", "expert-parallel", "expert-parallel-all-to-all"])
 def test_greedy_tokens_over_two_ranks_equal_transformers(tiny_deepseek, ep):
     """MLA heads, dense MLP, shared experts and vocabulary over two ranks, the routed experts by
-    width or whole; the latent cache whole on each rank: transformers' greedy tokens and their
-    log-probabilities, with chunked prefill beside decodes."""
+    width or whole (their tokens summed by the all-reduce or sent to them all-to-all); the
+    latent cache whole on each rank: transformers' greedy tokens and their log-probabilities,
+    with chunked prefill beside decodes."""
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 40))] for _ in range(4)]
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_deepseek), dtype=torch.float32).eval()
@@ -266,8 +268,9 @@ def test_greedy_tokens_over_two_ranks_equal_transformers(tiny_deepseek, ep):
             want.append(new.tolist())
             want_lp.append(lp.gather(1, new[:, None])[:, 0])
     llm = LLM(str(tiny_deepseek), dtype="float32", kv_cache_memory=KV, block_size=4,
-              tensor_parallel_size=2, enable_expert_parallel=ep, max_num_batched_tokens=16,
-              enable_prefix_caching=False)
+              tensor_parallel_size=2, enable_expert_parallel=bool(ep),
+              expert_dispatch=ep if isinstance(ep, str) else "all_reduce",
+              max_num_batched_tokens=16, enable_prefix_caching=False)
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
         outs = [o.outputs[0] for o in llm.generate(prompts, sp)]

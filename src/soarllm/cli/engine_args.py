@@ -79,6 +79,12 @@ def add_engine_args(parser: SoarParser, *, model: bool = True) -> None:
                    help="Mixture-of-Experts models: split the experts whole over the "
                    "--tensor-parallel-size ranks (rank r owns experts [r E/N, (r+1) E/N)) instead "
                    "of splitting each expert's width; attention stays tensor parallel")
+    g.add_argument("--expert-dispatch", default=None, choices=("all_reduce", "all_to_all"),
+                   help="with --enable-expert-parallel: all_reduce (every rank routes every "
+                   "token through its experts, one all-reduce sums the ranks' parts; the "
+                   "default) | all_to_all (each rank sends its share of the tokens to the ranks "
+                   "owning their experts and back, then the shares are gathered; runs the model "
+                   "step uncompiled)")
     g.add_argument("--context-parallel-size", "-cp", type=int, default=None, metavar="N",
                    help="split each request's tokens and KV cache over N ranks, one process each "
                    "(long prompts: ring-attention prefill, each rank holding 1/N of the KV); "

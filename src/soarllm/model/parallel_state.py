@@ -68,6 +68,28 @@ class TPGroup:
         self.comm.calls += 1
         return torch.cat(parts, dim=dim)
 
+    def all_to_all(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """Rows of ``x`` sent to the ranks in order (``send[r]`` rows to rank r) and the rows
+        received from each (``recv[r]`` from rank r), concatenated in rank order."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv,
+                               input_split_sizes=send, group=self.group)
+        self.comm.seconds += time.perf_counter() - t0
+        self.comm.calls += 1
+        return out
+
+    def all_gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank's rows of ``x`` (``sizes[r]`` on rank r) concatenated in rank order."""
+        if self.world_size == 1:
+            return x
+        most = max(sizes)
+        padded = x if len(x) == most else torch.cat([x, x.new_zeros(most - len(x), *x.shape[1:])])
+        parts = self.all_gather(padded, dim=0).split(most)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
     # -- how a dimension is split ----------------------------------------------------------------
 
     def split(self, total: int, what: str) -> int:

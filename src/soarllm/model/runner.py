@@ -117,6 +117,13 @@ class ModelRunner:
 
             check_expert_parallel(model_cls, config, self.tp.world_size, True)
             parallel["enable_expert_parallel"] = True
+        if args.expert_dispatch not in ("all_reduce", "all_to_all"):
+            raise ConfigError(f"expert_dispatch={args.expert_dispatch!r}: use 'all_reduce' or "
+                              "'all_to_all'")
+        if args.expert_dispatch == "all_to_all" and not args.enable_expert_parallel:
+            raise ConfigError("expert_dispatch='all_to_all' sends tokens to the ranks owning "
+                              "their experts: it needs enable_expert_parallel (and "
+                              "tensor_parallel_size > 1)")
         with torch.device(self.device):
             self.model = model_cls(config, dtype=self.dtype, backend=self.backend,
                                    quant_config=quant_config, **parallel)
@@ -125,6 +132,10 @@ class ModelRunner:
         else:
             self.model.load_weights(quant_config.weights(self.checkpoint, self.dtype))
             logger.info("%s", quant_config.summary())
+        if args.expert_dispatch == "all_to_all" and self.tp.world_size > 1:
+            for module in self.model.modules():
+                if isinstance(module, FusedMoE):
+                    module.all_to_all = True
         release_free_heap()
         self.model.eval()
         logger.info("model loaded in %.1fs (%s, %s)", time.perf_counter() - t0, model_cls.__name__, self.dtype)
@@ -236,7 +247,8 @@ class ModelRunner:
     def compile_and_warm_up(self) -> None:
         """Compile the decoder stack and run it once per warm-up size, so no request pays for
         compilation; any compile failure leaves the runner eager (with a warning), never broken."""
-        if self.cp.world_size > 1 or self.offload is not None:  # eager (not yet tried compiled)
+        if (self.cp.world_size > 1 or self.offload is not None  # eager (not yet tried compiled)
+                or any(getattr(m, "all_to_all", False) for m in self.model.modules())):
             return
         compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager,
                                     cache_tag=f"tp{self.tp.rank}/{self.tp.world_size}")

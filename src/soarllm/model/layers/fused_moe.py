@@ -25,10 +25,12 @@ routes the whole (replicated) batch and the ranks' partial outputs are summed wi
   whole and computes only the token slots routed to them; the others add nothing on that rank.
 
 Each rank's loader keeps only its slice: per-expert checkpoint tensors of another rank's experts
-are skipped, never copied. An all-to-all dispatch/combine (each rank sending its tokens to the
-ranks owning their experts and getting the results back) would replace the all-reduce when the
-activations are sharded by token (data-parallel attention); with replicated activations, as here,
-the all-reduce moves the same bytes and needs no second routing step.
+are skipped, never copied. By expert, ``expert_dispatch="all_to_all"`` replaces the all-reduce:
+each rank takes its share of the (replicated) tokens, sends every (token, expert) slot to the
+rank owning the expert, gets the outputs back, weights and sums them, and the shares are
+all-gathered (``_dispatched``). With activations replicated by tensor-parallel attention this
+moves more bytes than the all-reduce (the default); it is the form that data-parallel attention
+(activations sharded by token) would keep without the final gather.
 
 ``expert_load`` counts the tokens routed to each expert since the last reset (every expert of
 the model, not only this rank's: the routing is replicated); the runner reads it for the engine's
@@ -263,6 +265,9 @@ class FusedMoE(nn.Module):
         # tokens routed to each expert of the model (load-balance statistics)
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64),
                              persistent=False)
+        # expert_dispatch="all_to_all" (set by the runner, expert parallel only): each rank sends
+        # its share of the tokens to the ranks owning their experts and gets the results back
+        self.all_to_all = False
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id) -> None:
         """shard_id None: the whole stacked tensor; (expert, "gate" | "up" | "down"): one
@@ -356,6 +361,13 @@ class FusedMoE(nn.Module):
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
         return self.run(x, weights, ids)
 
+    @property
+    def sums_over_ranks(self) -> bool:
+        """Whether ``run`` returns every token's whole routed sum on every rank (all-to-all
+        dispatch), so the block all-reduces only what else it adds (shared experts); else each
+        rank returns its partial sum and the block's one all-reduce completes it."""
+        return self.all_to_all
+
     def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The experts on tokens already routed (weights, ids [T, top_k]; a family's own router,
         e.g. DeepSeek's grouped top-k), counted in ``expert_load``."""
@@ -364,8 +376,38 @@ class FusedMoE(nn.Module):
         quantized = {f"{w}_{part}": getattr(self, f"{stack}_{part}", None)
                      for w, stack in (("w13", "gate_up_proj"), ("w2", "down_proj"))
                      for part in ("scale", "zero")}
+        if self.all_to_all:
+            return self._dispatched(x, weights, ids, quantized)
         return fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation,
                              self.expert_start if self.expert_parallel else None, **quantized)
+
+    def _dispatched(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    quantized: dict) -> torch.Tensor:
+        """All-to-all expert parallelism: rank r takes its contiguous share of the (replicated)
+        tokens, sends each (token, expert) slot's hidden state to the rank owning the expert,
+        which runs its experts over what it received; the outputs come back the same way, the
+        source rank weights and sums each token's k of them, and the ranks' shares are gathered
+        so that every rank holds every token's sum again (attention stays tensor parallel)."""
+        tp, k = self.tp, self.top_k
+        sizes = [len(part) for part in torch.arange(x.shape[0]).tensor_split(tp.world_size)]
+        start = sum(sizes[: tp.rank])
+        mine = slice(start, start + sizes[tp.rank])
+        xs, w, e = x[mine], weights[mine].reshape(-1), ids[mine].reshape(-1)
+        dest = torch.div(e, self.local_experts, rounding_mode="floor")
+        order = torch.argsort(dest, stable=True)  # slots grouped by the rank they go to
+        send = torch.bincount(dest, minlength=tp.world_size)
+        recv = tp.all_to_all(send, [1] * tp.world_size, [1] * tp.world_size)
+        send_sizes, recv_sizes = send.tolist(), recv.tolist()
+        token_of = torch.div(order, k, rounding_mode="floor")
+        got_x = tp.all_to_all(xs.index_select(0, token_of), send_sizes, recv_sizes)
+        got_e = tp.all_to_all(e[order] - dest[order] * self.local_experts, send_sizes, recv_sizes)
+        y = fused_experts(got_x, self.gate_up_proj, self.down_proj,
+                          torch.ones(len(got_e), 1, dtype=torch.float32, device=x.device),
+                          got_e[:, None], self.activation, None, **quantized)
+        back = tp.all_to_all(y, recv_sizes, send_sizes)
+        back = back * w[order].unsqueeze(-1).to(back.dtype)
+        out = torch.zeros_like(xs).index_add_(0, token_of, back)
+        return tp.all_gather_rows(out, sizes)
 
     def extra_repr(self) -> str:
         split = ""

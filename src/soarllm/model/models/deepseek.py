@@ -208,8 +208,10 @@ class DeepseekMoE(nn.Module):
                                     self.gate.e_score_correction_bias, self.renormalize,
                                     self.scaling_factor)
         out = self.experts.run(x, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        if self.tp.world_size > 1 and self.experts.sums_over_ranks:  # all-to-all dispatch
+            return out if shared is None else out + self.tp.all_reduce(shared)
+        out = out if shared is None else out + shared
         return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
 
 

@@ -113,8 +113,11 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        shared = (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+                  if self.shared_expert is not None else None)
+        if self.tp.world_size > 1 and self.experts.sums_over_ranks:  # all-to-all dispatch
+            return out if shared is None else out + self.tp.all_reduce(shared)
+        out = out if shared is None else out + shared
         return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
 
 
