@@ -301,3 +301,39 @@ def test_a_compressed_tensors_checkpoint_splits_on_its_stored_integers(tmp_path,
                 torch.testing.assert_close(w, want, atol=0, rtol=0)
     finally:
         llm.llm_engine.shutdown()
+
+
+def _dispatch_rank(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from soarllm.model.layers.fused_moe import FusedMoE
+    from soarllm.model.parallel_state import TPGroup
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        tp = TPGroup(rank=rank, world_size=2)
+        gen = torch.Generator().manual_seed(0)
+        w13, w2 = torch.randn(4, 64, 16, generator=gen), torch.randn(4, 16, 32, generator=gen)
+        moe = FusedMoE(4, 2, 16, 32, True, tp=tp, expert_parallel=True)
+        moe.gate_up_proj.data.copy_(w13[2 * rank:2 * rank + 2])
+        moe.down_proj.data.copy_(w2[2 * rank:2 * rank + 2])
+        for tokens in (0, 1, 2, 5):  # none, fewer than the ranks, even, uneven shares
+            x, logits = torch.randn(tokens, 16, generator=gen), torch.randn(tokens, 4, generator=gen)
+            moe.all_to_all = False
+            want = tp.all_reduce(moe(x, logits).clone())
+            moe.all_to_all = True
+            torch.testing.assert_close(moe(x, logits), want, atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_to_all_dispatch_with_no_or_uneven_token_shares():
+    """A step of fewer tokens than ranks leaves a rank nothing to send: the all-to-all still
+    equals the all-reduce's sum."""
+    import torch.multiprocessing as mp
+
+    from soarllm.model.parallel_state import free_port
+
+    mp.spawn(_dispatch_rank, args=(free_port(),), nprocs=2, join=True)
