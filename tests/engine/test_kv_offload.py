@@ -59,11 +59,14 @@ def test_offloaded_kv_gives_exactly_the_results_of_the_resident_cache(tiny_model
         torch.testing.assert_close(lps, want_lps, atol=0, rtol=0)
 
 
-def test_offload_with_speculative_verification_rows(tiny_model_dir):
-    # verification writes several slots per request and rejected drafts' KV stays behind
+@pytest.mark.parametrize("spec", [{"method": "ngram", "num_speculative_tokens": 3},
+                                  {"method": "lookahead"}], ids=["ngram", "lookahead"])
+def test_offload_with_speculative_verification_rows(tiny_model_dir, spec):
+    # verification writes several slots per request and rejected drafts' KV stays behind;
+    # lookahead moves an accepted candidate's KV within the (host) cache
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10, 11, 9, 10]]
     common = dict(dtype="float32", kv_cache_memory="4MiB", block_size=8, enforce_eager=True,
-                  speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+                  speculative_config=spec)
     want = _run(LLM(str(tiny_model_dir), **common), prompts)
     got = _run(LLM(str(tiny_model_dir), kv_offload=True, **common), prompts)
     for (tokens, lps), (want_tokens, want_lps) in zip(got, want):
@@ -83,14 +86,16 @@ def test_offload_refuses_context_parallel(tiny_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_offload_keeps_the_cache_on_the_host_and_matches(tiny_model_dir):
+@pytest.mark.parametrize("spec", [None, {"method": "lookahead"}], ids=["plain", "lookahead"])
+def test_cuda_offload_keeps_the_cache_on_the_host_and_matches(tiny_model_dir, spec):
     # CUDA: the caches are host tensors, each layer's step blocks go through a pinned buffer to
-    # the device and back; results as with the cache in device memory (CUDA graphs off for both)
+    # the device and back; results as with the cache in device memory (CUDA graphs off for both);
+    # lookahead moves accepted KV inside the host cache
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 500, (70,), generator=gen).tolist(),
                torch.randint(3, 500, (9,), generator=gen).tolist()]
     common = dict(dtype="float32", device="cuda", kv_cache_memory="16MiB", block_size=16,
-                  enforce_eager=True)
+                  enforce_eager=True, speculative_config=spec)
     want = _run(LLM(str(tiny_model_dir), **common), prompts)
     llm = LLM(str(tiny_model_dir), kv_offload=True, **common)
     got = _run(llm, prompts)

@@ -226,3 +226,12 @@ def test_a_long_catch_up_is_spread_over_calls(deep_dir):
         assert calls < 10
     assert calls >= 4
     assert guesses == DraftModelProposer(args, num_blocks=64, max_model_len=512).propose(req, 3)
+
+
+def test_the_draft_runs_in_one_process_whatever_the_target_splits():
+    # the draft is one rank: no tensor / expert parallelism, no all-to-all dispatch of its own
+    target = EngineArgs(model="x", tensor_parallel_size=2, enable_expert_parallel=True,
+                        expert_dispatch="all_to_all", distributed_executor_backend="mp")
+    args = draft_engine_args(target, None, 1, None)
+    assert (args.tensor_parallel_size, args.enable_expert_parallel, args.expert_dispatch,
+            args.distributed_executor_backend) == (1, False, "all_reduce", None)

@@ -232,9 +232,9 @@ class MultiprocExecutor(RankedExecutor):
         device = args.resolved_device()
         # The engine process reads the config and tokenizer; a GGUF file is converted once here,
         # before the workers open it.
-        self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
-        self.hf_config = self.checkpoint.config
         try:
+            self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
+            self.hf_config = self.checkpoint.config
             check_tensor_parallel(self.hf_config, args.tensor_parallel_size, device,
                                   enable_expert_parallel=args.enable_expert_parallel)
         except BaseException:

@@ -319,8 +319,9 @@ class ModelRunner:
         src = np.asarray(src_positions[:count], dtype=np.int64)
         dst = np.arange(dst_start, dst_start + count, dtype=np.int64)
         to_slot = lambda p: b.block_table[r, p // bs] * bs + p % bs  # noqa: E731
-        s = torch.from_numpy(to_slot(src)).to(self.device)
-        d = torch.from_numpy(to_slot(dst)).to(self.device)
+        where = self.kv_caches[0].device  # host memory with kv_offload
+        s = torch.from_numpy(to_slot(src)).to(where)
+        d = torch.from_numpy(to_slot(dst)).to(where)
         for cache in self.kv_caches:
             flat = cache.view(cache.shape[0], -1, *cache.shape[3:])
             flat[:, d] = flat[:, s]

@@ -81,6 +81,7 @@ def draft_engine_args(target: EngineArgs, model: str | None, num_layers: int | N
         tensor_parallel_size=1,
         distributed_executor_backend=None,
         enable_expert_parallel=False,  # one process; a dense draft would refuse it
+        expert_dispatch="all_reduce",
         kv_cache_memory=None,
         num_gpu_blocks_override=None,
         enable_prefix_caching=False,
