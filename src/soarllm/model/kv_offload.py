@@ -49,8 +49,7 @@ class KVOffload:
         valid = slots >= 0
         written = np.unique(slots[valid] // bs)
         ids = np.unique(np.concatenate([read, written]))
-        lut = np.zeros(int(max(ids.max(initial=0), block_tables.max(initial=0))) + 1,
-                       dtype=np.int64)
+        lut = np.zeros(self.host[0].shape[1], dtype=np.int64)  # host block -> staged block
         lut[ids] = np.arange(len(ids))
         staged_tables = lut[block_tables]
         staged_slots = np.where(valid, lut[np.where(valid, slots, 0) // bs] * bs + slots % bs,

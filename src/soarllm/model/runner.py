@@ -173,11 +173,16 @@ class ModelRunner:
         d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
         return self.kv_planes * m.num_layers * self.block_size * m.num_kv_heads * d * elem
 
+    @property
+    def kv_device(self) -> str:
+        """Where the KV caches live: host memory with kv_offload, else the model's device."""
+        return "cpu" if self.args.kv_offload else self.device
+
     def determine_num_blocks(self) -> int:
         if self.args.num_gpu_blocks_override:
             return self.args.num_gpu_blocks_override
         setting = self.args.kv_cache_memory
-        where = "cpu" if self.args.kv_offload else self.device  # offloaded: host memory
+        where = self.kv_device
         if setting is None:
             free = available_memory_bytes(where)
             if where == "cpu":
@@ -210,8 +215,7 @@ class ModelRunner:
         m = self.model
         d = kv_quant.stored_head_dim(m.head_dim, self.kv_cache_dtype)
         shape = (self.kv_planes, num_blocks, self.block_size, m.num_kv_heads, d)
-        where = "cpu" if self.args.kv_offload else self.device
-        self.kv_caches = [_zeros(shape, self.kv_dtype, where) for _ in range(m.num_layers)]
+        self.kv_caches = [_zeros(shape, self.kv_dtype, self.kv_device) for _ in range(m.num_layers)]
         if self.args.kv_offload:
             self.offload = KVOffload(self.kv_caches, self.block_size, self.device)
         self.compile_and_warm_up()
@@ -247,8 +251,8 @@ class ModelRunner:
     def compile_and_warm_up(self) -> None:
         """Compile the decoder stack and run it once per warm-up size, so no request pays for
         compilation; any compile failure leaves the runner eager (with a warning), never broken."""
-        if (self.cp.world_size > 1 or self.offload is not None  # eager (not yet tried compiled)
-                or any(getattr(m, "all_to_all", False) for m in self.model.modules())):
+        all_to_all = self.args.expert_dispatch == "all_to_all" and self.tp.world_size > 1
+        if self.cp.world_size > 1 or self.offload is not None or all_to_all:  # eager for now
             return
         compiled = compile_backbone(self.model.model, self.device, self.args.enforce_eager,
                                     cache_tag=f"tp{self.tp.rank}/{self.tp.world_size}")

@@ -389,7 +389,8 @@ class FusedMoE(nn.Module):
         source rank weights and sums each token's k of them, and the ranks' shares are gathered
         so that every rank holds every token's sum again (attention stays tensor parallel)."""
         tp, k = self.tp, self.top_k
-        sizes = [len(part) for part in torch.arange(x.shape[0]).tensor_split(tp.world_size)]
+        per, extra = divmod(x.shape[0], tp.world_size)  # the first `extra` ranks one more
+        sizes = [per + (r < extra) for r in range(tp.world_size)]
         start = sum(sizes[: tp.rank])
         mine = slice(start, start + sizes[tp.rank])
         xs, w, e = x[mine], weights[mine].reshape(-1), ids[mine].reshape(-1)
