@@ -134,6 +134,7 @@ static inline int next_slots(const int64_t *block_table, int64_t *bi, int64_t *b
     return n;
 }
 
+#define STAGE_MAX 1024 /* elements of one key's rows staged per call, at most */
 #ifndef PREFETCH_CHUNKS
 #define PREFETCH_CHUNKS 4
 #endif
@@ -172,6 +173,14 @@ static inline __attribute__((always_inline)) void attend_bf16(
     int64_t bi = start / block_size, bo = start % block_size;
     int64_t slot[16], ahead[16];
     const int span = (nh - 1) * stride + d; /* elements of one key's rows of the nh heads */
+    /* Several KV heads per call (large batches): each chunk's key and value rows are first
+     * copied into two local buffers, a run of independent loads that keeps many cache misses in
+     * flight at once (walking them inside the arithmetic leaves too few), and the arithmetic
+     * reads them from L1. One head (batch-1 decode, split keys) reads the cache in place. */
+    uint16_t kbuf[16 * STAGE_MAX], vbuf[16 * STAGE_MAX];
+    const int stage = nh > 1 && span <= STAGE_MAX;
+    const uint16_t *kb = stage ? kbuf : k_cache, *vb = stage ? vbuf : v_cache;
+    int64_t off[16]; /* key c's row: kb + off[c] */
     /* The cache is read once per step, from memory, not from the CPU's caches: a second walker
      * PREFETCH_CHUNKS chunks ahead asks for those keys' rows, so their loads overlap the arithmetic
      * of the chunks before them. */
@@ -182,6 +191,14 @@ static inline __attribute__((always_inline)) void attend_bf16(
                                  block_size, ahead), span);
     for (int64_t t0 = start; t0 < seq_len; t0 += 16) {
         const int n = next_slots(block_table, &bi, &bo, t0, seq_len, h, hkv, stride, block_size, slot);
+        if (stage)
+            for (int c = 0; c < n; c++) {
+                memcpy(kbuf + c * span, k_cache + slot[c], (size_t)span * 2);
+                memcpy(vbuf + c * span, v_cache + slot[c], (size_t)span * 2);
+                off[c] = (int64_t)c * span;
+            }
+        else
+            for (int c = 0; c < n; c++) off[c] = slot[c];
         prefetch_rows(k_cache, v_cache, ahead,
                       next_slots(block_table, &pbi, &pbo, t0 + 16 * PREFETCH_CHUNKS, seq_len, h,
                                  hkv, stride, block_size, ahead), span);
@@ -191,7 +208,7 @@ static inline __attribute__((always_inline)) void attend_bf16(
             for (int c = 0; c < 16; c++) {
                 __m512 dot = _mm512_setzero_ps();
                 if (c < n) {
-                    const uint16_t *kr = k_cache + slot[c] + head;
+                    const uint16_t *kr = kb + off[c] + head;
                     for (int w = 0; w < nw; w++)
                         dot = _mm512_dpbf16_ps(
                             dot, qv[j][w], (__m512bh)_mm512_loadu_si512((const void *)(kr + w * 32)));
@@ -215,25 +232,33 @@ static inline __attribute__((always_inline)) void attend_bf16(
             for (int w = 0; w < nv; w++) acc[j][w] = _mm512_mul_ps(acc[j][w], cv);
             _mm512_storeu_ps(s[j], pj);
         }
-        /* 16 values of every key at a time, up to four heads of one KV head held in registers */
+        /* The values: a tile of up to four query heads x four 16-value stretches held in
+         * registers over the chunk's keys (up to 16 independent accumulations, so the FMAs
+         * overlap instead of waiting on each other), each key's stretch converted once. */
         for (int hh = 0; hh < nh; hh++) {
-            const uint16_t *vh = v_cache + (int64_t)hh * stride;
-            for (int w = 0; w < nv; w++) {
-                for (int j = hh * g; j < (hh + 1) * g; j += 4) {
-                    const int gj = (hh + 1) * g - j < 4 ? (hh + 1) * g - j : 4;
-                    __m512 a0 = acc[j][w], a1 = gj > 1 ? acc[j + 1][w] : a0,
-                           a2 = gj > 2 ? acc[j + 2][w] : a0, a3 = gj > 3 ? acc[j + 3][w] : a0;
+            const uint16_t *vh = vb + (int64_t)hh * stride;
+            for (int j0 = hh * g; j0 < (hh + 1) * g; j0 += 4) {
+                const int gj = (hh + 1) * g - j0 < 4 ? (hh + 1) * g - j0 : 4;
+                for (int w0 = 0; w0 < nv; w0 += 4) {
+                    const int gw = nv - w0 < 4 ? nv - w0 : 4;
+                    __m512 a[4][4];
+                    for (int jj = 0; jj < 4; jj++)
+                        for (int ww = 0; ww < 4; ww++)
+                            a[jj][ww] = jj < gj && ww < gw ? acc[j0 + jj][w0 + ww] : _mm512_setzero_ps();
                     for (int c = 0; c < n; c++) {
-                        __m512 vf = bf16x16_to_f32(vh + slot[c] + w * 16);
-                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(s[j][c]), vf, a0);
-                        if (gj > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 1][c]), vf, a1);
-                        if (gj > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 2][c]), vf, a2);
-                        if (gj > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(s[j + 3][c]), vf, a3);
+                        const uint16_t *vr = vh + off[c] + w0 * 16;
+                        __m512 p[4];
+                        for (int jj = 0; jj < 4; jj++)
+                            p[jj] = _mm512_set1_ps(jj < gj ? s[j0 + jj][c] : 0.0f);
+                        for (int ww = 0; ww < 4; ww++) {
+                            if (ww >= gw) break;
+                            __m512 vf = bf16x16_to_f32(vr + ww * 16);
+                            for (int jj = 0; jj < 4; jj++)
+                                a[jj][ww] = _mm512_fmadd_ps(p[jj], vf, a[jj][ww]);
+                        }
                     }
-                    acc[j][w] = a0;
-                    if (gj > 1) acc[j + 1][w] = a1;
-                    if (gj > 2) acc[j + 2][w] = a2;
-                    if (gj > 3) acc[j + 3][w] = a3;
+                    for (int jj = 0; jj < gj; jj++)
+                        for (int ww = 0; ww < gw; ww++) acc[j0 + jj][w0 + ww] = a[jj][ww];
                 }
             }
         }
