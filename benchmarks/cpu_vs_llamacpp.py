@@ -142,8 +142,10 @@ def main() -> int:
                    help="soarllm rows: dtypes, ':eager' for the uncompiled model step, "
                    "':attn=NAME' for attention_backend=NAME (e.g. reference), ':q=X' "
                    "for quantization=X (e.g. bfloat16:q=none: the GGUF dequantized to bfloat16; "
-                   "unset: the GGUF's own blocks on the int4/int8 kernels), ':w4=native' for "
-                   "soarllm's own int4 layout and kernel (SOARLLM_W4A16_CPU=native)")
+                   "unset: the GGUF's own blocks on the int4/int8 kernels), ':w4=X' for "
+                   "SOARLLM_W4A16_CPU=X (torch: bfloat16 activations into the int4 kernels, "
+                   "native: soarllm's bfloat16 int4 layout; unset: auto, int8 activations on "
+                   "AVX-512 VNNI)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-http", dest="http", action="store_false")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu_vs_llamacpp")
@@ -167,10 +169,10 @@ def main() -> int:
         dtype, *modes = spec.split(":")
         quant = next((m[2:] for m in modes if m.startswith("q=")), None)
         attn = next((m[5:] for m in modes if m.startswith("attn=")), None)
-        w4 = next((m[3:] for m in modes if m.startswith("w4=")), "torch")
+        w4 = next((m[3:] for m in modes if m.startswith("w4=")), "auto")
         name = (f"soarllm {dtype}" + (" eager" if "eager" in modes else "")
                 + (f" quantization={quant}" if quant else "")
-                + (f" attention={attn}" if attn else "") + (f" w4a16={w4}" if w4 != "torch" else ""))
+                + (f" attention={attn}" if attn else "") + (f" w4a16={w4}" if w4 != "auto" else ""))
         os.environ["SOARLLM_W4A16_CPU"] = w4  # read when the layers are packed
         table[name] = soar_offline(gguf, dtype, batches, args.repeats,
                                    enforce_eager="eager" in modes, quantization=quant,

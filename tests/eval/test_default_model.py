@@ -29,19 +29,20 @@ def hf_reference(default_model_path):
     return hf_gguf(default_model_path)
 
 
-def _hf_perplexity(model, ids: list[int]) -> tuple[float, int]:
-    """Windows of WINDOW tokens starting STRIDE apart; each token scored once, in the first
+def _hf_perplexity(model, ids: list[int], window: int = WINDOW,
+                   stride: int = STRIDE) -> tuple[float, int]:
+    """Windows of `window` tokens starting `stride` apart; each token scored once, in the first
     window that holds it, with that window's context; the stream's first token never."""
     nll, count, begin, scored_until = 0.0, 0, 0, 1
     while scored_until < len(ids):
-        end = min(begin + WINDOW, len(ids))
+        end = min(begin + window, len(ids))
         with torch.inference_mode():
             logits = model(torch.tensor([ids[begin:end]])).logits[0].float()
         logp = torch.log_softmax(logits, -1)
         for pos in range(scored_until, end):
             nll -= logp[pos - begin - 1, ids[pos]].item()
             count += 1
-        scored_until, begin = end, begin + STRIDE
+        scored_until, begin = end, begin + stride
     return math.exp(nll / count), count
 
 

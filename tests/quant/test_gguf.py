@@ -239,7 +239,15 @@ def _hf_last_logits(path: Path, seqs: list[list[int]]) -> torch.Tensor:
         return torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
 
 
-def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
+@pytest.mark.parametrize("layout", ["torch", "auto"])
+def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf, layout, monkeypatch):
+    """``torch``: the int4 kernel sees bfloat16 activations; ``auto``: where the CPU has AVX-512
+    VNNI, int8 activations per 32 inputs (llama.cpp's arithmetic), a looser but still close
+    match."""
+    from soarllm.quant.w4a16 import int8_activations_by_default
+
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", layout)
+    int8 = int8_activations_by_default()
     model, cfg = _build(tiny_gguf, None)
     kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
     assert kinds == {"W4A16Method", "UnquantizedMethod"}  # float32: the Q8_0 down_proj dequantized
@@ -251,11 +259,20 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf):
     seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 12)]
     got = _logits(model, cfg, seqs)
     want = _hf_last_logits(tiny_gguf, seqs)
-    # The same weights; the int4 kernel sees bfloat16 activations, scales and zeros.
+    assert {m.cpu_layout for m in model.modules() if getattr(m, "cpu_layout", None)} == {
+        "vnni4" if int8 else "int4pack"}
+    # The same weights; the int4 kernel sees bfloat16 (or int8) activations, float16 or bfloat16
+    # scales and zeros.
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
-    assert bool((cos > 0.9999).all()), cos
-    assert (got - want).abs().max() < 0.02 * want.abs().max()
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    print(f"{layout}: cosine {cos.tolist()}, largest error "
+          f"{((got - want).abs().max() / want.abs().max()).item():.4f} of the largest logit")
+    assert bool((cos > (0.999 if int8 else 0.9999)).all()), cos
+    assert (got - want).abs().max() < (0.04 if int8 else 0.02) * want.abs().max()
+    if int8:  # the chosen token is transformers' best or within the error of it (random weights)
+        picked = want.gather(-1, got.argmax(-1, keepdim=True))[:, 0]
+        assert bool((want.max(-1).values - picked <= 0.04 * want.abs().max()).all())
+    else:
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
     dequantized, _ = _build(tiny_gguf, "none")
     assert not any(isinstance(m.__dict__.get("quant_method"), W4A16Method) for m in dequantized.modules())
     torch.testing.assert_close(_logits(dequantized, cfg, seqs), want, rtol=1e-4, atol=1e-4)

@@ -374,3 +374,99 @@ def test_a_failed_cpp_operator_build_warns_and_reports_it(monkeypatch, caplog):
                                                    (("SOAR_DEQUANT_MIN_ROWS", DEQUANT_MIN_ROWS),))
     assert ok is False
     assert len(caplog.records) == 1 and "Ninja is required" in caplog.records[0].getMessage()
+
+
+# W4A8 on AVX-512 VNNI (kernels/csrc/int4_vnni.c): the oracle is the formula it implements, written
+# here independently of quant/w4a16.py's reference: activations rounded to int8 per 32 inputs
+# (llama.cpp's Q8 blocks), integer dot products per chunk, float32 scales across chunks.
+
+
+def _oracle_w4a8(x, q, scales, zeros, group):
+    m, k = x.shape
+    xf = x.float().reshape(m, k // 32, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    step = amax / 127
+    xq = torch.where(amax > 0, torch.round(xf / torch.where(amax > 0, step, 1)), 0.0)
+    # w = q * scale + min, scale and min as stored (float16)
+    s16 = scales.to(torch.float16).float().repeat_interleave(group, 1)
+    low16 = (zeros - 8 * scales).to(torch.float16).float().repeat_interleave(group, 1)
+    xd = (xq * step).reshape(m, k)  # the activations the integers stand for
+    return xd @ (q.float() * s16 + low16).t()
+
+
+def _vnni_or_skip():
+    from soarllm.quant.w4a16 import _vnni4_kernel
+
+    if _vnni4_kernel() is None:
+        pytest.skip("no AVX-512 VNNI here (or no C compiler): W4A16 layers keep bfloat16 activations")
+
+
+@pytest.mark.parametrize(("shape", "group"), [(s, g) for s in SHAPES for g in (32, 64, 128) if s[1] % g == 0])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 11, 33])
+def test_w4a8_vnni_kernel_matches_the_int8_activation_formula(shape, group, rows, monkeypatch):
+    _vnni_or_skip()
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnni")
+    out_f, in_f = shape
+    torch.manual_seed(out_f * in_f + group + rows)
+    weight = torch.randn(out_f, in_f) * 0.05
+    layer, (q, s, z) = _w4_layer(out_f, in_f, group, BF16, weight)
+    assert layer.cpu_layout == "vnni4"
+    x = torch.randn(rows, in_f).to(BF16)
+    x[0, :32] = 0  # an all-zero chunk: scale 0, contributes nothing
+    got = layer.quant_method.apply(layer, x)
+    assert got.shape == (rows, out_f) and got.dtype == BF16
+    _close(got, _oracle_w4a8(x, q, s, z, group))
+    # and the weight it holds is the layer's (float16 scale and min)
+    w = layer.quant_method.dequantized_weight(layer)
+    torch.testing.assert_close(w, _oracle_w4(q, s, z, group), rtol=0, atol=2e-3 * weight.abs().max().item())
+
+
+def test_w4a8_vnni_rows_do_not_depend_on_their_batch(monkeypatch):
+    """Each row is quantized and summed on its own, in one order: a row's output is the same bits
+    alone or in any batch (what lossless speculative verification relies on)."""
+    _vnni_or_skip()
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnni")
+    torch.manual_seed(7)
+    layer, _ = _w4_layer(200, 384, 32, BF16, torch.randn(200, 384) * 0.05)
+    x = torch.randn(40, 384).to(BF16)
+    whole = layer.quant_method.apply(layer, x)
+    for lo, hi in ((0, 1), (3, 4), (5, 13), (7, 40)):
+        assert torch.equal(layer.quant_method.apply(layer, x[lo:hi]), whole[lo:hi])
+
+
+def test_w4a8_vnni_operator_equals_its_python_fallback(monkeypatch):
+    from soarllm.quant import w4a16
+
+    _vnni_or_skip()
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnni")
+    torch.manual_seed(5)
+    layer, _ = _w4_layer(40, 192, 64, BF16, torch.randn(40, 192) * 0.05)
+    for m in (0, 1, 6, 40):
+        x = torch.randn(m, 192).to(BF16)
+        want = w4a16._vnni4_call(w4a16._vnni4_kernel(), x, layer.qweight, layer.scale_min, 40)
+        got = torch.ops.soarllm.w4a8_vnni4(x, layer.qweight, layer.scale_min, 40)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_int8_activations_are_the_formats_choice_and_the_setting_overrides_it(monkeypatch):
+    """GGUF layers (``int8_activations``) take the VNNI kernel by default, others keep bfloat16;
+    SOARLLM_W4A16_CPU=vnni gives it to every layer, =torch to none; a typo is refused."""
+    _vnni_or_skip()
+    weight = torch.randn(48, 128) * 0.05
+
+    def layout(int8: bool) -> str:
+        layer = Linear(128, 48, bias=False, dtype=BF16,
+                       quant_method=W4A16Method(32, int8_activations=int8))
+        layer.qweight.weight_loader(layer.qweight, weight)
+        layer.quant_method.process_weights_after_loading(layer)
+        return layer.cpu_layout
+
+    monkeypatch.delenv("SOARLLM_W4A16_CPU", raising=False)
+    assert (layout(True), layout(False)) == ("vnni4", "int4pack")
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnni")
+    assert (layout(True), layout(False)) == ("vnni4", "vnni4")
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "torch")
+    assert (layout(True), layout(False)) == ("int4pack", "int4pack")
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnn")
+    with pytest.raises(ConfigError, match="SOARLLM_W4A16_CPU='vnn'"):
+        layout(True)

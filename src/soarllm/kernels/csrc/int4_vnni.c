@@ -1,0 +1,178 @@
+/* W4A8 matrix multiplication for CPUs with AVX-512 VNNI: out = x @ W.T, the 4-bit weights
+ * multiplied with the activations quantized to int8 per 32 inputs (vpdpbusd: 64 byte products
+ * summed exactly into 16 int32 lanes per instruction, twice the products per instruction of
+ * vdpbf16ps). The arithmetic of llama.cpp's Q4_1 x Q8_1 dot products, in another layout.
+ *
+ * Built at run time by soarllm/kernels/cpu_native.py and called through ctypes from
+ * soarllm/quant/w4a16.py (and from C++ by kernels/csrc/int4_vnni_op.cpp), which also writes the
+ * layout (pack_vnni4):
+ *   packed [N/16, K/32, 4, 64] uint8: output rows in tiles of 16, inputs in chunks of 32; in chunk
+ *          g of tile t, vector z (0..3) holds for each row l (lanes 4l .. 4l+3) the inputs
+ *          32g + 4z + e (low nibbles) and 32g + 16 + 4z + e (high nibbles), e = 0..3: the operand
+ *          layout of vpdpbusd with the 16 output rows in its 16 lanes
+ *   sm     [N/16, K/32, 2, 16] float16: per tile and chunk the 16 rows' scales, then their mins
+ *          (w = q * scale + min)
+ *   x      [M, K] bfloat16, rows ldx elements apart; out [M, N] bfloat16, rows ldo apart
+ * N a multiple of 16 in the layout (the caller pads), K a multiple of 32.
+ *
+ * Each row of x is first quantized per chunk of 32 inputs: xs = max|x| / 127, xq = round(x / xs),
+ * and then out = sum over chunks of scale * xs * (q . xq) + min * xs * sum(xq): exact integer sums
+ * inside a chunk, float32 across chunks, in the same order for every row count (a row's result
+ * does not depend on its batch).
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+int int4_vnni_supported(void) { return 1; }
+
+#ifndef MB
+#define MB 4 /* rows of x per block */
+#endif
+#ifndef NT
+#define NT 4 /* tiles of 16 output rows per block */
+#endif
+
+/* 16 floats to bfloat16, rounded to nearest even as PyTorch rounds; NaN stays a quiet NaN. */
+static inline __m256i to_bf16(__m512 v) {
+    __m512i x = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    x = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    x = _mm512_mask_mov_epi32(x, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(x);
+}
+
+/* Row x (bfloat16, k inputs) quantized per 32 inputs: xq, the scale xs and xs * sum(xq). */
+static void quantize_row(const uint16_t *x, int k, int8_t *xq, float *xs, float *xmb) {
+    for (int c = 0; c < k / 32; c++) {
+        __m512i raw = _mm512_loadu_si512((const void *)(x + 32 * c));
+        __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+        __m512 b = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+        __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(xq + 32 * c), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(xq + 32 * c + 16), _mm512_cvtsepi32_epi8(qb));
+        xs[c] = scale;
+        xmb[c] = scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+}
+
+/* NT tiles (16 NT output rows: weights w[v], scales s[v]) for MJ <= MB quantized rows: per 4
+ * inputs of a chunk, each tile's nibbles unpacked once and multiplied with every row's 4 bytes
+ * (broadcast once per row for all the tiles); the integer sums of each chunk then scaled into
+ * float32 accumulators. */
+static inline __attribute__((always_inline)) void tile_block(
+    const int8_t *xq, const float *xs, const float *xmb, int k, const uint8_t *const *w,
+    const uint16_t *const *s, uint16_t *out, int64_t ldo, const int *valid, const int MJ) {
+    const int chunks = k / 32;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    __m512 facc[MB][NT];
+    for (int j = 0; j < MJ; j++)
+        for (int v = 0; v < NT; v++) facc[j][v] = _mm512_setzero_ps();
+    for (int c = 0; c < chunks; c++) {
+        __m512i iacc[MB][NT];
+        for (int j = 0; j < MJ; j++)
+            for (int v = 0; v < NT; v++) iacc[j][v] = _mm512_setzero_si512();
+        for (int z = 0; z < 4; z++) {
+            __m512i xl[MB], xh[MB];
+            for (int j = 0; j < MJ; j++) {
+                const int8_t *xr = xq + (size_t)j * k + 32 * c + 4 * z;
+                int32_t lo, hi;
+                memcpy(&lo, xr, 4);
+                memcpy(&hi, xr + 16, 4);
+                xl[j] = _mm512_set1_epi32(lo);
+                xh[j] = _mm512_set1_epi32(hi);
+            }
+            for (int v = 0; v < NT; v++) {
+                __m512i p = _mm512_loadu_si512((const void *)(w[v] + (size_t)c * 256 + 64 * z));
+                __m512i l = _mm512_and_si512(p, nib), h = _mm512_and_si512(_mm512_srli_epi16(p, 4), nib);
+                for (int j = 0; j < MJ; j++)
+                    iacc[j][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iacc[j][v], l, xl[j]), h, xh[j]);
+            }
+        }
+        for (int v = 0; v < NT; v++) {
+            const uint16_t *sc = s[v] + (size_t)c * 32;
+            __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+            __m512 wm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 16)));
+            for (int j = 0; j < MJ; j++) {
+                __m512 a = _mm512_set1_ps(xs[(size_t)j * chunks + c]);
+                __m512 b = _mm512_set1_ps(xmb[(size_t)j * chunks + c]);
+                facc[j][v] = _mm512_fmadd_ps(wm, b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[j][v]),
+                                                                   _mm512_mul_ps(ws, a), facc[j][v]));
+            }
+        }
+    }
+    for (int v = 0; v < NT; v++) {
+        const __mmask16 m = (__mmask16)(valid[v] >= 16 ? 0xFFFF : valid[v] <= 0 ? 0 : (1u << valid[v]) - 1u);
+        for (int j = 0; j < MJ; j++) _mm256_mask_storeu_epi16(out + (size_t)j * ldo + 16 * v, m, to_bf16(facc[j][v]));
+    }
+}
+
+void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
+                    uint16_t *out, int64_t ldo, int M, int N, int K) {
+    const int chunks = K / 32, tiles = (N + 15) / 16, blocks = (tiles + NT - 1) / NT;
+    int8_t *xq = (int8_t *)aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
+    float *xs = (float *)malloc((size_t)M * chunks * 2 * sizeof(float));
+    float *xmb = xs + (size_t)M * chunks;
+    const int threads = omp_get_max_threads();
+    int groups = 1;
+    while (blocks * groups < 4 * threads && (M + 2 * groups - 1) / (2 * groups) >= 2 * MB) groups *= 2;
+    const int per_group = ((M + groups - 1) / groups + MB - 1) / MB * MB;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int j = 0; j < M; j++)
+            quantize_row(x + (size_t)j * ldx, K, xq + (size_t)j * K, xs + (size_t)j * chunks,
+                         xmb + (size_t)j * chunks);
+        /* Work items: (block of NT tiles, group of rows). Rows are split into groups only where
+         * the blocks alone are too few to share evenly between the threads; consecutive items
+         * share a block, so each thread reads mostly its own tiles. */
+#pragma omp for schedule(static)
+        for (int item = 0; item < blocks * groups; item++) {
+            const int p = item / groups, rg = item % groups;
+            const uint8_t *w[NT];
+            const uint16_t *s[NT];
+            int valid[NT];
+            for (int v = 0; v < NT; v++) { /* a short last block repeats its first tile, unstored */
+                const int t = NT * p + v < tiles ? NT * p + v : NT * p;
+                w[v] = packed + (size_t)t * chunks * 256;
+                s[v] = sm + (size_t)t * chunks * 32;
+                valid[v] = NT * p + v < tiles ? N - 16 * t : 0;
+            }
+            const int r0 = rg * per_group, r1 = r0 + per_group < M ? r0 + per_group : M;
+            for (int m0 = r0; m0 < r1; m0 += MB) {
+                const int mj = r1 - m0 < MB ? r1 - m0 : MB;
+                const int8_t *xr = xq + (size_t)m0 * K;
+                const float *xsr = xs + (size_t)m0 * chunks, *xmr = xmb + (size_t)m0 * chunks;
+                uint16_t *o = out + (size_t)m0 * ldo + 16 * NT * p;
+#define ROWS(r)                                                                                    \
+    case r:                                                                                        \
+        tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, r < MB ? r : MB);                         \
+        break;
+                switch (mj) { /* the row count as a constant: accumulators stay in registers */
+                    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
+                default: tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, MB);
+                }
+#undef ROWS
+            }
+        }
+    }
+    free(xq);
+    free(xs);
+}
+
+#else
+/* Without AVX-512 VNNI the layer keeps the bfloat16 kernels (quant/w4a16.py asks first). */
+int int4_vnni_supported(void) { return 0; }
+void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
+                    uint16_t *out, int64_t ldo, int M, int N, int K) {
+    (void)x, (void)ldx, (void)packed, (void)sm, (void)out, (void)ldo, (void)M, (void)N, (void)K;
+}
+#endif
