@@ -64,12 +64,17 @@ def _weight_bytes(model) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_of_quantized_and_dequantized_paths_agree(default_model_path, dtype):
+    from soarllm.quant.gguf import Q8VnniMethod
+    from soarllm.quant.w4a16 import int8_activations_by_default
+
     quant, cfg = _build(default_model_path, None, dtype)
-    # 30 x (qkv, o, gate_up, down), and in bfloat16 the tied Q8_0 head as two int4 planes
-    bf16 = dtype == torch.bfloat16
+    # 30 x (qkv, o, gate_up, down), and in bfloat16 the tied Q8_0 head: int8 on the VNNI kernel
+    # where it runs, else two int4 planes
+    bf16, vnni = dtype == torch.bfloat16, int8_activations_by_default()
     assert sum(isinstance(m.__dict__.get("quant_method"), W4A16Method)
-               for m in quant.modules()) == 120 + bf16
-    assert isinstance(quant.lm_head.quant_method, Q8AsInt4PairMethod) == bf16
+               for m in quant.modules()) == 120 + (bf16 and not vnni)
+    assert isinstance(quant.lm_head.quant_method, Q8AsInt4PairMethod) == (bf16 and not vnni)
+    assert isinstance(quant.lm_head.quant_method, Q8VnniMethod) == (bf16 and vnni)
     dense, _ = _build(default_model_path, "none", dtype)
     # the embedding table stays dequantized (the lookup, and the head above 8 rows)
     assert _weight_bytes(quant) < 0.6 * _weight_bytes(dense)
@@ -101,7 +106,10 @@ def test_greedy_tokens_match_the_dequantized_path(default_model_path, dtype, lay
         if q is None:
             layouts = {m.cpu_layout for m in llm.llm_engine.executor.runner.model.modules()
                        if getattr(m, "cpu_layout", None)}
-            assert layouts == {"vnni4" if int8 else "int4pack"}, layouts
+            # the tied Q8_0 head of a bfloat16 model: int8 bytes on the VNNI kernel, or int4 planes
+            want = {"vnni4", "vnni8"} if int8 and dtype == "bfloat16" else {
+                "vnni4" if int8 else "int4pack"}
+            assert layouts == want, layouts
         outs[q] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
         del llm
     same = sum(a == b for a, b in zip(outs[None], outs["none"]))

@@ -122,6 +122,35 @@ def test_q8_0_as_two_int4_planes_equals_gguf_dequantize(shape):
     torch.testing.assert_close(layer(x).double(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("shape", [(48, 256), (7, 512), (100, 96)])
+def test_q8_0_on_the_vnni_kernel_equals_gguf_dequantize(shape):
+    """A Q8_0 layer kept as its bytes (AVX-512 VNNI): the weight it holds is gguf's dequantized
+    weight exactly, and its output is x @ w.T with x rounded to int8 per 32 inputs (llama.cpp's
+    Q8_0 x Q8_0), close to the float product."""
+    from soarllm.quant import vnni
+    from soarllm.quant.gguf import Q8VnniMethod
+
+    if vnni.kernels() is None:
+        pytest.skip("no AVX-512 VNNI here (or no C compiler): Q8_0 layers take two int4 planes")
+    rows, cols = shape
+    rng = np.random.default_rng(rows)
+    blocks = _quantized(rng.normal(0.0, 0.05, size=shape), "Q8_0")
+    layer = Linear(cols, rows, dtype=torch.bfloat16, quant_method=Q8VnniMethod())
+    layer.qweight.weight_loader(layer.qweight, blocks)
+    layer.quant_method.process_weights_after_loading(layer)
+    want = _gguf_dequantize(blocks)
+    torch.testing.assert_close(layer.quant_method.dequantized_weight(layer), want, rtol=0, atol=0)
+    x = torch.randn(9, cols).to(torch.bfloat16)
+    xf = x.float().view(9, cols // 32, 32)
+    step = xf.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(xf / step) * step).view(9, cols)  # the activations the int8 values stand for
+    got = layer(x).double()
+    ref = xq.double() @ want.double().t()
+    torch.testing.assert_close(got, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+    exact = x.double() @ want.double().t()
+    torch.testing.assert_close(got, exact, rtol=0.03, atol=0.03 * exact.abs().max().item())
+
+
 def test_gguf_config_per_layer_types():
     """W4A16 where every shard of a layer is a 4-bit type, the two-plane form where every shard is
     Q8_0; other types are dequantized."""
@@ -145,14 +174,18 @@ def test_gguf_config_per_layer_types():
     head = Linear(64, 512, quant_config=config, prefix="lm_head")  # tied: the embedding's type
     assert isinstance(qkv.quant_method, W4A16Method)
     assert isinstance(head.quant_method, W4A16Method)
-    assert isinstance(down.quant_method, Q8AsInt4PairMethod)
+    from soarllm.quant.gguf import Q8VnniMethod
+    from soarllm.quant.w4a16 import int8_activations_by_default
+
+    assert isinstance(down.quant_method,
+                      Q8VnniMethod if int8_activations_by_default() else Q8AsInt4PairMethod)
     for layer in (gate_up, norm_like):
         assert isinstance(layer.quant_method, UnquantizedMethod)
     summary = config.summary()
     # in a float32 model a Q8_0 layer stays exact: the int4 kernel would round its activations
     down32 = Linear(128, 64, quant_config=config, prefix="model.layers.0.mlp.down_proj")
     assert isinstance(down32.quant_method, UnquantizedMethod)
-    assert "W4A16 (group 32): 2 Q4_0, 1 Q4_1, 1 Q4_K, 1 Q8_0;" in summary  # qkv, head, down
+    assert "repacked exactly (group 32): 2 Q4_0, 1 Q4_1, 1 Q4_K, 1 Q8_0" in summary  # qkv, head, down
     assert "1 Q4_1, 1 Q6_K" in summary  # gate shares its layer with a Q6_K shard
 
 
@@ -278,12 +311,17 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf, layout, monk
     torch.testing.assert_close(_logits(dequantized, cfg, seqs), want, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_gguf_with_q8_0_planes_matches_transformers(tiny_gguf):
-    """In a bfloat16 model the Q8_0 down_proj runs as two int4 planes: the logits stay those of
-    transformers' float32 model on the same file, to bfloat16 rounding."""
+@pytest.mark.parametrize("layout", ["torch", "auto"])
+def test_bfloat16_gguf_with_q8_0_layers_matches_transformers(tiny_gguf, layout, monkeypatch):
+    """In a bfloat16 model the Q8_0 down_proj runs as two int4 planes (``torch``), or as int8
+    bytes with int8 activations where the CPU has AVX-512 VNNI (``auto``): the logits stay those
+    of transformers' float32 model on the same file, to that rounding."""
+    from soarllm.quant.w4a16 import int8_activations_by_default
+
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", layout)
     model, cfg = _build(tiny_gguf, None, torch.bfloat16)
     kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
-    assert "Q8AsInt4PairMethod" in kinds, kinds
+    assert ("Q8VnniMethod" if int8_activations_by_default() else "Q8AsInt4PairMethod") in kinds, kinds
     torch.manual_seed(0)
     seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 12)]
     run = PagedRun(model, cfg, seqs)
@@ -294,25 +332,38 @@ def test_bfloat16_gguf_with_q8_0_planes_matches_transformers(tiny_gguf):
     assert bool((cos > 0.999).all()), cos
 
 
-def test_tied_quantized_head_serves_large_batches_from_the_dequantized_table(tiny_gguf):
-    """Up to QUANTIZED_HEAD_MAX_ROWS rows the tied head's quantized copy computes the logits,
-    above it the embedding table: both give the logits of the same weights."""
+@pytest.mark.parametrize("layout", ["torch", "auto"])
+def test_tied_quantized_head_serves_large_batches_from_the_dequantized_table(tiny_gguf, layout,
+                                                                             monkeypatch):
+    """Up to its method's limit (QUANTIZED_HEAD_MAX_ROWS for the int4 planes) the tied head's
+    quantized copy computes the logits, above it the embedding table: both give the logits of
+    the same weights. The Q8_0 head on the VNNI kernel (``auto`` where it runs) has no limit:
+    every batch on the quantized copy, each row as it is alone."""
     from soarllm.model.models.base import QUANTIZED_HEAD_MAX_ROWS
+    from soarllm.quant.gguf import Q8VnniMethod
+    from soarllm.quant.w4a16 import int8_activations_by_default
 
+    monkeypatch.setenv("SOARLLM_W4A16_CPU", layout)
     model, cfg = _build(tiny_gguf, None, torch.bfloat16)
     if not model.tie_word_embeddings:
         assert model.dense_head_weight is None
         return
     assert model.dense_head_weight is model.model.embed_tokens.weight
+    vnni_head = isinstance(model.lm_head.quant_method, Q8VnniMethod)
+    assert not vnni_head or int8_activations_by_default()
     torch.manual_seed(1)
     hidden = torch.randn(QUANTIZED_HEAD_MAX_ROWS + 3, cfg.hidden_size).bfloat16()
     with torch.inference_mode():
-        large = model.compute_logits(hidden)  # the dequantized table
+        large = model.compute_logits(hidden)  # the dequantized table (int4 planes)
         small = torch.cat([model.compute_logits(h[None]) for h in hidden])  # the quantized copy
         exact = hidden.double() @ model.dense_head_weight.double().t()
-    torch.testing.assert_close(large.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
     torch.testing.assert_close(small.double(), exact, rtol=0.02,
                                atol=0.02 * exact.abs().max().item())
+    if vnni_head:
+        assert torch.equal(large, small)
+    else:
+        torch.testing.assert_close(large.double(), exact, rtol=2**-7,
+                                   atol=2**-7 * exact.abs().max().item())
 
 
 def test_quantization_gguf_refused_for_other_checkpoints(tmp_path):

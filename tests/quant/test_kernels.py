@@ -395,9 +395,9 @@ def _oracle_w4a8(x, q, scales, zeros, group):
 
 
 def _vnni_or_skip():
-    from soarllm.quant.w4a16 import _vnni4_kernel
+    from soarllm.quant import vnni
 
-    if _vnni4_kernel() is None:
+    if vnni.kernels() is None:
         pytest.skip("no AVX-512 VNNI here (or no C compiler): W4A16 layers keep bfloat16 activations")
 
 
@@ -435,7 +435,7 @@ def test_w4a8_vnni_rows_do_not_depend_on_their_batch(monkeypatch):
 
 
 def test_w4a8_vnni_operator_equals_its_python_fallback(monkeypatch):
-    from soarllm.quant import w4a16
+    from soarllm.quant import vnni
 
     _vnni_or_skip()
     monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnni")
@@ -443,7 +443,7 @@ def test_w4a8_vnni_operator_equals_its_python_fallback(monkeypatch):
     layer, _ = _w4_layer(40, 192, 64, BF16, torch.randn(40, 192) * 0.05)
     for m in (0, 1, 6, 40):
         x = torch.randn(m, 192).to(BF16)
-        want = w4a16._vnni4_call(w4a16._vnni4_kernel(), x, layer.qweight, layer.scale_min, 40)
+        want = vnni._call(vnni.kernels(), x, layer.qweight, layer.scale_min, 40)
         got = torch.ops.soarllm.w4a8_vnni4(x, layer.qweight, layer.scale_min, 40)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

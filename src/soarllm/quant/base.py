@@ -27,6 +27,9 @@ class QuantMethod:
 
     # checkpoint tensor suffix -> name of the layer parameter whose weight_loader takes it
     checkpoint_params: dict[str, str] = {"weight": "weight", "bias": "bias"}
+    # as a tied LM head: rows of logits it computes itself before the dequantized embedding table
+    # is faster (None: the model's default, models/base.QUANTIZED_HEAD_MAX_ROWS)
+    tied_head_max_rows: int | None = None
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, bias: bool, dtype: torch.dtype

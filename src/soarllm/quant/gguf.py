@@ -32,18 +32,25 @@ bfloat16 kernel's speed at batch 32); SOARLLM_W4A16_CPU=torch keeps bfloat16 act
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
+from soarllm.errors import ConfigError
+from soarllm.quant import vnni
 from soarllm.quant.base import (
     QuantizationConfig,
     QuantMethod,
     UnquantizedMethod,
     check_rows,
+    load_rows,
+    new_param,
+    set_weight_loader,
     shard_range,
 )
 from soarllm.quant.w4a16 import KERNEL_DTYPE, W4A16Method, int8_activations_by_default
@@ -117,6 +124,18 @@ class GGUFBlocks:
         q, scale, zero = _REPACK[self.qtype](self.data.numpy(), flat, cols)
         return (q.reshape(*lead, rows, cols), scale.reshape(*lead, rows, cols // GROUP),
                 zero.reshape(*lead, rows, cols // GROUP))
+
+    def to_uint8(self):
+        """Q8_0 as unsigned bytes: (u uint8 [rows, cols] = q + 128, scale f32 [rows, cols / 32])
+        with w = u * scale - 128 * scale, exactly."""
+        if self.qtype != "Q8_0":
+            raise ValueError(f"{self.qtype} blocks are not Q8_0")
+        rows, cols = self.shape
+        blocks = self.data.numpy().reshape(-1, 34)
+        d = _f16(blocks[:, 0:2])[:, 0].reshape(rows, cols // GROUP)
+        q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).reshape(rows, cols)
+        u = (q.astype(np.int16) + 128).astype(np.uint8)
+        return torch.from_numpy(u), torch.from_numpy(d)
 
     def to_int4_planes(self, group_size: int = GROUP):
         """Q8_0 as two int4 planes side by side: (q uint8 [rows, 2 cols], scale, zero f32
@@ -207,6 +226,53 @@ class Q8AsInt4PairMethod(W4A16Method):
         return w[:, :k] + w[:, k:]
 
 
+class Q8VnniMethod(QuantMethod):
+    """A Q8_0 layer kept as its int8 bytes and multiplied with int8 activations (quant/vnni.py,
+    AVX-512 VNNI): llama.cpp's Q8_0 x Q8_0 arithmetic, half the products of the two int4 planes
+    (``Q8AsInt4PairMethod``, which serves where the kernel does not run)."""
+
+    checkpoint_params = {"weight": "qweight", "bias": "bias"}
+    # a tied head never hands over to the bfloat16 table: faster at every row count measured
+    # (models/base.py's docstring)
+    tied_head_max_rows = 1 << 30
+
+    def describe(self) -> str:
+        return "Q8_0 as int8 with int8 activations (AVX-512 VNNI)"
+
+    def create_weights(self, layer, in_features, out_features, bias, dtype):
+        if in_features % GROUP:
+            raise ConfigError(f"Q8_0 blocks of {GROUP} do not divide the layer's {in_features} inputs")
+        layer.qweight = set_weight_loader(new_param((out_features, in_features), torch.uint8),
+                                          functools.partial(self.load_weight, layer))
+        layer.scales = new_param((out_features, in_features // GROUP), torch.float32)
+        layer.scales.filled_by = "qweight"
+        layer.bias = (set_weight_loader(new_param((out_features,), dtype),
+                                        functools.partial(load_rows, layer)) if bias else None)
+
+    def load_weight(self, layer, param, loaded, shard_id=None) -> None:
+        off, size = shard_range(layer, shard_id, layer.out_features)
+        check_rows("weight", shard_id, (size, layer.in_features), tuple(loaded.shape))
+        u, d = loaded.to_uint8()
+        layer.qweight.data[off : off + size] = u
+        layer.scales.data[off : off + size] = d
+
+    def process_weights_after_loading(self, layer) -> None:
+        scales = layer.scales.data
+        packed, scale_min = vnni.pack_vnni8(layer.qweight.data, scales, -128 * scales)
+        layer.qweight = nn.Parameter(packed, requires_grad=False)
+        layer.scale_min = nn.Parameter(scale_min, requires_grad=False)
+        del layer.scales
+        layer.cpu_layout = "vnni8"
+
+    def apply(self, layer, x):
+        out = vnni.linear(x, layer.qweight, layer.scale_min, layer.out_features)
+        return out if layer.bias is None else out + layer.bias
+
+    def dequantized_weight(self, layer) -> torch.Tensor:
+        """The float32 weight the layer holds (the kernel also rounds the activations)."""
+        return vnni.unpack(layer.qweight, layer.scale_min, layer.out_features)
+
+
 class GGUFQuantConfig(QuantizationConfig):
     """Per layer from the file's tensor types: W4A16 where every shard is Q4_0/Q4_1/Q4_K."""
 
@@ -246,7 +312,9 @@ class GGUFQuantConfig(QuantizationConfig):
             return W4A16Method(GROUP, int8_activations=True)
         if all(t == "Q8_0" for t in types) and getattr(layer, "params_dtype", None) == KERNEL_DTYPE:
             self.repacked.update(types)
-            return Q8AsInt4PairMethod(GROUP, int8_activations=True)
+            if int8_activations_by_default() and layer.in_features % GROUP == 0:
+                return Q8VnniMethod()
+            return Q8AsInt4PairMethod(GROUP)
         self.dequantized.update(t for t in types if t not in FLOAT_TYPES)
         return UnquantizedMethod()
 
@@ -274,7 +342,7 @@ class GGUFQuantConfig(QuantizationConfig):
         def fmt(counter: Counter) -> str:
             return ", ".join(f"{n} {t}" for t, n in sorted(counter.items())) or "none"
 
-        line = f"GGUF served quantized: repacked into W4A16 (group 32): {fmt(self.repacked)}"
+        line = f"GGUF served quantized: repacked exactly (group 32): {fmt(self.repacked)}"
         if self.dequantized:
             line += (f"; dequantized to the model dtype (a type with no exact kernel, or in a layer "
                      f"with one): "

@@ -35,6 +35,7 @@ from torch import nn
 from soarllm.errors import ConfigError
 from soarllm.kernels.ops import define_op
 from soarllm.kernels.triton_utils import triton_available
+from soarllm.quant import vnni
 from soarllm.quant.base import (
     QuantMethod,
     as_float,
@@ -382,137 +383,17 @@ def w4a16_linear_soar4(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.T
     return out.reshape(*lead, packed.shape[0]).to(x.dtype)
 
 
-# W4A8 on CPUs with AVX-512 VNNI (kernels/csrc/int4_vnni.c): the activations quantized to int8
-# per 32 inputs, the 4-bit weights multiplied with them in integers (vpdpbusd), which is how
-# llama.cpp computes its Q4_0 / Q4_1 / Q4_K / Q8_0 layers. GGUF layers take it by default where it
-# runs (``int8_activations``); SOARLLM_W4A16_CPU=vnni asks for it on every W4A16 layer, and =torch
-# keeps bfloat16 activations everywhere. benchmarks/cpu_vs_llamacpp.py has the end-to-end figures.
-
-
-def pack_vnni4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
-    """The layout of the VNNI kernel (kernels/csrc/int4_vnni.c): output rows in tiles of 16 (the
-    last padded with zeros), inputs in chunks of 32, [N / 16, K / 32, 4, 64] bytes where in chunk g
-    of tile t, vector z holds row l's inputs 32g + 4z + e (low nibbles) and 32g + 16 + 4z + e (high
-    nibbles) at byte 4l + e; and per tile and chunk the 16 rows' scales then mins in float16,
-    [N / 16, K / 32, 2, 16], w = q * scale + min."""
-    rows, cols = q.shape
-    padded = -(-rows // 16) * 16
-    q = F.pad(q.to(torch.uint8), (0, 0, 0, padded - rows))
-    v = q.view(padded // 16, 16, cols // 32, 2, 4, 4)  # tile, row, chunk, half, z, e
-    packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).contiguous()
-    packed = packed.view(padded // 16, cols // 32, 4, 64)
-    per_chunk = group_size // 32
-    scale = F.pad(scales.float().repeat_interleave(per_chunk, 1), (0, 0, 0, padded - rows))
-    low = F.pad((zeros.float() - 8 * scales.float()).repeat_interleave(per_chunk, 1),
-                (0, 0, 0, padded - rows))
-    scale_min = torch.stack([scale.view(padded // 16, 16, -1), low.view(padded // 16, 16, -1)], 1)
-    return packed, scale_min.permute(0, 3, 1, 2).contiguous().to(torch.float16)
-
-
-def unpack_vnni4(packed: torch.Tensor, scale_min: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The float32 weight [out_features, K] that ``pack_vnni4``'s layout holds."""
-    tiles, chunks = packed.shape[:2]
-    b = packed.view(tiles, chunks, 4, 16, 4).permute(0, 3, 1, 2, 4)  # tile, row, chunk, z, e
-    q = torch.stack([b & 0xF, b >> 4], dim=3).reshape(tiles * 16, chunks, 32).float()
-    sm = scale_min.float().permute(0, 3, 1, 2).reshape(tiles * 16, chunks, 2)
-    w = q * sm[..., :1] + sm[..., 1:]
-    return w.reshape(tiles * 16, chunks * 32)[:out_features]
-
-
-def w4a8_reference(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor,
-                   low: torch.Tensor) -> torch.Tensor:
-    """The VNNI kernel's arithmetic in PyTorch (float32 out): x [M, K] quantized per 32 inputs to
-    int8 (xs = max|x| / 127, round to nearest even), weight_q [N, K] in [0, 16), scale and low
-    [N, K / 32] float (w = q * scale + low)."""
-    m, k = x.shape
-    xf = x.float().view(m, k // 32, 32)
-    amax = xf.abs().amax(-1, keepdim=True)
-    xs = amax / 127
-    xq = torch.where(amax > 0, torch.round(xf * (127 / amax)), torch.zeros_like(xf))
-    qf = weight_q.float().view(weight_q.shape[0], k // 32, 32)
-    dots = torch.einsum("mcj,ncj->mnc", xq, qf)  # exact: integers below 2**24
-    return (dots * scale.float()[None] * xs[None, ..., 0].transpose(0, 1)
-            + low.float()[None] * (xs[..., 0] * xq.sum(-1))[:, None, :]).sum(-1)
-
-
-@functools.cache
-def _vnni4_kernel():
-    """The VNNI W4A8 GEMM (kernels/csrc/int4_vnni.c), or None: no compiler, a CPU without
-    AVX-512 VNNI, or its result disagreeing with ``w4a8_reference`` (checked once per process on a
-    few odd shapes and row counts)."""
-    import ctypes
-
-    from soarllm.kernels import cpu_native
-
-    lib = cpu_native.load("int4_vnni")
-    if lib is None or not lib.int4_vnni_supported():
-        return None
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.int4_vnni_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32]
-    lib.int4_vnni_gemm.restype = None
-    g = torch.Generator().manual_seed(0)
-    for rows, cols, group, m in ((7, 64, 32, 1), (40, 192, 64, 6), (70, 256, 128, 11)):
-        q, scales, zeros = _random_w4(g, rows, cols, group)
-        packed, scale_min = pack_vnni4(q, scales, zeros, group)
-        x = torch.randn(m, cols, generator=g).to(torch.bfloat16)
-        sm = scale_min.float()
-        want = w4a8_reference(x, q, *(sm[:, :, i].permute(0, 2, 1).reshape(-1, cols // 32)[:rows]
-                                      for i in (0, 1)))
-        got = _vnni4_call(lib, x, packed, scale_min, rows).float()
-        if not torch.allclose(got, want, rtol=2**-7, atol=2**-7 * want.abs().max().item()):
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "the W4A8 VNNI GEMM (kernels/csrc/int4_vnni.c) disagrees with its formula here: "
-                "W4A16 layers keep bfloat16 activations")
-            return None
-    _define_vnni4_op()
-    return lib
-
-
-def _vnni4_call(lib, x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor,
-                out_features: int) -> torch.Tensor:
-    out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-    if x.shape[0]:
-        lib.int4_vnni_gemm(x.data_ptr(), x.stride(0), packed.data_ptr(), scale_min.data_ptr(),
-                           out.data_ptr(), out.stride(0), x.shape[0], out_features,
-                           packed.shape[1] * 32)
-    return out
-
-
-def _define_vnni4_op() -> None:
-    """``soarllm::w4a8_vnni4``: in C++ (kernels/csrc/int4_vnni_op.cpp) where it builds, so
-    compiled code calls it without Python; else a Python implementation over the same kernel."""
-    from soarllm.kernels import cpu_native
-
-    def fake(x, packed, scale_min, out_features):
-        return x.new_empty(x.shape[0], out_features)
-
-    if cpu_native.load_torch_ops("int4_vnni_op", "int4_vnni"):
-        torch.library.register_fake("soarllm::w4a8_vnni4", fake)
-    else:
-        define_op("w4a8_vnni4", "(Tensor x, Tensor packed, Tensor scale_min, int out_features) -> Tensor",
-                  lambda x, packed, scale_min, out_features: _vnni4_call(
-                      _vnni4_kernel(), x, packed, scale_min, out_features), fake)
-
-
 def int8_activations_by_default() -> bool:
-    """Whether layers created with ``int8_activations`` get them here (CPU kernel and setting)."""
-    return cpu_layout_request() in ("auto", "vnni") and _vnni4_kernel() is not None
-
-
-def w4a8_linear_vnni4(x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor,
-                      out_features: int) -> torch.Tensor:
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    out = torch.ops.soarllm.w4a8_vnni4(x2, packed, scale_min, out_features)
-    return out.reshape(*lead, out_features).to(x.dtype)
+    """Whether layers created with ``int8_activations`` get them here: the VNNI kernels
+    (quant/vnni.py) run on this CPU and SOARLLM_W4A16_CPU does not say otherwise."""
+    return cpu_layout_request() in ("auto", "vnni") and vnni.kernels() is not None
 
 
 def cpu_layout_request() -> str:
     """SOARLLM_W4A16_CPU: ``auto`` (unset: int8 activations where the format computes that way,
-    GGUF, and the CPU has AVX-512 VNNI; else PyTorch's layout), ``torch``, ``native`` (soarllm's
-    bfloat16 layout) or ``vnni`` (int8 activations on every W4A16 layer)."""
+    GGUF, and the CPU has AVX-512 VNNI, quant/vnni.py; else PyTorch's layout), ``torch``,
+    ``native`` (soarllm's bfloat16 layout) or ``vnni`` (int8 activations on every W4A16 layer;
+    ``torch`` and ``native`` keep bfloat16 activations everywhere)."""
     value = os.environ.get("SOARLLM_W4A16_CPU", "auto").strip().lower()
     if value not in ("auto", "torch", "native", "vnni"):
         raise ConfigError(f"SOARLLM_W4A16_CPU={value!r}: use auto, torch, native or vnni")
@@ -609,8 +490,10 @@ class W4A16Method(QuantMethod):
             q = unpack_nibbles(layer.qweight.data)
             if layout == "vnni4":
                 scales_name = "scale_min"
-                packed, scales = pack_vnni4(q, layer.scales.data, layer.zeros.data,
-                                            self.group_size)
+                per_chunk = self.group_size // 32
+                scale = layer.scales.data.repeat_interleave(per_chunk, 1)
+                low = (layer.zeros.data - 8 * layer.scales.data).repeat_interleave(per_chunk, 1)
+                packed, scales = vnni.pack_vnni4(q, scale, low)
             else:
                 pack, scales_name = ((pack_soar4, "scale_min") if layout == "soar4"
                                      else (int4pack_cpu, "scale_and_zero"))
@@ -629,7 +512,7 @@ class W4A16Method(QuantMethod):
         (PyTorch's layout, soarllm's or PyTorch's GEMM)."""
         request, width = cpu_layout_request(), self.weight_width(layer)
         if ((request == "vnni" or (request == "auto" and self.int8_activations))
-                and width % 32 == 0 and _vnni4_kernel() is not None):
+                and width % 32 == 0 and int8_activations_by_default()):
             return "vnni4"
         if request == "native" and width % 64 == 0 and _soar4_kernel() is not None:
             return "soar4"
@@ -649,7 +532,7 @@ class W4A16Method(QuantMethod):
                                          self.group_size, layer.bias)
         if layer.use_cpu_kernel:
             if layer.cpu_layout == "vnni4":
-                out = w4a8_linear_vnni4(x, layer.qweight, layer.scale_min, layer.out_features)
+                out = vnni.linear(x, layer.qweight, layer.scale_min, layer.out_features)
             elif layer.cpu_layout == "soar4":
                 out = w4a16_linear_soar4(x, layer.qweight, layer.scale_min, self.group_size)
             else:
@@ -674,7 +557,7 @@ class W4A16Method(QuantMethod):
         if not layer.use_cpu_kernel:
             return dequantize_w4(layer.qweight, layer.scales, layer.zeros, self.group_size)
         if layer.cpu_layout == "vnni4":  # the weight; the kernel also rounds the activations
-            return unpack_vnni4(layer.qweight, layer.scale_min, layer.out_features)
+            return vnni.unpack(layer.qweight, layer.scale_min, layer.out_features)
         if layer.cpu_layout == "soar4":
             return _soar4_dense(_soar4_kernel(), layer.qweight, layer.scale_min,
                                 self.group_size).float()

@@ -7,7 +7,10 @@ head computes up to QUANTIZED_HEAD_MAX_ROWS rows with its quantized copy (half o
 bytes) and larger batches with the dequantized table, where the int4 kernel is bound by its
 arithmetic. The default model's Q8_0 head (two int4 planes, soarllm's int4 GEMM) against the
 bfloat16 table, ms per call with cold caches on the 2-core CPU: 1 row 1.6 / 4.8, 8 rows 4.9 /
-6.3, 12 rows 7.0 / 7.2, 16 rows 9.3 / 7.9, 32 rows 16.0 / 11.6.
+6.3, 12 rows 7.0 / 7.2, 16 rows 9.3 / 7.9, 32 rows 16.0 / 11.6. A method may set its own limit
+(``QuantMethod.tied_head_max_rows``): the Q8_0 head on the VNNI kernel (quant/gguf.Q8VnniMethod)
+is faster than the table at every row count measured (1 row 1.1 / 3.5 ms, 32 rows 4.4 / 7.5,
+64 rows 7.8 / 11.6) and never hands over.
 
 Weights load through the layers: each checkpoint tensor goes to the `weight_loader` of the
 parameter that owns it, with the shard id of a merged layer (q/k/v, gate/up); quantized layers
@@ -110,7 +113,8 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         dense = self.dense_head_weight
-        if dense is not None and hidden.shape[0] > QUANTIZED_HEAD_MAX_ROWS:
+        limit = getattr(self.lm_head.quant_method, "tied_head_max_rows", None)
+        if dense is not None and hidden.shape[0] > (limit or QUANTIZED_HEAD_MAX_ROWS):
             return F.linear(hidden.to(dense.dtype), dense)
         logits = self.lm_head(hidden)
         if self.tp.world_size > 1:  # every rank's vocabulary rows, the padding cut off

@@ -1,15 +1,17 @@
-/* W4A8 matrix multiplication for CPUs with AVX-512 VNNI: out = x @ W.T, the 4-bit weights
- * multiplied with the activations quantized to int8 per 32 inputs (vpdpbusd: 64 byte products
- * summed exactly into 16 int32 lanes per instruction, twice the products per instruction of
- * vdpbf16ps). The arithmetic of llama.cpp's Q4_1 x Q8_1 dot products, in another layout.
+/* W4A8 and W8A8 matrix multiplication for CPUs with AVX-512 VNNI: out = x @ W.T, 4-bit or 8-bit
+ * unsigned weights multiplied with the activations quantized to int8 per 32 inputs (vpdpbusd: 64
+ * byte products summed exactly into 16 int32 lanes per instruction, twice the products per
+ * instruction of vdpbf16ps). The arithmetic of llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot
+ * products, in another layout.
  *
  * Built at run time by soarllm/kernels/cpu_native.py and called through ctypes from
  * soarllm/quant/w4a16.py (and from C++ by kernels/csrc/int4_vnni_op.cpp), which also writes the
- * layout (pack_vnni4):
- *   packed [N/16, K/32, 4, 64] uint8: output rows in tiles of 16, inputs in chunks of 32; in chunk
+ * layouts (pack_vnni4, pack_vnni8):
+ *   4-bit  [N/16, K/32, 4, 64] uint8: output rows in tiles of 16, inputs in chunks of 32; in chunk
  *          g of tile t, vector z (0..3) holds for each row l (lanes 4l .. 4l+3) the inputs
  *          32g + 4z + e (low nibbles) and 32g + 16 + 4z + e (high nibbles), e = 0..3: the operand
  *          layout of vpdpbusd with the 16 output rows in its 16 lanes
+ *   8-bit  [N/16, K/32, 8, 64] uint8: the same with vector z (0..7) holding inputs 32g + 4z + e
  *   sm     [N/16, K/32, 2, 16] float16: per tile and chunk the 16 rows' scales, then their mins
  *          (w = q * scale + min)
  *   x      [M, K] bfloat16, rows ldx elements apart; out [M, N] bfloat16, rows ldo apart
@@ -28,7 +30,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
-int int4_vnni_supported(void) { return 1; }
+int vnni_gemm_supported(void) { return 1; }
 
 #ifndef MB
 #define MB 4 /* rows of x per block */
@@ -64,14 +66,15 @@ static void quantize_row(const uint16_t *x, int k, int8_t *xq, float *xs, float 
     }
 }
 
-/* NT tiles (16 NT output rows: weights w[v], scales s[v]) for MJ <= MB quantized rows: per 4
- * inputs of a chunk, each tile's nibbles unpacked once and multiplied with every row's 4 bytes
+/* NT tiles (16 NT output rows: weights w[v] of BITS bits, scales s[v]) for MJ <= MB quantized
+ * rows: per 4 inputs of a chunk, each tile's nibbles unpacked once and multiplied with every row's 4 bytes
  * (broadcast once per row for all the tiles); the integer sums of each chunk then scaled into
  * float32 accumulators. */
 static inline __attribute__((always_inline)) void tile_block(
     const int8_t *xq, const float *xs, const float *xmb, int k, const uint8_t *const *w,
-    const uint16_t *const *s, uint16_t *out, int64_t ldo, const int *valid, const int MJ) {
-    const int chunks = k / 32;
+    const uint16_t *const *s, uint16_t *out, int64_t ldo, const int *valid, const int MJ,
+    const int BITS) {
+    const int chunks = k / 32, chunk_bytes = 64 * BITS; /* 32 inputs x 16 rows */
     const __m512i nib = _mm512_set1_epi8(0x0F);
     __m512 facc[MB][NT];
     for (int j = 0; j < MJ; j++)
@@ -91,8 +94,16 @@ static inline __attribute__((always_inline)) void tile_block(
                 xh[j] = _mm512_set1_epi32(hi);
             }
             for (int v = 0; v < NT; v++) {
-                __m512i p = _mm512_loadu_si512((const void *)(w[v] + (size_t)c * 256 + 64 * z));
-                __m512i l = _mm512_and_si512(p, nib), h = _mm512_and_si512(_mm512_srli_epi16(p, 4), nib);
+                const uint8_t *wz = w[v] + (size_t)c * chunk_bytes + 64 * z;
+                __m512i l, h;
+                if (BITS == 4) {
+                    __m512i p = _mm512_loadu_si512((const void *)wz);
+                    l = _mm512_and_si512(p, nib);
+                    h = _mm512_and_si512(_mm512_srli_epi16(p, 4), nib);
+                } else { /* inputs 4z.. in vector z, 16 + 4z.. in vector z + 4 */
+                    l = _mm512_loadu_si512((const void *)wz);
+                    h = _mm512_loadu_si512((const void *)(wz + 256));
+                }
                 for (int j = 0; j < MJ; j++)
                     iacc[j][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iacc[j][v], l, xl[j]), h, xh[j]);
             }
@@ -115,8 +126,10 @@ static inline __attribute__((always_inline)) void tile_block(
     }
 }
 
-void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
-                    uint16_t *out, int64_t ldo, int M, int N, int K) {
+static inline __attribute__((always_inline)) void vnni_gemm(
+    const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm, uint16_t *out,
+    int64_t ldo, int M, int N, int K, const int BITS) {
+    const int chunk_bytes = 64 * BITS;
     const int chunks = K / 32, tiles = (N + 15) / 16, blocks = (tiles + NT - 1) / NT;
     int8_t *xq = (int8_t *)aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
     float *xs = (float *)malloc((size_t)M * chunks * 2 * sizeof(float));
@@ -142,7 +155,7 @@ void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const
             int valid[NT];
             for (int v = 0; v < NT; v++) { /* a short last block repeats its first tile, unstored */
                 const int t = NT * p + v < tiles ? NT * p + v : NT * p;
-                w[v] = packed + (size_t)t * chunks * 256;
+                w[v] = packed + (size_t)t * chunks * chunk_bytes;
                 s[v] = sm + (size_t)t * chunks * 32;
                 valid[v] = NT * p + v < tiles ? N - 16 * t : 0;
             }
@@ -154,11 +167,11 @@ void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const
                 uint16_t *o = out + (size_t)m0 * ldo + 16 * NT * p;
 #define ROWS(r)                                                                                    \
     case r:                                                                                        \
-        tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, r < MB ? r : MB);                         \
+        tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, r < MB ? r : MB, BITS);                   \
         break;
                 switch (mj) { /* the row count as a constant: accumulators stay in registers */
                     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
-                default: tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, MB);
+                default: tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, MB, BITS);
                 }
 #undef ROWS
             }
@@ -168,10 +181,24 @@ void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const
     free(xs);
 }
 
+void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
+                    uint16_t *out, int64_t ldo, int M, int N, int K) {
+    vnni_gemm(x, ldx, packed, sm, out, ldo, M, N, K, 4);
+}
+
+void int8_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
+                    uint16_t *out, int64_t ldo, int M, int N, int K) {
+    vnni_gemm(x, ldx, packed, sm, out, ldo, M, N, K, 8);
+}
+
 #else
 /* Without AVX-512 VNNI the layer keeps the bfloat16 kernels (quant/w4a16.py asks first). */
-int int4_vnni_supported(void) { return 0; }
+int vnni_gemm_supported(void) { return 0; }
 void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
+                    uint16_t *out, int64_t ldo, int M, int N, int K) {
+    (void)x, (void)ldx, (void)packed, (void)sm, (void)out, (void)ldo, (void)M, (void)N, (void)K;
+}
+void int8_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
                     uint16_t *out, int64_t ldo, int M, int N, int K) {
     (void)x, (void)ldx, (void)packed, (void)sm, (void)out, (void)ldo, (void)M, (void)N, (void)K;
 }
