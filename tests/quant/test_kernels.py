@@ -376,7 +376,7 @@ def test_a_failed_cpp_operator_build_warns_and_reports_it(monkeypatch, caplog):
     assert len(caplog.records) == 1 and "Ninja is required" in caplog.records[0].getMessage()
 
 
-# W4A8 on AVX-512 VNNI (kernels/csrc/int4_vnni.c): the oracle is the formula it implements, written
+# W4A8 on AVX-512 VNNI (kernels/csrc/vnni_gemm.c): the oracle is the formula it implements, written
 # here independently of quant/w4a16.py's reference: activations rounded to int8 per 32 inputs
 # (llama.cpp's Q8 blocks), integer dot products per chunk, float32 scales across chunks.
 

@@ -5,7 +5,7 @@
  * products, in another layout.
  *
  * Built at run time by soarllm/kernels/cpu_native.py and called through ctypes from
- * soarllm/quant/w4a16.py (and from C++ by kernels/csrc/int4_vnni_op.cpp), which also writes the
+ * soarllm/quant/vnni.py (and from C++ by kernels/csrc/vnni_gemm_op.cpp), which also writes the
  * layouts (pack_vnni4, pack_vnni8):
  *   4-bit  [N/16, K/32, 4, 64] uint8: output rows in tiles of 16, inputs in chunks of 32; in chunk
  *          g of tile t, vector z (0..3) holds for each row l (lanes 4l .. 4l+3) the inputs
