@@ -92,6 +92,15 @@ def test_tp3_default_model_served_on_its_blocks(default_model_path):
         ours = scored(llm)
     finally:
         llm.llm_engine.shutdown()
-    # bfloat16 partial sums: the unquantized model at TP=3 scores within 0.16-0.19 of TP=1 too
+    # bfloat16 partial sums: the unquantized model at TP=3 scores within 0.16-0.19 of TP=1 too;
+    # with int8 activations (AVX-512 VNNI) a differently rounded partial sum can also move an
+    # activation across an int8 step of the next layer
+    from soarllm.quant.w4a16 import int8_activations_by_default
+
+    # (measured: bfloat16 activations largest 0.19, mean 0.04; int8 largest 0.36, mean 0.08)
+    worst, mean = (0.5, 0.1) if int8_activations_by_default() else (0.35, 0.05)
+    diffs = torch.cat([(a - b).abs() for a, b in zip(ours, ref_scores)])
+    print(f"TP=3 vs TP=1 log-probs: largest difference {diffs.max():.3f}, mean {diffs.mean():.4f}")
     for a, b in zip(ours, ref_scores):
-        torch.testing.assert_close(a, b, atol=0.35, rtol=0)
+        torch.testing.assert_close(a, b, atol=worst, rtol=0)
+    assert diffs.mean() < mean
