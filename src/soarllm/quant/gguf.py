@@ -26,8 +26,8 @@ Q6_K, ...) have no exact 4-bit form: their layers load dequantized to the model 
 dequantize), named in the config's summary line.
 
 Activations: on CPUs with AVX-512 VNNI these layers multiply as llama.cpp does, with the
-activations quantized to int8 per 32 inputs (quant/w4a16.py ``w4a8_reference``; about 1.5x the
-bfloat16 kernel's speed at batch 32); SOARLLM_W4A16_CPU=torch keeps bfloat16 activations.
+activations quantized to int8 per 32 inputs (quant/vnni.py; 1.3-1.5x the bfloat16 int4
+kernel's speed from 16 rows, benchmarks/results/cpu_vnni); SOARLLM_W4A16_CPU=torch keeps bfloat16 activations.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Each activation row is quantized to int8 per 32 inputs (xs = max|x| / 127, round to nearest) and
 multiplied with unsigned 4-bit or 8-bit weights in integers (vpdpbusd), the float32 scales applied
 per chunk of 32: how llama.cpp computes its Q4_0 / Q4_1 / Q4_K (against Q8_1 activations) and
-Q8_0 (against Q8_0) layers. About 1.5x the bfloat16 int4 kernel at 32 rows; the perplexity it
+Q8_0 (against Q8_0) layers. 1.3-1.5x the bfloat16 int4 kernel from 16 to 128 rows,
+about even at 1 (benchmarks/cpu_int4_prefill.py, results in benchmarks/results/cpu_vnni); the perplexity it
 costs the default model is tested (tests/quant/test_default_model.py). Both layouts keep the
 output rows in tiles of 16 (the 16 int32 lanes of one vpdpbusd) with per-chunk float16 scales
 and mins, w = q * scale + min:

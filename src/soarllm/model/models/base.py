@@ -9,8 +9,8 @@ arithmetic. The default model's Q8_0 head (two int4 planes, soarllm's int4 GEMM)
 bfloat16 table, ms per call with cold caches on the 2-core CPU: 1 row 1.6 / 4.8, 8 rows 4.9 /
 6.3, 12 rows 7.0 / 7.2, 16 rows 9.3 / 7.9, 32 rows 16.0 / 11.6. A method may set its own limit
 (``QuantMethod.tied_head_max_rows``): the Q8_0 head on the VNNI kernel (quant/gguf.Q8VnniMethod)
-is faster than the table at every row count measured (1 row 1.1 / 3.5 ms, 32 rows 4.4 / 7.5,
-64 rows 7.8 / 11.6) and never hands over.
+is faster than the table at every row count measured (`benchmarks/cpu_int4_prefill.py --head`:
+1 row 0.7 / 3.3 ms, 32 rows 4.3 / 8.0, 64 rows 8.7 / 12.8) and never hands over.
 
 Weights load through the layers: each checkpoint tensor goes to the `weight_loader` of the
 parameter that owns it, with the shard id of a merged layer (q/k/v, gate/up); quantized layers
