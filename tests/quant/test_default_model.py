@@ -75,6 +75,15 @@ def test_logits_of_quantized_and_dequantized_paths_agree(default_model_path, dty
                for m in quant.modules()) == 120 + (bf16 and not vnni)
     assert isinstance(quant.lm_head.quant_method, Q8AsInt4PairMethod) == (bf16 and not vnni)
     assert isinstance(quant.lm_head.quant_method, Q8VnniMethod) == (bf16 and vnni)
+    if bf16 and vnni:  # the VNNI head computes every batch itself, each row as it is alone
+        hidden = torch.randn(20, cfg.hidden_size).to(dtype)
+        with torch.inference_mode():
+            batch = quant.compute_logits(hidden)
+            rows = torch.cat([quant.compute_logits(h[None]) for h in hidden])
+            table = hidden.double() @ quant.dense_head_weight.double().t()
+        assert torch.equal(batch, rows)
+        torch.testing.assert_close(batch.double(), table, rtol=0.03,
+                                   atol=0.03 * table.abs().max().item())
     dense, _ = _build(default_model_path, "none", dtype)
     # the embedding table stays dequantized (the lookup, and the head above 8 rows)
     assert _weight_bytes(quant) < 0.6 * _weight_bytes(dense)

@@ -71,6 +71,32 @@ def _assert_float_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
+def test_repack_on_the_vnni_layout_equals_gguf_dequantize(qtype, shape):
+    """GGUF's 4-bit layers as they are built by default on an AVX-512 VNNI CPU: the weight the
+    VNNI layout holds (float16 scale and min per 32 inputs) is gguf's dequantized weight to
+    float16 rounding of the scales."""
+    from soarllm.quant import vnni
+
+    if vnni.kernels() is None:
+        pytest.skip("no AVX-512 VNNI here (or no C compiler)")
+    rows, cols = shape
+    if qtype == "Q4_K":
+        blocks = _random_q4_k(rows, cols, seed=rows)
+    else:
+        rng = np.random.default_rng(rows)
+        blocks = _quantized(rng.normal(0.0, 0.05, size=shape) + rng.normal(0, 0.02), qtype)
+    layer = Linear(cols, rows, dtype=torch.bfloat16,
+                   quant_method=W4A16Method(32, int8_activations=True))
+    layer.qweight.weight_loader(layer.qweight, blocks)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.cpu_layout == "vnni4"
+    want = _gguf_dequantize(blocks)
+    torch.testing.assert_close(layer.quant_method.dequantized_weight(layer), want, rtol=2**-10,
+                               atol=2**-11 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
 def test_repack_equals_gguf_dequantize(qtype, shape):
     rows, cols = shape
     if qtype == "Q4_K":
@@ -149,6 +175,23 @@ def test_q8_0_on_the_vnni_kernel_equals_gguf_dequantize(shape):
     torch.testing.assert_close(got, ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
     exact = x.double() @ want.double().t()
     torch.testing.assert_close(got, exact, rtol=0.03, atol=0.03 * exact.abs().max().item())
+
+
+def test_gguf_layers_built_for_another_device_keep_their_kernels():
+    """The VNNI kernels are for a model on the CPU: layers built under another device (the
+    runner builds under its own; ``meta`` stands in for CUDA here) keep the two int4 planes and
+    bfloat16 activations, and the summary does not claim int8 activations."""
+    types = {"model.layers.0.mlp.down_proj.weight": "Q8_0",
+             "model.layers.0.self_attn.o_proj.weight": "Q4_1"}
+    config = GGUFQuantConfig(types, DecoderForCausalLM.packed_modules, tie_word_embeddings=False)
+    with torch.device("meta"):
+        down = Linear(128, 64, dtype=torch.bfloat16, quant_config=config,
+                      prefix="model.layers.0.mlp.down_proj")
+        o = Linear(64, 64, dtype=torch.bfloat16, quant_config=config,
+                   prefix="model.layers.0.self_attn.o_proj")
+    assert isinstance(down.quant_method, Q8AsInt4PairMethod)
+    assert not down.quant_method.int8_activations and not o.quant_method.int8_activations
+    assert "int8 activations" not in config.summary()
 
 
 def test_gguf_config_per_layer_types():

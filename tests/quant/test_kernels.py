@@ -435,9 +435,15 @@ def test_w4a8_vnni_rows_do_not_depend_on_their_batch(monkeypatch):
 
 
 def test_w4a8_vnni_operator_equals_its_python_fallback(monkeypatch):
+    """The C++ operator (what compiled steps call) and the ctypes call of the same kernel (the
+    fallback where the operator does not build), on the same inputs; and both refuse inputs that
+    do not fit the weight."""
+    from soarllm.kernels import cpu_native
     from soarllm.quant import vnni
 
     _vnni_or_skip()
+    if not cpu_native.load_torch_ops("vnni_gemm_op", "vnni_gemm"):
+        pytest.skip("the C++ operator does not build here (no g++/ninja): only the fallback runs")
     monkeypatch.setenv("SOARLLM_W4A16_CPU", "vnni")
     torch.manual_seed(5)
     layer, _ = _w4_layer(40, 192, 64, BF16, torch.randn(40, 192) * 0.05)
@@ -446,6 +452,14 @@ def test_w4a8_vnni_operator_equals_its_python_fallback(monkeypatch):
         want = vnni._call(vnni.kernels(), x, layer.qweight, layer.scale_min, 40)
         got = torch.ops.soarllm.w4a8_vnni4(x, layer.qweight, layer.scale_min, 40)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    x = torch.randn(3, 192).to(BF16)
+    for bad in ((x[:, :160], layer.qweight, layer.scale_min, 40),  # K of another weight
+                (x, layer.qweight, layer.scale_min, 49),  # more outputs than the tiles hold
+                (x, layer.qweight, layer.scale_min.float(), 40)):  # scales not float16
+        with pytest.raises((RuntimeError, ValueError)):
+            torch.ops.soarllm.w4a8_vnni4(*bad)
+        with pytest.raises(ValueError):
+            vnni._call(vnni.kernels(), *bad)
 
 
 def test_int8_activations_are_the_formats_choice_and_the_setting_overrides_it(monkeypatch):

@@ -292,9 +292,18 @@ class GGUFQuantConfig(QuantizationConfig):
         self.dequantized: Counter[str] = Counter()
         self.expert_layers = 0  # MoE layers whose experts come dequantized
         self.repacked_expert_layers = 0  # ... and repacked into W4A16 experts
+        self.int8_layers = False  # layers built for the VNNI kernels (int8 activations)
 
     def weights(self, checkpoint, dtype):
         return checkpoint.weights(dtype, packed=True)
+
+    def _int8_activations(self) -> bool:
+        """Whether the layers built now take the VNNI kernels: a CPU model (the runner builds
+        under its device; a GPU keeps its Triton kernels) on a CPU where they run. Remembered
+        for the summary line."""
+        here = torch.get_default_device().type == "cpu" and int8_activations_by_default()
+        self.int8_layers = self.int8_layers or here
+        return here
 
     def checkpoint_names(self, layer, prefix: str) -> list[str]:
         if prefix == "lm_head" and self.tied:
@@ -309,10 +318,10 @@ class GGUFQuantConfig(QuantizationConfig):
         types = [self.types.get(name, "F32") for name in self.checkpoint_names(layer, prefix)]
         if all(t in INT4_TYPES for t in types):
             self.repacked.update(types)
-            return W4A16Method(GROUP, int8_activations=True)
+            return W4A16Method(GROUP, int8_activations=self._int8_activations())
         if all(t == "Q8_0" for t in types) and getattr(layer, "params_dtype", None) == KERNEL_DTYPE:
             self.repacked.update(types)
-            if int8_activations_by_default() and layer.in_features % GROUP == 0:
+            if self._int8_activations() and layer.in_features % GROUP == 0:
                 return Q8VnniMethod()
             return Q8AsInt4PairMethod(GROUP)
         self.dequantized.update(t for t in types if t not in FLOAT_TYPES)
@@ -347,7 +356,7 @@ class GGUFQuantConfig(QuantizationConfig):
             line += (f"; dequantized to the model dtype (a type with no exact kernel, or in a layer "
                      f"with one): "
                      f"{fmt(self.dequantized)}")
-        if self.repacked and int8_activations_by_default():
+        if self.repacked and self.int8_layers:
             line += " with int8 activations per 32 inputs (AVX-512 VNNI; SOARLLM_W4A16_CPU=torch: bfloat16)"
         embedding = self.types.get("model.embed_tokens.weight", "F32")
         line += f"; token embedding dequantized ({embedding})"

@@ -126,6 +126,17 @@ def kernels():
 
 def _call(lib, x: torch.Tensor, packed: torch.Tensor, scale_min: torch.Tensor,
           out_features: int) -> torch.Tensor:
+    # the C++ operator's checks (kernels/csrc/vnni_gemm_op.cpp): the kernel trusts its shapes
+    tiles, chunks, vectors = packed.shape[:3]
+    if not (x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
+            and x.device.type == "cpu"):
+        raise ValueError("VNNI GEMM: x must be a bfloat16 CPU tensor [M, K] with contiguous rows")
+    if (packed.dim() != 4 or vectors not in (4, 8) or not packed.is_contiguous()
+            or x.shape[1] != chunks * _CHUNK or out_features > tiles * _TILE
+            or scale_min.dtype != torch.float16 or not scale_min.is_contiguous()
+            or tuple(scale_min.shape) != (tiles, chunks, 2, _TILE)):
+        raise ValueError(f"VNNI GEMM: x {tuple(x.shape)}, packed {tuple(packed.shape)}, scale_min "
+                         f"{tuple(scale_min.shape)}, {out_features} outputs do not fit together")
     out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
     if x.shape[0]:
         gemm = lib.int4_vnni_gemm if packed.shape[2] == 4 else lib.int8_vnni_gemm

@@ -126,70 +126,91 @@ static inline __attribute__((always_inline)) void tile_block(
     }
 }
 
-static inline __attribute__((always_inline)) void vnni_gemm(
-    const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm, uint16_t *out,
-    int64_t ldo, int M, int N, int K, const int BITS) {
-    const int chunk_bytes = 64 * BITS;
-    const int chunks = K / 32, tiles = (N + 15) / 16, blocks = (tiles + NT - 1) / NT;
-    int8_t *xq = (int8_t *)aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64);
-    float *xs = (float *)malloc((size_t)M * chunks * 2 * sizeof(float));
-    float *xmb = xs + (size_t)M * chunks;
+/* One call's shared state: the quantized rows of x and how the work is split. */
+struct plan {
+    int8_t *xq;
+    float *xs, *xmb;
+    int chunks, tiles, blocks, groups, per_group;
+};
+
+static int plan_init(struct plan *p, int M, int N, int K) {
+    p->chunks = K / 32, p->tiles = (N + 15) / 16, p->blocks = (p->tiles + NT - 1) / NT;
+    p->xq = (int8_t *)aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64 + 64);
+    p->xs = (float *)malloc(((size_t)M * p->chunks * 2 + 1) * sizeof(float));
+    if (p->xq == NULL || p->xs == NULL) {
+        free(p->xq), free(p->xs);
+        return -1;
+    }
+    p->xmb = p->xs + (size_t)M * p->chunks;
+    /* Work items: (block of NT tiles, group of rows). Rows are split into groups only where the
+     * blocks alone are too few to share evenly between the threads; consecutive items share a
+     * block, so each thread reads mostly its own tiles. */
     const int threads = omp_get_max_threads();
-    int groups = 1;
-    while (blocks * groups < 4 * threads && (M + 2 * groups - 1) / (2 * groups) >= 2 * MB) groups *= 2;
-    const int per_group = ((M + groups - 1) / groups + MB - 1) / MB * MB;
-#pragma omp parallel
-    {
+    p->groups = 1;
+    while (p->blocks * p->groups < 4 * threads && (M + 2 * p->groups - 1) / (2 * p->groups) >= 2 * MB)
+        p->groups *= 2;
+    p->per_group = ((M + p->groups - 1) / p->groups + MB - 1) / MB * MB;
+    return 0;
+}
+
+/* The work of one thread of the parallel region (orphaned worksharing loops): inlined into each
+ * exported function's own region, so BITS is a constant there. */
+static inline __attribute__((always_inline)) void gemm_items(
+    const struct plan *pl, const uint16_t *x, int64_t ldx, const uint8_t *packed,
+    const uint16_t *sm, uint16_t *out, int64_t ldo, int M, int N, int K, const int BITS) {
+    const int chunk_bytes = 64 * BITS, chunks = pl->chunks, tiles = pl->tiles;
+    const int groups = pl->groups, per_group = pl->per_group;
+    int8_t *xq = pl->xq;
+    float *xs = pl->xs, *xmb = pl->xmb;
 #pragma omp for schedule(static)
-        for (int j = 0; j < M; j++)
-            quantize_row(x + (size_t)j * ldx, K, xq + (size_t)j * K, xs + (size_t)j * chunks,
-                         xmb + (size_t)j * chunks);
-        /* Work items: (block of NT tiles, group of rows). Rows are split into groups only where
-         * the blocks alone are too few to share evenly between the threads; consecutive items
-         * share a block, so each thread reads mostly its own tiles. */
+    for (int j = 0; j < M; j++)
+        quantize_row(x + (size_t)j * ldx, K, xq + (size_t)j * K, xs + (size_t)j * chunks,
+                     xmb + (size_t)j * chunks);
 #pragma omp for schedule(static)
-        for (int item = 0; item < blocks * groups; item++) {
-            const int p = item / groups, rg = item % groups;
-            const uint8_t *w[NT];
-            const uint16_t *s[NT];
-            int valid[NT];
-            for (int v = 0; v < NT; v++) { /* a short last block repeats its first tile, unstored */
-                const int t = NT * p + v < tiles ? NT * p + v : NT * p;
-                w[v] = packed + (size_t)t * chunks * chunk_bytes;
-                s[v] = sm + (size_t)t * chunks * 32;
-                valid[v] = NT * p + v < tiles ? N - 16 * t : 0;
-            }
-            const int r0 = rg * per_group, r1 = r0 + per_group < M ? r0 + per_group : M;
-            for (int m0 = r0; m0 < r1; m0 += MB) {
-                const int mj = r1 - m0 < MB ? r1 - m0 : MB;
-                const int8_t *xr = xq + (size_t)m0 * K;
-                const float *xsr = xs + (size_t)m0 * chunks, *xmr = xmb + (size_t)m0 * chunks;
-                uint16_t *o = out + (size_t)m0 * ldo + 16 * NT * p;
+    for (int item = 0; item < pl->blocks * groups; item++) {
+        const int p = item / groups, rg = item % groups;
+        const uint8_t *w[NT];
+        const uint16_t *s[NT];
+        int valid[NT];
+        for (int v = 0; v < NT; v++) { /* a short last block repeats its first tile, unstored */
+            const int t = NT * p + v < tiles ? NT * p + v : NT * p;
+            w[v] = packed + (size_t)t * chunks * chunk_bytes;
+            s[v] = sm + (size_t)t * chunks * 32;
+            valid[v] = NT * p + v < tiles ? N - 16 * t : 0;
+        }
+        const int r0 = rg * per_group, r1 = r0 + per_group < M ? r0 + per_group : M;
+        for (int m0 = r0; m0 < r1; m0 += MB) {
+            const int mj = r1 - m0 < MB ? r1 - m0 : MB;
+            const int8_t *xr = xq + (size_t)m0 * K;
+            const float *xsr = xs + (size_t)m0 * chunks, *xmr = xmb + (size_t)m0 * chunks;
+            uint16_t *o = out + (size_t)m0 * ldo + 16 * NT * p;
 #define ROWS(r)                                                                                    \
     case r:                                                                                        \
         tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, r < MB ? r : MB, BITS);                   \
         break;
-                switch (mj) { /* the row count as a constant: accumulators stay in registers */
-                    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
-                default: tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, MB, BITS);
-                }
-#undef ROWS
+            switch (mj) { /* the row count as a constant: accumulators stay in registers */
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
+            default: tile_block(xr, xsr, xmr, K, w, s, o, ldo, valid, MB, BITS);
             }
+#undef ROWS
         }
     }
-    free(xq);
-    free(xs);
 }
 
-void int4_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
-                    uint16_t *out, int64_t ldo, int M, int N, int K) {
-    vnni_gemm(x, ldx, packed, sm, out, ldo, M, N, K, 4);
-}
+/* Each width its own parallel region (GCC outlines a region once, before inlining: one region
+ * shared by both widths would test BITS at run time in the inner loops). */
+#define DEFINE_GEMM(name, bits)                                                                    \
+    void name(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,          \
+              uint16_t *out, int64_t ldo, int M, int N, int K) {                                   \
+        struct plan pl;                                                                            \
+        if (M <= 0 || plan_init(&pl, M, N, K) != 0) return;                                          \
+        _Pragma("omp parallel") gemm_items(&pl, x, ldx, packed, sm, out, ldo, M, N, K, bits);      \
+        free(pl.xq);                                                                               \
+        free(pl.xs);                                                                               \
+    }
 
-void int8_vnni_gemm(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *sm,
-                    uint16_t *out, int64_t ldo, int M, int N, int K) {
-    vnni_gemm(x, ldx, packed, sm, out, ldo, M, N, K, 8);
-}
+DEFINE_GEMM(int4_vnni_gemm, 4)
+DEFINE_GEMM(int8_vnni_gemm, 8)
 
 #else
 /* Without AVX-512 VNNI the layer keeps the bfloat16 kernels (quant/w4a16.py asks first). */

@@ -24,6 +24,11 @@ at::Tensor vnni_linear(const char *name, Gemm gemm, int64_t bits, const at::Tens
                 ": x must be bfloat16 [M, K] with contiguous rows");
     TORCH_CHECK(packed.dim() == 4 && packed.size(2) == bits && packed.is_contiguous(), name,
                 ": not a ", bits, "-bit VNNI layout");
+    TORCH_CHECK(scale_min.scalar_type() == at::kHalf && scale_min.is_contiguous() &&
+                    scale_min.dim() == 4 && scale_min.size(0) == packed.size(0) &&
+                    scale_min.size(1) == packed.size(1) && scale_min.size(2) == 2 &&
+                    scale_min.size(3) == 16,
+                name, ": scale_min must be float16 [N/16, K/32, 2, 16] beside the weight");
     const int64_t m = x.size(0), k = packed.size(1) * 32;
     TORCH_CHECK(x.size(1) == k, name, ": x has ", x.size(1), " inputs, the weight ", k);
     TORCH_CHECK(out_features <= packed.size(0) * 16, name, ": ", out_features,
