@@ -69,6 +69,14 @@ def _assert_float_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=4e-7 * want.abs().max().item())
 
 
+def _random_4bit_blocks(qtype: str, shape: tuple[int, int]) -> GGUFBlocks:
+    rows, cols = shape
+    if qtype == "Q4_K":
+        return _random_q4_k(rows, cols, seed=rows)
+    rng = np.random.default_rng(rows)
+    return _quantized(rng.normal(0.0, 0.05, size=shape) + rng.normal(0, 0.02), qtype)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
 def test_repack_on_the_vnni_layout_equals_gguf_dequantize(qtype, shape):
@@ -80,11 +88,7 @@ def test_repack_on_the_vnni_layout_equals_gguf_dequantize(qtype, shape):
     if vnni.kernels() is None:
         pytest.skip("no AVX-512 VNNI here (or no C compiler)")
     rows, cols = shape
-    if qtype == "Q4_K":
-        blocks = _random_q4_k(rows, cols, seed=rows)
-    else:
-        rng = np.random.default_rng(rows)
-        blocks = _quantized(rng.normal(0.0, 0.05, size=shape) + rng.normal(0, 0.02), qtype)
+    blocks = _random_4bit_blocks(qtype, shape)
     layer = Linear(cols, rows, dtype=torch.bfloat16,
                    quant_method=W4A16Method(32, int8_activations=True))
     layer.qweight.weight_loader(layer.qweight, blocks)
@@ -99,11 +103,7 @@ def test_repack_on_the_vnni_layout_equals_gguf_dequantize(qtype, shape):
 @pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
 def test_repack_equals_gguf_dequantize(qtype, shape):
     rows, cols = shape
-    if qtype == "Q4_K":
-        blocks = _random_q4_k(rows, cols, seed=rows)
-    else:
-        rng = np.random.default_rng(rows)
-        blocks = _quantized(rng.normal(0.0, 0.05, size=shape) + rng.normal(0, 0.02), qtype)
+    blocks = _random_4bit_blocks(qtype, shape)
     q, scale, zero = blocks.to_int4()
     assert q.shape == shape and int(q.max()) <= 15 and scale.shape == (rows, cols // 32)
     _assert_float_rounding(_tinygemm(q, scale, zero), _gguf_dequantize(blocks))

@@ -130,22 +130,23 @@ class GGUFBlocks:
         with w = u * scale - 128 * scale, exactly."""
         if self.qtype != "Q8_0":
             raise ValueError(f"{self.qtype} blocks are not Q8_0")
+        q, d = self._q8_0()
+        return torch.from_numpy((q + 128).astype(np.uint8)), torch.from_numpy(d)
+
+    def _q8_0(self):
+        """Q8_0 blocks as (q int16 [rows, cols], d float32 [rows, cols / 32]), w = d * q."""
         rows, cols = self.shape
         blocks = self.data.numpy().reshape(-1, 34)
         d = _f16(blocks[:, 0:2])[:, 0].reshape(rows, cols // GROUP)
-        q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).reshape(rows, cols)
-        u = (q.astype(np.int16) + 128).astype(np.uint8)
-        return torch.from_numpy(u), torch.from_numpy(d)
+        q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.int16).reshape(rows, cols)
+        return q, d
 
     def to_int4_planes(self, group_size: int = GROUP):
         """Q8_0 as two int4 planes side by side: (q uint8 [rows, 2 cols], scale, zero f32
         [rows, 2 cols / 32]) with w = plane h + plane l (module docstring)."""
         if group_size != GROUP or self.qtype != "Q8_0":
             raise ValueError(f"{self.qtype} blocks have no exact pair of group-{group_size} int4 planes")
-        rows, cols = self.shape
-        blocks = self.data.numpy().reshape(-1, 34)
-        d = _f16(blocks[:, 0:2])[:, 0].reshape(rows, cols // GROUP)
-        q = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.int16).reshape(rows, cols)
+        q, d = self._q8_0()
         h = np.floor_divide(q, 16)
         q4 = np.concatenate([h + 8, q - 16 * h], axis=1).astype(np.uint8)
         scale = np.concatenate([16 * d, d], axis=1)
