@@ -94,6 +94,12 @@ class EngineArgs:
     # comes from SOARLLM_ENFORCE_EAGER=1 when set (the test suite sets it: compiling every tiny
     # engine would cost minutes).
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("SOARLLM_ENFORCE_EAGER") == "1")
+    # Where an earlier start saved the compiled model step: run the model eagerly from the first
+    # request and switch to the compiled step once a background thread has loaded it (~2 s on
+    # two cores) instead of loading it first. `soar serve` turns it on (answering sooner after a
+    # restart); offline use keeps the compiled step from the first token. One process only
+    # (tensor/context parallel ranks load before serving).
+    load_compiled_in_background: bool = False
     # Tensor parallelism (vLLM's names): ranks the model is split over, one process each, and how
     # they run: "uni" (one process; world size 1 only) | "mp" (worker processes on this machine;
     # the default above world size 1) | "ray" (Ray actors, one or several nodes; the `ray`

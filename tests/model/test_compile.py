@@ -124,6 +124,44 @@ def test_a_second_start_loads_the_compiled_steps(tiny_llama_dir, eager, compiled
     assert counters["stats"]["unique_graphs"] == before  # dynamo traced nothing
 
 
+def test_a_second_start_can_serve_eagerly_while_it_loads_the_compiled_steps(
+        tiny_llama_dir, eager, compiled):
+    # load_compiled_in_background (soar serve's default): the engine is ready before the saved
+    # graphs are loaded; the steps meanwhile run eagerly and the first step after the load runs
+    # the loaded graphs, with the same tokens throughout.
+    prompts = _prompts(eager.llm_engine.vocab_size, 5, 3, 40, seed=8)
+    params = _params(len(prompts))
+    want = _ids(eager.generate(prompts, params))
+    before = counters["stats"]["unique_graphs"]
+    llm = LLM(str(tiny_llama_dir), load_compiled_in_background=True, **COMPILED)
+    runner = llm.llm_engine.executor.runner
+    assert _ids(llm.generate(prompts, params)) == want  # eager, compiled or both
+    assert runner.wait_for_compiled(timeout=120)
+    backbone = _backbone(llm)
+    assert (backbone.compiled, backbone.loaded) == (0, len(compilation.WARMUP_SIZES))
+    assert _ids(llm.generate(prompts, params)) == want
+    assert counters["stats"]["unique_graphs"] == before  # dynamo traced nothing
+
+
+def test_a_saved_step_that_does_not_load_in_the_background_leaves_the_engine_eager(
+        tiny_llama_dir, eager, compiled, aot_dir, caplog):
+    saved = {p: p.read_bytes() for p in aot_dir.glob("*.bin")}
+    try:
+        for path in saved:
+            path.write_bytes(b"not a compiled graph")
+        with caplog.at_level(logging.WARNING, logger="soarllm.model.runner"):
+            llm = LLM(str(tiny_llama_dir), load_compiled_in_background=True, **COMPILED)
+            runner = llm.llm_engine.executor.runner
+            assert not runner.wait_for_compiled(timeout=120)
+        assert "running the model eagerly (the next start compiles it again)" in caplog.text
+        assert not any(p.exists() for p in saved)  # so that the next start compiles afresh
+        prompts = _prompts(eager.llm_engine.vocab_size, 3, 3, 30, seed=9)
+        assert _ids(llm.generate(prompts, _params(3))) == _ids(eager.generate(prompts, _params(3)))
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+
+
 def test_an_unreadable_saved_step_is_compiled_again(tiny_llama_dir, eager, compiled, aot_dir,
                                                     caplog):
     for path in aot_dir.glob("*.bin"):

@@ -8,6 +8,7 @@ loads, in well under a second after the arguments are read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import socket
 
@@ -91,6 +92,10 @@ def register(sub) -> None:
                    "worker process beside the HTTP one; with --distributed-executor-backend uni "
                    "the model runs in the server's process on all cores but one; "
                    "OMP_NUM_THREADS overrides the default)")
+    g.add_argument("--load-compiled-first", action="store_true",
+                   help="after a restart, load the saved compiled model step before answering "
+                   "(default: answer at once with the eager model and switch to the compiled "
+                   "step when a background thread has loaded it, ~2 s later)")
     g.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="do not write a JSON access-log line per request to stdout")
     g.add_argument("--public-metrics", action="store_true",
@@ -160,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     config = server_config_from(args)
     config.api_keys()  # an unreadable keys file or a repeated key fails before the model loads
-    engine_args = engine_args_from(args)
+    engine_args = dataclasses.replace(engine_args_from(args),
+                                      load_compiled_in_background=not args.load_compiled_first)
     from soarllm.serve.server import run_server
 
     return run_server(engine_args, config)

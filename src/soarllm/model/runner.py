@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import math
 import mmap
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +27,7 @@ from soarllm.errors import ConfigError
 from soarllm.kernels import kv_quant
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
 from soarllm.kernels.context_parallel_attention import ContextParallelAttentionBackend
-from soarllm.model.compilation import WARMUP_SIZES, compile_backbone
+from soarllm.model.compilation import WARMUP_SIZES, CompiledBackbone, compile_backbone
 from soarllm.model.context_parallel import gather_logit_rows, shard_step
 from soarllm.model.cuda_graph import DecodeGraphs
 from soarllm.model.forward_context import set_forward_context
@@ -159,6 +161,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only)
         # the decoder stack the runner calls: compiled after warm-up, else the module itself
         self.backbone = self.model.model
+        # a compiled step loading in a background thread, and the loaded one waiting to be
+        # adopted at the start of the next step (load_compiled_in_background)
+        self._compile_loader: threading.Thread | None = None
+        self._compiled_ready: CompiledBackbone | None = None
 
     # -- KV cache ------------------------------------------------------------------------------
 
@@ -265,6 +271,10 @@ class ModelRunner:
             method = getattr(module, "quant_method", None)
             if isinstance(method, QuantMethod):
                 method.prepare_compiled(module)
+        if (self.args.load_compiled_in_background and self.tp.world_size == 1
+                and compiled.saved(self.kv_caches)):
+            self._load_compiled_in_background(compiled)
+            return
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
@@ -289,6 +299,53 @@ class ModelRunner:
                         time.perf_counter() - t0)
         else:
             logger.info("model step loaded compiled in %.1fs", time.perf_counter() - t0)
+
+    def _load_compiled_in_background(self, compiled: CompiledBackbone) -> None:
+        """Load the saved graphs in a thread while the runner goes on eagerly; the first step after
+        they are loaded switches to them (``execute``). Loading is Python work that holds the
+        GIL: the interpreter's switch interval drops to 1 ms meanwhile, or each of the eager
+        step's few hundred op calls could wait 5 ms to take the GIL back (8 tokens of the
+        default model took 27 s instead of 0.1 s beside a busy thread)."""
+        inputs = [(torch.zeros(size, dtype=torch.long, device=self.device),
+                   _warmup_metadata(size, self.device).positions) for size in WARMUP_SIZES]
+
+        def load() -> None:
+            t0 = time.perf_counter()
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(interval, 0.001))
+            try:
+                with torch.inference_mode():  # as the graphs run (their guards check it)
+                    ok = compiled.load_saved(inputs, self.kv_caches)
+            except Exception as e:  # never take the engine down: it runs eagerly on
+                logger.warning("loading the compiled step failed (%s: %s)", type(e).__name__, e)
+                ok = False
+            finally:
+                sys.setswitchinterval(interval)
+            if not ok:
+                logger.warning("the saved compiled model step could not be loaded: running the "
+                               "model eagerly (the next start compiles it again)")
+                return
+            compiled.finish_warm_up()
+            self._compiled_ready = compiled
+            logger.info("model step loaded compiled in %.1fs (in the background, the model "
+                        "ran eagerly meanwhile)", time.perf_counter() - t0)
+
+        self._compile_loader = threading.Thread(target=load, name="soarllm-load-compiled",
+                                                daemon=True)
+        self._compile_loader.start()
+
+    def wait_for_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for a background load of the compiled step (if one runs); whether the runner
+        now steps through compiled graphs."""
+        if self._compile_loader is not None:
+            self._compile_loader.join(timeout)
+        self._adopt_compiled()
+        return self.backbone is not self.model.model
+
+    def _adopt_compiled(self) -> None:
+        ready, self._compiled_ready = self._compiled_ready, None
+        if ready is not None:
+            self.backbone = ready
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps as CUDA graphs (model/cuda_graph.py) where the device and the
@@ -345,6 +402,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         t_start = time.perf_counter()
+        if self._compiled_ready is not None:
+            self._adopt_compiled()
         self.update_states(so)
         if so.is_empty:
             return RunnerOutput()
