@@ -109,8 +109,10 @@ def soar_offline(gguf: str, dtype: str, batches: list[int], repeats: int,
 def http_row(bin_dir: Path, gguf: str, threads: int, out_dir: Path) -> dict[str, dict[str, float]]:
     py = sys.executable
     env = f"env OMP_NUM_THREADS={threads}"
+    # --load-compiled-first: steady-state serving from the first measured request (by default
+    # a restarted server answers eagerly for the ~2 s its compiled step takes to load)
     soar_cmd = (f"{env} {py} -m soarllm.cli.main serve {gguf} --port 18200 --no-access-log "
-                "--log-level warning --no-enable-prefix-caching")
+                "--log-level warning --no-enable-prefix-caching --load-compiled-first")
     llama_cmd = (f"{bin_dir / 'llama-server'} -m {gguf} -t {threads} -np 8 -c {8 * 512} "
                  "--port 18201")
     subprocess.run(
