@@ -25,6 +25,7 @@ import torch
 from soarllm.config import EngineArgs, available_memory_bytes, parse_dtype, parse_memory
 from soarllm.errors import ConfigError
 from soarllm.kernels import kv_quant
+from soarllm.kernels.argmax import argmax_rows
 from soarllm.kernels.attention import AttentionMetadata, get_attention_backend
 from soarllm.kernels.context_parallel_attention import ContextParallelAttentionBackend
 from soarllm.model.compilation import WARMUP_SIZES, CompiledBackbone, compile_backbone
@@ -558,7 +559,7 @@ class ModelRunner:
             s0 = num_prompt_rows
             sampled = self.sampler(logits[s0 : s0 + len(sample_flat)], md)
             if len(window_flat):
-                window_next = logits[s0 + len(sample_flat) :].argmax(dim=-1).tolist()
+                window_next = argmax_rows(logits[s0 + len(sample_flat) :]).tolist()
             j = w = 0
             for i, count in zip(sample_idx.tolist(), per_req.tolist()):
                 toks = [t[0] for t in sampled.token_ids[j : j + count]]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from soarllm.kernels.argmax import argmax_rows
 from soarllm.outputs import Logprob, TokenLogprobs
 from soarllm.sample.metadata import SamplingMetadata
 
@@ -62,7 +63,7 @@ class Sampler:
         raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
         logits = apply_penalties(logits, md)
         logits, few = apply_grammar_bitmask(logits, md)
-        token_ids = logits.argmax(dim=-1)
+        token_ids = argmax_rows(logits)
         if not md.all_greedy:
             dense = ~md.greedy
             sparse = {r: idx for r, idx in few.items() if dense[r]}
@@ -96,7 +97,7 @@ class Sampler:
                     continue
                 g = torch.Generator(device=probs.device).manual_seed(seed)
                 noise[pos[row]].exponential_(generator=g)
-        return (probs / noise).argmax(dim=-1)
+        return argmax_rows(probs / noise)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
