@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from soarllm.errors import ConfigError
 from soarllm.hub import DEFAULT_MODEL  # the registry names the default model
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a dtype or a device is resolved, not here: `soar serve` reads its
+# engine arguments and starts the model's worker process before it imports torch itself (~1 s).
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
@@ -34,6 +37,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -43,7 +48,7 @@ def parse_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     try:
-        return _DTYPES[dtype]
+        return getattr(torch, _DTYPES[dtype])
     except KeyError:
         raise ConfigError(
             f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16"
@@ -134,6 +139,10 @@ class EngineArgs:
         return self.block_size * self.context_parallel_size
 
     def resolved_device(self) -> str:
+        if self.device == "cpu" or (self.device == "auto" and not gpu_driver_present()):
+            return "cpu"  # without torch's import (~1 s): no GPU driver, no CUDA device
+        import torch
+
         if self.device != "auto":
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise ConfigError("device='cuda' was asked for but no CUDA device is visible")
@@ -181,8 +190,16 @@ def parse_memory(value: float | int | str) -> tuple[str, float]:
     return "bytes", value
 
 
+def gpu_driver_present() -> bool:
+    """Whether a GPU driver's device files exist (NVIDIA's, AMD's ROCm, WSL's): without one,
+    torch.cuda.is_available() is False, known without importing torch."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+
+
 def available_memory_bytes(device: str) -> int:
     if device.startswith("cuda"):
+        import torch
+
         free, _total = torch.cuda.mem_get_info()
         return int(free)
     try:

@@ -378,3 +378,51 @@ def _snapshot(repo_id: str) -> Path:
             f"{_registry_hint()}"
         ) from None
     return path
+
+
+# -- GGUF conversions -----------------------------------------------------------------------------
+# Where model/loader/gguf_cache.py keeps a GGUF file's conversion. It lives here, below the loader
+# and without torch, so that `soar serve` can tell whether a model is ready to load (and start its
+# worker process) before it imports torch.
+
+# Bump when the conversion's output changes: every cache built before is then ignored.
+GGUF_CONVERTER_VERSION = 2  # 2: stacked experts of 4-bit types kept as blocks
+GGUF_SOURCE_FILE = "source.json"  # written last into a finished conversion
+
+
+def converted_root() -> Path:
+    return home() / "converted"
+
+
+def conversion_dir(gguf_path: Path) -> Path:
+    """Where the conversion of this exact file lives (it may not exist yet): the key changes with
+    the file (absolute path, size, mtime) and with GGUF_CONVERTER_VERSION."""
+    path = gguf_path.resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{GGUF_CONVERTER_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return converted_root() / f"{path.stem}-{digest}"
+
+
+def cached_conversion(gguf_path: Path) -> Path | None:
+    directory = conversion_dir(gguf_path)
+    return directory if (directory / GGUF_SOURCE_FILE).is_file() else None
+
+
+def ready_to_load(model: str | Path, load_format: str = "auto") -> bool:
+    """Whether `model` is on disk as it will be read: nothing to pull from a registry or hub and
+    no GGUF file to convert first (both are done once, by the process that builds the engine).
+    Cheap: no config or weight is read, torch is not imported."""
+    if load_format == "dummy" or not isinstance(model, str | Path):
+        return load_format == "dummy"
+    try:
+        path = resolve_model(str(model), pull_missing=False)
+    except Exception:  # not pulled yet, or not a model: the engine says what to do
+        return False
+    if path.is_file():
+        ggufs = [path] if path.suffix == ".gguf" else []
+    elif load_format == "gguf" or not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+    else:
+        ggufs = []
+    return all(cached_conversion(g) is not None for g in ggufs)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soarllm.model.parallel_state import free_port
+from soarllm.distributed.multiproc import free_port
 
 
 def _spawn(fn, *args):

@@ -334,6 +334,6 @@ def test_all_to_all_dispatch_with_no_or_uneven_token_shares():
     equals the all-reduce's sum."""
     import torch.multiprocessing as mp
 
-    from soarllm.model.parallel_state import free_port
+    from soarllm.distributed.multiproc import free_port
 
     mp.spawn(_dispatch_rank, args=(free_port(),), nprocs=2, join=True)

@@ -28,8 +28,6 @@ from typing import Any
 from soarllm.config import EngineArgs
 from soarllm.distributed.worker import NO_REPLY, worker_main
 from soarllm.errors import ConfigError, SoarError
-from soarllm.model.loader import load_checkpoint
-from soarllm.model.parallel_state import free_port
 from soarllm.profiling import StepPhases
 from soarllm.scheduler_output import SchedulerOutput
 
@@ -159,13 +157,22 @@ class RankedExecutor:
         return self.dead_error is None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``host`` ("" for every interface) right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _spawn(args: EngineArgs, world_size: int) -> tuple[list, list]:
-    """Start one worker process per rank; (processes, the engine's ends of their pipes)."""
+    """Start one worker process per rank; (processes, the engine's ends of their pipes). Nothing
+    here imports torch: ``soar serve`` starts its worker before its own process imports it."""
+    import multiprocessing
     import os
 
-    import torch.multiprocessing as tmp
-
-    ctx = tmp.get_context("spawn")
+    ctx = multiprocessing.get_context("spawn")
     port = free_port()
     procs, conns = [], []
     for rank in range(world_size):
@@ -191,7 +198,7 @@ def prestart_workers(args: EngineArgs) -> bool:
     once, first); returns whether they were started. Workers never adopted are stopped at exit
     (and stop by themselves when this process dies)."""
     global _prestarted
-    from soarllm.model.loader import ready_to_load
+    from soarllm.hub import ready_to_load
 
     stop_prestarted()
     if not ready_to_load(args.model, args.load_format):
@@ -232,6 +239,8 @@ class MultiprocExecutor(RankedExecutor):
         device = args.resolved_device()
         # The engine process reads the config and tokenizer; a GGUF file is converted once here,
         # before the workers open it.
+        from soarllm.model.loader import load_checkpoint
+
         try:
             self.checkpoint = load_checkpoint(args.model, args.load_format, args.hf_overrides)
             self.hf_config = self.checkpoint.config

@@ -76,7 +76,7 @@ class RayWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        from soarllm.model.parallel_state import free_port
+        from soarllm.distributed.multiproc import free_port
 
         return free_port("")  # rank 0's rendezvous port, reached from the other nodes
 

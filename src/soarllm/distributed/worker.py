@@ -19,8 +19,6 @@ import time
 import traceback
 from typing import Any
 
-import torch
-
 NO_REPLY = frozenset({"update_states"})
 
 
@@ -162,6 +160,8 @@ def dequantized_weight(mod):
     if hasattr(method, "dequantized_weight"):
         return method.dequantized_weight(mod).float()
     if hasattr(mod, "gate_up_proj"):  # FusedMoE
+        import torch
+
         out = {}
         for stack in ("gate_up_proj", "down_proj"):
             w = getattr(mod, stack).data

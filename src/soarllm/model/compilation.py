@@ -192,21 +192,24 @@ class CompiledBackbone:
                    kv_caches: list[torch.Tensor]) -> bool:
         """Load both saved graphs without running them, checked against ``inputs`` ((input ids,
         positions) of 1 and of several tokens): what a thread may do while the model runs
-        eagerly (the graphs touch no state the eager model uses). False, and the files removed so
-        that the next start compiles afresh, when either does not load or fit."""
+        eagerly (the graphs touch no state the eager model uses). False when either does not
+        load or fit (see ``forget_saved``)."""
         _trust_vec_isa()
         for input_ids, positions in inputs:
             many = input_ids.shape[0] > 1
-            path = self._path(kv_caches, many)
-            fn = self._load(path, (self.backbone, input_ids, positions, kv_caches))
+            fn = self._load(self._path(kv_caches, many),
+                            (self.backbone, input_ids, positions, kv_caches))
             if fn is None:
-                for stale in (False, True):
-                    self._path(kv_caches, stale).unlink(missing_ok=True)
                 self._graphs.clear()
                 return False
             self._graphs[many] = fn
             self.loaded += 1
         return True
+
+    def forget_saved(self, kv_caches: list[torch.Tensor]) -> None:
+        """Remove this model's saved graphs, so that the next start compiles afresh."""
+        for many in (False, True):
+            self._path(kv_caches, many).unlink(missing_ok=True)
 
     def warm_up(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -166,11 +166,3 @@ def parallel_groups(world: TPGroup, tp_size: int, cp_size: int) -> tuple[TPGroup
             cp = TPGroup(rank=cp_rank, world_size=cp_size, group=g)
     return tp, cp
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on at ``host`` ("" for every interface) right now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

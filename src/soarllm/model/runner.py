@@ -10,6 +10,7 @@ one-token rows of the same request at consecutive lengths, so it joins the batch
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
@@ -56,6 +57,12 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_FRACTION = 0.3
 _CPU_DEFAULT_CAP = 4 * 2**30
 _GPU_DEFAULT_FRACTION = 0.85
+
+
+# Set as the interpreter begins to exit (before it tears modules down): a background load of the
+# compiled step that fails then failed because of the exit, not because of the saved files.
+_process_exiting = threading.Event()
+atexit.register(_process_exiting.set)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -323,6 +330,9 @@ class ModelRunner:
             finally:
                 sys.setswitchinterval(interval)
             if not ok:
+                if _process_exiting.is_set() or sys.is_finalizing():
+                    return  # the process stopped under the load: the files are not to blame
+                compiled.forget_saved(self.kv_caches)
                 logger.warning("the saved compiled model step could not be loaded: running the "
                                "model eagerly (the next start compiles it again)")
                 return

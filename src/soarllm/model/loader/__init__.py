@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from soarllm.errors import ConfigError
+from soarllm.hub import ready_to_load  # noqa: F401  (the loader's question, answered without torch)
 from soarllm.model.loader.checkpoint import Checkpoint, WeightSource
 from soarllm.model.loader.dummy import RandomSource
 from soarllm.model.loader.hf_files import (
@@ -60,28 +61,6 @@ def load_checkpoint(
             setattr(checkpoint.config, key, value)
     _check_config(checkpoint.config, checkpoint.path)
     return checkpoint
-
-
-def ready_to_load(model: str | Path, load_format: str = "auto") -> bool:
-    """Whether `model` is on disk as it will be read: nothing to pull from a registry or hub and
-    no GGUF file to convert first (both are done once, by the process that builds the engine).
-    Cheap: no config or weight is read."""
-    if load_format == "dummy" or not isinstance(model, str | Path):
-        return load_format == "dummy"
-    from soarllm.hub import resolve_model
-    from soarllm.model.loader.gguf_cache import cached_conversion
-
-    try:
-        path = resolve_model(str(model), pull_missing=False)
-    except Exception:  # not pulled yet, or not a model: the engine says what to do
-        return False
-    if path.is_file():
-        ggufs = [path] if path.suffix == ".gguf" else []
-    elif load_format == "gguf" or not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-    else:
-        ggufs = []
-    return all(cached_conversion(g) is not None for g in ggufs)
 
 
 def _resolve(model: str | Path) -> Path:
@@ -154,7 +133,7 @@ def _dummy(model: str | Path | PretrainedConfig, seed: int) -> Checkpoint:
 
 def _gguf_config_only(path: Path) -> tuple[PretrainedConfig, Path | None]:
     """Config (and tokenizer, when converted before) of a GGUF, without reading its tensors."""
-    from soarllm.model.loader.gguf_cache import cached_conversion
+    from soarllm.hub import cached_conversion
 
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))

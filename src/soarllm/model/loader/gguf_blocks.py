@@ -54,7 +54,7 @@ def _write_blocks(gguf_path: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from soarllm.model.loader.gguf_cache import cached_conversion
+    from soarllm.hub import cached_conversion
     from soarllm.model.loader.gguf_tensors import hf_packed_tensors
 
     try:

@@ -4,7 +4,7 @@ Reading a GGUF is slow (parsing a 250k-token vocab, dequantizing every tensor, b
 tokenizer). The first load writes `$SOARLLM_HOME/converted/<stem>-<key>/` holding config.json, the
 tokenizer files (with the chat template) and float32 safetensors under HF names; later loads read
 only that directory. The key changes with the file (absolute path, size, mtime) and with
-CONVERTER_VERSION, so an edited GGUF or a fixed converter never reuses a stale cache. The directory
+GGUF_CONVERTER_VERSION (soarllm.hub), so an edited GGUF or a fixed converter never reuses a stale cache. The directory
 is written under a temporary name and renamed into place: it exists whole or not at all.
 
 The conversion takes seconds to minutes, so it shows one progress bar on stderr over all of its
@@ -13,7 +13,6 @@ steps (tokenizer, each tensor, writing), not only over the tensors, and logs whe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,35 +25,21 @@ from pathlib import Path
 import torch
 
 from soarllm.errors import ConfigError
+from soarllm.hub import (
+    GGUF_CONVERTER_VERSION,
+    GGUF_SOURCE_FILE,
+    cached_conversion,
+    conversion_dir,
+    converted_root,  # noqa: F401  (re-exported: where conversions live)
+)
 from soarllm.model.loader.hf_files import SAFETENSORS_INDEX
 
-# Bump when the conversion's output changes: every cache built before is then ignored.
-CONVERTER_VERSION = 2  # 2: stacked experts of 4-bit types kept as blocks
 SHARD_BYTES = 2 * 2**30
-SOURCE_FILE = "source.json"
 _TMP_PREFIX = ".tmp-"
+# The cache's location and key live in soarllm.hub (importable without torch): bump
+# GGUF_CONVERTER_VERSION there when the conversion's output changes.
 
 logger = logging.getLogger(__name__)
-
-
-def converted_root() -> Path:
-    from soarllm.paths import home
-
-    return home() / "converted"
-
-
-def cache_dir(gguf_path: Path) -> Path:
-    """Where the conversion of this exact file lives (it may not exist yet)."""
-    path = gguf_path.resolve()
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return converted_root() / f"{path.stem}-{digest}"
-
-
-def cached_conversion(gguf_path: Path) -> Path | None:
-    directory = cache_dir(gguf_path)
-    return directory if (directory / SOURCE_FILE).is_file() else None
 
 
 def ensure_converted(gguf_path: Path, progress: bool = True) -> Path:
@@ -62,7 +47,7 @@ def ensure_converted(gguf_path: Path, progress: bool = True) -> Path:
     found = cached_conversion(gguf_path)
     if found is not None:
         return found
-    target = cache_dir(gguf_path)
+    target = conversion_dir(gguf_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(target)
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}")
@@ -122,9 +107,9 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
         "gguf": str(gguf_path.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "converter_version": CONVERTER_VERSION,
+        "converter_version": GGUF_CONVERTER_VERSION,
     }
-    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    (out_dir / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
 
 
 def _counted(tensors: Iterable[tuple[str, torch.Tensor]], bar) -> Iterator[tuple[str, torch.Tensor]]:
