@@ -321,20 +321,21 @@ class ModelRunner:
             t0 = time.perf_counter()
             interval = sys.getswitchinterval()
             sys.setswitchinterval(min(interval, 0.001))
+            error: Exception | None = None
             try:
                 with torch.inference_mode():  # as the graphs run (their guards check it)
                     ok = compiled.load_saved(inputs, self.kv_caches)
             except Exception as e:  # never take the engine down: it runs eagerly on
-                logger.warning("loading the compiled step failed (%s: %s)", type(e).__name__, e)
-                ok = False
+                ok, error = False, e
             finally:
                 sys.setswitchinterval(interval)
             if not ok:
                 if _process_exiting.is_set() or sys.is_finalizing():
                     return  # the process stopped under the load: the files are not to blame
                 compiled.forget_saved(self.kv_caches)
-                logger.warning("the saved compiled model step could not be loaded: running the "
-                               "model eagerly (the next start compiles it again)")
+                why = f" ({type(error).__name__}: {error})" if error is not None else ""
+                logger.warning("the saved compiled model step could not be loaded%s: running the "
+                               "model eagerly (the next start compiles it again)", why)
                 return
             compiled.finish_warm_up()
             self._compiled_ready = compiled
