@@ -15,8 +15,8 @@ bfloat16, greedy, ``ignore_eos``. What it prints and writes (JSON + a markdown t
 - ``hf``: transformers' ``generate`` with ``cache_implementation="static"`` on the same shapes and
   random weights (its automatic torch.compile is switched off: ``disable_compile=True``; compiling
   an 8B model would take minutes of the lent machine), the same formula. ``speedup`` = ours / theirs.
-- ``w4a16``: the same engine with ``quantization="w4a16"`` (group 128, Triton GEMV), batch-1
-  decode, against bf16.
+- ``w4a16``: the same engine with ``quantization="w4a16"`` (group 128, Triton kernels as chosen
+  by ``quant_gemm.w4_config``, or the ``SOARLLM_W4A16_TUNING`` table), batch 1 and 64, against bf16.
 - ``prefill``: one 2048-token prompt, time to first token; MFU = (2 x parameters x tokens + causal
   attention FLOPs) / time / the chip's dense bf16 peak (989 TFLOP/s for H100/H200 SXM) and / the
   measured 8192^3 bf16 matmul rate.
@@ -116,7 +116,8 @@ def env():
     import triton
 
     log("env", {"gpu": p.name, "sms": p.multi_processor_count, "mem_gib": round(p.total_memory / 2**30),
-                "torch": torch.__version__, "triton": triton.__version__})
+                "torch": torch.__version__, "triton": triton.__version__,
+                "w4a16_tuning": os.environ.get("SOARLLM_W4A16_TUNING", "built-in")})
 
 
 @section("copy_bw")
@@ -209,7 +210,7 @@ def ours(path: Path, bw: float, cfg: dict, prefix: str, quantization: str | None
     log(f"{prefix}_backend", f"{runner.backend.name}, graphs={runner.graphs is not None}")
     bpw = 2.0 if quantization is None else 0.5 + 2 * 2 / 128  # int4 + bf16 scale/zero per group
     wb = weight_bytes(cfg, bpw)
-    for b in batches if quantization is None else batches[:1]:
+    for b in batches:
         st = graph_step_time(llm, b, 256)
         if st is not None:
             roof = step_bytes(cfg, b, 256, wb) / bw
@@ -304,9 +305,10 @@ def main():
         a, h = RESULTS.get(f"bf16_e2e_decode_b{b}_tok_s"), RESULTS.get(f"hf_static_decode_b{b}_tok_s")
         if a and h:
             log(f"speedup_vs_hf_b{b}", round(a / h, 2))
-    a, q = RESULTS.get("bf16_e2e_decode_b1_tok_s"), RESULTS.get("w4a16_e2e_decode_b1_tok_s")
-    if a and q:
-        log("w4a16_over_bf16_b1", round(q / a, 2))
+    for b in (1, 64):
+        a, q = RESULTS.get(f"bf16_e2e_decode_b{b}_tok_s"), RESULTS.get(f"w4a16_e2e_decode_b{b}_tok_s")
+        if a and q:
+            log(f"w4a16_over_bf16_b{b}", round(q / a, 2))
     a, q = RESULTS.get("bf16_step_b1_ms"), RESULTS.get("w4a16_step_b1_ms")
     if a and q:
         log("w4a16_over_bf16_step_b1", round(a / q, 2))

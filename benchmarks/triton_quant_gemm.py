@@ -4,7 +4,10 @@
 Each measurement replays a CUDA graph of 20 calls (the decode path runs under graphs, so launch
 overhead is left out) cycling through enough copies of the weight to exceed the L2 cache, and
 reports microseconds per call, the weight bytes read per second and the speedup over bfloat16.
-``--sweep`` also times a few GEMV launch configurations at M = 1. ``--tinygemm`` adds PyTorch's
+``--sweep`` also times a few GEMV launch configurations at M = 1. ``--dot-sweep`` times the
+tensor-core kernel (``w4_dot``) against the GEMV / planes kernels per batch bucket at group 128,
+summed over the four shapes (one decoder layer's GEMMs), and writes the winners as a
+``SOARLLM_W4A16_TUNING`` table (``--tuning-out``). ``--tinygemm`` adds PyTorch's
 own int4 kernel (``aten._weight_int4pack_mm``, the one gpt-fast and torchao use on CUDA) at group
 128 as a peer, after checking that it computes the same product as ours.
 
@@ -62,6 +65,8 @@ def main() -> int:
     p.add_argument("--ms", default="1,4,16,64")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--tinygemm", action="store_true")
+    p.add_argument("--dot-sweep", action="store_true")
+    p.add_argument("--tuning-out", type=Path, default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -73,6 +78,16 @@ def main() -> int:
     dev = "cuda"
     rows = []
     name = torch.cuda.get_device_name()
+    if args.dot_sweep:
+        rows, table = _dot_sweep(qg, quantize_w4)
+        if args.tuning_out:
+            args.tuning_out.parent.mkdir(parents=True, exist_ok=True)
+            args.tuning_out.write_text(json.dumps(table, indent=1))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows,
+                                                                  "tuning": table}, indent=1))
+        return 0
     for k, n in SHAPES:
         w = torch.randn(n, k, device=dev) * 0.02
         dense = w.bfloat16()
@@ -146,6 +161,106 @@ def _tinygemm_layout(q, s, z, inner_k_tiles=8):
     packed = torch.ops.aten._convert_weight_to_int4pack(q8.contiguous(), inner_k_tiles)
     sz = torch.stack([s.float(), z.float()], dim=2).transpose(0, 1).contiguous().bfloat16()
     return packed, sz
+
+
+def _dot_candidates(m: int) -> list[dict]:
+    """Kernel choices timed for a batch bucket (w4_dot keyword arguments for "dot")."""
+    if m == 1:
+        out = [{"kernel": "gemv"}]
+        for bn, w in ((128, 4), (256, 4), (128, 2), (64, 4)):
+            for stages in (2, 3):
+                for per_sm in (2, 4, 8):
+                    out.append(dict(kernel="dot", block_n=bn, num_warps=w, num_stages=stages,
+                                    per_sm=per_sm))
+        out += [dict(kernel="dot", block_n=256, num_warps=4, num_stages=3, per_sm=4, asm=1),
+                dict(kernel="dot", block_n=256, num_warps=4, num_stages=3, per_sm=4,
+                     xsum_dot=True)]
+        return out
+    out = [{"kernel": "planes"}]
+    if m <= 16:
+        for bn in (64, 128, 256):
+            for per_sm in (2, 4):
+                for xs in (False, True):
+                    out.append(dict(kernel="dot", block_m=16, block_n=bn, num_warps=4,
+                                    num_stages=3, per_sm=per_sm, xsum_dot=xs))
+    elif m <= 64:
+        for bm, bn in ((16, 128), (32, 128), (64, 64), (64, 128)):
+            for xs in (False, True):
+                out.append(dict(kernel="dot", block_m=bm, block_n=bn, num_warps=4, num_stages=3,
+                                per_sm=2, xsum_dot=xs))
+    else:
+        out += [dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1,
+                     xsum_dot=True),
+                dict(kernel="dot", block_m=128, block_n=128, num_warps=8, num_stages=3,
+                     per_sm=1, xsum_dot=True),
+                dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1,
+                     xsum_dot=False)]
+    return out
+
+
+def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (16, 16), (64, 64), (256, 1 << 30)), dev="cuda"):
+    """Per batch bucket (timed at M, table key), every candidate's time summed over the four
+    shapes at group 128; first checks each PTX variant against a float64 product."""
+    rows, table = [], {}
+    weights = {}
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device=dev) * 0.02
+        q, s, z = quantize_w4(w, 128)
+        packed = qg.pack_w4(q, s, z, 128, torch.bfloat16)
+        nbytes = sum(t.numel() * t.element_size() for t in packed)
+        dense = w.bfloat16()
+        weights[(k, n)] = (dense, [packed] + [tuple(t.clone() for t in packed)
+                                             for _ in range(_copies(nbytes) - 1)],
+                           [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)])
+        ref_w = qg.unpack_w4(*packed, 128, k).double()
+        for m in (1, 5, 16, 64):
+            x = torch.randn(m, k, device=dev).bfloat16()
+            want = x.double() @ ref_w.t()
+            for v in (dict(asm=1), dict(asm=2), dict(asm=2, xsum_dot=True)):
+                y = qg.w4_dot(x, *packed, 128, torch.empty(m, n, device=dev, dtype=x.dtype),
+                              block_m=16 if m <= 16 else 64, **v).double()
+                err = ((y - want).abs().max() / want.abs().max()).item()
+                row = {"check": True, "K": k, "N": n, "M": m, **v, "max_rel_err": round(err, 5)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if err > 2e-2:
+                    raise SystemExit(f"w4_dot {v} is wrong at {k}x{n}, M={m}: {err}")
+        del w, q, s, z
+    for m, key in buckets:
+        results = []
+        base = 0.0
+        for k, n in SHAPES:
+            dense_sets = weights[(k, n)][2]
+            x = torch.randn(m, k, device=dev).bfloat16()
+            base += _time_us([lambda d=d, x=x: F.linear(x, d) for d in dense_sets])
+        for cand in _dot_candidates(m):
+            total, per = 0.0, {}
+            params = {k2: v for k2, v in cand.items() if k2 != "kernel"}
+            for k, n in SHAPES:
+                sets = weights[(k, n)][1]
+                x = torch.randn(m, k, device=dev).bfloat16()
+                y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+                if cand["kernel"] == "gemv":
+                    fs = [lambda t=t, x=x, y=y: qg.w4_gemv(x, *t, 128, y) for t in sets]
+                elif cand["kernel"] == "planes":
+                    fs = [lambda t=t, x=x, y=y: qg.w4_gemm_planes(x, *t, 128, y) for t in sets]
+                else:
+                    fs = [lambda t=t, x=x, y=y, kw=params: qg.w4_dot(x, *t, 128, y, **kw)
+                          for t in sets]
+                us = _time_us(fs)
+                per[f"{k}x{n}"] = round(us, 2)
+                total += us
+            row = {"M": m, **cand, "layer_us": round(total, 2), "bf16_layer_us": round(base, 2),
+                   "speedup_vs_bf16": round(base / total, 3), "per_shape_us": per}
+            rows.append(row)
+            results.append((total, cand))
+            print(json.dumps(row), flush=True)
+        best = min(results, key=lambda r: r[0])
+        table[str(key)] = best[1]
+        print(json.dumps({"bucket": key, "M": m, "best": best[1], "layer_us": round(best[0], 2),
+                          "bf16_layer_us": round(base, 2),
+                          "speedup_vs_bf16": round(base / best[0], 3)}), flush=True)
+    return rows, table
 
 
 def _sweep(qg, k, n, sets, byte_counts):

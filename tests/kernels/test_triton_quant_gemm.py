@@ -81,6 +81,60 @@ def test_w4a16_gemm(dtype, n, k, group):
         _check(y, x.double() @ module_w.t(), max(TOL[dtype], 2.0**-5 if sdt != torch.float32 else 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k,group", W4_CASES)
+def test_w4_dot_kernel(dtype, n, k, group):
+    """The tensor-core W4 kernel (exact q - 8 planes, scale and zero per group) at every batch
+    bucket; on a GPU with both PTX dequantizations and both ways of summing x."""
+    from soarllm.kernels.triton import quant_gemm
+
+    g = torch.Generator().manual_seed(n * 7 + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, scale, zero = quantize_w4(w, group)
+    sdt = quant_gemm.w4_scale_dtype(dtype)
+    packed = [t.to(DEVICE) for t in quant_gemm.pack_w4(q, scale, zero, group, sdt)]
+    here_w = _w4_dequant_here(q, scale, zero, group, None if sdt == torch.float32 else sdt)
+    variants = [{}]
+    if CUDA:
+        variants = [dict(asm=a, xsum_dot=xs) for a in (1, 2) for xs in (False, True)]
+    for m in MS:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        for block_m in (16, 64) if m > 16 else (16,):
+            for v in variants:
+                out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+                y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m, **v)
+                _check(y, x.double() @ here_w.t(), TOL[dtype])
+
+
+def test_w4_tuning_table(tmp_path, monkeypatch):
+    """SOARLLM_W4A16_TUNING replaces the kernel choice per batch bucket; float32 keeps the float32
+    kernels; a GEMV entry never serves M > 1."""
+    import json
+
+    from soarllm.kernels.triton import quant_gemm
+
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"1": {"kernel": "dot", "block_n": 128},
+                                "16": {"kernel": "gemv"}, "1073741824": {"kernel": "planes"}}))
+    monkeypatch.setenv("SOARLLM_W4A16_TUNING", str(path))
+    quant_gemm._w4_tuning.cache_clear()
+    try:
+        assert quant_gemm.w4_config(1, torch.bfloat16) == {"kernel": "dot", "block_n": 128}
+        assert quant_gemm.w4_config(8, torch.bfloat16) == {"kernel": "planes"}
+        assert quant_gemm.w4_config(300, torch.float16) == {"kernel": "planes"}
+        assert quant_gemm.w4_config(1, torch.float32) == {"kernel": "gemv"}
+        w = torch.randn(40, 256) * 0.05
+        q, scale, zero = quantize_w4(w, 32)
+        packed = [t.to(DEVICE) for t in quant_gemm.pack_w4(q, scale, zero, 32, torch.bfloat16)]
+        x = torch.randn(1, 256).bfloat16()
+        y = quant_gemm.w4a16_gemm(x.to(DEVICE), *packed, 32)
+        want = x.double() @ _w4_dequant_here(q, scale, zero, 32, torch.bfloat16).t()
+        _check(y, want, TOL[torch.bfloat16])
+    finally:
+        monkeypatch.delenv("SOARLLM_W4A16_TUNING")
+        quant_gemm._w4_tuning.cache_clear()
+
+
 def test_w4_layout_round_trip():
     """unpack_w4 (the layer's dequantized_weight on CUDA) inverts pack_w4, padding dropped."""
     from soarllm.kernels.triton import quant_gemm

@@ -233,6 +233,213 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, st
     _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid_k, SPLIT_K)
 
 
+# Eight planes of 4-bit values from packed int32s, as exact 16-bit floats q - 8 (Marlin's trick,
+# in PTX). In a 32-bit register, values 16 bits apart are handled as a pair: one LOP3
+# ((w & 0x000F000F) | magic) puts two nibbles under the exponent of 2**7 (bfloat16 0x4300) or
+# 2**10 (float16 0x6400) at once, and one packed FMA subtracts 2**7 + 8 (2**10 + 8) from both,
+# leaving q - 8 exactly. PACK 2: the two int32s of a thread's adjacent elements (the pair of K
+# values one tensor-core register holds) are first interleaved by 16-bit halves (PRMT), so each
+# output register is already the (k, k + 1) pair the MMA reads: 1.5 instructions per weight.
+# PACK 1: one int32 per call, eight 16-bit outputs (the compiler re-pairs them).
+_W4_PLANES_PACK1 = """
+{
+.reg .b32 w, t0, t1, t2, t3, one, bias;
+mov.b32 one, ONE;
+mov.b32 bias, BIAS;
+mov.b32 w, $8;
+lop3.b32 t0, w, 0x000F000F, MAGIC, 0xea;
+shr.u32 w, w, 4;
+lop3.b32 t1, w, 0x000F000F, MAGIC, 0xea;
+shr.u32 w, w, 4;
+lop3.b32 t2, w, 0x000F000F, MAGIC, 0xea;
+shr.u32 w, w, 4;
+lop3.b32 t3, w, 0x000F000F, MAGIC, 0xea;
+fma.rn.TYPE t0, t0, one, bias;
+fma.rn.TYPE t1, t1, one, bias;
+fma.rn.TYPE t2, t2, one, bias;
+fma.rn.TYPE t3, t3, one, bias;
+mov.b32 {$0, $4}, t0;
+mov.b32 {$1, $5}, t1;
+mov.b32 {$2, $6}, t2;
+mov.b32 {$3, $7}, t3;
+}
+"""
+_W4_PLANES_PACK2 = """
+{
+.reg .b32 lo, hi, one, bias;
+mov.b32 one, ONE;
+mov.b32 bias, BIAS;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x000F000F, MAGIC, 0xea;
+lop3.b32 $4, hi, 0x000F000F, MAGIC, 0xea;
+shr.u32 lo, lo, 4;
+shr.u32 hi, hi, 4;
+lop3.b32 $1, lo, 0x000F000F, MAGIC, 0xea;
+lop3.b32 $5, hi, 0x000F000F, MAGIC, 0xea;
+shr.u32 lo, lo, 4;
+shr.u32 hi, hi, 4;
+lop3.b32 $2, lo, 0x000F000F, MAGIC, 0xea;
+lop3.b32 $6, hi, 0x000F000F, MAGIC, 0xea;
+shr.u32 lo, lo, 4;
+shr.u32 hi, hi, 4;
+lop3.b32 $3, lo, 0x000F000F, MAGIC, 0xea;
+lop3.b32 $7, hi, 0x000F000F, MAGIC, 0xea;
+fma.rn.TYPE $0, $0, one, bias;
+fma.rn.TYPE $1, $1, one, bias;
+fma.rn.TYPE $2, $2, one, bias;
+fma.rn.TYPE $3, $3, one, bias;
+fma.rn.TYPE $4, $4, one, bias;
+fma.rn.TYPE $5, $5, one, bias;
+fma.rn.TYPE $6, $6, one, bias;
+fma.rn.TYPE $7, $7, one, bias;
+}
+"""
+
+
+def _w4_asm_for(text: str, half: str) -> tl.constexpr:
+    consts = {"bf16": ("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2"),
+              "f16": ("0x64006400", "0x3C003C00", "0xE408E408", "f16x2")}[half]
+    for key, value in zip(("MAGIC", "ONE", "BIAS", "TYPE"), consts):
+        text = text.replace(key, value)
+    return tl.constexpr(text)
+
+
+W4_PACK1_BF16 = _w4_asm_for(_W4_PLANES_PACK1, "bf16")
+W4_PACK1_F16 = _w4_asm_for(_W4_PLANES_PACK1, "f16")
+W4_PACK2_BF16 = _w4_asm_for(_W4_PLANES_PACK2, "bf16")
+W4_PACK2_F16 = _w4_asm_for(_W4_PLANES_PACK2, "f16")
+
+
+@triton.jit
+def _w4_planes(p, DT: tl.constexpr, ASM: tl.constexpr):
+    """The 8 planes of a packed tile p [16, BLOCK_N] as q - 8 in DT (exact): plane i holds
+    inputs 16 i + (0..15). ASM 1 / 2: the packed PTX above, one or two int32s per call (16-bit DT
+    on a GPU); 0: plain shifts and masks (the interpreter, float32)."""
+    if ASM == 2:
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(W4_PACK2_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(W4_PACK2_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    elif ASM == 1:
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(W4_PACK1_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [p],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(W4_PACK1_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [p],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        return (_w4_plane_q8(p, 0, DT), _w4_plane_q8(p, 1, DT), _w4_plane_q8(p, 2, DT),
+                _w4_plane_q8(p, 3, DT), _w4_plane_q8(p, 4, DT), _w4_plane_q8(p, 5, DT),
+                _w4_plane_q8(p, 6, DT), _w4_plane_q8(p, 7, DT))
+
+
+@triton.jit
+def _w4_plane_q8(p, PLANE: tl.constexpr, DT: tl.constexpr):
+    q = (((p >> (4 * PLANE)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return q.to(DT)
+
+
+@triton.jit
+def _w4_dot_group(acc, x_rows, k0, mmask, K, w_plane, ones, s_ptr, z_ptr, t, offs_n, nmask, N,
+                  PLANE: tl.constexpr, GROUP: tl.constexpr, acc_g, x_sum,
+                  XSUM_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One plane (16 inputs) of a group: acc_g += x[:, plane] @ (q - 8) and x_sum += the row sums
+    of x[:, plane] (XSUM_DOT: as x[:, plane] @ ones, already broadcast over the block's columns,
+    on the tensor cores; otherwise a reduction across the warp); at the group's last plane,
+    acc += s * acc_g + z * x_sum."""
+    rows = tl.arange(0, 16)
+    k = k0 + PLANE * 16 + rows
+    xa = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+    if PLANE % (GROUP // 16) == 0:
+        acc_g = tl.dot(xa, w_plane, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if XSUM_DOT:
+            x_sum = tl.dot(xa, ones, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        else:
+            x_sum = tl.sum(xa.to(tl.float32), axis=1)
+    else:
+        acc_g = tl.dot(xa, w_plane, acc=acc_g, input_precision=DOT_PRECISION)
+        if XSUM_DOT:
+            x_sum = tl.dot(xa, ones, acc=x_sum, input_precision=DOT_PRECISION)
+        else:
+            x_sum += tl.sum(xa.to(tl.float32), axis=1)
+    if (PLANE + 1) % (GROUP // 16) == 0:
+        g = t * (128 // GROUP) + PLANE // (GROUP // 16)
+        s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if XSUM_DOT:
+            acc += acc_g * s[None, :] + x_sum * z[None, :]
+        else:
+            acc += acc_g * s[None, :] + x_sum[:, None] * z[None, :]
+    return acc, acc_g, x_sum
+
+
+@triton.jit
+def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, tiles_per_split,
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ASM: tl.constexpr, XSUM_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Tensor-core W4 GEMM for any M (one row padded to BLOCK_M = 16 at batch 1): each packed tile
+    becomes 8 planes of exact q - 8 in the activation dtype (see _w4_planes), multiplied with x
+    by tl.dot in float32; scale and zero are applied once per group to the [BLOCK_M, BLOCK_N]
+    partial sum: sum_k x_k ((q_k - 8) s + z) = s sum_k x_k (q_k - 8) + z sum_k x_k. No product is
+    rounded (x times a 4-bit integer is exact in float32), unlike rounding dequantized weights.
+    out is contiguous [M, N] without a split, else float32 partials [splits, M, N]: the split
+    count is not a compile-time constant (one binary serves every shape of a configuration)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    rows = tl.arange(0, 16)
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if XSUM_DOT:
+        x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ones = tl.full([16, BLOCK_N], 1.0, tl.float32).to(dt)
+    t_start = pid_k * tiles_per_split
+    t_end = t_start + tiles_per_split  # splits divide the tiles evenly
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    n64 = N.to(tl.int64)
+    w_ptrs = qw_ptr + rows.to(tl.int64)[:, None] * n64 + offs_n[None, :]
+    for t in range(t_start, t_end):
+        p = tl.load(w_ptrs + t * 16 * n64, mask=nmask[None, :], other=0)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _w4_planes(p, dt, ASM)
+        k0 = t * 128
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w0, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 0, GROUP, acc_g, x_sum, XSUM_DOT, DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w1, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 1, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w2, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 2, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w3, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 3, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w4, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 4, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w5, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 5, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w6, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 6, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w7, ones, s_ptr, z_ptr, t, offs_n,
+                                          nmask, N, 7, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          DOT_PRECISION)
+    base = out_ptr + pid_k.to(tl.int64) * M * N
+    ptrs = base + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
 @triton.jit
 def _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid_k,
                 SPLIT_K: tl.constexpr):
@@ -422,27 +629,93 @@ def w8_gemv(x, qweight, scales, out, block_n=128, num_warps=None, per_sm=4, unro
     return _finish(ws, out, split)
 
 
-def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                     zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def _w4_asm(x: torch.Tensor) -> bool:
+    """The packed-PTX dequantization runs on CUDA for 16-bit activations (not in the interpreter)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def w4_dot(x, qweight, scales, zeros, group_size, out, block_m=16, block_n=64, num_warps=4,
+           per_sm=4, num_stages=2, asm=2, xsum_dot=False):
+    """Tensor-core W4A16 launch (_w4_dot_kernel) for any M."""
     m, k = x.shape
     n = qweight.shape[1]
     n_tiles = qweight.shape[0] // _SEG
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
-    if m == 1:
-        return w4_gemv(x, qweight, scales, zeros, group_size, out)
+    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    split = _split_k(grid_mn[0] * grid_mn[1], n_tiles, x.device, per_sm, min_steps=1)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _w4_dot_kernel[(*grid_mn, split)](
+        x, qweight, scales, zeros, ws, m, n, k, x.stride(0), n_tiles // split,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm if _w4_asm(x) else 0,
+        XSUM_DOT=xsum_dot, DOT_PRECISION=_precision(x), num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return _finish(ws, out, split)
+
+
+def w4_gemm_planes(x, qweight, scales, zeros, group_size, out):
+    """M > 1 W4A16 launch of the float32-dequantizing tl.dot kernel (_w4_gemm_kernel)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    n_tiles = qweight.shape[0] // _SEG
     block_m, block_n, warps = _gemm_config(m)
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     split = _split_k(grid_mn[0] * grid_mn[1], n_tiles, x.device)
-    tps = n_tiles // split
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     _w4_gemm_kernel[(*grid_mn, split)](
-        x, qweight, scales, zeros, ws, m, n, k, x.stride(0), out.stride(0), tps,
+        x, qweight, scales, zeros, ws, m, n, k, x.stride(0), out.stride(0), n_tiles // split,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
         DOT_PRECISION=_precision(x), num_warps=warps,
     )
     return _finish(ws, out, split)
+
+
+# Which W4A16 kernel and launch settings run for 16-bit activations, by batch bucket (the
+# smallest key >= M). "gemv": _w4_gemv_kernel (M = 1 only); "planes": _w4_gemm_kernel; "dot":
+# _w4_dot_kernel with w4_dot's keyword arguments. SOARLLM_W4A16_TUNING names a JSON file of the
+# same shape (benchmarks/triton_quant_gemm.py --dot-sweep writes one) that replaces it.
+W4_TUNING: dict[int, dict] = {
+    1: {"kernel": "gemv"},
+    16: {"kernel": "planes"},
+    64: {"kernel": "planes"},
+    1 << 30: {"kernel": "planes"},
+}
+
+
+@functools.cache
+def _w4_tuning() -> dict[int, dict]:
+    import json
+    import os
+
+    path = os.environ.get("SOARLLM_W4A16_TUNING")
+    if not path:
+        return W4_TUNING
+    table = {int(key): value for key, value in json.loads(open(path).read()).items()}
+    return dict(sorted(table.items()))
+
+
+def w4_config(m: int, dtype: torch.dtype) -> dict:
+    """The W4A16 kernel and launch settings for M rows of ``dtype`` (float32: the float32 kernels)."""
+    if dtype == torch.float32:
+        return {"kernel": "gemv" if m == 1 else "planes"}
+    for bound, config in _w4_tuning().items():
+        if m <= bound:
+            return config if m == 1 or config["kernel"] != "gemv" else {"kernel": "planes"}
+    return {"kernel": "planes"}
+
+
+def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    m = x.shape[0]
+    out = torch.empty((m, qweight.shape[1]), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    config = dict(w4_config(m, x.dtype))
+    kernel = config.pop("kernel")
+    if kernel == "gemv":
+        return w4_gemv(x, qweight, scales, zeros, group_size, out, **config)
+    if kernel == "dot":
+        return w4_dot(x, qweight, scales, zeros, group_size, out, **config)
+    return w4_gemm_planes(x, qweight, scales, zeros, group_size, out)
 
 
 def _w8a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
