@@ -79,10 +79,7 @@ def main() -> int:
     rows = []
     name = torch.cuda.get_device_name()
     if args.dot_sweep:
-        rows, table = _dot_sweep(qg, quantize_w4)
-        if args.tuning_out:
-            args.tuning_out.parent.mkdir(parents=True, exist_ok=True)
-            args.tuning_out.write_text(json.dumps(table, indent=1))
+        rows, table = _dot_sweep(qg, quantize_w4, tuning_out=args.tuning_out)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows,
@@ -198,7 +195,8 @@ def _dot_candidates(m: int) -> list[dict]:
     return out
 
 
-def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (16, 16), (64, 64), (256, 1 << 30)), dev="cuda"):
+def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (64, 64), (16, 16), (256, 1 << 30)), dev="cuda",
+               tuning_out: Path | None = None):
     """Per batch bucket (timed at M, table key), every candidate's time summed over the four
     shapes at group 128; first checks each PTX variant against a float64 product."""
     rows, table = [], {}
@@ -257,6 +255,10 @@ def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (16, 16), (64, 64), (256, 1 << 
             print(json.dumps(row), flush=True)
         best = min(results, key=lambda r: r[0])
         table[str(key)] = best[1]
+        if tuning_out:  # written after each bucket: a run cut short keeps what it measured
+            tuning_out.parent.mkdir(parents=True, exist_ok=True)
+            full = {str(b): {"kernel": "gemv" if b == 1 else "planes"} for _, b in buckets}
+            tuning_out.write_text(json.dumps({**full, **table}, indent=1))
         print(json.dumps({"bucket": key, "M": m, "best": best[1], "layer_us": round(best[0], 2),
                           "bf16_layer_us": round(base, 2),
                           "speedup_vs_bf16": round(base / best[0], 3)}), flush=True)
