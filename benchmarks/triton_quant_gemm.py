@@ -164,34 +164,31 @@ def _dot_candidates(m: int) -> list[dict]:
     """Kernel choices timed for a batch bucket (w4_dot keyword arguments for "dot")."""
     if m == 1:
         out = [{"kernel": "gemv"}]
-        for bn, w in ((128, 4), (256, 4), (128, 2), (64, 4)):
-            for stages in (2, 3):
+        for bn, w in ((128, 2), (256, 2), (128, 4), (256, 4), (512, 4), (64, 2)):
+            for stages in (3, 4):
                 for per_sm in (2, 4, 8):
                     out.append(dict(kernel="dot", block_n=bn, num_warps=w, num_stages=stages,
                                     per_sm=per_sm))
-        out += [dict(kernel="dot", block_n=256, num_warps=4, num_stages=3, per_sm=4, asm=1),
-                dict(kernel="dot", block_n=256, num_warps=4, num_stages=3, per_sm=4,
-                     xsum_dot=True)]
         return out
     out = [{"kernel": "planes"}]
     if m <= 16:
-        for bn in (64, 128, 256):
-            for per_sm in (2, 4):
-                for xs in (False, True):
-                    out.append(dict(kernel="dot", block_m=16, block_n=bn, num_warps=4,
-                                    num_stages=3, per_sm=per_sm, xsum_dot=xs))
+        for bn, w in ((64, 4), (128, 4), (128, 2), (256, 4)):
+            for stages in (3, 4):
+                for per_sm in (1, 2):
+                    out.append(dict(kernel="dot", block_m=16, block_n=bn, num_warps=w,
+                                    num_stages=stages, per_sm=per_sm))
     elif m <= 64:
-        for bm, bn in ((16, 128), (32, 128), (64, 64), (64, 128)):
-            for xs in (False, True):
-                out.append(dict(kernel="dot", block_m=bm, block_n=bn, num_warps=4, num_stages=3,
-                                per_sm=2, xsum_dot=xs))
+        for bm, bn, w in ((16, 128, 4), (32, 128, 4), (32, 64, 4), (32, 256, 4), (64, 128, 4),
+                          (64, 256, 8), (16, 256, 4)):
+            for per_sm in (1, 2):
+                out.append(dict(kernel="dot", block_m=bm, block_n=bn, num_warps=w, num_stages=3,
+                                per_sm=per_sm))
+        out.append({"kernel": "dequant"})
     else:
-        out += [dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1,
-                     xsum_dot=True),
+        out += [{"kernel": "dequant"},
+                dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1),
                 dict(kernel="dot", block_m=128, block_n=128, num_warps=8, num_stages=3,
-                     per_sm=1, xsum_dot=True),
-                dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1,
-                     xsum_dot=False)]
+                     per_sm=1)]
     return out
 
 
@@ -214,9 +211,12 @@ def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (64, 64), (16, 16), (256, 1 << 
         for m in (1, 5, 16, 64):
             x = torch.randn(m, k, device=dev).bfloat16()
             want = x.double() @ ref_w.t()
-            for v in (dict(asm=1), dict(asm=2), dict(asm=2, xsum_dot=True)):
-                y = qg.w4_dot(x, *packed, 128, torch.empty(m, n, device=dev, dtype=x.dtype),
-                              block_m=16 if m <= 16 else 64, **v).double()
+            for v in ({"kernel": "dot"}, {"kernel": "dequant"}):
+                y = torch.empty(m, n, device=dev, dtype=x.dtype)
+                if v["kernel"] == "dot":
+                    y = qg.w4_dot(x, *packed, 128, y, block_m=16 if m <= 16 else 64).double()
+                else:
+                    y = qg.w4_dequant_mm(x, *packed, 128, y).double()
                 err = ((y - want).abs().max() / want.abs().max()).item()
                 row = {"check": True, "K": k, "N": n, "M": m, **v, "max_rel_err": round(err, 5)}
                 rows.append(row)
@@ -242,6 +242,8 @@ def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (64, 64), (16, 16), (256, 1 << 
                     fs = [lambda t=t, x=x, y=y: qg.w4_gemv(x, *t, 128, y) for t in sets]
                 elif cand["kernel"] == "planes":
                     fs = [lambda t=t, x=x, y=y: qg.w4_gemm_planes(x, *t, 128, y) for t in sets]
+                elif cand["kernel"] == "dequant":
+                    fs = [lambda t=t, x=x, y=y: qg.w4_dequant_mm(x, *t, 128, y) for t in sets]
                 else:
                     fs = [lambda t=t, x=x, y=y, kw=params: qg.w4_dot(x, *t, 128, y, **kw)
                           for t in sets]

@@ -84,8 +84,8 @@ def test_w4a16_gemm(dtype, n, k, group):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,k,group", W4_CASES)
 def test_w4_dot_kernel(dtype, n, k, group):
-    """The tensor-core W4 kernel (exact q - 8 planes, scale and zero per group) at every batch
-    bucket; on a GPU with both PTX dequantizations and both ways of summing x."""
+    """The tensor-core W4 kernel (exact q - 8 planes, scale and zero per group; on a GPU the PTX
+    dequantization) at every batch size, and the dequantize-then-GEMM path of large batches."""
     from soarllm.kernels.triton import quant_gemm
 
     g = torch.Generator().manual_seed(n * 7 + k)
@@ -94,16 +94,15 @@ def test_w4_dot_kernel(dtype, n, k, group):
     sdt = quant_gemm.w4_scale_dtype(dtype)
     packed = [t.to(DEVICE) for t in quant_gemm.pack_w4(q, scale, zero, group, sdt)]
     here_w = _w4_dequant_here(q, scale, zero, group, None if sdt == torch.float32 else sdt)
-    variants = [{}]
-    if CUDA:
-        variants = [dict(asm=a, xsum_dot=xs) for a in (1, 2) for xs in (False, True)]
     for m in MS:
         x = torch.randn(m, k, generator=g).to(dtype)
         for block_m in (16, 64) if m > 16 else (16,):
-            for v in variants:
-                out = torch.empty((m, n), dtype=dtype, device=DEVICE)
-                y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m, **v)
-                _check(y, x.double() @ here_w.t(), TOL[dtype])
+            out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+            y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m)
+            _check(y, x.double() @ here_w.t(), TOL[dtype])
+        out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+        y = quant_gemm.w4_dequant_mm(x.to(DEVICE), *packed, group, out)
+        _check(y, x.double() @ here_w.t(), TOL[dtype])
 
 
 def test_w4_tuning_table(tmp_path, monkeypatch):

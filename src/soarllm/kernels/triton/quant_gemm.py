@@ -234,37 +234,14 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, st
 
 
 # Eight planes of 4-bit values from packed int32s, as exact 16-bit floats q - 8 (Marlin's trick,
-# in PTX). In a 32-bit register, values 16 bits apart are handled as a pair: one LOP3
-# ((w & 0x000F000F) | magic) puts two nibbles under the exponent of 2**7 (bfloat16 0x4300) or
-# 2**10 (float16 0x6400) at once, and one packed FMA subtracts 2**7 + 8 (2**10 + 8) from both,
-# leaving q - 8 exactly. PACK 2: the two int32s of a thread's adjacent elements (the pair of K
-# values one tensor-core register holds) are first interleaved by 16-bit halves (PRMT), so each
-# output register is already the (k, k + 1) pair the MMA reads: 1.5 instructions per weight.
-# PACK 1: one int32 per call, eight 16-bit outputs (the compiler re-pairs them).
-_W4_PLANES_PACK1 = """
-{
-.reg .b32 w, t0, t1, t2, t3, one, bias;
-mov.b32 one, ONE;
-mov.b32 bias, BIAS;
-mov.b32 w, $8;
-lop3.b32 t0, w, 0x000F000F, MAGIC, 0xea;
-shr.u32 w, w, 4;
-lop3.b32 t1, w, 0x000F000F, MAGIC, 0xea;
-shr.u32 w, w, 4;
-lop3.b32 t2, w, 0x000F000F, MAGIC, 0xea;
-shr.u32 w, w, 4;
-lop3.b32 t3, w, 0x000F000F, MAGIC, 0xea;
-fma.rn.TYPE t0, t0, one, bias;
-fma.rn.TYPE t1, t1, one, bias;
-fma.rn.TYPE t2, t2, one, bias;
-fma.rn.TYPE t3, t3, one, bias;
-mov.b32 {$0, $4}, t0;
-mov.b32 {$1, $5}, t1;
-mov.b32 {$2, $6}, t2;
-mov.b32 {$3, $7}, t3;
-}
-"""
-_W4_PLANES_PACK2 = """
+# in PTX), two int32s per call: the two elements a thread holds side by side (the (k, k + 1) pair
+# one tensor-core register carries). PRMT first interleaves their 16-bit halves, so that in each
+# 32-bit register the two values of one plane sit 16 bits apart; then one LOP3
+# ((w & 0x000F000F) | magic) puts both nibbles under the exponent of 2**7 (bfloat16 0x4300) or
+# 2**10 (float16 0x6400), and one packed FMA subtracts 2**7 + 8 (2**10 + 8) from both, leaving
+# q - 8 exactly, already paired as the MMA reads it: 1.5 instructions per weight. (One int32 per
+# call with eight 16-bit outputs, which the compiler then re-pairs, measured 1.7x slower.)
+_W4_PLANES_PTX = """
 {
 .reg .b32 lo, hi, one, bias;
 mov.b32 one, ONE;
@@ -297,39 +274,31 @@ fma.rn.TYPE $7, $7, one, bias;
 """
 
 
-def _w4_asm_for(text: str, half: str) -> tl.constexpr:
+def _w4_ptx_for(half: str) -> tl.constexpr:
     consts = {"bf16": ("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2"),
               "f16": ("0x64006400", "0x3C003C00", "0xE408E408", "f16x2")}[half]
+    text = _W4_PLANES_PTX
     for key, value in zip(("MAGIC", "ONE", "BIAS", "TYPE"), consts):
         text = text.replace(key, value)
     return tl.constexpr(text)
 
 
-W4_PACK1_BF16 = _w4_asm_for(_W4_PLANES_PACK1, "bf16")
-W4_PACK1_F16 = _w4_asm_for(_W4_PLANES_PACK1, "f16")
-W4_PACK2_BF16 = _w4_asm_for(_W4_PLANES_PACK2, "bf16")
-W4_PACK2_F16 = _w4_asm_for(_W4_PLANES_PACK2, "f16")
+W4_PLANES_BF16 = _w4_ptx_for("bf16")
+W4_PLANES_F16 = _w4_ptx_for("f16")
 
 
 @triton.jit
 def _w4_planes(p, DT: tl.constexpr, ASM: tl.constexpr):
     """The 8 planes of a packed tile p [16, BLOCK_N] as q - 8 in DT (exact): plane i holds
-    inputs 16 i + (0..15). ASM 1 / 2: the packed PTX above, one or two int32s per call (16-bit DT
-    on a GPU); 0: plain shifts and masks (the interpreter, float32)."""
-    if ASM == 2:
+    inputs 16 i + (0..15). ASM: the packed PTX above (16-bit DT on a GPU); otherwise plain shifts
+    and masks (the interpreter, float32)."""
+    if ASM:
         if DT == tl.bfloat16:
-            return tl.inline_asm_elementwise(W4_PACK2_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p],
+            return tl.inline_asm_elementwise(W4_PLANES_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p],
                                              dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(W4_PACK2_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p],
+            return tl.inline_asm_elementwise(W4_PLANES_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p],
                                              dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-    elif ASM == 1:
-        if DT == tl.bfloat16:
-            return tl.inline_asm_elementwise(W4_PACK1_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [p],
-                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(W4_PACK1_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [p],
-                                             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     else:
         return (_w4_plane_q8(p, 0, DT), _w4_plane_q8(p, 1, DT), _w4_plane_q8(p, 2, DT),
                 _w4_plane_q8(p, 3, DT), _w4_plane_q8(p, 4, DT), _w4_plane_q8(p, 5, DT),
@@ -345,41 +314,32 @@ def _w4_plane_q8(p, PLANE: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _w4_dot_group(acc, x_rows, k0, mmask, K, w_plane, ones, s_ptr, z_ptr, t, offs_n, nmask, N,
                   PLANE: tl.constexpr, GROUP: tl.constexpr, acc_g, x_sum,
-                  XSUM_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One plane (16 inputs) of a group: acc_g += x[:, plane] @ (q - 8) and x_sum += the row sums
-    of x[:, plane] (XSUM_DOT: as x[:, plane] @ ones, already broadcast over the block's columns,
-    on the tensor cores; otherwise a reduction across the warp); at the group's last plane,
+                  DOT_PRECISION: tl.constexpr):
+    """One plane (16 inputs) of a group: acc_g += x[:, plane] @ (q - 8) and x_sum += x[:, plane]
+    @ ones (the row sums of x, already broadcast over the block's columns, from the tensor cores:
+    a reduction across the warp instead measured 2x slower); at the group's last plane,
     acc += s * acc_g + z * x_sum."""
     rows = tl.arange(0, 16)
     k = k0 + PLANE * 16 + rows
     xa = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
     if PLANE % (GROUP // 16) == 0:
         acc_g = tl.dot(xa, w_plane, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        if XSUM_DOT:
-            x_sum = tl.dot(xa, ones, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        else:
-            x_sum = tl.sum(xa.to(tl.float32), axis=1)
+        x_sum = tl.dot(xa, ones, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     else:
         acc_g = tl.dot(xa, w_plane, acc=acc_g, input_precision=DOT_PRECISION)
-        if XSUM_DOT:
-            x_sum = tl.dot(xa, ones, acc=x_sum, input_precision=DOT_PRECISION)
-        else:
-            x_sum += tl.sum(xa.to(tl.float32), axis=1)
+        x_sum = tl.dot(xa, ones, acc=x_sum, input_precision=DOT_PRECISION)
     if (PLANE + 1) % (GROUP // 16) == 0:
         g = t * (128 // GROUP) + PLANE // (GROUP // 16)
         s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        if XSUM_DOT:
-            acc += acc_g * s[None, :] + x_sum * z[None, :]
-        else:
-            acc += acc_g * s[None, :] + x_sum[:, None] * z[None, :]
+        acc += acc_g * s[None, :] + x_sum * z[None, :]
     return acc, acc_g, x_sum
 
 
 @triton.jit
 def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, tiles_per_split,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ASM: tl.constexpr, XSUM_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Tensor-core W4 GEMM for any M (one row padded to BLOCK_M = 16 at batch 1): each packed tile
     becomes 8 planes of exact q - 8 in the activation dtype (see _w4_planes), multiplied with x
     by tl.dot in float32; scale and zero are applied once per group to the [BLOCK_M, BLOCK_N]
@@ -398,10 +358,7 @@ def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, til
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if XSUM_DOT:
-        x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     ones = tl.full([16, BLOCK_N], 1.0, tl.float32).to(dt)
     t_start = pid_k * tiles_per_split
     t_end = t_start + tiles_per_split  # splits divide the tiles evenly
@@ -413,31 +370,51 @@ def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, til
         w0, w1, w2, w3, w4, w5, w6, w7 = _w4_planes(p, dt, ASM)
         k0 = t * 128
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w0, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 0, GROUP, acc_g, x_sum, XSUM_DOT, DOT_PRECISION)
+                                          nmask, N, 0, GROUP, acc_g, x_sum, DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w1, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 1, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 1, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w2, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 2, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 2, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w3, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 3, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 3, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w4, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 4, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 4, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w5, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 5, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 5, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w6, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 6, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 6, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w7, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 7, GROUP, acc_g, x_sum, XSUM_DOT,
+                                          nmask, N, 7, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
     base = out_ptr + pid_k.to(tl.int64) * M * N
     ptrs = base + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, wt_ptr, N, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """W^T [K_pad, N] in wt's dtype from the packed layout, one 128-input tile per program row:
+    w = (q - 8) * scale + zero (for large M, where a bfloat16 GEMM on the dequantized weight
+    beats dequantizing inside every output tile)."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    rows = tl.arange(0, 16)
+    n64 = N.to(tl.int64)
+    p = tl.load(qw_ptr + (t * 16 + rows).to(tl.int64)[:, None] * n64 + offs_n[None, :],
+                mask=nmask[None, :], other=0)
+    for i in tl.static_range(8):
+        w = _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, i, GROUP)
+        k = t * 128 + i * 16 + rows
+        tl.store(wt_ptr + k.to(tl.int64)[:, None] * n64 + offs_n[None, :],
+                 w.to(wt_ptr.dtype.element_ty), mask=nmask[None, :])
 
 
 @triton.jit
@@ -635,7 +612,7 @@ def _w4_asm(x: torch.Tensor) -> bool:
 
 
 def w4_dot(x, qweight, scales, zeros, group_size, out, block_m=16, block_n=64, num_warps=4,
-           per_sm=4, num_stages=2, asm=2, xsum_dot=False):
+           per_sm=4, num_stages=3):
     """Tensor-core W4A16 launch (_w4_dot_kernel) for any M."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -645,8 +622,8 @@ def w4_dot(x, qweight, scales, zeros, group_size, out, block_m=16, block_n=64, n
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     _w4_dot_kernel[(*grid_mn, split)](
         x, qweight, scales, zeros, ws, m, n, k, x.stride(0), n_tiles // split,
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ASM=asm if _w4_asm(x) else 0,
-        XSUM_DOT=xsum_dot, DOT_PRECISION=_precision(x), num_warps=num_warps,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ASM=_w4_asm(x),
+        DOT_PRECISION=_precision(x), num_warps=num_warps,
         num_stages=num_stages,
     )
     return _finish(ws, out, split)
@@ -669,15 +646,25 @@ def w4_gemm_planes(x, qweight, scales, zeros, group_size, out):
     return _finish(ws, out, split)
 
 
+def w4_dequant_mm(x, qweight, scales, zeros, group_size, out, block_n=128):
+    """Large-M W4A16: dequantize W^T once into a temporary in x's dtype, then one dense GEMM."""
+    k = x.shape[1]
+    rows, n = qweight.shape
+    wt = torch.empty((rows * 8, n), dtype=x.dtype, device=x.device)
+    _w4_dequant_kernel[(rows // _SEG, triton.cdiv(n, block_n))](
+        qweight, scales, zeros, wt, n, GROUP=group_size, BLOCK_N=block_n, num_warps=4)
+    return torch.mm(x, wt[:k], out=out)
+
+
 # Which W4A16 kernel and launch settings run for 16-bit activations, by batch bucket (the
 # smallest key >= M). "gemv": _w4_gemv_kernel (M = 1 only); "planes": _w4_gemm_kernel; "dot":
-# _w4_dot_kernel with w4_dot's keyword arguments. SOARLLM_W4A16_TUNING names a JSON file of the
+# _w4_dot_kernel with w4_dot's keyword arguments; "dequant": w4_dequant_mm. SOARLLM_W4A16_TUNING names a JSON file of the
 # same shape (benchmarks/triton_quant_gemm.py --dot-sweep writes one) that replaces it.
 W4_TUNING: dict[int, dict] = {
-    1: {"kernel": "gemv"},
-    16: {"kernel": "planes"},
-    64: {"kernel": "planes"},
-    1 << 30: {"kernel": "planes"},
+    1: dict(kernel="dot", block_n=256, num_warps=4, num_stages=3, per_sm=4),
+    16: dict(kernel="dot", block_m=16, block_n=128, num_warps=4, num_stages=3, per_sm=2),
+    64: dict(kernel="dot", block_m=32, block_n=128, num_warps=4, num_stages=3, per_sm=2),
+    1 << 30: dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1),
 }
 
 
@@ -715,6 +702,8 @@ def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         return w4_gemv(x, qweight, scales, zeros, group_size, out, **config)
     if kernel == "dot":
         return w4_dot(x, qweight, scales, zeros, group_size, out, **config)
+    if kernel == "dequant":
+        return w4_dequant_mm(x, qweight, scales, zeros, group_size, out, **config)
     return w4_gemm_planes(x, qweight, scales, zeros, group_size, out)
 
 
