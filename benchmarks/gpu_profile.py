@@ -82,7 +82,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=None, help="also write <out>.txt")
+    ap.add_argument("--quantization", default=None, help="e.g. w4a16-g128")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--no-host", action="store_true", help="kernels only")
     a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    kw = {"quantization": a.quantization} if a.quantization else {}
     d = model_dir(a.layers)
     buf = io.StringIO()
 
@@ -92,15 +97,16 @@ def main() -> None:
             buf.write(s)
 
     tee = Tee()
-    eager = make_llm(d, enforce_eager=True, max_num_seqs=64, kv_cache_memory="16GiB")
-    for b in (1, 64):
+    eager = make_llm(d, enforce_eager=True, max_num_seqs=64, kv_cache_memory="16GiB", **kw)
+    for b in batches:
         kernels(eager, b, tee)
     del eager
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    graphs = make_llm(d, max_num_seqs=64, kv_cache_memory="16GiB")
-    for b in (1, 64):
-        host(graphs, b, tee)
+    if not a.no_host:
+        graphs = make_llm(d, max_num_seqs=64, kv_cache_memory="16GiB", **kw)
+        for b in batches:
+            host(graphs, b, tee)
     if a.out:
         Path(a.out + ".txt").write_text(buf.getvalue())
 

@@ -1,13 +1,22 @@
 """Weight-only quantized GEMM / GEMV (Triton): W8A16 and W4A16, dequantized in registers.
 
 Activations stay in the model dtype (bfloat16, float16 or float32); every product accumulates in
-float32. Two kernels per format:
+float32.
 
-- ``M == 1`` (batch-1 decode): a GEMV that keeps a [rows, BLOCK_N] float32 accumulator of
-  elementwise products and reduces it once at the end (no tensor cores, no layout shuffles);
-- ``M > 1``: a tiled ``tl.dot`` kernel (BLOCK_M 16 for decode batches, larger for prefill).
+- W4A16 with 16-bit activations, at every batch size up to 64: ``_w4_dot_kernel``, tensor cores
+  (one row padded to 16 at batch 1). Each packed int32 tile becomes 8 planes of exact q - 8 in the
+  activation dtype by inline PTX (two weights per LOP3 and per packed FMA, see _W4_PLANES_PTX),
+  Triton keeps them in the MMA's register layout (no trip through shared memory), and scale and
+  zero are applied once per group to the [BLOCK_M, BLOCK_N] partial sum. Large batches
+  (``w4_dequant_mm``): the weight is dequantized once into a temporary and one dense GEMM runs.
+  Which kernel and launch settings serve a batch size is the table ``W4_TUNING`` (measured,
+  ``benchmarks/triton_quant_gemm.py --dot-sweep``; ``SOARLLM_W4A16_TUNING`` names a replacement).
+- W4A16 with float32 activations (and the older choices the table may name): a GEMV for M = 1
+  that keeps a [rows, BLOCK_N] float32 accumulator of elementwise products, and a tiled ``tl.dot``
+  kernel on float32-dequantized planes (``_w4_gemm_kernel``).
+- W8A16: the same GEMV / tiled ``tl.dot`` pair.
 
-Both split K over a second grid axis when the output alone gives too few programs to fill the GPU;
+All split K over another grid axis when the output alone gives too few programs to fill the GPU;
 the float32 partial sums [SPLIT_K, M, N] are then added by one small kernel. Grids and split counts
 depend only on shapes, so the launches are CUDA-graph capturable. The kernels are exposed as
 ``torch.library`` custom ops (``soarllm::w4a16_gemm``, ``soarllm::w8a16_gemm``) so torch.compile
@@ -31,11 +40,12 @@ Integer-to-float conversion is done with the exponent trick: (q | 0x4B000000) re
 2**23 + q exactly, so one subtraction gives q, or q - 8 (conversion instructions are slow on GPUs).
 
 Measured on an H200 (benchmarks/triton_quant_gemm.py, CUDA-graph replay, L2-cold, Llama-3-8B
-shapes, 2026-11-26): the M = 1 GEMVs are ALU/latency-bound, not bandwidth-bound: W4A16-g32 reads
-its bytes at 1.0-1.5 TB/s (0.9-1.0x the time of bf16 cuBLAS, which streams 4x the bytes at 3-4
-TB/s), W4A16-g128 1.1-1.45x faster than bf16, W8A16 1.0-1.5x. The next step is packed 16-bit
-dequantization (Triton lowers float16 tensor math to HFMA2/HADD2, two weights per instruction)
-feeding float32 accumulation.
+shapes; one decoder layer's four GEMMs at group 128, results/gpu/w4_dot_sweep_s17_h200.json):
+batch 1 79.8 us against bf16 cuBLAS 118.8 us (1.49x; the float32 GEMV 96.9 us, 1.19x), batch 16
+84.3 us (1.42x; the float32-plane tl.dot kernel 141 us, 0.85x), batch 64 170 us (0.75x; 282 us
+before), batch 256 329 us by dequantize + GEMM (0.57x; 839 us before). Still short of the
+bandwidth: at batch 1 the int4 bytes stream at ~1/3 of the copy rate, and the split-K reduction
+kernel takes 15% of a W4A16 decode step's device time (results/gpu/profile_s17_h200_w4a16.txt).
 """
 
 from __future__ import annotations
@@ -660,11 +670,11 @@ def w4_dequant_mm(x, qweight, scales, zeros, group_size, out, block_n=128):
 # smallest key >= M). "gemv": _w4_gemv_kernel (M = 1 only); "planes": _w4_gemm_kernel; "dot":
 # _w4_dot_kernel with w4_dot's keyword arguments; "dequant": w4_dequant_mm. SOARLLM_W4A16_TUNING names a JSON file of the
 # same shape (benchmarks/triton_quant_gemm.py --dot-sweep writes one) that replaces it.
-W4_TUNING: dict[int, dict] = {
-    1: dict(kernel="dot", block_n=256, num_warps=4, num_stages=3, per_sm=4),
-    16: dict(kernel="dot", block_m=16, block_n=128, num_warps=4, num_stages=3, per_sm=2),
-    64: dict(kernel="dot", block_m=32, block_n=128, num_warps=4, num_stages=3, per_sm=2),
-    1 << 30: dict(kernel="dot", block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=1),
+W4_TUNING: dict[int, dict] = {  # an H200's winners (benchmarks/results/gpu/w4_dot_sweep_s17_h200.json)
+    1: dict(kernel="dot", block_n=128, num_warps=2, num_stages=3, per_sm=2),
+    16: dict(kernel="dot", block_m=16, block_n=256, num_warps=4, num_stages=3, per_sm=1),
+    64: dict(kernel="dot", block_m=32, block_n=256, num_warps=4, num_stages=3, per_sm=1),
+    1 << 30: {"kernel": "dequant"},
 }
 
 
