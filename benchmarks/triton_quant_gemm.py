@@ -164,25 +164,25 @@ def _dot_candidates(m: int) -> list[dict]:
     """Kernel choices timed for a batch bucket (w4_dot keyword arguments for "dot")."""
     if m == 1:
         out = [{"kernel": "gemv"}]
-        for bn, w in ((128, 2), (256, 2), (128, 4), (256, 4), (512, 4), (64, 2)):
-            for stages in (3, 4):
-                for per_sm in (2, 4, 8):
-                    out.append(dict(kernel="dot", block_n=bn, num_warps=w, num_stages=stages,
-                                    per_sm=per_sm))
+        for bn, w in ((128, 2), (256, 2), (128, 4), (256, 4), (64, 2)):
+            for per_sm in (2, 4, 8, 16):
+                for fused in (False, True):
+                    out.append(dict(kernel="dot", block_n=bn, num_warps=w, num_stages=3,
+                                    per_sm=per_sm, fused_reduce=fused))
         return out
     out = [{"kernel": "planes"}]
     if m <= 16:
         for bn, w in ((64, 4), (128, 4), (128, 2), (256, 4)):
-            for stages in (3, 4):
-                for per_sm in (1, 2):
+            for per_sm in (1, 2, 4):
+                for fused in (False, True):
                     out.append(dict(kernel="dot", block_m=16, block_n=bn, num_warps=w,
-                                    num_stages=stages, per_sm=per_sm))
+                                    num_stages=3, per_sm=per_sm, fused_reduce=fused))
     elif m <= 64:
         for bm, bn, w in ((16, 128, 4), (32, 128, 4), (32, 64, 4), (32, 256, 4), (64, 128, 4),
                           (64, 256, 8), (16, 256, 4)):
             for per_sm in (1, 2):
                 out.append(dict(kernel="dot", block_m=bm, block_n=bn, num_warps=w, num_stages=3,
-                                per_sm=per_sm))
+                                per_sm=per_sm, fused_reduce=True))
         out.append({"kernel": "dequant"})
     else:
         out += [{"kernel": "dequant"},
@@ -211,10 +211,12 @@ def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (64, 64), (16, 16), (256, 1 << 
         for m in (1, 5, 16, 64):
             x = torch.randn(m, k, device=dev).bfloat16()
             want = x.double() @ ref_w.t()
-            for v in ({"kernel": "dot"}, {"kernel": "dequant"}):
+            for v in ({"kernel": "dot"}, {"kernel": "dot", "fused_reduce": True},
+                      {"kernel": "dequant"}):
                 y = torch.empty(m, n, device=dev, dtype=x.dtype)
                 if v["kernel"] == "dot":
-                    y = qg.w4_dot(x, *packed, 128, y, block_m=16 if m <= 16 else 64).double()
+                    y = qg.w4_dot(x, *packed, 128, y, block_m=16 if m <= 16 else 64, per_sm=8,
+                                  fused_reduce=v.get("fused_reduce", False)).double()
                 else:
                     y = qg.w4_dequant_mm(x, *packed, 128, y).double()
                 err = ((y - want).abs().max() / want.abs().max()).item()

@@ -85,7 +85,9 @@ def test_w4a16_gemm(dtype, n, k, group):
 @pytest.mark.parametrize("n,k,group", W4_CASES)
 def test_w4_dot_kernel(dtype, n, k, group):
     """The tensor-core W4 kernel (exact q - 8 planes, scale and zero per group; on a GPU the PTX
-    dequantization) at every batch size, and the dequantize-then-GEMM path of large batches."""
+    dequantization) at every batch size, its split-K partials added by a second kernel or by the
+    last program of each tile (whose tickets are all reset afterwards), and the
+    dequantize-then-GEMM path of large batches."""
     from soarllm.kernels.triton import quant_gemm
 
     g = torch.Generator().manual_seed(n * 7 + k)
@@ -97,9 +99,14 @@ def test_w4_dot_kernel(dtype, n, k, group):
     for m in MS:
         x = torch.randn(m, k, generator=g).to(dtype)
         for block_m in (16, 64) if m > 16 else (16,):
-            out = torch.empty((m, n), dtype=dtype, device=DEVICE)
-            y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m)
-            _check(y, x.double() @ here_w.t(), TOL[dtype])
+            for fused in (False, True):
+                for _ in range(2 if fused else 1):  # the second launch reuses reset tickets
+                    out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+                    y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m,
+                                          per_sm=8, fused_reduce=fused)
+                    _check(y, x.double() @ here_w.t(), TOL[dtype])
+    if quant_gemm._TICKETS:
+        assert int(quant_gemm._tickets(torch.device(DEVICE)).abs().sum()) == 0
         out = torch.empty((m, n), dtype=dtype, device=DEVICE)
         y = quant_gemm.w4_dequant_mm(x.to(DEVICE), *packed, group, out)
         _check(y, x.double() @ here_w.t(), TOL[dtype])
@@ -237,13 +244,16 @@ def _compile_w4_for_hopper() -> list[tuple[str, int]]:
         return f"{fn.__name__}{sorted(consts.items())}", k.metadata.shared
 
     out = []
-    for dt, block_m, block_n, group in (("bf16", 16, 128, 128), ("fp16", 32, 256, 32)):
+    for dt, block_m, block_n, group, fused in (("bf16", 16, 128, 128, False),
+                                               ("fp16", 32, 256, 32, True)):
         types = dict(x_ptr=f"*{dt}", qw_ptr="*i32", s_ptr=f"*{dt}", z_ptr=f"*{dt}",
-                     out_ptr=f"*{dt}")
+                     out_ptr="*fp32" if fused else f"*{dt}", final_ptr=f"*{dt}",
+                     tickets_ptr="*i32")
         out.append(build(qg._w4_dot_kernel, types,
                          dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, ASM=True,
-                              DOT_PRECISION="tf32"),
-                         ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K", "stride_xm"]))
+                              FUSED_REDUCE=fused, DOT_PRECISION="tf32"),
+                         ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "final_ptr", "N", "K",
+                          "stride_xm"]))
     out.append(build(qg._w4_dequant_kernel,
                      dict(qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", wt_ptr="*bf16"),
                      dict(GROUP=128, BLOCK_N=128), ["qw_ptr", "s_ptr", "z_ptr", "wt_ptr", "N"]))

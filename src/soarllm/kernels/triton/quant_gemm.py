@@ -347,16 +347,21 @@ def _w4_dot_group(acc, x_rows, k0, mmask, K, w_plane, ones, s_ptr, z_ptr, t, off
 
 
 @triton.jit
-def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, tiles_per_split,
+def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, final_ptr, tickets_ptr, M, N, K,
+                   stride_xm, tiles_per_split, num_splits,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ASM: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Tensor-core W4 GEMM for any M (one row padded to BLOCK_M = 16 at batch 1): each packed tile
     becomes 8 planes of exact q - 8 in the activation dtype (see _w4_planes), multiplied with x
     by tl.dot in float32; scale and zero are applied once per group to the [BLOCK_M, BLOCK_N]
     partial sum: sum_k x_k ((q_k - 8) s + z) = s sum_k x_k (q_k - 8) + z sum_k x_k. No product is
     rounded (x times a 4-bit integer is exact in float32), unlike rounding dequantized weights.
     out is contiguous [M, N] without a split, else float32 partials [splits, M, N]: the split
-    count is not a compile-time constant (one binary serves every shape of a configuration)."""
+    count is not a compile-time constant (one binary serves every shape of a configuration).
+    FUSED_REDUCE (with a split): no second kernel adds the partials; each program takes a ticket
+    for its output tile after storing its partial (a CTA barrier, then an acq_rel atomic), and
+    the program that takes the last one adds the tile's partials into final (the
+    fixup of split-K "serial" GEMMs) and resets the ticket for the next launch or graph replay."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -402,9 +407,20 @@ def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, til
         acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w7, ones, s_ptr, z_ptr, t, offs_n,
                                           nmask, N, 7, GROUP, acc_g, x_sum,
                                           DOT_PRECISION)
-    base = out_ptr + pid_k.to(tl.int64) * M * N
-    ptrs = base + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = mmask[:, None] & nmask[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * M * N + tile, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+    if FUSED_REDUCE:
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket_ptr = tickets_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == num_splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(num_splits):
+                total += tl.load(out_ptr + k * M * N + tile, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(final_ptr + tile, total.to(final_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
@@ -622,21 +638,37 @@ def _w4_asm(x: torch.Tensor) -> bool:
 
 
 def w4_dot(x, qweight, scales, zeros, group_size, out, block_m=16, block_n=64, num_warps=4,
-           per_sm=4, num_stages=3):
-    """Tensor-core W4A16 launch (_w4_dot_kernel) for any M."""
+           per_sm=4, num_stages=3, fused_reduce=False):
+    """Tensor-core W4A16 launch (_w4_dot_kernel) for any M. fused_reduce: the split-K partials
+    are added by the kernel's last program per tile instead of a second kernel."""
     m, k = x.shape
     n = qweight.shape[1]
     n_tiles = qweight.shape[0] // _SEG
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     split = _split_k(grid_mn[0] * grid_mn[1], n_tiles, x.device, per_sm, min_steps=1)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    fused = fused_reduce and split > 1 and grid_mn[0] * grid_mn[1] <= _MAX_TICKETS
+    tickets = _tickets(x.device) if fused else ws
     _w4_dot_kernel[(*grid_mn, split)](
-        x, qweight, scales, zeros, ws, m, n, k, x.stride(0), n_tiles // split,
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ASM=_w4_asm(x),
-        DOT_PRECISION=_precision(x), num_warps=num_warps,
-        num_stages=num_stages,
+        x, qweight, scales, zeros, ws, out, tickets, m, n, k, x.stride(0), n_tiles // split, split,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ASM=_w4_asm(x), FUSED_REDUCE=fused,
+        DOT_PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
-    return _finish(ws, out, split)
+    return out if fused else _finish(ws, out, split)
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_MAX_TICKETS = 1 << 16  # output tiles of one launch; more (never at real shapes) skip the fusion
+
+
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters of the fused split-K reduction, one per output tile: one buffer per
+    device, never replaced (captured graphs keep its address), shared by every launch (launches
+    on one stream never overlap, and each resets the counters it used)."""
+    buf = _TICKETS.get(device)
+    if buf is None:
+        buf = _TICKETS[device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
+    return buf
 
 
 def w4_gemm_planes(x, qweight, scales, zeros, group_size, out):
