@@ -99,12 +99,13 @@ def test_w4_dot_kernel(dtype, n, k, group):
     for m in MS:
         x = torch.randn(m, k, generator=g).to(dtype)
         for block_m in (16, 64) if m > 16 else (16,):
-            for fused in (False, True):
-                for _ in range(2 if fused else 1):  # the second launch reuses reset tickets
-                    out = torch.empty((m, n), dtype=dtype, device=DEVICE)
-                    y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m,
-                                          per_sm=8, fused_reduce=fused)
-                    _check(y, x.double() @ here_w.t(), TOL[dtype])
+            out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+            y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m, per_sm=8)
+            _check(y, x.double() @ here_w.t(), TOL[dtype])
+        for _ in range(2 if m == 3 else 0):  # the second launch reuses the reset tickets
+            out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+            y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, per_sm=8, fused_reduce=True)
+            _check(y, x.double() @ here_w.t(), TOL[dtype])
     if quant_gemm._TICKETS:
         assert int(quant_gemm._tickets(torch.device(DEVICE)).abs().sum()) == 0
         out = torch.empty((m, n), dtype=dtype, device=DEVICE)
