@@ -169,6 +169,8 @@ def _dot_candidates(m: int) -> list[dict]:
                 for fused in (False, True):
                     out.append(dict(kernel="dot", block_n=bn, num_warps=w, num_stages=3,
                                     per_sm=per_sm, fused_reduce=fused))
+        out += [dict(kernel="dot", block_n=bn, num_warps=2, num_stages=3, per_sm=4,
+                     fused_reduce=True, xsum_dot=False) for bn in (128, 256)]
         return out
     out = [{"kernel": "planes"}]
     if m <= 16:
@@ -177,12 +179,15 @@ def _dot_candidates(m: int) -> list[dict]:
                 for fused in (False, True):
                     out.append(dict(kernel="dot", block_m=16, block_n=bn, num_warps=w,
                                     num_stages=3, per_sm=per_sm, fused_reduce=fused))
+        out += [dict(kernel="dot", block_m=16, block_n=bn, num_warps=4, num_stages=3, per_sm=2,
+                     fused_reduce=True, xsum_dot=False) for bn in (128, 256)]
     elif m <= 64:
         for bm, bn, w in ((16, 128, 4), (32, 128, 4), (32, 64, 4), (32, 256, 4), (64, 128, 4),
                           (64, 256, 8), (16, 256, 4)):
             for per_sm in (1, 2):
-                out.append(dict(kernel="dot", block_m=bm, block_n=bn, num_warps=w, num_stages=3,
-                                per_sm=per_sm, fused_reduce=True))
+                for xs in (True, False):
+                    out.append(dict(kernel="dot", block_m=bm, block_n=bn, num_warps=w,
+                                    num_stages=3, per_sm=per_sm, fused_reduce=True, xsum_dot=xs))
         out.append({"kernel": "dequant"})
     else:
         out += [{"kernel": "dequant"},

@@ -102,6 +102,10 @@ def test_w4_dot_kernel(dtype, n, k, group):
             out = torch.empty((m, n), dtype=dtype, device=DEVICE)
             y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, block_m=block_m, per_sm=8)
             _check(y, x.double() @ here_w.t(), TOL[dtype])
+        if m == 17:  # x summed in registers and reduced once per group, not by a product
+            out = torch.empty((m, n), dtype=dtype, device=DEVICE)
+            y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, xsum_dot=False)
+            _check(y, x.double() @ here_w.t(), TOL[dtype])
         for _ in range(2 if m == 3 else 0):  # the second launch reuses the reset tickets
             out = torch.empty((m, n), dtype=dtype, device=DEVICE)
             y = quant_gemm.w4_dot(x.to(DEVICE), *packed, group, out, per_sm=8, fused_reduce=True)
@@ -252,7 +256,7 @@ def _compile_w4_for_hopper() -> list[tuple[str, int]]:
                      tickets_ptr="*i32")
         out.append(build(qg._w4_dot_kernel, types,
                          dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, ASM=True,
-                              FUSED_REDUCE=fused, DOT_PRECISION="tf32"),
+                              FUSED_REDUCE=fused, XSUM_DOT=not fused, DOT_PRECISION="tf32"),
                          ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "final_ptr", "N", "K",
                           "stride_xm"]))
     out.append(build(qg._w4_dequant_kernel,

@@ -324,25 +324,36 @@ def _w4_plane_q8(p, PLANE: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _w4_dot_group(acc, x_rows, k0, mmask, K, w_plane, ones, s_ptr, z_ptr, t, offs_n, nmask, N,
                   PLANE: tl.constexpr, GROUP: tl.constexpr, acc_g, x_sum,
-                  DOT_PRECISION: tl.constexpr):
-    """One plane (16 inputs) of a group: acc_g += x[:, plane] @ (q - 8) and x_sum += x[:, plane]
-    @ ones (the row sums of x, already broadcast over the block's columns, from the tensor cores:
-    a reduction across the warp instead measured 2x slower); at the group's last plane,
-    acc += s * acc_g + z * x_sum."""
+                  XSUM_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One plane (16 inputs) of a group: acc_g += x[:, plane] @ (q - 8), and the row sums of x
+    for the zero term; at the group's last plane, acc += s * acc_g + z * (row sums of x).
+    XSUM_DOT: the row sums as x[:, plane] @ ones on the tensor cores, already broadcast over the
+    block's columns (x_sum [BLOCK_M, BLOCK_N]); otherwise x itself is added up over the group
+    (x_sum [BLOCK_M, 16]) and reduced across the warp once per group. (A reduction per plane
+    measured 2x slower than the ones product.)"""
     rows = tl.arange(0, 16)
     k = k0 + PLANE * 16 + rows
     xa = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
     if PLANE % (GROUP // 16) == 0:
         acc_g = tl.dot(xa, w_plane, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        x_sum = tl.dot(xa, ones, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if XSUM_DOT:
+            x_sum = tl.dot(xa, ones, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        else:
+            x_sum = xa.to(tl.float32)
     else:
         acc_g = tl.dot(xa, w_plane, acc=acc_g, input_precision=DOT_PRECISION)
-        x_sum = tl.dot(xa, ones, acc=x_sum, input_precision=DOT_PRECISION)
+        if XSUM_DOT:
+            x_sum = tl.dot(xa, ones, acc=x_sum, input_precision=DOT_PRECISION)
+        else:
+            x_sum += xa.to(tl.float32)
     if (PLANE + 1) % (GROUP // 16) == 0:
         g = t * (128 // GROUP) + PLANE // (GROUP // 16)
         s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc += acc_g * s[None, :] + x_sum * z[None, :]
+        if XSUM_DOT:
+            acc += acc_g * s[None, :] + x_sum * z[None, :]
+        else:
+            acc += acc_g * s[None, :] + tl.sum(x_sum, axis=1)[:, None] * z[None, :]
     return acc, acc_g, x_sum
 
 
@@ -350,7 +361,8 @@ def _w4_dot_group(acc, x_rows, k0, mmask, K, w_plane, ones, s_ptr, z_ptr, t, off
 def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, final_ptr, tickets_ptr, M, N, K,
                    stride_xm, tiles_per_split, num_splits,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ASM: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ASM: tl.constexpr, FUSED_REDUCE: tl.constexpr, XSUM_DOT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """Tensor-core W4 GEMM for any M (one row padded to BLOCK_M = 16 at batch 1): each packed tile
     becomes 8 planes of exact q - 8 in the activation dtype (see _w4_planes), multiplied with x
     by tl.dot in float32; scale and zero are applied once per group to the [BLOCK_M, BLOCK_N]
@@ -373,7 +385,10 @@ def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, final_ptr, tickets_ptr,
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if XSUM_DOT:
+        x_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        x_sum = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     ones = tl.full([16, BLOCK_N], 1.0, tl.float32).to(dt)
     t_start = pid_k * tiles_per_split
     t_end = t_start + tiles_per_split  # splits divide the tiles evenly
@@ -382,31 +397,11 @@ def _w4_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, final_ptr, tickets_ptr,
     w_ptrs = qw_ptr + rows.to(tl.int64)[:, None] * n64 + offs_n[None, :]
     for t in range(t_start, t_end):
         p = tl.load(w_ptrs + t * 16 * n64, mask=nmask[None, :], other=0)
-        w0, w1, w2, w3, w4, w5, w6, w7 = _w4_planes(p, dt, ASM)
-        k0 = t * 128
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w0, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 0, GROUP, acc_g, x_sum, DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w1, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 1, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w2, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 2, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w3, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 3, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w4, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 4, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w5, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 5, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w6, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 6, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
-        acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, k0, mmask, K, w7, ones, s_ptr, z_ptr, t, offs_n,
-                                          nmask, N, 7, GROUP, acc_g, x_sum,
-                                          DOT_PRECISION)
+        planes = _w4_planes(p, dt, ASM)
+        for i in tl.static_range(8):
+            acc, acc_g, x_sum = _w4_dot_group(acc, x_rows, t * 128, mmask, K, planes[i], ones,
+                                              s_ptr, z_ptr, t, offs_n, nmask, N, i, GROUP, acc_g,
+                                              x_sum, XSUM_DOT, DOT_PRECISION)
     tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     mask = mmask[:, None] & nmask[None, :]
     tl.store(out_ptr + pid_k.to(tl.int64) * M * N + tile, acc.to(out_ptr.dtype.element_ty),
@@ -638,9 +633,10 @@ def _w4_asm(x: torch.Tensor) -> bool:
 
 
 def w4_dot(x, qweight, scales, zeros, group_size, out, block_m=16, block_n=64, num_warps=4,
-           per_sm=4, num_stages=3, fused_reduce=False):
+           per_sm=4, num_stages=3, fused_reduce=False, xsum_dot=True):
     """Tensor-core W4A16 launch (_w4_dot_kernel) for any M. fused_reduce: the split-K partials
-    are added by the kernel's last program per tile instead of a second kernel."""
+    are added by the kernel's last program per tile instead of a second kernel; xsum_dot: how
+    the kernel sums x for the zero term (see _w4_dot_group)."""
     m, k = x.shape
     n = qweight.shape[1]
     n_tiles = qweight.shape[0] // _SEG
@@ -652,7 +648,7 @@ def w4_dot(x, qweight, scales, zeros, group_size, out, block_m=16, block_n=64, n
     _w4_dot_kernel[(*grid_mn, split)](
         x, qweight, scales, zeros, ws, out, tickets, m, n, k, x.stride(0), n_tiles // split, split,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ASM=_w4_asm(x), FUSED_REDUCE=fused,
-        DOT_PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
+        XSUM_DOT=xsum_dot, DOT_PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages,
     )
     return out if fused else _finish(ws, out, split)
 
