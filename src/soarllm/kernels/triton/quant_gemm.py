@@ -17,7 +17,8 @@ float32.
 - W8A16: the same GEMV / tiled ``tl.dot`` pair.
 
 All split K over another grid axis when the output alone gives too few programs to fill the GPU;
-the float32 partial sums [SPLIT_K, M, N] are then added by one small kernel. Grids and split counts
+the float32 partial sums [SPLIT_K, M, N] are then added by one small kernel (by the last program
+of each output tile in the W4 dot kernel with ``fused_reduce``). Grids and split counts
 depend only on shapes, so the launches are CUDA-graph capturable. The kernels are exposed as
 ``torch.library`` custom ops (``soarllm::w4a16_gemm``, ``soarllm::w8a16_gemm``) so torch.compile
 treats them as opaque calls.
