@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from soarllm.distributed.multiproc import free_port
 
 
 @dataclass
@@ -91,11 +92,6 @@ def make_app(config: FakeConfig, state: FakeState) -> FastAPI:
 
     return app
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

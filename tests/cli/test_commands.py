@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from soarllm.cli.main import main
+from soarllm.distributed.multiproc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,11 +57,6 @@ def _listening_socket() -> socket.socket:
     return s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_serve_on_a_taken_port_fails_before_loading_the_model(tiny_model_dir):
     with _listening_socket() as taken:
@@ -73,7 +69,7 @@ def test_serve_on_a_taken_port_fails_before_loading_the_model(tiny_model_dir):
 
 
 def test_serve_refuses_a_kv_cache_larger_than_the_machine_before_loading(tiny_model_dir):
-    proc = soar("serve", str(tiny_model_dir), "--port", str(_free_port()), "--device", "cpu",
+    proc = soar("serve", str(tiny_model_dir), "--port", str(free_port()), "--device", "cpu",
                 "--kv-cache-memory", "500TiB", timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import httpx
 import pytest
 import uvicorn
 
+from soarllm.distributed.multiproc import free_port
 from soarllm.engine.async_engine import AsyncLLMEngine
 from soarllm.serve.app import build_app
 from soarllm.serve.config import ServerConfig
@@ -33,11 +33,6 @@ from tests.serve.fake_engine import FakeEngine
 API_KEY = "test-key-123"
 REPO = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
