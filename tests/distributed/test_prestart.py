@@ -48,7 +48,8 @@ def test_workers_started_for_other_arguments_are_stopped(tiny_gqa_dir):
 
 def test_a_gguf_not_converted_yet_is_left_to_the_engine(tmp_path, monkeypatch, tiny_model_dir):
     # the engine converts a GGUF once before its workers read it: no worker may race it
-    from soarllm.model.loader import load_checkpoint, ready_to_load
+    from soarllm.hub import ready_to_load
+    from soarllm.model.loader import load_checkpoint
     from tests.model.test_loader import write_tiny_gguf
 
     monkeypatch.setenv("SOARLLM_HOME", str(tmp_path / "home"))

@@ -297,10 +297,10 @@ def test_tiny_gguf_matches_transformers(family, request):
 def test_tiny_gguf_cache_is_reused_and_atomic(tiny_gguf, monkeypatch):
     import gguf
 
-    from soarllm.model.loader import gguf_cache
+    from soarllm import hub
 
     first = load_checkpoint(str(tiny_gguf))
-    cache = gguf_cache.cached_conversion(tiny_gguf)
+    cache = hub.cached_conversion(tiny_gguf)
     assert cache is not None and first.tokenizer_dir == cache
     assert not [p for p in cache.parent.iterdir() if p.name.startswith(".tmp-")]
 
@@ -314,6 +314,7 @@ def test_tiny_gguf_cache_is_reused_and_atomic(tiny_gguf, monkeypatch):
 
 
 def test_failed_conversion_leaves_no_cache(tiny_gguf, monkeypatch):
+    from soarllm import hub
     from soarllm.model.loader import gguf_cache
 
     def crash(*args, **kwargs):
@@ -322,8 +323,8 @@ def test_failed_conversion_leaves_no_cache(tiny_gguf, monkeypatch):
     monkeypatch.setattr(gguf_cache, "_save_sharded", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         load_checkpoint(str(tiny_gguf))
-    root = gguf_cache.converted_root()
-    assert gguf_cache.cached_conversion(tiny_gguf) is None
+    root = hub.converted_root()
+    assert hub.cached_conversion(tiny_gguf) is None
     assert not list(root.iterdir())
 
 
@@ -344,12 +345,13 @@ def test_tiny_gguf_tokenizer_matches_transformers(tiny_gguf):
 
 
 def test_dummy_from_gguf_reads_no_tensor(tiny_gguf, tiny_llama, monkeypatch):
-    from soarllm.model.loader import gguf_cache, gguf_tensors
+    from soarllm import hub
+    from soarllm.model.loader import gguf_tensors
 
     monkeypatch.setattr(gguf_tensors, "hf_tensors", None)  # any dequantization would fail
     ckpt = load_checkpoint(str(tiny_gguf), load_format="dummy")
     assert ckpt.format == "dummy" and ckpt.config.num_key_value_heads == 2
-    assert gguf_cache.cached_conversion(tiny_gguf) is None
+    assert hub.cached_conversion(tiny_gguf) is None
     ours = {name: t.shape for name, t in ckpt.weights(torch.float32)}
     assert ours == {name: t.shape for name, t in hf_state_dict(tiny_llama).items()}
 
@@ -440,7 +442,7 @@ def test_default_model_tokenizer_matches_transformers(default_model_path, transf
 def test_default_model_second_load_uses_cache(default_model_path, monkeypatch):
     import gguf
 
-    from soarllm.model.loader.gguf_cache import cached_conversion, converted_root
+    from soarllm.hub import cached_conversion, converted_root
 
     load_checkpoint(str(default_model_path))
     cache = cached_conversion(default_model_path)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from soarllm.errors import ConfigError
-from soarllm.hub import ready_to_load  # noqa: F401  (the loader's question, answered without torch)
 from soarllm.model.loader.checkpoint import Checkpoint, WeightSource
 from soarllm.model.loader.dummy import RandomSource
 from soarllm.model.loader.hf_files import (

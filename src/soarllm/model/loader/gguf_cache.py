@@ -30,7 +30,6 @@ from soarllm.hub import (
     GGUF_SOURCE_FILE,
     cached_conversion,
     conversion_dir,
-    converted_root,  # noqa: F401  (re-exported: where conversions live)
 )
 from soarllm.model.loader.hf_files import SAFETENSORS_INDEX
 
