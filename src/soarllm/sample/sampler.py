@@ -58,6 +58,12 @@ def token_logprobs(lp_row: torch.Tensor, token_id: int, top_n: int) -> TokenLogp
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        if (md.all_greedy and md.penalty_rows is None and not md.banned
+                and md.grammar_rows is None and max(md.num_logprobs, default=-1) < 0):
+            # plain greedy rows: the argmax of the logits as they come (bfloat16 widens to
+            # float32 exactly, so the float32 copy the other paths need would change nothing)
+            ids = argmax_rows(logits).tolist()
+            return SamplerOutput([[t] for t in ids], [None] * len(ids))
         logits = logits.float()
         lp_rows = [i for i, k in enumerate(md.num_logprobs) if k >= 0]
         raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
