@@ -12,8 +12,9 @@ import pytest
 
 from tests.distributed.test_faults import _gone
 
-# Hang guard only: workers notice a vanished parent within about a second.
-HANG_GUARD_S = 20.0
+# Hang guard only: workers notice a vanished parent within about a second, and an interrupted
+# engine unwinds in a few; 20 s was exceeded once while other test runs loaded the two cores 3x.
+HANG_GUARD_S = 60.0
 
 SCRIPT = """
 import sys, time
