@@ -5,7 +5,7 @@ Each measurement replays a CUDA graph of 20 calls (the decode path runs under gr
 overhead is left out) cycling through enough copies of the weight to exceed the L2 cache, and
 reports microseconds per call, the weight bytes read per second and the speedup over bfloat16.
 ``--sweep`` also times a few GEMV launch configurations at M = 1. ``--dot-sweep`` times the
-tensor-core kernel (``w4_dot``) against the GEMV / planes kernels per batch bucket at group 128,
+tensor-core kernel (``w4_dot``) against the GEMV and dequantize + GEMM per batch bucket at group 128,
 summed over the four shapes (one decoder layer's GEMMs), and writes the winners as a
 ``SOARLLM_W4A16_TUNING`` table (``--tuning-out``). ``--tinygemm`` adds PyTorch's
 own int4 kernel (``aten._weight_int4pack_mm``, the one gpt-fast and torchao use on CUDA) at group
@@ -172,7 +172,7 @@ def _dot_candidates(m: int) -> list[dict]:
         out += [dict(kernel="dot", block_n=bn, num_warps=2, num_stages=3, per_sm=4,
                      fused_reduce=True, xsum_dot=False) for bn in (128, 256)]
         return out
-    out = [{"kernel": "planes"}]
+    out = []
     if m <= 16:
         for bn, w in ((64, 4), (128, 4), (128, 2), (256, 4)):
             for per_sm in (1, 2, 4):
@@ -247,8 +247,6 @@ def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (64, 64), (16, 16), (256, 1 << 
                 y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
                 if cand["kernel"] == "gemv":
                     fs = [lambda t=t, x=x, y=y: qg.w4_gemv(x, *t, 128, y) for t in sets]
-                elif cand["kernel"] == "planes":
-                    fs = [lambda t=t, x=x, y=y: qg.w4_gemm_planes(x, *t, 128, y) for t in sets]
                 elif cand["kernel"] == "dequant":
                     fs = [lambda t=t, x=x, y=y: qg.w4_dequant_mm(x, *t, 128, y) for t in sets]
                 else:
@@ -266,7 +264,7 @@ def _dot_sweep(qg, quantize_w4, buckets=((1, 1), (64, 64), (16, 16), (256, 1 << 
         table[str(key)] = best[1]
         if tuning_out:  # written after each bucket: a run cut short keeps what it measured
             tuning_out.parent.mkdir(parents=True, exist_ok=True)
-            full = {str(b): {"kernel": "gemv" if b == 1 else "planes"} for _, b in buckets}
+            full = {str(b): qg.W4_TUNING.get(b, {"kernel": "dequant"}) for _, b in buckets}
             tuning_out.write_text(json.dumps({**full, **table}, indent=1))
         print(json.dumps({"bucket": key, "M": m, "best": best[1], "layer_us": round(best[0], 2),
                           "bf16_layer_us": round(base, 2),

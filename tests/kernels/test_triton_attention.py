@@ -11,7 +11,6 @@ prompts, CUDA-graph padding rows (slot -1, length 0), block tables wider than ne
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -432,19 +431,11 @@ def _compile_for_hopper() -> list[tuple[str, int]]:
     """Compile one configuration of every kernel for sm_90 with Triton's real compiler (frontend,
     LLVM, ptxas), without a GPU: (kernel, shared memory bytes). Run in a process without
     TRITON_INTERPRET (the interpreter accepts programs the compiler refuses)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from soarllm.kernels.triton import paged_attention as pa
+    from tests.kernels.sm90 import compile_sm90
 
     def build(fn, types, consts, stages=3):
-        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=signature,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_stages": stages, "num_warps": 4})
-        return fn.__name__, k.metadata.shared
+        return compile_sm90(fn, types, consts, stages=stages)
 
     d, dt = 128, "bf16"
     _, block_n, stages = pa._tiles(d, torch.bfloat16)
@@ -480,24 +471,9 @@ def _compile_for_hopper() -> list[tuple[str, int]]:
 def test_kernels_compile_for_hopper(tmp_path):
     """The interpreter runs programs the GPU compiler may refuse: compile each kernel for an H100
     (sm_90) with the real compiler, on this machine, and check its shared memory fits."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.kernels.sm90 import H100_SHARED_BYTES, compiled_in_child
 
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton has no bundled ptxas to compile for a CUDA GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile, do not reuse a cached binary
-    code = ("import json; from tests.kernels.test_triton_attention import _compile_for_hopper; "
-            "print(json.dumps(_compile_for_hopper()))")
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    built = json.loads(res.stdout.strip().splitlines()[-1])
+    built = compiled_in_child("tests.kernels.test_triton_attention:_compile_for_hopper", tmp_path)
     assert len(built) == 5
     for name, shared in built:
-        assert shared <= 227 * 1024, (name, shared)  # an H100's shared memory per block
+        assert shared <= H100_SHARED_BYTES, (name, shared)

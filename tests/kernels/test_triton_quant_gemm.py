@@ -126,13 +126,13 @@ def test_w4_tuning_table(tmp_path, monkeypatch):
 
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps({"1": {"kernel": "dot", "block_n": 128},
-                                "16": {"kernel": "gemv"}, "1073741824": {"kernel": "planes"}}))
+                                "16": {"kernel": "gemv"}, "1073741824": {"kernel": "dequant"}}))
     monkeypatch.setenv("SOARLLM_W4A16_TUNING", str(path))
     quant_gemm._w4_tuning.cache_clear()
     try:
         assert quant_gemm.w4_config(1, torch.bfloat16) == {"kernel": "dot", "block_n": 128}
-        assert quant_gemm.w4_config(8, torch.bfloat16) == {"kernel": "planes"}
-        assert quant_gemm.w4_config(300, torch.float16) == {"kernel": "planes"}
+        assert quant_gemm.w4_config(8, torch.bfloat16) == {"kernel": "dot"}  # a GEMV: M = 1 only
+        assert quant_gemm.w4_config(300, torch.float16) == {"kernel": "dequant"}
         assert quant_gemm.w4_config(1, torch.float32) == {"kernel": "gemv"}
         w = torch.randn(40, 256) * 0.05
         q, scale, zero = quantize_w4(w, 32)
@@ -230,23 +230,10 @@ def test_quantized_linear_layers_on_cuda_llama3_shapes(scheme, k, n):
 
 
 def _compile_w4_for_hopper() -> list[tuple[str, int]]:
-    """Compile the W4 tensor-core kernel (with its inline PTX) and the dequantization kernel for
-    sm_90 with Triton's real compiler (frontend, LLVM, ptxas), without a GPU: (name, shared
-    memory bytes). Run in a process without TRITON_INTERPRET."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """The W4 tensor-core kernel (with its inline PTX, both x-sum forms, the fused split-K
+    reduction) and the dequantization kernel, compiled for sm_90: (name, shared memory bytes)."""
     from soarllm.kernels.triton import quant_gemm as qg
-
-    def build(fn, types, consts, aligned, warps=4):
-        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=signature,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                        attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_stages": 3, "num_warps": warps})
-        return f"{fn.__name__}{sorted(consts.items())}", k.metadata.shared
+    from tests.kernels.sm90 import compile_sm90
 
     out = []
     for dt, block_m, block_n, group, fused in (("bf16", 16, 128, 128, False),
@@ -254,14 +241,16 @@ def _compile_w4_for_hopper() -> list[tuple[str, int]]:
         types = dict(x_ptr=f"*{dt}", qw_ptr="*i32", s_ptr=f"*{dt}", z_ptr=f"*{dt}",
                      out_ptr="*fp32" if fused else f"*{dt}", final_ptr=f"*{dt}",
                      tickets_ptr="*i32")
-        out.append(build(qg._w4_dot_kernel, types,
-                         dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, ASM=True,
-                              FUSED_REDUCE=fused, XSUM_DOT=not fused, DOT_PRECISION="tf32"),
-                         ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "final_ptr", "N", "K",
-                          "stride_xm"]))
-    out.append(build(qg._w4_dequant_kernel,
-                     dict(qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", wt_ptr="*bf16"),
-                     dict(GROUP=128, BLOCK_N=128), ["qw_ptr", "s_ptr", "z_ptr", "wt_ptr", "N"]))
+        out.append(compile_sm90(qg._w4_dot_kernel, types,
+                                dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, ASM=True,
+                                     FUSED_REDUCE=fused, XSUM_DOT=not fused,
+                                     DOT_PRECISION="tf32"),
+                                ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "final_ptr", "N",
+                                 "K", "stride_xm"]))
+    out.append(compile_sm90(qg._w4_dequant_kernel,
+                            dict(qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", wt_ptr="*bf16"),
+                            dict(GROUP=128, BLOCK_N=128),
+                            ["qw_ptr", "s_ptr", "z_ptr", "wt_ptr", "N"]))
     return out
 
 
@@ -269,24 +258,9 @@ def _compile_w4_for_hopper() -> list[tuple[str, int]]:
 def test_w4_kernels_compile_for_hopper(tmp_path):
     """The interpreter never sees the inline PTX: compile it for an H100 (sm_90) on this machine,
     so that an assembler error fails here and not only on a GPU."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.kernels.sm90 import H100_SHARED_BYTES, compiled_in_child
 
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton has no bundled ptxas to compile for a CUDA GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    code = ("import json; from tests.kernels.test_triton_quant_gemm import _compile_w4_for_hopper; "
-            "print(json.dumps(_compile_w4_for_hopper()))")
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    built = json.loads(res.stdout.strip().splitlines()[-1])
+    built = compiled_in_child("tests.kernels.test_triton_quant_gemm:_compile_w4_for_hopper",
+                              tmp_path)
     assert len(built) == 3
-    assert all(shared <= 227 * 1024 for _, shared in built)  # an H100's shared memory per block
+    assert all(shared <= H100_SHARED_BYTES for _, shared in built)

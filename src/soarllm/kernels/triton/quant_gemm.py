@@ -11,9 +11,9 @@ float32.
   (``w4_dequant_mm``): the weight is dequantized once into a temporary and one dense GEMM runs.
   Which kernel and launch settings serve a batch size is the table ``W4_TUNING`` (measured,
   ``benchmarks/triton_quant_gemm.py --dot-sweep``; ``SOARLLM_W4A16_TUNING`` names a replacement).
-- W4A16 with float32 activations (and the older choices the table may name): a GEMV for M = 1
-  that keeps a [rows, BLOCK_N] float32 accumulator of elementwise products, and a tiled ``tl.dot``
-  kernel on float32-dequantized planes (``_w4_gemm_kernel``).
+- W4A16 with float32 activations (or where the table names it): a GEMV for M = 1 that keeps a
+  [rows, BLOCK_N] float32 accumulator of elementwise products; M > 1 runs the tensor-core kernel
+  on float32 planes (IEEE tl.dot).
 - W8A16: the same GEMV / tiled ``tl.dot`` pair.
 
 All split K over another grid axis when the output alone gives too few programs to fill the GPU;
@@ -214,34 +214,6 @@ def _split_k_reduce_kernel(ws_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK:
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                    tiles_per_split,
-                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
-    nmask = offs_n < N
-    rows = tl.arange(0, 16)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    t_start = pid_k * tiles_per_split
-    t_end = t_start + tiles_per_split  # splits divide the tiles evenly
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    for t in range(t_start, t_end):
-        p = tl.load(qw_ptr + (t * 16 + rows).to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=nmask[None, :], other=0)
-        for i in tl.static_range(8):
-            k = t * 128 + i * 16 + rows
-            xa = tl.load(x_rows + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-            w = _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, i, GROUP)
-            acc = tl.dot(xa, w.to(x_ptr.dtype.element_ty), acc=acc, input_precision=DOT_PRECISION)
-    _store_tile(acc, out_ptr, offs_m, offs_n, mmask, nmask, M, N, stride_om, pid_k, SPLIT_K)
 
 
 # Eight planes of 4-bit values from packed int32s, as exact 16-bit floats q - 8 (Marlin's trick,
@@ -668,23 +640,6 @@ def _tickets(device: torch.device) -> torch.Tensor:
     return buf
 
 
-def w4_gemm_planes(x, qweight, scales, zeros, group_size, out):
-    """M > 1 W4A16 launch of the float32-dequantizing tl.dot kernel (_w4_gemm_kernel)."""
-    m, k = x.shape
-    n = qweight.shape[1]
-    n_tiles = qweight.shape[0] // _SEG
-    block_m, block_n, warps = _gemm_config(m)
-    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    split = _split_k(grid_mn[0] * grid_mn[1], n_tiles, x.device)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    _w4_gemm_kernel[(*grid_mn, split)](
-        x, qweight, scales, zeros, ws, m, n, k, x.stride(0), out.stride(0), n_tiles // split,
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-        DOT_PRECISION=_precision(x), num_warps=warps,
-    )
-    return _finish(ws, out, split)
-
-
 def w4_dequant_mm(x, qweight, scales, zeros, group_size, out, block_n=128):
     """Large-M W4A16: dequantize W^T once into a temporary in x's dtype, then one dense GEMM."""
     k = x.shape[1]
@@ -696,8 +651,8 @@ def w4_dequant_mm(x, qweight, scales, zeros, group_size, out, block_n=128):
 
 
 # Which W4A16 kernel and launch settings run for 16-bit activations, by batch bucket (the
-# smallest key >= M). "gemv": _w4_gemv_kernel (M = 1 only); "planes": _w4_gemm_kernel; "dot":
-# _w4_dot_kernel with w4_dot's keyword arguments; "dequant": w4_dequant_mm. SOARLLM_W4A16_TUNING names a JSON file of the
+# smallest key >= M). "gemv": _w4_gemv_kernel (M = 1 only); "dot": _w4_dot_kernel with w4_dot's
+# keyword arguments; "dequant": w4_dequant_mm. SOARLLM_W4A16_TUNING names a JSON file of the
 # same shape (benchmarks/triton_quant_gemm.py --dot-sweep writes one) that replaces it.
 W4_TUNING: dict[int, dict] = {  # an H200's winners (benchmarks/results/gpu/w4_dot_sweep_s17_h200.json)
     1: dict(kernel="dot", block_n=128, num_warps=2, num_stages=3, per_sm=2),
@@ -722,11 +677,11 @@ def _w4_tuning() -> dict[int, dict]:
 def w4_config(m: int, dtype: torch.dtype) -> dict:
     """The W4A16 kernel and launch settings for M rows of ``dtype`` (float32: the float32 kernels)."""
     if dtype == torch.float32:
-        return {"kernel": "gemv" if m == 1 else "planes"}
+        return {"kernel": "gemv" if m == 1 else "dot" if m <= 64 else "dequant"}
     for bound, config in _w4_tuning().items():
         if m <= bound:
-            return config if m == 1 or config["kernel"] != "gemv" else {"kernel": "planes"}
-    return {"kernel": "planes"}
+            return config if m == 1 or config["kernel"] != "gemv" else {"kernel": "dot"}
+    return {"kernel": "dequant"}
 
 
 def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -739,11 +694,9 @@ def _w4a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     kernel = config.pop("kernel")
     if kernel == "gemv":
         return w4_gemv(x, qweight, scales, zeros, group_size, out, **config)
-    if kernel == "dot":
-        return w4_dot(x, qweight, scales, zeros, group_size, out, **config)
     if kernel == "dequant":
         return w4_dequant_mm(x, qweight, scales, zeros, group_size, out, **config)
-    return w4_gemm_planes(x, qweight, scales, zeros, group_size, out)
+    return w4_dot(x, qweight, scales, zeros, group_size, out, **config)
 
 
 def _w8a16_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
