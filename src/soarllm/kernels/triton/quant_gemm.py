@@ -121,8 +121,7 @@ def _w4_plane(p, s_ptr, z_ptr, t, offs_n, nmask, N, PLANE: tl.constexpr, GROUP: 
     g = (t * 128 + PLANE * 16) // GROUP
     s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    q8 = (((p >> (4 * PLANE)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    return q8 * s[None, :] + z[None, :]  # q8 = q - 8: 2**23 + q minus 2**23 + 8
+    return _w4_plane_q8(p, PLANE, tl.float32) * s[None, :] + z[None, :]
 
 
 @triton.jit
@@ -264,6 +263,8 @@ def _w4_planes(p, DT: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _w4_plane_q8(p, PLANE: tl.constexpr, DT: tl.constexpr):
+    """Plane PLANE of p as q - 8 in DT: 2**23 + q (the nibble under a float32 exponent) minus
+    2**23 + 8, exact."""
     q = (((p >> (4 * PLANE)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     return q.to(DT)
 
