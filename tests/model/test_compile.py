@@ -289,9 +289,13 @@ def test_saved_steps_are_kept_per_instruction_set(compiled, monkeypatch):
     backbone = _backbone(compiled)
     kv = compiled.llm_engine.executor.runner.kv_caches
     here = compilation.graph_key(backbone.backbone, kv, backbone.cache_tag)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(compilation, "_x86_isa", lambda: ["avx2"])
-    assert compilation.graph_key(backbone.backbone, kv, backbone.cache_tag) != here
+    assert compilation.graph_key(backbone.backbone, kv, backbone.cache_tag) == here
+    with monkeypatch.context() as m:  # another CPU's flags (say, with or without AVX-512)
+        m.setattr(compilation, "cpu_identity", lambda: "model name: another\nflags: fpu")
+        assert compilation.graph_key(backbone.backbone, kv, backbone.cache_tag) != here
+    with monkeypatch.context() as m:  # another kernel level chosen by PyTorch
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
+        assert compilation.graph_key(backbone.backbone, kv, backbone.cache_tag) != here
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
     compilation._trust_vec_isa()
     assert inductor_config.cpp.vec_isa_ok is True

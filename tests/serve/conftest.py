@@ -102,14 +102,16 @@ class ProcessServer:
 
 
 def start_soar_serve(model: str, *args: str, log_path: Path, env: dict | None = None,
-                     startup_timeout: float = 300) -> ProcessServer:
+                     startup_timeout: float = 300, new_session: bool = False) -> ProcessServer:
+    """``new_session``: the server leads a process group of its own (as under a service manager),
+    so a test can signal the group."""
     port = free_port()
     # float32: the tests compare outputs token for token with references computed elsewhere
     cmd = [sys.executable, "-m", "soarllm.cli.main", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", *args]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, start_new_session=new_session)
     srv = ProcessServer(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.time() + startup_timeout
     while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -149,14 +150,18 @@ def test_load_200_concurrent_streams_with_cancellations(tiny_server):
 
 
 @pytest.mark.slow  # end to end: load / shutdown of a live server
-def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("to", ["server", "group"])
+def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path, to):
     """SIGTERM while two streams run: new connections are refused, the short stream ends with
     all its tokens, the long one ends either complete or cut off when the grace period runs out
     (then with an OpenAI-shaped error event, then [DONE]), and the process exits with status 0. Only events are asserted: which way
-    the long stream ends depends on the machine's speed, and both ways are checked."""
+    the long stream ends depends on the machine's speed, and both ways are checked. ``group``:
+    the signal goes to the server's whole process group, worker included (systemd's default
+    KillMode does that), and the drain is the same."""
     grace_s = 5.0
     srv = start_soar_serve(str(tiny_model_dir), "--shutdown-timeout", str(grace_s),
-                           "--served-model-name", "tiny", log_path=tmp_path / "server.log")
+                           "--served-model-name", "tiny", log_path=tmp_path / "server.log",
+                           new_session=to == "group")
     base = srv.base_url
 
     async def stream(max_tokens: int, started: asyncio.Event) -> dict:
@@ -193,6 +198,7 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
 
     # on CPU the model runs in a worker process of the server (serve/config.py); it must go too
     workers = psutil.Process(srv.proc.pid).children(recursive=True)
+    commands = [w.cmdline() for w in workers] + [psutil.Process(srv.proc.pid).cmdline()]
 
     async def main():
         short_started, long_started = asyncio.Event(), asyncio.Event()
@@ -200,7 +206,10 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
         endless = asyncio.create_task(stream(4000, long_started))
         await asyncio.wait_for(asyncio.gather(short_started.wait(), long_started.wait()), 120)
         assert not endless.done()  # both streams are in flight when the signal comes
-        srv.proc.send_signal(signal.SIGTERM)
+        if to == "group":
+            os.killpg(srv.proc.pid, signal.SIGTERM)
+        else:
+            srv.proc.send_signal(signal.SIGTERM)
         # New connections are refused while the server still runs (it has streams to finish).
         refused_while_running = False
         for _ in range(600):  # a hang guard, not a time limit under test
@@ -229,5 +238,8 @@ def test_sigterm_during_streaming_exits_cleanly(tiny_model_dir, tmp_path):
     if not torch.cuda.is_available():
         assert "the model runs in a worker process" in srv.log(), log
         assert workers, "no worker process under soar serve"
+        # forked after the server imported torch and the model's code (multiproc.prestart_workers),
+        # not spawned: a spawned worker runs `python -c "from multiprocessing.spawn ..."`
+        assert commands[-1] in commands[:-1], (commands, log)
     gone, alive = psutil.wait_procs(workers, timeout=30)  # a hang guard
     assert not alive, f"orphaned worker processes: {alive}"

@@ -23,5 +23,8 @@ def run(args) -> int:
         print(hub.registry_table())
         return 0
     path = hub.pull(args.name)
+    from soarllm.model.loader.gguf_cache import ensure_converted
+
+    ensure_converted(path)  # once, here, so that the first load does not pay for it
     print(path)
     return 0

@@ -166,13 +166,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _spawn(args: EngineArgs, world_size: int) -> tuple[list, list]:
+def _spawn(args: EngineArgs, world_size: int, method: str = "spawn") -> tuple[list, list]:
     """Start one worker process per rank; (processes, the engine's ends of their pipes). Nothing
-    here imports torch: ``soar serve`` starts its worker before its own process imports it."""
+    here imports torch. ``method`` is multiprocessing's start method: "spawn" (a fresh
+    interpreter) unless the caller knows a fork is safe (``prestart_workers``)."""
     import multiprocessing
     import os
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(method)
     port = free_port()
     procs, conns = [], []
     for rank in range(world_size):
@@ -191,22 +192,51 @@ _prestarted: tuple[EngineArgs, list, list] | None = None
 
 
 def prestart_workers(args: EngineArgs) -> bool:
-    """Start the worker processes that ``MultiprocExecutor(args)`` will adopt, so that they import
-    torch and load the model while this process goes on (``soar serve`` imports its HTTP stack
-    and builds the engine and tokenizer meanwhile: seconds off a start on a small CPU). Only
-    where the model is ready to load (nothing to pull, no GGUF to convert: the engine does that
-    once, first); returns whether they were started. Workers never adopted are stopped at exit
-    (and stop by themselves when this process dies)."""
+    """Start the worker processes that ``MultiprocExecutor(args)`` will adopt, so that they load
+    the model while this process goes on (``soar serve`` imports its HTTP stack and builds the
+    engine and tokenizer meanwhile). Only where the model is ready to load (nothing to pull, no
+    GGUF to convert: the engine does that once, first); returns whether they were started.
+    Workers never adopted are stopped at exit (and stop by themselves when this process dies).
+
+    In a process that has not imported torch yet (``soar serve``), this imports torch and the
+    model's code and config class here, then forks the workers: they start with all of it
+    imported (a spawned worker imports it again, 3-5 s of CPU on a 2-core machine, beside this
+    process doing the same) and share those pages with this process until either writes them.
+    The fork is safe because nothing has run a parallel region or started a thread pool yet:
+    torch was not even imported. Anywhere else (a library user, the tests) they are spawned."""
     global _prestarted
+    import sys
+
     from soarllm.hub import ready_to_load
 
     stop_prestarted()
     if not ready_to_load(args.model, args.load_format):
         return False
     world = args.tensor_parallel_size * args.context_parallel_size
-    _prestarted = (args, *_spawn(args, world))
+    method = "spawn"
+    if "torch" not in sys.modules and _fork_ok(args):
+        _import_for_workers(args)
+        method = "fork"
+    _prestarted = (args, *_spawn(args, world, method))
     atexit.register(stop_prestarted)
     return True
+
+
+def _fork_ok(args: EngineArgs) -> bool:
+    import multiprocessing
+    import threading
+
+    return ("fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+            and args.resolved_device() == "cpu")
+
+
+def _import_for_workers(args: EngineArgs) -> None:
+    """What every worker imports before it loads weights: torch, the runner and the model's config
+    class (read from the checkpoint's config, nothing else)."""
+    import soarllm.model.runner  # noqa: F401  (torch, the layers, the kernels' Python side)
+    from soarllm.model.loader import load_checkpoint
+
+    load_checkpoint(args.model, args.load_format, args.hf_overrides)  # reads no weight
 
 
 def _take_prestarted(args: EngineArgs) -> tuple[list, list] | None:

@@ -117,8 +117,13 @@ def _error(e: BaseException) -> BaseException:
 
 
 def worker_main(args, rank: int, world_size: int, port: int, conn, parent_pid: int) -> None:
-    """Process entry point (spawned)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the engine, which stops us
+    """Process entry point (spawned, or forked by ``multiproc.prestart_workers``)."""
+    # Ctrl-C reaches the engine, which stops us. So does a SIGTERM sent to the whole group
+    # (systemd's default KillMode, `pkill -f "soar serve"`, which also matches a forked worker's
+    # command line): the engine drains its requests first, then stops us (a polite message, else
+    # SIGKILL); if it dies instead, the parent watch below ends us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="soar-parent-watch").start()
     try:

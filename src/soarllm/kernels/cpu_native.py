@@ -45,8 +45,9 @@ def c_compiler() -> str | None:
 
 
 @cache
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU model and its instruction-set flags."""
+def cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its instruction-set flags (also what
+    inductor's compiled code depends on, model/compilation.py)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -84,7 +85,7 @@ def build(name: str) -> Path:
     headers = b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.h")))
     key = hashlib.sha256(b"\0".join([source, headers, " ".join(FLAGS).encode(),
                                       _compiler_version(cc).encode(),
-                                      _cpu_identity().encode()])).hexdigest()[:16]
+                                      cpu_identity().encode()])).hexdigest()[:16]
     out_dir = _cache_dir() / key
     lib = out_dir / f"lib{name}.so"
     if lib.exists():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from soarllm.kernels.cpu_native import find_program
+from soarllm.kernels.cpu_native import cpu_identity, find_program
 from soarllm.paths import home
 
 logger = logging.getLogger(__name__)
@@ -46,18 +46,24 @@ def cxx_compiler() -> str | None:
     return find_program("CXX", ("g++", "c++", "clang++"))
 
 
+# The compiled step's wrapper (the code calling its kernels and the ops between them, ~300 calls
+# per step for a 30-layer model) as C++ instead of Python: on a 2-core CPU batch-1 decode of the
+# default model went from ~78 to ~95 tok/s and batch 32 from ~358 to ~392; the first compile
+# takes longer (the wrapper is C++ to build), later starts load it cached.
+CPP_WRAPPER = True
+
+
+@functools.cache
 def configure_inductor() -> None:
     """Settings that suit an inference step (the cache directory is set when soarllm is
-    imported, see soarllm/__init__.py)."""
+    imported, see soarllm/__init__.py). Called where a graph is compiled or loaded, not before:
+    importing inductor takes 1-2 s of a start on 2 cores, which a restart spends in the thread
+    that loads the saved graphs while the model already answers eagerly."""
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
     inductor_config.autotune_local_cache = True
-    # The compiled step's wrapper (the code calling its kernels and the ops between them, ~300
-    # calls per step for a 30-layer model) as C++ instead of Python: on a 2-core CPU batch-1
-    # decode of the default model went from ~78 to ~95 tok/s and batch 32 from ~358 to ~392;
-    # the first compile takes longer (the wrapper is C++ to build), later starts load it cached.
-    inductor_config.cpp_wrapper = True
+    inductor_config.cpp_wrapper = CPP_WRAPPER
     # No precompiled header for the wrapper's C++: it would make the first compile a little
     # faster, but every later start that loads the compiled step would run the C++ preprocessor
     # over torch's headers again to find it (0.3-1.5 s of a start on 2 cores).
@@ -77,7 +83,6 @@ def compile_backbone(backbone: torch.nn.Module, device: str, enforce_eager: bool
         logger.warning("no C++ compiler found (g++/clang++): running the model eagerly; install "
                        "one (e.g. apt install g++) for the compiled CPU path")
         return None
-    configure_inductor()
     return CompiledBackbone(backbone, cache_tag)
 
 
@@ -105,15 +110,6 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def _x86_isa() -> list[str]:
-    try:
-        from torch._inductor.cpu_vec_isa import x86_isa_checker
-
-        return x86_isa_checker()
-    except Exception:  # another architecture, another torch
-        return []
-
-
 def _trust_vec_isa() -> None:
     """Tell inductor the CPU's vector instructions build and run (its own probe compiles test
     programs), unless a setting already decided it."""
@@ -128,17 +124,15 @@ def graph_key(backbone: torch.nn.Module, kv_caches: list[torch.Tensor], tag: str
     guards cannot check after loading (code, library versions, which native ops are loaded, the
     compiler settings), plus the shapes its guards do check, so that each configuration of a model
     (another KV cache size, another quantization) keeps a file of its own."""
-    import torch._inductor.config as inductor_config
-
     from soarllm import __version__
 
     parts = [torch.__version__, __version__, _source_digest(), tag,
              # the instruction set the compiled code was built for (a cache directory shared by
              # machines with other CPUs must not load it)
-             torch.backends.cpu.get_cpu_capability(), ",".join(_x86_isa()),
+             torch.backends.cpu.get_cpu_capability(), cpu_identity(),
              # dynamo guards the thread count, and inductor splits loops for it
              f"threads={torch.get_num_threads()}",
-             f"cpp_wrapper={inductor_config.cpp_wrapper}",
+             f"cpp_wrapper={CPP_WRAPPER}",
              # ops registered in soarllm's namespace: a graph built while a native kernel was
              # loaded calls it; without it, the Python implementation
              ",".join(sorted(n for n in torch._C._dispatch_get_all_op_names()
@@ -194,6 +188,7 @@ class CompiledBackbone:
         positions) of 1 and of several tokens): what a thread may do while the model runs
         eagerly (the graphs touch no state the eager model uses). False when either does not
         load or fit (see ``forget_saved``)."""
+        configure_inductor()
         _trust_vec_isa()
         for input_ids, positions in inputs:
             many = input_ids.shape[0] > 1
@@ -215,6 +210,7 @@ class CompiledBackbone:
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Load or compile the graph for this many tokens (the caller sets the forward context),
         then run it once."""
+        configure_inductor()
         many = input_ids.shape[0] > 1
         args = (self.backbone, input_ids, positions, kv_caches)
         path = self._path(kv_caches, many)
