@@ -23,8 +23,9 @@ if os.environ.get("CI"):
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# Skip reasons that are outside the project's control on a machine without an accelerator.
-_HARDWARE_SKIPS = ("gpu", "cuda", "accelerator")
+# Skip reasons that are outside the project's control on a machine without an accelerator, or
+# with a CPU that lacks an instruction set a native kernel needs.
+_HARDWARE_SKIPS = ("gpu", "cuda", "accelerator", "avx-512", "avx2")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

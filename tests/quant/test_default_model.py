@@ -68,14 +68,14 @@ def test_logits_of_quantized_and_dequantized_paths_agree(default_model_path, dty
     from soarllm.quant.w4a16 import int8_activations_by_default
 
     quant, cfg = _build(default_model_path, None, dtype)
-    # 30 x (qkv, o, gate_up, down), and in bfloat16 the tied Q8_0 head: int8 on the VNNI kernel
-    # where it runs, else two int4 planes
+    # 30 x (qkv, o, gate_up, down), and the tied Q8_0 head: int8 on the VNNI kernel where it runs
+    # (any dtype: the activations are quantized either way), else in bfloat16 two int4 planes
     bf16, vnni = dtype == torch.bfloat16, int8_activations_by_default()
     assert sum(isinstance(m.__dict__.get("quant_method"), W4A16Method)
                for m in quant.modules()) == 120 + (bf16 and not vnni)
     assert isinstance(quant.lm_head.quant_method, Q8AsInt4PairMethod) == (bf16 and not vnni)
-    assert isinstance(quant.lm_head.quant_method, Q8VnniMethod) == (bf16 and vnni)
-    if bf16 and vnni:  # the VNNI head computes every batch itself, each row as it is alone
+    assert isinstance(quant.lm_head.quant_method, Q8VnniMethod) == vnni
+    if vnni:  # the VNNI head computes every batch itself, each row as it is alone
         hidden = torch.randn(20, cfg.hidden_size).to(dtype)
         with torch.inference_mode():
             batch = quant.compute_logits(hidden)
@@ -101,7 +101,7 @@ def test_logits_of_quantized_and_dequantized_paths_agree(default_model_path, dty
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_greedy_tokens_match_the_dequantized_path(default_model_path, dtype, layout, monkeypatch):
     """``torch``: bfloat16 activations into the int4 kernel; ``auto``: on a CPU with AVX-512 VNNI
-    the activations quantized to int8 per 32 inputs, as llama.cpp computes (whose accuracy the
+    or AVX2 the activations quantized to int8 per 32 inputs, as llama.cpp computes (whose accuracy the
     perplexity test below pins to transformers')."""
     from soarllm import LLM, SamplingParams
     from soarllm.quant.w4a16 import int8_activations_by_default
@@ -115,9 +115,8 @@ def test_greedy_tokens_match_the_dequantized_path(default_model_path, dtype, lay
         if q is None:
             layouts = {m.cpu_layout for m in llm.llm_engine.executor.runner.model.modules()
                        if getattr(m, "cpu_layout", None)}
-            # the tied Q8_0 head of a bfloat16 model: int8 bytes on the VNNI kernel, or int4 planes
-            want = {"vnni4", "vnni8"} if int8 and dtype == "bfloat16" else {
-                "vnni4" if int8 else "int4pack"}
+            # the tied Q8_0 head: int8 bytes on the VNNI kernel, or (bfloat16) int4 planes
+            want = {"vnni4", "vnni8"} if int8 else {"int4pack"}
             assert layouts == want, layouts
         outs[q] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
         del llm
@@ -138,7 +137,7 @@ def test_greedy_tokens_match_the_dequantized_path(default_model_path, dtype, lay
 def test_perplexity_served_quantized_is_within_one_percent_of_transformers(
         default_model_path, tmp_path):
     """The accuracy the default served-quantized kernels cost (int8 activations where the CPU has
-    AVX-512 VNNI), against transformers' perplexity on the
+    AVX-512 VNNI or AVX2), against transformers' perplexity on the
     same GGUF dequantized to float32 (tests/eval/test_default_model.py's windows, over more
     tokens: a perplexity of 256 tokens moves by more than the 1% asked)."""
     from soarllm.cli.main import main

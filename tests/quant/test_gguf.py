@@ -80,13 +80,13 @@ def _random_4bit_blocks(qtype: str, shape: tuple[int, int]) -> GGUFBlocks:
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("shape", [(48, 256), (7, 512)])
 def test_repack_on_the_vnni_layout_equals_gguf_dequantize(qtype, shape):
-    """GGUF's 4-bit layers as they are built by default on an AVX-512 VNNI CPU: the weight the
+    """GGUF's 4-bit layers as they are built by default on an AVX-512 VNNI or AVX2 CPU: the weight the
     VNNI layout holds (float16 scale and min per 32 inputs) is gguf's dequantized weight to
     float16 rounding of the scales."""
     from soarllm.quant import vnni
 
     if vnni.kernels() is None:
-        pytest.skip("no AVX-512 VNNI here (or no C compiler)")
+        pytest.skip("neither AVX-512 VNNI nor AVX2 here (or no C compiler)")
     rows, cols = shape
     blocks = _random_4bit_blocks(qtype, shape)
     layer = Linear(cols, rows, dtype=torch.bfloat16,
@@ -150,14 +150,15 @@ def test_q8_0_as_two_int4_planes_equals_gguf_dequantize(shape):
 
 @pytest.mark.parametrize("shape", [(48, 256), (7, 512), (100, 96)])
 def test_q8_0_on_the_vnni_kernel_equals_gguf_dequantize(shape):
-    """A Q8_0 layer kept as its bytes (AVX-512 VNNI): the weight it holds is gguf's dequantized
+    """A Q8_0 layer kept as its bytes (AVX-512 VNNI or AVX2): the weight it holds is gguf's dequantized
     weight exactly, and its output is x @ w.T with x rounded to int8 per 32 inputs (llama.cpp's
     Q8_0 x Q8_0), close to the float product."""
     from soarllm.quant import vnni
     from soarllm.quant.gguf import Q8VnniMethod
 
     if vnni.kernels() is None:
-        pytest.skip("no AVX-512 VNNI here (or no C compiler): Q8_0 layers take two int4 planes")
+        pytest.skip("neither AVX-512 VNNI nor AVX2 here (or no C compiler): Q8_0 layers take two "
+                    "int4 planes")
     rows, cols = shape
     rng = np.random.default_rng(rows)
     blocks = _quantized(rng.normal(0.0, 0.05, size=shape), "Q8_0")
@@ -225,9 +226,12 @@ def test_gguf_config_per_layer_types():
     for layer in (gate_up, norm_like):
         assert isinstance(layer.quant_method, UnquantizedMethod)
     summary = config.summary()
-    # in a float32 model a Q8_0 layer stays exact: the int4 kernel would round its activations
+    # in a float32 model a Q8_0 layer takes int8 activations where the 4-bit layers do (llama.cpp's
+    # arithmetic, as theirs); elsewhere it stays exact: the int4 planes would round its activations
+    # to bfloat16
     down32 = Linear(128, 64, quant_config=config, prefix="model.layers.0.mlp.down_proj")
-    assert isinstance(down32.quant_method, UnquantizedMethod)
+    assert isinstance(down32.quant_method,
+                      Q8VnniMethod if int8_activations_by_default() else UnquantizedMethod)
     assert "repacked exactly (group 32): 2 Q4_0, 1 Q4_1, 1 Q4_K, 1 Q8_0" in summary  # qkv, head, down
     assert "1 Q4_1, 1 Q6_K" in summary  # gate shares its layer with a Q6_K shard
 
@@ -318,15 +322,16 @@ def _hf_last_logits(path: Path, seqs: list[list[int]]) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["torch", "auto"])
 def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf, layout, monkeypatch):
     """``torch``: the int4 kernel sees bfloat16 activations; ``auto``: where the CPU has AVX-512
-    VNNI, int8 activations per 32 inputs (llama.cpp's arithmetic), a looser but still close
-    match."""
+    VNNI or AVX2, int8 activations per 32 inputs (llama.cpp's arithmetic; the Q8_0 down_proj too),
+    a looser but still close match."""
     from soarllm.quant.w4a16 import int8_activations_by_default
 
     monkeypatch.setenv("SOARLLM_W4A16_CPU", layout)
     int8 = int8_activations_by_default()
     model, cfg = _build(tiny_gguf, None)
     kinds = {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, Linear)}
-    assert kinds == {"W4A16Method", "UnquantizedMethod"}  # float32: the Q8_0 down_proj dequantized
+    # float32: the Q8_0 down_proj dequantized, unless it takes int8 activations as the rest
+    assert kinds == {"W4A16Method", "Q8VnniMethod" if int8 else "UnquantizedMethod"}
     assert isinstance(model.model.layers[0].self_attn.qkv_proj.quant_method, W4A16Method)
     assert isinstance(model.lm_head.quant_method, W4A16Method)  # Q4_0 embedding or Q4_1 output
     assert all(m.use_cpu_kernel for m in model.modules() if isinstance(m.__dict__.get("quant_method"), W4A16Method))
@@ -335,8 +340,8 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf, layout, monk
     seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (7, 12)]
     got = _logits(model, cfg, seqs)
     want = _hf_last_logits(tiny_gguf, seqs)
-    assert {m.cpu_layout for m in model.modules() if getattr(m, "cpu_layout", None)} == {
-        "vnni4" if int8 else "int4pack"}
+    assert {m.cpu_layout for m in model.modules() if getattr(m, "cpu_layout", None)} == (
+        {"vnni4", "vnni8"} if int8 else {"int4pack"})
     # The same weights; the int4 kernel sees bfloat16 (or int8) activations, float16 or bfloat16
     # scales and zeros.
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
@@ -357,7 +362,7 @@ def test_tiny_gguf_served_quantized_matches_transformers(tiny_gguf, layout, monk
 @pytest.mark.parametrize("layout", ["torch", "auto"])
 def test_bfloat16_gguf_with_q8_0_layers_matches_transformers(tiny_gguf, layout, monkeypatch):
     """In a bfloat16 model the Q8_0 down_proj runs as two int4 planes (``torch``), or as int8
-    bytes with int8 activations where the CPU has AVX-512 VNNI (``auto``): the logits stay those
+    bytes with int8 activations where the CPU has AVX-512 VNNI or AVX2 (``auto``): the logits stay those
     of transformers' float32 model on the same file, to that rounding."""
     from soarllm.quant.w4a16 import int8_activations_by_default
 

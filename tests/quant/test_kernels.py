@@ -146,7 +146,8 @@ def test_the_cpp_row_dispatch_equals_the_python_one():
     from soarllm.quant import w4a16
 
     if not w4a16._int4pack_cpp_op():
-        pytest.skip("the native int4 kernels or the C++ operator are not available here")
+        pytest.skip("no AVX-512 BF16 here (or no C++ compiler): the native int4 kernels or the "
+                    "C++ operator are not available")
     torch.manual_seed(5)
     for out_f, in_f in ((128, 192), (48, 128)):  # whole 64-row tiles, and not
         q, s, z = quantize_w4(torch.randn(out_f, in_f) * 0.05, 32)
@@ -398,7 +399,8 @@ def _vnni_or_skip():
     from soarllm.quant import vnni
 
     if vnni.kernels() is None:
-        pytest.skip("no AVX-512 VNNI here (or no C compiler): W4A16 layers keep bfloat16 activations")
+        pytest.skip("neither AVX-512 VNNI nor AVX2 here (or no C compiler): W4A16 layers keep "
+                    "bfloat16 activations")
 
 
 @pytest.mark.parametrize(("shape", "group"), [(s, g) for s in SHAPES for g in (32, 64, 128) if s[1] % g == 0])

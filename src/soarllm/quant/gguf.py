@@ -25,7 +25,7 @@ layer does not. Other types (Q5_x,
 Q6_K, ...) have no exact 4-bit form: their layers load dequantized to the model dtype (gguf's own
 dequantize), named in the config's summary line.
 
-Activations: on CPUs with AVX-512 VNNI these layers multiply as llama.cpp does, with the
+Activations: on CPUs with AVX-512 VNNI or AVX2 these layers multiply as llama.cpp does, with the
 activations quantized to int8 per 32 inputs (quant/vnni.py; 1.3-1.5x the bfloat16 int4
 kernel's speed from 16 rows, benchmarks/results/cpu_vnni); SOARLLM_W4A16_CPU=torch keeps bfloat16 activations.
 """
@@ -229,8 +229,9 @@ class Q8AsInt4PairMethod(W4A16Method):
 
 class Q8VnniMethod(QuantMethod):
     """A Q8_0 layer kept as its int8 bytes and multiplied with int8 activations (quant/vnni.py,
-    AVX-512 VNNI): llama.cpp's Q8_0 x Q8_0 arithmetic, half the products of the two int4 planes
-    (``Q8AsInt4PairMethod``, which serves where the kernel does not run)."""
+    AVX-512 VNNI or AVX2): llama.cpp's Q8_0 x Q8_0 arithmetic, half the products of the two int4
+    planes (``Q8AsInt4PairMethod``, which serves bfloat16 models where the kernel does not run).
+    In a model of any dtype: the activations are quantized either way."""
 
     checkpoint_params = {"weight": "qweight", "bias": "bias"}
     # a tied head never hands over to the bfloat16 table: faster at every row count measured
@@ -238,7 +239,7 @@ class Q8VnniMethod(QuantMethod):
     tied_head_max_rows = 1 << 30
 
     def describe(self) -> str:
-        return "Q8_0 as int8 with int8 activations (AVX-512 VNNI)"
+        return f"Q8_0 as int8 with int8 activations ({vnni.isa()})"
 
     def create_weights(self, layer, in_features, out_features, bias, dtype):
         if in_features % GROUP:
@@ -320,11 +321,13 @@ class GGUFQuantConfig(QuantizationConfig):
         if all(t in INT4_TYPES for t in types):
             self.repacked.update(types)
             return W4A16Method(GROUP, int8_activations=self._int8_activations())
-        if all(t == "Q8_0" for t in types) and getattr(layer, "params_dtype", None) == KERNEL_DTYPE:
-            self.repacked.update(types)
+        if all(t == "Q8_0" for t in types):
             if self._int8_activations() and layer.in_features % GROUP == 0:
+                self.repacked.update(types)
                 return Q8VnniMethod()
-            return Q8AsInt4PairMethod(GROUP)
+            if getattr(layer, "params_dtype", None) == KERNEL_DTYPE:
+                self.repacked.update(types)
+                return Q8AsInt4PairMethod(GROUP)
         self.dequantized.update(t for t in types if t not in FLOAT_TYPES)
         return UnquantizedMethod()
 
@@ -358,7 +361,8 @@ class GGUFQuantConfig(QuantizationConfig):
                      f"with one): "
                      f"{fmt(self.dequantized)}")
         if self.repacked and self.int8_layers:
-            line += " with int8 activations per 32 inputs (AVX-512 VNNI; SOARLLM_W4A16_CPU=torch: bfloat16)"
+            line += (f" with int8 activations per 32 inputs ({vnni.isa()}; "
+                     "SOARLLM_W4A16_CPU=torch: bfloat16)")
         embedding = self.types.get("model.embed_tokens.weight", "F32")
         line += f"; token embedding dequantized ({embedding})"
         if self.repacked_expert_layers:

@@ -1,7 +1,8 @@
-"""Integer GEMMs with int8 activations on CPUs with AVX-512 VNNI (kernels/csrc/vnni_gemm.c).
+"""Integer GEMMs with int8 activations on CPUs with AVX-512 VNNI or AVX2 (kernels/csrc/vnni_gemm.c).
 
 Each activation row is quantized to int8 per 32 inputs (xs = max|x| / 127, round to nearest) and
-multiplied with unsigned 4-bit or 8-bit weights in integers (vpdpbusd), the float32 scales applied
+multiplied with unsigned 4-bit or 8-bit weights in integers (vpdpbusd; on AVX2 vpmaddubsw and
+vpmaddwd, as llama.cpp's AVX2 dot products), the float32 scales applied
 per chunk of 32: how llama.cpp computes its Q4_0 / Q4_1 / Q4_K (against Q8_1 activations) and
 Q8_0 (against Q8_0) layers. 1.3-1.5x the bfloat16 int4 kernel from 16 to 128 rows,
 about even at 1 (benchmarks/cpu_int4_prefill.py, results in benchmarks/results/cpu_vnni); the perplexity it
@@ -15,8 +16,8 @@ and mins, w = q * scale + min:
     scale_min [N/16, K/32, 2, 16] float16: per tile and chunk the 16 rows' scales, then mins
 
 quant/w4a16.py serves W4A16 layers through the 4-bit form (GGUF's by default, others when
-SOARLLM_W4A16_CPU=vnni); quant/gguf.py serves Q8_0 layers of bfloat16 models through the 8-bit
-form.
+SOARLLM_W4A16_CPU=vnni); quant/gguf.py serves Q8_0 layers through the 8-bit form. The name
+"VNNI" stays with the layouts (vpdpbusd's operand order); ``isa()`` says which instructions run.
 """
 
 from __future__ import annotations
@@ -90,11 +91,20 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
             + low.float()[None] * (xs[..., 0] * xq.sum(-1))[:, None, :]).sum(-1)
 
 
+ISAS = {1: "AVX-512 VNNI", 2: "AVX2"}
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run on here ("AVX-512 VNNI" or "AVX2"), or None."""
+    lib = kernels()
+    return None if lib is None else ISAS.get(lib.vnni_gemm_supported())
+
+
 @functools.cache
 def kernels():
-    """The VNNI GEMMs (kernels/csrc/vnni_gemm.c), or None: no compiler, a CPU without AVX-512
-    VNNI, or a result disagreeing with ``reference`` (checked once per process on a few odd
-    shapes and row counts of both widths)."""
+    """The VNNI-layout GEMMs (kernels/csrc/vnni_gemm.c), or None: no compiler, a CPU with neither
+    AVX-512 VNNI nor AVX2, or a result disagreeing with ``reference`` (checked once per process on
+    a few odd shapes and row counts of both widths)."""
     import ctypes
 
     from soarllm.kernels import cpu_native

@@ -124,9 +124,11 @@ ROW_TILE = 4
 
 @functools.cache
 def _unpacker():
-    """The native unpacker of the CPU int4 layout (kernels/csrc/int4pack.c), or None: not built
-    here, or its reading of the layout disagrees with this PyTorch build's packing op (checked once,
-    on a tile of 64 rows and a tail of 16, against the dequantization formula)."""
+    """The native unpacker of the CPU int4 layout (kernels/csrc/int4pack.c), as
+    ``fn(packed_ptr, scale_and_zero_ptr, rows, cols, group, out_ptr)``, or None: not built here,
+    or its reading of the layout disagrees with this PyTorch build's packing op. The layout's
+    tiles are 64 rows where PyTorch runs its AVX-512 kernels and 32 on AVX2: both are tried, on
+    two tiles and a tail of 16 rows, against the dequantization formula (once per process)."""
     import ctypes
 
     from soarllm.kernels import cpu_native
@@ -134,26 +136,31 @@ def _unpacker():
     lib = cpu_native.load("int4pack")
     if lib is None:
         return None
-    fn = lib.int4pack_to_bf16
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
-    fn.restype = None
+    native = lib.int4pack_to_bf16
+    native.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    native.restype = None
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.uint8)
-    scales = torch.rand(80, 2, generator=g) + 0.5
-    zeros = torch.randn(80, 2, generator=g)
+    q = torch.randint(0, 16, (144, 64), generator=g, dtype=torch.uint8)
+    scales = torch.rand(144, 2, generator=g) + 0.5
+    zeros = torch.randn(144, 2, generator=g)
     packed, scale_and_zero = int4pack_cpu(q, scales, zeros)
-    got = _unpack(fn, packed, scale_and_zero, 32, 64)
     sz = scale_and_zero.float()
     want = dequantize_w4(pack_nibbles(q), sz[..., 0].t(), sz[..., 1].t(), 32).to(torch.bfloat16)
-    if not torch.equal(got, want):
-        import logging
+    for tile_rows in (64, 32):
+        fn = functools.partial(_call_unpacker, native, tile_rows)
+        if torch.equal(_unpack(fn, packed, scale_and_zero, 32, 64), want):
+            return fn
+    import logging
 
-        logging.getLogger(__name__).warning(
-            "this PyTorch build packs int4 weights differently from what kernels/csrc/int4pack.c "
-            "reads: prefill batches keep PyTorch's int4 kernel")
-        return None
-    return fn
+    logging.getLogger(__name__).warning(
+        "this PyTorch build packs int4 weights differently from what kernels/csrc/int4pack.c "
+        "reads: prefill batches keep PyTorch's int4 kernel")
+    return None
+
+
+def _call_unpacker(native, tile_rows: int, packed_ptr, sz_ptr, rows, cols, group, out_ptr):
+    native(packed_ptr, sz_ptr, rows, cols, group, tile_rows, out_ptr)
 
 
 def _unpack(fn, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
@@ -391,7 +398,7 @@ def int8_activations_by_default() -> bool:
 
 def cpu_layout_request() -> str:
     """SOARLLM_W4A16_CPU: ``auto`` (unset: int8 activations where the format computes that way,
-    GGUF, and the CPU has AVX-512 VNNI, quant/vnni.py; else PyTorch's layout), ``torch``,
+    GGUF, and the CPU has AVX-512 VNNI or AVX2, quant/vnni.py; else PyTorch's layout), ``torch``,
     ``native`` (soarllm's bfloat16 layout) or ``vnni`` (int8 activations on every W4A16 layer;
     ``torch`` and ``native`` keep bfloat16 activations everywhere)."""
     value = os.environ.get("SOARLLM_W4A16_CPU", "auto").strip().lower()
@@ -419,7 +426,7 @@ class W4A16Method(QuantMethod):
     checkpoint_params = {"weight": "qweight", "bias": "bias"}
 
     def __init__(self, group_size: int = 32, int8_activations: bool = False):
-        """``int8_activations``: on CPUs with AVX-512 VNNI, multiply with the activations
+        """``int8_activations``: on CPUs with AVX-512 VNNI or AVX2, multiply with the activations
         quantized to int8 per 32 inputs (the format's own arithmetic, as for GGUF) unless
         SOARLLM_W4A16_CPU says otherwise."""
         if group_size not in GROUP_SIZES:

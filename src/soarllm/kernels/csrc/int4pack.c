@@ -17,28 +17,30 @@
  * as the unpack + GEMM path does), 6 rows at a time. Products are summed in float32 (AVX-512 BF16; without
  * it the caller keeps PyTorch's kernel).
  *
- * The layout (observed on x86-64 builds; the check above guards it): output rows in tiles of 64,
- * each tile t a [K][32] byte array starting at byte t * 64 * K / 2, whose byte (k, j) holds row
- * j (low nibble) and row j + 32 (high nibble); a last tile of R < 64 rows (a multiple of 16) is a
- * [K][R / 2] byte array whose byte (k, j) holds rows 2j (low) and 2j + 1 (high).
+ * The layout (observed on x86-64 builds; the check above guards it): output rows in tiles of T
+ * (64 where PyTorch runs its AVX-512 kernels, 32 on AVX2), each tile t a [K][T / 2] byte array
+ * starting at byte t * T * K / 2, whose byte (k, j) holds row j (low nibble) and row j + T / 2
+ * (high nibble); a last tile of R < T rows (a multiple of 16) is a [K][R / 2] byte array whose
+ * byte (k, j) holds rows 2j (low) and 2j + 1 (high). The GEMM below reads T = 64 only.
  */
 #include <stdint.h>
 #include <string.h>
 
 #include "bf16.h"
 
-/* packed: N * K / 2 bytes; scale_zero: [K / group][N][2] bfloat16; out: [N][K] bfloat16. */
+/* packed: N * K / 2 bytes in tiles of `tile_rows` (64 or 32); scale_zero: [K / group][N][2]
+ * bfloat16; out: [N][K] bfloat16. */
 void int4pack_to_bf16(const uint8_t *packed, const uint16_t *scale_zero, int64_t n, int64_t k,
-                      int64_t group, uint16_t *out) {
-    int64_t tiles = (n + 63) / 64;
+                      int64_t group, int64_t tile_rows, uint16_t *out) {
+    const int64_t T = tile_rows, tiles = (n + T - 1) / T;
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < n; row++) {
-        int64_t t = row / 64, j = row % 64;
-        int64_t rows = (t == tiles - 1 && n % 64) ? n % 64 : 64;
-        const uint8_t *tile = packed + t * 64 * k / 2;
+        int64_t t = row / T, j = row % T;
+        int64_t rows = (t == tiles - 1 && n % T) ? n % T : T;
+        const uint8_t *tile = packed + t * T * k / 2;
         int64_t width, col, shift;
-        if (rows == 64) {
-            width = 32, col = j % 32, shift = (j / 32) * 4;
+        if (rows == T) {
+            width = T / 2, col = j % (T / 2), shift = (j / (T / 2)) * 4;
         } else {
             width = rows / 2, col = j / 2, shift = (j % 2) * 4;
         }

@@ -13,7 +13,7 @@ extern "C" void int4pack_gemm_bf16(const uint16_t *x, int64_t ldx, const uint8_t
                                    const uint16_t *scale_zero, uint16_t *out, int64_t ldo,
                                    int64_t m, int64_t n, int64_t k, int64_t group);
 extern "C" void int4pack_to_bf16(const uint8_t *packed, const uint16_t *scale_zero, int64_t n,
-                                 int64_t k, int64_t group, uint16_t *out);
+                                 int64_t k, int64_t group, int64_t tile_rows, uint16_t *out);
 
 namespace {
 
@@ -36,7 +36,8 @@ at::Tensor w4a16_int4pack(const at::Tensor &x, const at::Tensor &packed,
     }
     if (bf16 && m >= kDequantMinRows) {
         at::Tensor w = at::empty({n, k}, x.options());
-        int4pack_to_bf16(w4, sz, n, k, group_size, reinterpret_cast<uint16_t *>(w.data_ptr()));
+        // built only where the GEMM above runs: PyTorch's AVX-512 layout, tiles of 64 rows
+        int4pack_to_bf16(w4, sz, n, k, group_size, 64, reinterpret_cast<uint16_t *>(w.data_ptr()));
         return at::linear(x, w);
     }
     return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero);
