@@ -296,9 +296,11 @@ def test_saved_steps_are_kept_per_instruction_set(compiled, monkeypatch):
     with monkeypatch.context() as m:  # another kernel level chosen by PyTorch
         m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
         assert compilation.graph_key(backbone.backbone, kv, backbone.cache_tag) != here
-    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
-    compilation._trust_vec_isa()
-    assert inductor_config.cpp.vec_isa_ok is True
-    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", False)  # a setting decided it
-    compilation._trust_vec_isa()
-    assert inductor_config.cpp.vec_isa_ok is False
+    # inductor's own patch(), not monkeypatch: undoing a monkeypatch of a setting whose value was
+    # None deletes it from torch's config (every later compile in the process then fails)
+    with inductor_config.patch({"cpp.vec_isa_ok": None}):
+        compilation._trust_vec_isa()
+        assert inductor_config.cpp.vec_isa_ok is True
+    with inductor_config.patch({"cpp.vec_isa_ok": False}):  # a setting decided it
+        compilation._trust_vec_isa()
+        assert inductor_config.cpp.vec_isa_ok is False

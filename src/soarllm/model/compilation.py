@@ -53,7 +53,6 @@ def cxx_compiler() -> str | None:
 CPP_WRAPPER = True
 
 
-@functools.cache
 def configure_inductor() -> None:
     """Settings that suit an inference step (the cache directory is set when soarllm is
     imported, see soarllm/__init__.py). Called where a graph is compiled or loaded, not before:
