@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,10 @@ _DTYPES = {
 }
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX BF16 instructions)."""
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX BF16 instructions); read
+    once per process."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

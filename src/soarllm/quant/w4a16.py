@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soarllm.config import cpu_has_native_bf16
 from soarllm.errors import ConfigError
 from soarllm.kernels.ops import define_op
 from soarllm.kernels.triton_utils import triton_available
@@ -159,16 +160,6 @@ def _unpacker():
     return None
 
 
-@functools.cache
-def _bf16_gemm_is_native() -> bool:
-    """Whether a bfloat16 GEMM runs natively here (AVX-512 BF16 / AMX): unpacking pays only then.
-    On an AVX2 CPU PyTorch emulates it, and unpack + GEMM measured 3.9x slower than the int4
-    kernel at 128 rows (benchmarks/cpu_int4_prefill.py, results/cpu_vnni/s18_avx2.json)."""
-    from soarllm.config import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
-
-
 def _call_unpacker(native, tile_rows: int, packed_ptr, sz_ptr, rows, cols, group, out_ptr):
     native(packed_ptr, sz_ptr, rows, cols, group, tile_rows, out_ptr)
 
@@ -282,8 +273,11 @@ def _w4a16_rows(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Ten
     fn = _native_gemm(scale_and_zero)
     if fn is not None:
         return _gemm(fn, x, packed, scale_and_zero, group_size)
+    # unpacking pays only where the bfloat16 GEMM is native: on AVX2 PyTorch emulates it, and
+    # unpack + GEMM measured 3.9x slower than the int4 kernel at 128 rows
+    # (benchmarks/cpu_int4_prefill.py, results/cpu_vnni/s18_avx2.json)
     usable = (x.shape[0] >= DEQUANT_MIN_ROWS and scale_and_zero.dtype == torch.bfloat16
-              and _bf16_gemm_is_native())
+              and cpu_has_native_bf16())
     fn = _unpacker() if usable else None
     if fn is None:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
